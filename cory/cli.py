@@ -1,0 +1,166 @@
+"""The `cory` command: train, eval, zoo, report.
+
+Bad input (unknown config key, wrong type, missing file, unknown model) is reported in one line on
+stderr with exit status 2, before any work, and without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model with RL")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--output-dir", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model on a task's fixed prompt set")
+    p.add_argument("model", help="a run's final/ folder, any HF folder, or a cory: model")
+    p.add_argument("--config", help="YAML config file (task, generation and eval sections are used)")
+    p.add_argument("--reference", help="also report the KL to this model")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+
+def _add_zoo(sub) -> None:
+    p = sub.add_parser("zoo", help="the embedded cory: models")
+    zs = p.add_subparsers(dest="zoo_command", required=True)
+    zs.add_parser("list", help="list the embedded models")
+    b = zs.add_parser("build", help="build (and cache) an embedded model")
+    b.add_argument("name")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="plot a run's reward and KL curves")
+    p.add_argument("run_dir")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cory", description="Reinforcement-learning fine-tuning of language models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_zoo(sub)
+    _add_report(sub)
+    return ap
+
+
+def cmd_train(args) -> int:
+    from cory.config import load_config
+    from cory.report import summary_text
+    from pathlib import Path
+
+    from cory.train import UsageError, latest_checkpoint, preflight, train
+
+    cfg = load_config(args.config, args.overrides)
+    preflight(cfg)
+    if args.resume and latest_checkpoint(Path(args.output_dir)) is None:
+        raise UsageError(f"--resume: no checkpoint in {Path(args.output_dir) / 'checkpoints'}")
+    train(cfg, args.output_dir, resume=args.resume)
+    print(summary_text(args.output_dir))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from cory.config import load_config
+    from cory.evaluate import evaluate
+    from cory.policy import Policy
+    from cory.tasks import make_task
+    from cory.train import check_model_name, eval_params, load_reference, preflight
+
+    cfg = load_config(args.config, args.overrides)
+    preflight(cfg)
+    check_model_name(args.model)
+    if args.reference:
+        check_model_name(args.reference)
+    policy = Policy.from_pretrained(args.model)
+    task = make_task(cfg.task)
+    reference = load_reference(args.reference, torch.float32) if args.reference else None
+    result = evaluate(policy, task.eval_prompts, task.reward, eval_params(cfg), cfg.eval.samples_per_prompt, cfg.eval.seed, reference=reference)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"model: {args.model}  task: {cfg.task.name}  prompts: {len(task.eval_prompts)} x {cfg.eval.samples_per_prompt}")
+        for key in ("reward_mean", "reward_std", "kl_mean", "response_length", "eos_rate"):
+            if key in result:
+                print(f"  {key:<16} {result[key]:.4f}")
+        for s in result["samples"]:
+            print(f"  sample: {s['prompt']!r} -> {s['response']!r}")
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    from cory import zoo
+
+    if args.zoo_command == "list":
+        for m in zoo.list_models():
+            mark = "built" if m["built"] else "not built"
+            print(f"{m['name']:<24} {m['kind']:<11} {mark:<10} {m['description']}")
+        return 0
+    path = zoo.build(args.name, force=args.force)
+    print(path)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from cory.report import plot_run, summary_text
+
+    if not Path(args.run_dir).is_dir():
+        raise FileNotFoundError(f"run directory not found: {args.run_dir}")
+    for path in plot_run(args.run_dir):
+        print(f"wrote {path}")
+    print(summary_text(args.run_dir))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "zoo": cmd_zoo, "report": cmd_report}
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from cory.config import ConfigError
+    from cory.rewards import RewardError
+    from cory.tasks.base import TaskDataError
+    from cory.train import UsageError
+    from cory.zoo import UnknownModelError
+
+    return (ConfigError, UsageError, UnknownModelError, RewardError, TaskDataError, FileNotFoundError)
+
+
+def _quiet_libraries() -> None:
+    """cory draws its own progress bars; the libraries' per-file ones are noise here."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args)
+    except _expected_errors() as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"cory {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cory {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

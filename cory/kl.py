@@ -1,0 +1,137 @@
+"""KL divergence between the policy q and the reference p: estimators and coefficient controllers.
+
+Estimators take per-token log-probs of the sampled tokens (x ~ q) and return a per-token estimate of
+KL[q || p] at that position; with log r = log p(x) - log q(x) (Schulman, 2020):
+    k1 = -log r              unbiased, high variance, can be negative
+    k2 = (log r)^2 / 2       biased, low variance
+    k3 = (r - 1) - log r     unbiased, never negative
+    full = sum_x q(x) (log q(x) - log p(x)), exact, needs the whole distributions.
+Summed over a response's tokens they give the sequence (episode) KL.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """[B, L] per-token k1 = log q(x) - log p(x)."""
+    return logp - ref_logp
+
+
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """[B, L] per-token k2 = (log q(x) - log p(x))^2 / 2."""
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """[B, L] per-token k3 = exp(log p - log q) - 1 - (log p - log q)."""
+    log_ratio = ref_logp - logp
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def kl_full(full_logp: torch.Tensor, full_ref_logp: torch.Tensor) -> torch.Tensor:
+    """[B, L] exact per-position KL[q || p] from whole log-distributions [B, L, V]."""
+    return (full_logp.exp() * (full_logp - full_ref_logp)).sum(-1)
+
+
+ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def per_token_kl(estimator: str, logp, ref_logp, full_logp=None, full_ref_logp=None) -> torch.Tensor:
+    """[B, L] per-token KL by the named estimator; `full` needs the whole log-distributions."""
+    if estimator == "full":
+        if full_logp is None or full_ref_logp is None:
+            raise ValueError("the 'full' KL estimator needs full log-distributions")
+        return kl_full(full_logp, full_ref_logp)
+    return ESTIMATORS[estimator](logp, ref_logp)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` where `mask` is 1; over everything when dim is None."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp_min(1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1.0)
+
+
+@dataclass
+class FixedKL:
+    """A constant coefficient."""
+
+    beta: float
+
+    def update(self, sequence_kl: float, n_samples: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = state["beta"]
+
+
+@dataclass
+class AdaptiveKL:
+    """Ziegler et al. (2019): move beta so that the mean sequence KL tracks `target`.
+
+    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_samples / horizon).
+    """
+
+    beta: float
+    target: float = 6.0
+    horizon: int = 10000
+
+    def update(self, sequence_kl: float, n_samples: int) -> None:
+        if not math.isfinite(sequence_kl):
+            return
+        error = min(max(sequence_kl / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * n_samples / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = state["beta"]
+
+
+@dataclass
+class BudgetKL:
+    """Holds the mean episode KL at or under a budget by Lagrangian dual ascent.
+
+    The problem max E[R] s.t. E[episode KL] <= budget has the Lagrangian E[R] - lam (E[KL] - budget);
+    the multiplier follows lam <- max(0, lam + lr * (KL_hat - budget)) and is used as the penalty
+    coefficient. It rises while episodes overspend and decays to 0 once they stay under budget.
+    """
+
+    beta: float
+    budget: float = 6.0
+    lr: float = 0.01
+
+    def update(self, sequence_kl: float, n_samples: int) -> None:
+        if math.isfinite(sequence_kl):
+            self.beta = max(0.0, self.beta + self.lr * (sequence_kl - self.budget))
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = state["beta"]
+
+
+def make_controller(cfg) -> FixedKL | AdaptiveKL | BudgetKL:
+    """The controller named by a `KLConfig`."""
+    if cfg.controller == "fixed":
+        return FixedKL(cfg.beta)
+    if cfg.controller == "adaptive":
+        return AdaptiveKL(cfg.beta, cfg.target, cfg.horizon)
+    if cfg.controller == "budget":
+        return BudgetKL(cfg.beta, cfg.budget, cfg.budget_lr)
+    raise ValueError(f"unknown KL controller {cfg.controller!r}")

@@ -1,0 +1,247 @@
+"""The Learner: one policy, its optimizer, an algorithm and a KL controller, on accelerate.
+
+`step(rollout)` scores the rollout (reference log-probs, values, per-token KL), shapes per-token
+rewards, lets the algorithm compute advantages, then runs the algorithm's loss over epochs of
+shuffled minibatches, accumulating gradients over micro-batches. Every algorithm plugs in here
+unchanged, and CORY drives two Learners.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from accelerate import Accelerator
+
+from cory.algorithms.base import Algorithm
+from cory.kl import kl_k3, make_controller, masked_mean, masked_sum, per_token_kl
+from cory.policy import Policy, sequence_logprobs
+from cory.rollout import Rollout
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stops rather than corrupting the weights."""
+
+
+def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """[B, L] per-token rewards: -beta * KL at every response token, plus the turn's score at its last token."""
+    rewards = -beta * kl * mask
+    last = (mask.sum(-1) - 1).clamp_min(0).long()
+    rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype)
+    return rewards
+
+
+class RunningMoments:
+    """Running mean and variance of scores (Chan et al.'s parallel update), for reward scaling."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def update(self, x: torch.Tensor) -> None:
+        n = x.numel()
+        if n == 0:
+            return
+        batch_mean, batch_var = x.float().mean().item(), x.float().var(unbiased=False).item()
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 1e-8) ** 0.5
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+class Learner:
+    def __init__(self, policy: Policy, reference: torch.nn.Module, algorithm: Algorithm, cfg, accelerator: Accelerator):
+        self.policy = policy
+        self.algorithm = algorithm
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.reference = reference.to(accelerator.device).eval().requires_grad_(False)
+        params = [p for p in policy.module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.algo.lr, weight_decay=cfg.algo.weight_decay)
+        self.module, self.optimizer = accelerator.prepare(policy.module, optimizer)
+        self.controller = make_controller(cfg.kl)
+        self.temperature = cfg.generation.temperature or 1.0
+        self.score_moments = RunningMoments()
+        penalty = cfg.kl.penalty
+        self.kl_in_reward = algorithm.kl_in_reward if penalty == "auto" else penalty == "reward"
+
+    # -- scoring -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, rollout: Rollout) -> Rollout:
+        """Adds reference log-probs, values (if the algorithm needs them), per-token KL and entropy."""
+        rollout = rollout.to(self.accelerator.device)
+        full = self.cfg.kl.estimator == "full"
+        args = (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
+        with self.accelerator.autocast():
+            ref = sequence_logprobs(self.reference, *args, temperature=self.temperature, with_full_logprobs=full)
+            cur = sequence_logprobs(
+                self.module, *args, temperature=self.temperature, with_entropy=True,
+                with_values=self.algorithm.needs_values, with_full_logprobs=full,
+            )
+        rollout.ref_logprobs = ref.logprobs.float()
+        rollout.values = cur.values.float() if cur.values is not None else None
+        mask = rollout.response_mask
+        kl = per_token_kl(self.cfg.kl.estimator, rollout.logprobs, rollout.ref_logprobs,
+                          cur.full_logprobs if full else None, ref.full_logprobs if full else None)
+        rollout.extras["kl"] = kl.float() * mask
+        rollout.extras["entropy"] = cur.entropy.float() * mask
+        # How far the behaviour log-probs are from the trainer's recomputation (should be ~0).
+        rollout.extras["logprob_gap"] = masked_mean((cur.logprobs.float() - rollout.logprobs).abs(), mask)
+        return rollout
+
+    # -- update --------------------------------------------------------------------------------
+    def _minibatches(self, n: int, generator: torch.Generator | None):
+        size = self.cfg.algo.minibatch_size or n
+        micro = self.cfg.algo.micro_batch_size or size
+        for _ in range(self.cfg.algo.epochs):
+            order = torch.randperm(n, generator=generator) if size < n else torch.arange(n)
+            for start in range(0, n, size):
+                idx = order[start : start + size]
+                yield [idx[i : i + micro] for i in range(0, len(idx), micro)], len(idx)
+
+    def set_lr(self, iteration: int) -> float:
+        warm = self.cfg.algo.warmup_iterations
+        lr = self.cfg.algo.lr * (min(1.0, (iteration + 1) / warm) if warm else 1.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _regularisers(self, out, mb: Rollout, info: dict) -> torch.Tensor:
+        """The KL loss term (when KL is not in the reward) and the entropy bonus."""
+        mask = mb.response_mask
+        extra = torch.zeros((), device=mask.device)
+        if not self.kl_in_reward:
+            kl_loss = masked_mean(kl_k3(out.logprobs, mb.ref_logprobs), mask)
+            info["loss/kl"] = kl_loss.item()
+            extra = extra + self.controller.beta * kl_loss
+        if self.cfg.algo.ent_coef > 0:
+            entropy = masked_mean(out.entropy, mask)
+            info["loss/entropy"] = entropy.item()
+            extra = extra - self.cfg.algo.ent_coef * entropy
+        return extra
+
+    def adjust_scores(self, rollout: Rollout) -> torch.Tensor:
+        """[B] task scores after the missing-EOS penalty and optional running-std scaling."""
+        scores = rollout.scores.float().clone()
+        penalty = self.cfg.algo.missing_eos_penalty
+        if penalty:
+            scores = scores + penalty * (~rollout.finished).float()
+        if self.cfg.algo.normalize_rewards:
+            gathered = self.accelerator.gather(scores)
+            self.score_moments.update(gathered)
+            scores = scores / self.score_moments.std
+        return scores
+
+    def update(self, rollout: Rollout, generator: torch.Generator | None = None) -> dict[str, float]:
+        """Optimizer steps over the scored rollout; returns the mean of the algorithm's diagnostics."""
+        self.module.train()
+        logs: dict[str, list[float]] = {}
+        grad_norms = []
+        for micro_batches, size in self._minibatches(len(rollout), generator):
+            for k, idx in enumerate(micro_batches):
+                mb = rollout.select(idx)
+                last = k == len(micro_batches) - 1
+                # Gradients are summed over micro-batches (weighted by their share) and only
+                # all-reduced across processes on the last one.
+                ctx = self.accelerator.no_sync(self.module) if not last else contextlib.nullcontext()
+                with ctx:
+                    with self.accelerator.autocast():
+                        out = sequence_logprobs(
+                            self.module, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
+                            temperature=self.temperature, with_values=self.algorithm.needs_values,
+                            with_entropy=self.cfg.algo.ent_coef > 0,
+                        )
+                        loss, info = self.algorithm.loss(out, mb)
+                        loss = loss + self._regularisers(out, mb, info)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(f"{self.algorithm.name} loss is {loss.item()} (learning rate or rewards too large?)")
+                    self.accelerator.backward(loss * (len(idx) / size))
+                for name, value in info.items():
+                    logs.setdefault(name, []).append(value)
+            if self.cfg.algo.max_grad_norm > 0:
+                grad_norms.append(float(self.accelerator.clip_grad_norm_(self.module.parameters(), self.cfg.algo.max_grad_norm)))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        out = {k: sum(v) / len(v) for k, v in logs.items()}
+        if grad_norms:
+            out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        return out
+
+    def step(self, rollout: Rollout, iteration: int = 0, generator: torch.Generator | None = None) -> tuple[Rollout, dict[str, float]]:
+        """Score, shape rewards, compute advantages, update. Returns the scored rollout and metrics."""
+        t0 = time.perf_counter()
+        lr = self.set_lr(iteration)
+        rollout = self.score(rollout)
+        mask = rollout.response_mask
+        kl = rollout.extras["kl"]
+        beta = self.controller.beta
+        token_rewards = shaped_rewards(self.adjust_scores(rollout), kl, mask, beta if self.kl_in_reward else 0.0)
+        rollout.extras["token_rewards"] = token_rewards
+        self.algorithm.advantages(rollout, token_rewards)
+        metrics = self.update(rollout, generator)
+        sequence_kl = masked_sum(kl, mask)
+        metrics.update(rollout_metrics(rollout))
+        if rollout.values is not None and "returns" in rollout.extras:
+            metrics["value/explained_variance"] = explained_variance(rollout.values, rollout.extras["returns"], mask)
+        metrics.update({"beta": beta, "lr": lr, "time/update": time.perf_counter() - t0})
+        self.controller.update(self.accelerator.reduce(sequence_kl.mean().detach(), "mean").item(), len(rollout) * self.accelerator.num_processes)
+        return rollout, metrics
+
+    def state_dict(self) -> dict:
+        return {"controller": self.controller.state_dict(), "score_moments": self.score_moments.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.controller.load_state_dict(state["controller"])
+        self.score_moments.load_state_dict(state["score_moments"])
+
+
+def rollout_metrics(rollout: Rollout) -> dict[str, float]:
+    """Per-iteration diagnostics of a scored rollout (per-process values)."""
+    mask = rollout.response_mask.float()
+    kl = rollout.extras["kl"]
+    lengths = mask.sum(-1)
+    seq_kl = masked_sum(kl, mask)
+    scores = rollout.scores.float()
+    return {
+        "reward_mean": scores.mean().item(),
+        "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+        "kl_mean": seq_kl.mean().item(),
+        "kl_max": seq_kl.max().item(),
+        "kl_token_mean": masked_mean(kl, mask).item(),
+        "entropy": masked_mean(rollout.extras["entropy"], mask).item(),
+        "response_length": lengths.mean().item(),
+        "truncated_rate": (~rollout.finished).float().mean().item(),
+        "logprob_gap": float(rollout.extras["logprob_gap"]),
+    }
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over masked tokens: 1 is a perfect critic, <= 0 a useless one."""
+    m = mask.bool()
+    r, v = returns[m].float(), values[m].float()
+    var_r = r.var(unbiased=False)
+    return float("nan") if var_r <= 1e-12 else float(1 - (r - v).var(unbiased=False) / var_r)
+
+
+def reduce_metrics(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Mean of each metric over processes (max for *_max), the same dict on every rank."""
+    if accelerator.num_processes == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], device=accelerator.device, dtype=torch.float64)
+    gathered = accelerator.gather(values[None]).reshape(accelerator.num_processes, len(keys))
+    out = {}
+    for i, k in enumerate(keys):
+        col = gathered[:, i]
+        out[k] = float(col.max() if k.endswith("_max") else col.mean())
+    return out

@@ -1,0 +1,118 @@
+"""Rewards: HF sequence classifiers (reward models, sentiment classifiers) and Python functions.
+
+A reward is a callable `(prompts: list[str], responses: list[str]) -> list[float]`. `load_reward`
+builds one from a spec string:
+  - `cory:NAME`, a local folder: an `AutoModelForSequenceClassification`; the reward is the logit of
+    the chosen label (a one-logit reward model: that logit);
+  - `module:function`: a Python function with the reward signature (imported by name).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+
+
+class RewardError(ValueError):
+    """A reward spec that cannot be loaded, or a reward function that misbehaves."""
+
+
+class ClassifierReward:
+    """Scores texts with a sequence classifier; batched, no gradients."""
+
+    def __init__(self, path: str, label: str = "positive", on: str = "prompt+response", batch_size: int = 64, device=None):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        if device is not None:
+            self.model.to(device)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        labels = {k.lower(): v for k, v in (self.model.config.label2id or {}).items()}
+        n = self.model.config.num_labels
+        if n == 1:
+            self.index = 0
+        elif label.lower() in labels:
+            self.index = int(labels[label.lower()])
+        else:
+            self.index = n - 1
+        self.on = on
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def logits(self, texts: list[str]) -> torch.Tensor:
+        """[N, num_labels] classifier logits."""
+        out = []
+        device = next(self.model.parameters()).device
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512)
+            out.append(self.model(**{k: v.to(device) for k, v in enc.items()}).logits.float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.num_labels)
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        texts = [p + r for p, r in zip(prompts, responses)] if self.on == "prompt+response" else list(responses)
+        return self.logits(texts)[:, self.index].tolist()
+
+
+def _import_function(spec: str) -> RewardFn:
+    module_name, _, fn_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RewardError(f"reward '{spec}': cannot import module '{module_name}' ({e})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise RewardError(f"reward '{spec}': module '{module_name}' has no function '{fn_name}'")
+    return fn
+
+
+def checked(fn: RewardFn, name: str) -> RewardFn:
+    """Wraps a reward so that a wrong length or a non-finite value fails loudly, naming the reward."""
+
+    def call(prompts: list[str], responses: list[str]) -> list[float]:
+        values = list(fn(prompts, responses))
+        if len(values) != len(responses):
+            raise RewardError(f"reward '{name}' returned {len(values)} values for {len(responses)} responses")
+        values = [float(v) for v in values]
+        if not all(math.isfinite(v) for v in values):
+            raise RewardError(f"reward '{name}' returned a non-finite value")
+        return values
+
+    return call
+
+
+def load_reward(spec: str, label: str = "positive", on: str = "prompt+response", device=None) -> RewardFn:
+    """A checked reward callable from a spec (see the module docstring)."""
+    from cory import zoo
+
+    if zoo.is_zoo_name(spec):
+        return checked(ClassifierReward(zoo.resolve(spec), label, on, device=device), spec)
+    if Path(spec).is_dir():
+        return checked(ClassifierReward(spec, label, on, device=device), spec)
+    if ":" in spec and not spec.startswith((".", "/")):
+        return checked(_import_function(spec), spec)
+    raise RewardError(f"reward '{spec}' is neither a classifier folder, a cory: model, nor a module:function")
+
+
+def validate_spec(spec: str) -> None:
+    """Cheap checks before any work: the folder exists, the zoo name is known, the function imports."""
+    from cory import zoo
+
+    if zoo.is_zoo_name(spec):
+        if spec not in {m["name"] for m in zoo.list_models()}:
+            raise zoo.UnknownModelError(spec)
+        return
+    if Path(spec).is_dir():
+        return
+    if ":" in spec and not spec.startswith((".", "/")):
+        _import_function(spec)
+        return
+    raise RewardError(f"reward '{spec}' is neither a classifier folder, a cory: model, nor a module:function")

@@ -1,0 +1,82 @@
+"""A single-turn task and its adapter to the Sampler's environment protocol."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cory.rewards import RewardFn
+
+
+class TaskDataError(ValueError):
+    """A prompt file that cannot be used."""
+
+
+def load_prompt_file(path: str | Path, column: str = "prompt") -> list[str]:
+    """Prompts from a JSONL file (one object per line) or a CSV file with a header row."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskDataError(f"prompt file not found: {path}")
+    prompts: list[str] = []
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or column not in reader.fieldnames:
+                raise TaskDataError(f"{path}: no column '{column}' (columns: {', '.join(reader.fieldnames or [])})")
+            prompts = [row[column] for row in reader]
+    else:
+        with path.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskDataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict) or column not in row:
+                    raise TaskDataError(f"{path}:{n}: no key '{column}'")
+                prompts.append(str(row[column]))
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise TaskDataError(f"{path}: no prompts found")
+    return prompts
+
+
+@dataclass
+class PromptTask:
+    """Prompts to train on, a fixed evaluation set, and a reward for (prompt, response) pairs."""
+
+    name: str
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    reward: RewardFn
+
+    def sample_prompts(self, n: int, rng: np.random.Generator) -> list[str]:
+        idx = rng.integers(0, len(self.train_prompts), size=n)
+        return [self.train_prompts[i] for i in idx]
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return self.reward(prompts, responses)
+
+
+class TaskEnv:
+    """A PromptTask as a batch of one-turn episodes (the Sampler's environment protocol)."""
+
+    def __init__(self, task: PromptTask, prompts: list[str] | None = None):
+        self.task = task
+        self.fixed_prompts = prompts
+        self.prompts: list[str] = []
+
+    def reset(self, n: int, rng: np.random.Generator, group_size: int = 1) -> list[str]:
+        base = self.fixed_prompts[:n] if self.fixed_prompts is not None else self.task.sample_prompts(n, rng)
+        self.prompts = [p for p in base for _ in range(group_size)]
+        return list(self.prompts)
+
+    def step(self, responses: list[str]):
+        rewards = self.task.score(self.prompts, responses)
+        n = len(responses)
+        return [""] * n, rewards, [True] * n, [{} for _ in range(n)]

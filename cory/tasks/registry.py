@@ -1,0 +1,43 @@
+"""Task names -> builders. A builder takes a TaskConfig and returns a PromptTask."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from cory.rewards import load_reward
+from cory.tasks.base import PromptTask, load_prompt_file
+
+
+def sentiment_task(cfg) -> PromptTask:
+    """Continue a movie review; the reward is the sentiment classifier's positive logit.
+
+    Built-in prompts are the first 2-8 words of synthetic reviews held out from the pretraining
+    corpus of `cory:tiny-reviews`; the evaluation set is a disjoint fixed draw.
+    """
+    from cory.zoo.corpora import reviews
+
+    if cfg.prompt_file:
+        prompts = load_prompt_file(cfg.prompt_file, cfg.prompt_column)
+        train, evals = prompts, prompts[: cfg.num_eval_prompts]
+    else:
+        pool = reviews.prompts(cfg.num_train_prompts + cfg.num_eval_prompts, seed=2024)
+        evals, train = pool[: cfg.num_eval_prompts], pool[cfg.num_eval_prompts :]
+    reward = load_reward(cfg.reward, label=cfg.reward_label, on=cfg.reward_on)
+    return PromptTask("sentiment", train, evals, reward)
+
+
+def prompts_task(cfg) -> PromptTask:
+    """A user's prompts (`task.prompt_file`) with any reward (`task.reward`)."""
+    if not cfg.prompt_file:
+        raise ValueError("task 'prompts' needs task.prompt_file")
+    prompts = load_prompt_file(cfg.prompt_file, cfg.prompt_column)
+    return PromptTask("prompts", prompts, prompts[: cfg.num_eval_prompts], load_reward(cfg.reward, cfg.reward_label, cfg.reward_on))
+
+
+TASKS: dict[str, Callable] = {"sentiment": sentiment_task, "prompts": prompts_task}
+
+
+def make_task(cfg) -> PromptTask:
+    if cfg.name not in TASKS:
+        raise ValueError(f"unknown task '{cfg.name}'; tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[cfg.name](cfg)

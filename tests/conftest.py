@@ -1,0 +1,55 @@
+"""Shared fixtures. Tests never touch the network or the user's cache: the embedded models are built
+at test size (`cory:micro-*`, seconds each) into one session cache folder (set CORY_TEST_CACHE to
+reuse a folder across sessions while developing)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_CACHE = os.environ.get("CORY_TEST_CACHE") or tempfile.mkdtemp(prefix="cory-test-cache-")
+os.environ["CORY_CACHE"] = _CACHE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def zoo_cache() -> Path:
+    return Path(_CACHE)
+
+
+@pytest.fixture(scope="session")
+def micro_lm(zoo_cache) -> Path:
+    from cory import zoo
+
+    return zoo.build("cory:micro-reviews", progress=False)
+
+
+@pytest.fixture(scope="session")
+def micro_rm(zoo_cache) -> Path:
+    from cory import zoo
+
+    return zoo.build("cory:micro-sentiment", progress=False)
+
+
+def micro_overrides(tmp_path: Path, **extra) -> list[str]:
+    """Overrides that make a training run tiny: micro models, short responses, no trackers."""
+    base = {
+        "model.name": "cory:micro-reviews",
+        "task.reward": "cory:micro-sentiment",
+        "task.num_train_prompts": 256,
+        "task.num_eval_prompts": 16,
+        "generation.max_new_tokens": 8,
+        "train.batch_size": 8,
+        "train.iterations": 2,
+        "train.log_with": "[]",
+        "train.progress": False,
+        "eval.samples_per_prompt": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
