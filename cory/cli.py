@@ -37,6 +37,24 @@ def _add_zoo(sub) -> None:
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
 
 
+def _add_rm(sub) -> None:
+    p = sub.add_parser("rm", help="reward models from preference pairs")
+    rs = p.add_subparsers(dest="rm_command", required=True)
+    t = rs.add_parser("train", help="fit a Bradley-Terry reward model on JSONL rows {prompt, chosen, rejected}")
+    t.add_argument("--data", required=True, help="JSONL preference file")
+    t.add_argument("--output-dir", required=True)
+    t.add_argument("--base", default="cory:tiny-reviews", help="model to start from (zoo name, folder or hub id)")
+    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--eval-fraction", type=float, default=0.1)
+    t.add_argument("--seed", type=int, default=0)
+    m = rs.add_parser("pairs", help="write preference pairs from the synthetic review corpus (positive over negative)")
+    m.add_argument("--n", type=int, default=2000)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", required=True)
+
+
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="plot a run's reward and KL curves")
     p.add_argument("run_dir")
@@ -48,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_zoo(sub)
+    _add_rm(sub)
     _add_report(sub)
     return ap
 
@@ -111,6 +130,26 @@ def cmd_zoo(args) -> int:
     return 0
 
 
+def cmd_rm(args) -> int:
+    from cory.rewards.bradley_terry import RMTrainConfig, load_pairs, sentiment_pairs, train_reward_model
+    from cory.train import check_model_name
+
+    if args.rm_command == "pairs":
+        with open(args.out, "w", encoding="utf-8") as fh:
+            for row in sentiment_pairs(args.n, args.seed):
+                fh.write(json.dumps(row) + "\n")
+        print(f"wrote {args.n} pairs to {args.out}")
+        return 0
+    pairs = load_pairs(args.data)
+    check_model_name(args.base)
+    cfg = RMTrainConfig(base=args.base, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                        eval_fraction=args.eval_fraction, seed=args.seed)
+    info = train_reward_model(pairs, args.output_dir, cfg)
+    print(f"reward model saved to {args.output_dir}: held-out pairwise accuracy {info['eval_accuracy']:.3f} "
+          f"on {info['eval_pairs']} pairs ({info['train_pairs']} trained)")
+    return 0
+
+
 def cmd_report(args) -> int:
     from pathlib import Path
 
@@ -124,17 +163,18 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "zoo": cmd_zoo, "report": cmd_report}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "zoo": cmd_zoo, "rm": cmd_rm, "report": cmd_report}
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from cory.config import ConfigError
     from cory.rewards import RewardError
+    from cory.rewards.bradley_terry import PairDataError
     from cory.tasks.base import TaskDataError
     from cory.train import UsageError
     from cory.zoo import UnknownModelError
 
-    return (ConfigError, UsageError, UnknownModelError, RewardError, TaskDataError, FileNotFoundError)
+    return (ConfigError, UsageError, UnknownModelError, RewardError, TaskDataError, PairDataError, FileNotFoundError)
 
 
 def _quiet_libraries() -> None:

@@ -60,13 +60,15 @@ def check_model_name(name: str) -> None:
 def preflight(cfg: Config) -> None:
     """Everything that can be checked without loading models; raises UsageError/ConfigError."""
     from cory.rewards import RewardError, validate_spec
-    from cory.tasks import TASKS
+    from cory.tasks import BUILTIN_REWARD, TASKS
 
     if cfg.task.name not in TASKS:
         raise ConfigError(f"bad value for config key 'task.name': {cfg.task.name!r}; choose one of: {', '.join(sorted(TASKS))}")
     check_model_name(cfg.model.name)
     if cfg.model.reference:
         check_model_name(cfg.model.reference)
+    if cfg.task.name in BUILTIN_REWARD:
+        return
     try:
         validate_spec(cfg.task.reward)
     except (RewardError, ValueError) as e:

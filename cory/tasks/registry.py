@@ -34,7 +34,27 @@ def prompts_task(cfg) -> PromptTask:
     return PromptTask("prompts", prompts, prompts[: cfg.num_eval_prompts], load_reward(cfg.reward, cfg.reward_label, cfg.reward_on))
 
 
-TASKS: dict[str, Callable] = {"sentiment": sentiment_task, "prompts": prompts_task}
+def arithmetic_task(cfg) -> PromptTask:
+    """Synthetic word problems (the offline GSM8K); reward 1 if the response's last number is right.
+
+    Prompts are held out from `cory:tiny-arith`'s pretraining problems. `task.reward` is ignored.
+    """
+    from cory.zoo.corpora import arithmetic
+
+    seen = {p for p, _, _ in arithmetic.generate(arithmetic.PRETRAIN_SIZE, arithmetic.PRETRAIN_SEED)}
+    pool = arithmetic.heldout(cfg.num_train_prompts + cfg.num_eval_prompts, exclude=seen)
+    truth = dict(pool)
+
+    def reward(prompts: list[str], responses: list[str]) -> list[float]:
+        return [float(arithmetic.is_correct(r, truth[p])) for p, r in zip(prompts, responses)]
+
+    prompts = [p for p, _ in pool]
+    return PromptTask("arithmetic", prompts[cfg.num_eval_prompts :], prompts[: cfg.num_eval_prompts], reward)
+
+
+TASKS: dict[str, Callable] = {"sentiment": sentiment_task, "arithmetic": arithmetic_task, "prompts": prompts_task}
+BUILTIN_REWARD = {"arithmetic"}
+"""Tasks that score responses themselves and ignore `task.reward`."""
 
 
 def make_task(cfg) -> PromptTask:
