@@ -165,6 +165,30 @@ class EvalConfig:
 
 
 @dataclass
+class CoryConfig:
+    enabled: bool = False
+    """Train two agents by CORY (pioneer/observer with role exchange) instead of one."""
+    swap_every: int = 5
+    """Exchange the pioneer and observer roles every this many iterations (T_REx)."""
+    exchange: bool = True
+    """Exchange roles at all (False: the ablation without role exchange)."""
+    observe: bool = True
+    """The observer sees the pioneer's response (False: the ablation where it answers the bare prompt)."""
+    partner_coef: float = 1.0
+    """c in r(own) + c * r(partner): 1 cooperative, 0 independent, negative competitive."""
+    observer_template: str = "auto"
+    """The observer's prompt: auto (by task), continuation, qa, or a format string with {prompt} and {reference}."""
+    shared_base: bool = False
+    """Both agents are LoRA adapters on one frozen base, which is also the reference (about one model's memory)."""
+    lora_r: int = 16
+    """LoRA rank in shared-base mode."""
+    lora_alpha: int = 32
+    """LoRA alpha in shared-base mode."""
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Module names that get LoRA adapters in shared-base mode."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -173,6 +197,7 @@ class Config:
     kl: KLConfig = field(default_factory=KLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cory: CoryConfig = field(default_factory=CoryConfig)
 
 
 CHOICES = {
@@ -277,6 +302,8 @@ def check(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"bad value for config key '{key}': must be at least 1")
+    if cfg.cory.swap_every < 1:
+        raise ConfigError("bad value for config key 'cory.swap_every': must be at least 1")
     if cfg.generation.temperature < 0:
         raise ConfigError("bad value for config key 'generation.temperature': must be >= 0")
     if not 0 < cfg.generation.top_p <= 1:

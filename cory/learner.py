@@ -60,13 +60,16 @@ class RunningMoments:
 
 
 class Learner:
-    def __init__(self, policy: Policy, reference: torch.nn.Module, algorithm: Algorithm, cfg, accelerator: Accelerator):
+    def __init__(self, policy: Policy, reference: torch.nn.Module, algorithm: Algorithm, cfg, accelerator: Accelerator,
+                 parameters: list[torch.nn.Parameter] | None = None):
+        """`reference` must already be frozen (it may share modules with the policy, as CORY's
+        shared-base mode does); `parameters` defaults to every trainable parameter of the policy."""
         self.policy = policy
         self.algorithm = algorithm
         self.cfg = cfg
         self.accelerator = accelerator
-        self.reference = reference.to(accelerator.device).eval().requires_grad_(False)
-        params = [p for p in policy.module.parameters() if p.requires_grad]
+        self.reference = reference.to(accelerator.device).eval()
+        params = parameters if parameters is not None else [p for p in policy.module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.algo.lr, weight_decay=cfg.algo.weight_decay)
         self.module, self.optimizer = accelerator.prepare(policy.module, optimizer)
         self.controller = make_controller(cfg.kl)

@@ -131,6 +131,28 @@ def concat_turns(parts: list[dict], pad_id: int) -> Rollout:
     )
 
 
+def rollout_from_generation(gen, prompts: list[str], scores: list[float], group_ids: list[int] | None = None) -> Rollout:
+    """A single-turn Rollout (one episode per row) straight from a batched Generation."""
+    n = len(prompts)
+    device = gen.response_ids.device
+    return Rollout(
+        query_ids=gen.query_ids,
+        query_mask=gen.query_mask,
+        response_ids=gen.response_ids,
+        response_mask=gen.response_mask,
+        logprobs=gen.logprobs,
+        scores=torch.tensor(scores, dtype=torch.float32, device=device),
+        finished=gen.finished,
+        episode_ids=torch.arange(n, device=device),
+        turn_index=torch.zeros(n, dtype=torch.long, device=device),
+        done=torch.ones(n, dtype=torch.bool, device=device),
+        group_ids=torch.tensor(group_ids if group_ids is not None else list(range(n)), dtype=torch.long, device=device),
+        prompts=list(prompts),
+        responses=list(gen.texts),
+        infos=[{} for _ in range(n)],
+    )
+
+
 class Sampler:
     """Drives a batch of text environments with one policy, in lockstep, and returns a Rollout."""
 

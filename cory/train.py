@@ -103,10 +103,12 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: RunState, learner, keep: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: RunState, learners: dict, keep: int) -> Path:
+    """accelerate state (weights, optimizers, RNG) + per-rank run state and learner states."""
     path = output_dir / CHECKPOINTS / f"iter_{state.iteration:06d}"
     accelerator.save_state(str(path))
-    torch.save({"run": state.state_dict(), "learner": learner.state_dict()}, path / f"run_state_rank{accelerator.process_index}.pt")
+    saved = {"run": state.state_dict(), "learners": {k: v.state_dict() for k, v in learners.items()}}
+    torch.save(saved, path / f"run_state_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (path / "DONE").write_text(str(state.iteration))
@@ -117,11 +119,12 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: RunState,
     return path
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, state: RunState, learner) -> None:
+def load_checkpoint(accelerator: Accelerator, path: Path, state: RunState, learners: dict) -> None:
     accelerator.load_state(str(path))
     saved = torch.load(path / f"run_state_rank{accelerator.process_index}.pt", weights_only=False)
     state.load_state_dict(saved["run"])
-    learner.load_state_dict(saved["learner"])
+    for name, learner in learners.items():
+        learner.load_state_dict(saved["learners"][name])
 
 
 def _truncate_jsonl(path: Path, last_iteration: int) -> None:
@@ -143,7 +146,7 @@ def load_reference(name: str, dtype) -> torch.nn.Module:
 
     from cory import zoo
 
-    return AutoModelForCausalLM.from_pretrained(zoo.resolve(name), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(zoo.resolve(name), dtype=dtype).eval().requires_grad_(False)
 
 
 def sampling_params(cfg: Config):
@@ -167,48 +170,45 @@ def make_accelerator(cfg: Config, output_dir: Path) -> Accelerator:
                        cpu=not torch.cuda.is_available())
 
 
-class TrainingRun:
-    """One single-agent run: the policy, reference, task, sampler and learner built from a Config.
-
-    `run()` trains to `cfg.train.iterations` and returns the summary; the built pieces stay
-    available as attributes (tests inspect `policy`, benchmarks reuse `learner`).
-    """
+class Run:
+    """What every kind of run shares: accelerator, run state, logging, evaluation rows, checkpoints
+    and the iteration loop. Subclasses build their pieces and define `iterate`, `evaluate_all`,
+    `learners` and `save_final`."""
 
     def __init__(self, cfg: Config, output_dir: str | Path):
-        from cory.algorithms import make_algorithm
-        from cory.learner import Learner
-        from cory.policy import Policy
-        from cory.rollout import Sampler
-        from cory.tasks import TaskEnv, make_task
-
         self.cfg = cfg
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.accelerator = make_accelerator(cfg, self.output_dir)
         set_seed(cfg.train.seed)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.accelerator.num_processes))
-        self.algorithm = make_algorithm(cfg)
-        dtype = getattr(torch, cfg.model.dtype)
-        self.policy = Policy.from_pretrained(cfg.model.name, value_head=self.algorithm.needs_values, dtype=dtype)
-        reference = load_reference(cfg.model.reference or cfg.model.name, dtype)
-        self.task = make_task(cfg.task)
-        self.sampler = Sampler(self.policy, TaskEnv(self.task), sampling_params(cfg))
-        self.learner = Learner(self.policy, reference, self.algorithm, cfg, self.accelerator)
         self.state = RunState.fresh(cfg.train.seed, self.accelerator.process_index)
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.eval_path = self.output_dir / "eval.jsonl"
 
+    # -- to be defined by subclasses ---------------------------------------------------------------
+    @property
+    def learners(self) -> dict:
+        raise NotImplementedError
+
+    def iterate(self) -> dict:
+        raise NotImplementedError
+
+    def evaluate_all(self) -> dict:
+        """Evaluation on the fixed prompt set: a flat dict of numbers plus `samples`."""
+        raise NotImplementedError
+
+    def save_final(self, evaluation: dict) -> None:
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------------
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
     def evaluate(self) -> dict:
-        """Evaluates on the fixed prompt set, appends to eval.jsonl and logs to the trackers."""
-        from cory.evaluate import evaluate
-
-        cfg = self.cfg
-        result = evaluate(self.policy, self.task.eval_prompts, self.task.reward, eval_params(cfg),
-                          cfg.eval.samples_per_prompt, cfg.eval.seed, reference=self.learner.reference)
+        """Evaluates, appends the row to eval.jsonl and logs it to the trackers."""
+        result = self.evaluate_all()
         _append_jsonl(self.eval_path, {"iteration": self.state.iteration, **result})
         self.accelerator.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, step=self.state.iteration)
         return result
@@ -218,7 +218,7 @@ class TrainingRun:
             ckpt = latest_checkpoint(self.output_dir)
             if ckpt is None:
                 raise UsageError(f"--resume: no checkpoint in {self.output_dir / CHECKPOINTS}")
-            load_checkpoint(self.accelerator, ckpt, self.state, self.learner)
+            load_checkpoint(self.accelerator, ckpt, self.state, self.learners)
             if self.is_main:
                 _truncate_jsonl(self.metrics_path, self.state.iteration)
                 _truncate_jsonl(self.eval_path, self.state.iteration)
@@ -229,19 +229,8 @@ class TrainingRun:
             (self.output_dir / "config.yaml").write_text(to_yaml(self.cfg))
         self.accelerator.init_trackers("cory", config=to_flat_dict(self.cfg))
 
-    def iterate(self) -> dict:
-        """One rollout and one learner step; returns the iteration's metrics (mean over processes)."""
-        from cory.learner import reduce_metrics
-
-        t0 = time.perf_counter()
-        rollout = self.sampler.collect(self.cfg.train.batch_size, self.state.rng, self.state.generator, group_size=self.algorithm.group_size)
-        t_gen = time.perf_counter() - t0
-        n_generated = int(rollout.response_mask.sum())
-        _, metrics = self.learner.step(rollout, self.state.iteration, self.state.generator)
-        self.state.iteration += 1
-        metrics.update({"time/generate": t_gen, "time/iteration": time.perf_counter() - t0,
-                        "tokens_per_s/generate": n_generated / max(t_gen, 1e-9)})
-        return reduce_metrics(self.accelerator, metrics)
+    def checkpoint(self) -> Path:
+        return save_checkpoint(self.accelerator, self.output_dir, self.state, self.learners, self.cfg.train.keep_checkpoints)
 
     def run(self, resume: bool = False) -> dict:
         """Trains to cfg.train.iterations; returns the summary (also written to summary.json)."""
@@ -258,7 +247,7 @@ class TrainingRun:
             metrics = self.iterate()
             if self.is_main:
                 _append_jsonl(self.metrics_path, {"iteration": state.iteration, **metrics})
-            acc.log(metrics, step=state.iteration)
+            acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=state.iteration)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_mean']:.3f}")
             if cfg.train.eval_every and state.iteration % cfg.train.eval_every == 0 and state.iteration < cfg.train.iterations:
@@ -266,15 +255,15 @@ class TrainingRun:
                     self.evaluate()
                 acc.wait_for_everyone()
             if cfg.train.checkpoint_every and state.iteration % cfg.train.checkpoint_every == 0:
-                save_checkpoint(acc, self.output_dir, state, self.learner, cfg.train.keep_checkpoints)
+                self.checkpoint()
         bar.close()
         last = latest_checkpoint(self.output_dir)
         if last is None or last.name != f"iter_{state.iteration:06d}":
-            save_checkpoint(acc, self.output_dir, state, self.learner, cfg.train.keep_checkpoints)
+            self.checkpoint()
         summary = {}
         if self.is_main:
-            self.evaluate()
-            self.policy.save_pretrained(self.output_dir / "final")
+            final = self.evaluate()
+            self.save_final(final)
             rows = [json.loads(line) for line in self.eval_path.read_text().splitlines() if line.strip()]
             summary = {
                 "iterations": state.iteration,
@@ -287,6 +276,58 @@ class TrainingRun:
         return summary
 
 
+class TrainingRun(Run):
+    """One policy trained by one Learner on a task (single-agent RL fine-tuning)."""
+
+    def __init__(self, cfg: Config, output_dir: str | Path):
+        from cory.algorithms import make_algorithm
+        from cory.learner import Learner
+        from cory.policy import Policy
+        from cory.rollout import Sampler
+        from cory.tasks import TaskEnv, make_task
+
+        super().__init__(cfg, output_dir)
+        self.algorithm = make_algorithm(cfg)
+        dtype = getattr(torch, cfg.model.dtype)
+        self.policy = Policy.from_pretrained(cfg.model.name, value_head=self.algorithm.needs_values, dtype=dtype)
+        reference = load_reference(cfg.model.reference or cfg.model.name, dtype)
+        self.task = make_task(cfg.task)
+        self.sampler = Sampler(self.policy, TaskEnv(self.task), sampling_params(cfg))
+        self.learner = Learner(self.policy, reference, self.algorithm, cfg, self.accelerator)
+
+    @property
+    def learners(self) -> dict:
+        return {"policy": self.learner}
+
+    def evaluate_all(self) -> dict:
+        from cory.evaluate import evaluate
+
+        cfg = self.cfg
+        return evaluate(self.policy, self.task.eval_prompts, self.task.reward, eval_params(cfg),
+                        cfg.eval.samples_per_prompt, cfg.eval.seed, reference=self.learner.reference)
+
+    def iterate(self) -> dict:
+        """One rollout and one learner step; returns the iteration's metrics (mean over processes)."""
+        from cory.learner import reduce_metrics
+
+        t0 = time.perf_counter()
+        rollout = self.sampler.collect(self.cfg.train.batch_size, self.state.rng, self.state.generator, group_size=self.algorithm.group_size)
+        t_gen = time.perf_counter() - t0
+        n_generated = int(rollout.response_mask.sum())
+        _, metrics = self.learner.step(rollout, self.state.iteration, self.state.generator)
+        self.state.iteration += 1
+        metrics.update({"time/generate": t_gen, "time/iteration": time.perf_counter() - t0,
+                        "tokens_per_s/generate": n_generated / max(t_gen, 1e-9)})
+        return reduce_metrics(self.accelerator, metrics)
+
+    def save_final(self, evaluation: dict) -> None:
+        self.policy.save_pretrained(self.output_dir / "final")
+
+
 def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict:
-    """Builds a TrainingRun and runs it; returns the summary."""
+    """Builds the run the config asks for (single agent, or CORY when cory.enabled) and runs it."""
+    if getattr(cfg, "cory", None) is not None and cfg.cory.enabled:
+        from cory.coevolve import CoryRun
+
+        return CoryRun(cfg, output_dir).run(resume=resume)
     return TrainingRun(cfg, output_dir).run(resume=resume)

@@ -1,0 +1,252 @@
+"""CORY: coevolving RL fine-tuning of two copies of one model (Ma et al., NeurIPS 2024).
+
+Two agents start from the same model. Each iteration the *pioneer* answers the prompt alone; the
+*observer* answers a prompt that also holds the pioneer's answer. Each agent is rewarded with its
+own task reward plus `c` times its partner's (c = 1: the paper's cooperative sum), and each is
+updated by its own Learner — so any registered algorithm runs inside CORY unchanged. Every
+`swap_every` iterations the roles are exchanged; the agents keep their optimizer and KL-controller
+state across exchanges (the original code rebuilt its trainers at each swap, resetting them).
+
+Memory: with `cory.shared_base=true` both agents are LoRA adapters on one frozen base model, which
+also serves as the KL reference with the adapters disabled, so CORY needs about one model's memory
+instead of three (two policies and a reference).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cory.config import Config
+from cory.learner import Learner, reduce_metrics
+from cory.policy import Policy
+from cory.rollout import rollout_from_generation
+from cory.train import Run, UsageError, eval_params, load_reference, sampling_params
+
+CONTINUATION_TEMPLATE = 'I can make this sentence "{prompt}{reference}" more positive: {prompt}'
+"""The observer's prompt for continuation tasks (the paper's IMDB template)."""
+
+
+def qa_prompt(prompt: str, reference: str) -> str:
+    """The paper's question-answering template: the pioneer's answer goes in as `Reference:` just
+    before the final `Answer:` of the prompt (or after the prompt if it has none)."""
+    marker = "Answer:"
+    stripped = prompt.rstrip()
+    if stripped.endswith(marker):
+        return f"{stripped[: -len(marker)]}Reference:{reference}\n{marker}"
+    return f"{prompt}\nReference:{reference}\n"
+
+
+def observer_prompts(prompts: list[str], references: list[str], template: str, observe: bool = True) -> list[str]:
+    """The observer's prompts. `template` is continuation, qa, or a format string with {prompt} and
+    {reference}. With observe=False (ablation) the observer gets the bare prompts."""
+    if not observe:
+        return list(prompts)
+    if template == "qa":
+        return [qa_prompt(p, r) for p, r in zip(prompts, references)]
+    fmt = CONTINUATION_TEMPLATE if template == "continuation" else template
+    return [fmt.format(prompt=p, reference=r) for p, r in zip(prompts, references)]
+
+
+def collective_rewards(own: list[float], partner: list[float], coef: float) -> list[float]:
+    """r(own) + coef * r(partner), element-wise."""
+    return [a + coef * b for a, b in zip(own, partner)]
+
+
+def adapter_name(agent: str) -> str:
+    return f"agent_{agent}"
+
+
+class AdaptersDisabled(torch.nn.Module):
+    """The shared base model seen with every LoRA adapter switched off: CORY's reference in
+    shared-base mode. It holds no weights of its own."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
+
+
+@dataclass
+class Agent:
+    name: str
+    policy: Policy
+    learner: Learner
+    adapter: str | None = None
+
+    def activate(self) -> None:
+        """Make this agent's adapter the active one (shared-base mode); a no-op for full copies."""
+        if self.adapter is not None:
+            self.policy.model.set_adapter(self.adapter)
+            # set_adapter freezes the other adapters; this agent's must stay trainable.
+            for p in self.learner.optimizer.param_groups[0]["params"]:
+                p.requires_grad_(True)
+
+
+class CoryRun(Run):
+    """Two agents, a shared frozen reference, and the pioneer/observer schedule."""
+
+    def __init__(self, cfg: Config, output_dir: str | Path):
+        from cory.algorithms import make_algorithm
+        from cory.tasks import make_task
+
+        super().__init__(cfg, output_dir)
+        self.task = make_task(cfg.task)
+        dtype = getattr(torch, cfg.model.dtype)
+        algorithms = {n: make_algorithm(cfg) for n in ("a", "b")}
+        needs_values = algorithms["a"].needs_values
+        self.group_size = algorithms["a"].group_size
+        if cfg.cory.shared_base:
+            if self.accelerator.num_processes > 1:
+                raise UsageError("cory.shared_base=true runs in one process; use full copies for data parallelism")
+            if cfg.model.reference:
+                raise UsageError("cory.shared_base=true uses the base model as the reference; leave model.reference empty")
+            policies, reference, params = self._shared_base(cfg, dtype, needs_values)
+        else:
+            policies = {n: Policy.from_pretrained(cfg.model.name, value_head=needs_values, dtype=dtype) for n in ("a", "b")}
+            reference = load_reference(cfg.model.reference or cfg.model.name, dtype)
+            params = {n: None for n in ("a", "b")}
+        self.agents = {
+            n: Agent(n, policies[n], Learner(policies[n], reference, algorithms[n], cfg, self.accelerator, params[n]),
+                     adapter=adapter_name(n) if cfg.cory.shared_base else None)
+            for n in ("a", "b")
+        }
+        self.template = self._template(cfg)
+
+    @staticmethod
+    def _shared_base(cfg: Config, dtype, needs_values: bool):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from cory import zoo
+
+        path = zoo.resolve(cfg.model.name)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        lora = LoraConfig(r=cfg.cory.lora_r, lora_alpha=cfg.cory.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(cfg.cory.lora_targets), task_type="CAUSAL_LM")
+        # Adapter names must not be substrings of PEFT's "lora_" prefix (a bare "a" is).
+        peft_model = get_peft_model(base, lora, adapter_name=adapter_name("a"))
+        peft_model.add_adapter(adapter_name("b"), lora)
+        policies = {n: Policy(peft_model, tokenizer, value_head=needs_values) for n in ("a", "b")}
+        params = {}
+        for n, policy in policies.items():
+            mine = [p for name, p in policy.module.named_parameters() if f".{adapter_name(n)}." in name and "lora_" in name]
+            if policy.module.value_head is not None:
+                mine += list(policy.module.value_head.parameters())
+            for p in mine:
+                p.requires_grad_(True)
+            params[n] = mine
+        return policies, AdaptersDisabled(peft_model), params
+
+    def _template(self, cfg: Config) -> str:
+        t = cfg.cory.observer_template
+        if t == "auto":
+            return "qa" if self.task.name == "arithmetic" else "continuation"
+        if t not in ("continuation", "qa") and ("{prompt}" not in t or "{reference}" not in t):
+            raise UsageError("cory.observer_template must be auto, continuation, qa, or contain {prompt} and {reference}")
+        return t
+
+    # -- schedule ------------------------------------------------------------------------------------
+    def roles(self, iteration: int) -> tuple[Agent, Agent]:
+        """(pioneer, observer) at an iteration: agent a pioneers first; roles swap every T."""
+        swapped = self.cfg.cory.exchange and (iteration // self.cfg.cory.swap_every) % 2 == 1
+        a, b = self.agents["a"], self.agents["b"]
+        return (b, a) if swapped else (a, b)
+
+    @property
+    def learners(self) -> dict:
+        return {n: agent.learner for n, agent in self.agents.items()}
+
+    def iterate(self) -> dict:
+        cfg, state = self.cfg, self.state
+        t0 = time.perf_counter()
+        pioneer, observer = self.roles(state.iteration)
+        params = sampling_params(cfg)
+        base = self.task.sample_prompts(cfg.train.batch_size, state.rng)
+        prompts = [p for p in base for _ in range(self.group_size)]
+        groups = [i // self.group_size for i in range(len(prompts))]
+        pioneer.activate()
+        gen_p = pioneer.policy.generate(prompts, params, generator=state.generator)
+        obs_prompts = observer_prompts(prompts, gen_p.texts, self.template, cfg.cory.observe)
+        observer.activate()
+        gen_o = observer.policy.generate(obs_prompts, params, generator=state.generator)
+        # Both answers are judged as answers to the original prompt.
+        r_p = self.task.score(prompts, gen_p.texts)
+        r_o = self.task.score(prompts, gen_o.texts)
+        c = cfg.cory.partner_coef
+        t_gen = time.perf_counter() - t0
+        metrics: dict[str, float] = {}
+        for role, agent, gen, own_prompts, own, partner in (
+            ("pioneer", pioneer, gen_p, prompts, r_p, r_o),
+            ("observer", observer, gen_o, obs_prompts, r_o, r_p),
+        ):
+            agent.activate()
+            rollout = rollout_from_generation(gen, own_prompts, collective_rewards(own, partner, c), groups)
+            _, m = agent.learner.step(rollout, state.iteration, state.generator)
+            m["task_reward"] = sum(own) / len(own)
+            m["collective_reward"] = m.pop("reward_mean")
+            for k, v in m.items():
+                metrics[f"{role}/{k}"] = v
+                metrics[f"{agent.name}/{k}"] = v
+        state.iteration += 1
+        metrics["pioneer_is_a"] = float(pioneer.name == "a")
+        metrics["reward_mean"] = (metrics["pioneer/task_reward"] + metrics["observer/task_reward"]) / 2
+        metrics["kl_mean"] = (metrics["pioneer/kl_mean"] + metrics["observer/kl_mean"]) / 2
+        metrics["time/generate"] = t_gen
+        metrics["time/iteration"] = time.perf_counter() - t0
+        return reduce_metrics(self.accelerator, metrics)
+
+    # -- evaluation and saving ----------------------------------------------------------------------
+    def evaluate_all(self) -> dict:
+        """Each agent answers alone from the prompt (the paper's standalone "pioneer mode")."""
+        from cory.evaluate import evaluate
+
+        cfg = self.cfg
+        out: dict = {"samples": []}
+        per_agent = {}
+        for n, agent in self.agents.items():
+            agent.activate()
+            res = evaluate(agent.policy, self.task.eval_prompts, self.task.reward, eval_params(cfg),
+                           cfg.eval.samples_per_prompt, cfg.eval.seed, reference=agent.learner.reference)
+            per_agent[n] = res
+            for k, v in res.items():
+                if isinstance(v, (int, float)):
+                    out[f"{n}/{k}"] = v
+            out["samples"] += [{"agent": n, **s} for s in res["samples"]]
+        for k in ("reward_mean", "kl_mean", "response_length", "eos_rate"):
+            out[k] = sum(r[k] for r in per_agent.values()) / len(per_agent)
+        out["best_agent"] = max(per_agent, key=lambda n: per_agent[n]["reward_mean"])
+        return out
+
+    def save_final(self, evaluation: dict) -> None:
+        agents_dir = self.output_dir / "agents"
+        for n, agent in self.agents.items():
+            save_standalone(agent, agents_dir / n)
+        best = evaluation["best_agent"]
+        final = self.output_dir / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(agents_dir / best, final)
+        (final / "CORY_AGENT").write_text(f"{best}\n")
+
+
+def save_standalone(agent: Agent, folder: Path) -> None:
+    """An ordinary HF folder for one agent (LoRA merged into a copy of the base in shared mode)."""
+    if agent.adapter is None:
+        agent.policy.save_pretrained(folder)
+        return
+    merged_lm = copy.deepcopy(agent.policy.model)
+    merged_lm.set_adapter(agent.adapter)
+    merged_lm = merged_lm.merge_and_unload()
+    standalone = Policy(merged_lm, agent.policy.tokenizer)
+    if agent.policy.module.value_head is not None:
+        standalone.module.value_head = copy.deepcopy(agent.policy.module.value_head)
+    standalone.save_pretrained(folder)

@@ -1,0 +1,6 @@
+"""Deterministic rewards for tests (importable as `rewards_for_tests:NAME` with tests/ on sys.path)."""
+
+
+def letter_count(prompts, responses):
+    """Number of letter 'e' in each response: cheap, deterministic, easy to check by hand."""
+    return [float(r.count("e")) for r in responses]
