@@ -1,0 +1,36 @@
+"""Classical baselines for the text environments: random, epsilon-greedy, UCB1, Thompson sampling
+(Gaussian and Beta-Bernoulli), LinUCB and minimax. `run_agent` plays them in N parallel environments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cory.agents.bandit import BetaThompsonAgent, EpsilonGreedyAgent, GaussianThompsonAgent, UCB1Agent
+from cory.agents.base import Agent, RandomAgent
+from cory.agents.linucb import LinUCBAgent
+from cory.agents.minimax import MinimaxAgent
+from cory.agents.run import run_agent
+
+AGENTS: dict[str, Callable[..., Agent]] = {
+    "random": RandomAgent,
+    "epsilon-greedy": EpsilonGreedyAgent,
+    "ucb1": UCB1Agent,
+    "thompson": GaussianThompsonAgent,
+    "thompson-beta": BetaThompsonAgent,
+    "linucb": LinUCBAgent,
+    "minimax": MinimaxAgent,
+}
+
+
+def make_agent(name: str, **kwargs) -> Agent:
+    """A fresh agent by name, e.g. make_agent("ucb1", c=0.5)."""
+    if name not in AGENTS:
+        raise ValueError(f"unknown agent {name!r}; choose from {', '.join(AGENTS)}")
+    return AGENTS[name](**kwargs)
+
+
+__all__ = [
+    "AGENTS", "Agent", "BetaThompsonAgent", "EpsilonGreedyAgent", "GaussianThompsonAgent", "LinUCBAgent",
+    "MinimaxAgent", "RandomAgent", "UCB1Agent", "make_agent", "run_agent",
+]

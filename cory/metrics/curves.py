@@ -1,0 +1,84 @@
+"""Per-step curves over episodes: cumulative regret, action coverage, and their 95% intervals.
+
+Curves are arrays [N, T]: N episodes (environments), T steps. Episodes of different lengths are
+padded with NaN, and the interval helpers ignore NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from cory.envs.records import EpisodeRecord
+
+
+def regret_from_means(actions: Sequence[int], means: Sequence[float]) -> np.ndarray:
+    """[T] per-step expected regret max(means) - means[a_t] of the executed actions."""
+    means = np.asarray(means, dtype=float)
+    return means.max() - means[np.asarray(actions, dtype=int)]
+
+
+def cumulative_regret(regrets: np.ndarray | Sequence[float]) -> np.ndarray:
+    """[..., T] running sum of per-step regrets over the last axis: R_t = sum_{s<=t} regret_s."""
+    return np.cumsum(np.asarray(regrets, dtype=float), axis=-1)
+
+
+def coverage(actions: Sequence[int], n_actions: int) -> np.ndarray:
+    """[T] C_t = |{a : N_t(a) > 0}| / |A| after each step t (fraction of actions tried so far)."""
+    seen: set[int] = set()
+    out = np.empty(len(actions))
+    for t, a in enumerate(actions):
+        seen.add(int(a))
+        out[t] = len(seen) / n_actions
+    return out
+
+
+def pad_stack(rows: Sequence[Sequence[float]]) -> np.ndarray:
+    """[N, T_max] rows stacked, shorter rows padded with NaN."""
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), width), np.nan)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def regret_curves(records: Sequence[EpisodeRecord]) -> np.ndarray:
+    """[N, T] cumulative regret per episode (from the executed actions' expected regret)."""
+    return pad_stack([cumulative_regret(r.regrets) for r in records])
+
+
+def coverage_curves(records: Sequence[EpisodeRecord]) -> np.ndarray:
+    """[N, T] coverage C_t per episode (over the executed actions)."""
+    return pad_stack([coverage(r.executed, r.n_actions) for r in records])
+
+
+def mean_ci(values: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over episodes and the half-width z * SE of a normal interval (z = 1.96: 95%).
+
+    values: [N, T] (or [N]); NaN entries are ignored per column. Returns two arrays of shape [T] (or
+    scalars). SE uses the sample standard deviation (ddof=1); with one episode the half-width is 0.
+    """
+    values = np.asarray(values, dtype=float)
+    n = np.sum(~np.isnan(values), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.nanmean(values, axis=0)
+        std = np.nanstd(values, axis=0, ddof=1) if values.shape[0] > 1 else np.zeros_like(mean)
+        half = z * np.where(n > 1, std / np.sqrt(n), 0.0)
+    return mean, half
+
+
+def bandit_summary(records: Sequence[EpisodeRecord]) -> dict[str, float]:
+    """The numbers a bandit evaluation reports: final cumulative regret (mean, 95% half-width),
+    final coverage, valid-action rate and mean return, over the N episodes."""
+    final_regret = np.array([r.total_regret for r in records])
+    final_cov = np.array([coverage(r.executed, r.n_actions)[-1] for r in records])
+    regret_mean, regret_ci = mean_ci(final_regret)
+    return {
+        "episodes": len(records),
+        "regret": float(regret_mean),
+        "regret_ci95": float(regret_ci),
+        "coverage": float(final_cov.mean()),
+        "valid_rate": float(np.mean([r.valid_rate for r in records])),
+        "return": float(np.mean([r.total_reward for r in records])),
+    }
