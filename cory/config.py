@@ -53,6 +53,20 @@ class TaskConfig:
 
 
 @dataclass
+class EnvConfig:
+    id: str = ""
+    """A gymnasium text environment (e.g. cory/Bandit-v0): when set, multi-turn episodes in it replace the task."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for gymnasium.make (e.g. {n_arms: 10, sigma: 1.0, cot: false, history: 10})."""
+    pool_size: int = 0
+    """Training episodes come from a fixed pool of this many environment instances (0 = a fresh one each time)."""
+    eval_episodes: int = 16
+    """Episodes in each evaluation (instances from a pool disjoint from training's)."""
+    max_turns: int = 100
+    """Safety cap on an episode's turns."""
+
+
+@dataclass
 class GenerationConfig:
     max_new_tokens: int = 16
     """Most tokens in one response."""
@@ -192,6 +206,7 @@ class CoryConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     kl: KLConfig = field(default_factory=KLConfig)

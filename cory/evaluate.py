@@ -53,3 +53,58 @@ def evaluate(
     if reference is not None:
         out["kl_mean"] = sum(kls) / len(kls)
     return out
+
+
+@torch.no_grad()
+def evaluate_env(
+    policy: Policy,
+    env_id: str,
+    env_kwargs: dict,
+    n_episodes: int,
+    params: SamplingParams,
+    seed: int = 1234,
+    reference: torch.nn.Module | None = None,
+    max_turns: int = 100,
+) -> dict:
+    """Plays `n_episodes` episodes of a text environment (instances from an evaluation pool seeded by
+    `seed`, disjoint from training's) and reports returns, regret, coverage, valid-action rate,
+    outcomes for games, and the mean episode KL to the reference."""
+    import numpy as np
+
+    from cory.envs.batch import GymTextEnvBatch
+    from cory.metrics import coverage, outcome_rates
+    from cory.rollout import Sampler
+
+    env = GymTextEnvBatch(env_id, pool_size=n_episodes, pool_seed=10_000 + seed, **dict(env_kwargs))
+    sampler = Sampler(policy, env, params, max_turns=max_turns)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    rollout = sampler.collect(n_episodes, np.random.default_rng(seed), generator)
+    records = env.episodes()
+    out = {
+        "reward_mean": float(np.mean([r.total_reward for r in records])),
+        "env_return_mean": float(np.mean([sum(r.env_rewards) for r in records])),
+        "valid_rate": float(np.mean([r.valid_rate for r in records])),
+        "episode_length": float(np.mean([len(r) for r in records])),
+        "response_length": rollout.response_mask.sum(-1).float().mean().item(),
+        "eos_rate": rollout.finished.float().mean().item(),
+        "n": len(records),
+    }
+    regrets = [r.total_regret for r in records if r.total_regret == r.total_regret]
+    if regrets:
+        out["regret_mean"] = float(np.mean(regrets))
+        out["coverage_final"] = float(np.mean([coverage(r.executed, r.n_actions)[-1] for r in records]))
+    finished = [r for r in records if r.outcome is not None]
+    if finished:
+        rates = outcome_rates(finished)
+        out.update({f"{k}_rate": rates[k] for k in ("win", "draw", "loss")})
+    if reference is not None:
+        dev = next(reference.parameters()).device
+        ref = sequence_logprobs(reference, rollout.query_ids.to(dev), rollout.query_mask.to(dev), rollout.response_ids.to(dev),
+                                rollout.response_mask.to(dev), temperature=params.temperature or 1.0)
+        per_turn = masked_sum(rollout.logprobs.to(dev) - ref.logprobs, rollout.response_mask.to(dev))
+        totals: dict[int, float] = {}
+        for e, k in zip(rollout.episode_ids.tolist(), per_turn.tolist()):
+            totals[e] = totals.get(e, 0.0) + k
+        out["kl_mean"] = float(np.mean(list(totals.values())))
+    out["samples"] = [{"prompt": p[-300:], "response": r} for p, r in list(zip(rollout.prompts, rollout.responses))[:3]]
+    return out

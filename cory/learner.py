@@ -213,8 +213,10 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     mask = rollout.response_mask.float()
     kl = rollout.extras["kl"]
     lengths = mask.sum(-1)
-    seq_kl = masked_sum(kl, mask)
-    scores = rollout.scores.float()
+    # Per episode: the sum over its turns (a single-turn task has one turn per episode).
+    n_episodes = int(rollout.episode_ids.max()) + 1
+    scores = torch.zeros(n_episodes, device=mask.device).index_add_(0, rollout.episode_ids, rollout.scores.float())
+    seq_kl = torch.zeros(n_episodes, device=mask.device).index_add_(0, rollout.episode_ids, masked_sum(kl, mask).float())
     return {
         "reward_mean": scores.mean().item(),
         "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
@@ -223,6 +225,7 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         "kl_token_mean": masked_mean(kl, mask).item(),
         "entropy": masked_mean(rollout.extras["entropy"], mask).item(),
         "response_length": lengths.mean().item(),
+        "turns_per_episode": len(rollout) / n_episodes,
         "truncated_rate": (~rollout.finished).float().mean().item(),
         "logprob_gap": float(rollout.extras["logprob_gap"]),
     }

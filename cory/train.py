@@ -62,12 +62,20 @@ def preflight(cfg: Config) -> None:
     from cory.rewards import RewardError, validate_spec
     from cory.tasks import BUILTIN_REWARD, TASKS
 
+    if cfg.env.id:
+        import gymnasium
+
+        import cory.envs  # noqa: F401  (registers the cory/* ids)
+
+        if cfg.env.id not in gymnasium.registry:
+            ids = ", ".join(sorted(k for k in gymnasium.registry if k.startswith("cory/")))
+            raise ConfigError(f"bad value for config key 'env.id': {cfg.env.id!r}; cory environments: {ids}")
     if cfg.task.name not in TASKS:
         raise ConfigError(f"bad value for config key 'task.name': {cfg.task.name!r}; choose one of: {', '.join(sorted(TASKS))}")
     check_model_name(cfg.model.name)
     if cfg.model.reference:
         check_model_name(cfg.model.reference)
-    if cfg.task.name in BUILTIN_REWARD:
+    if cfg.task.name in BUILTIN_REWARD or cfg.env.id:
         return
     try:
         validate_spec(cfg.task.reward)
@@ -291,8 +299,15 @@ class TrainingRun(Run):
         dtype = getattr(torch, cfg.model.dtype)
         self.policy = Policy.from_pretrained(cfg.model.name, value_head=self.algorithm.needs_values, dtype=dtype)
         reference = load_reference(cfg.model.reference or cfg.model.name, dtype)
-        self.task = make_task(cfg.task)
-        self.sampler = Sampler(self.policy, TaskEnv(self.task), sampling_params(cfg))
+        if cfg.env.id:
+            from cory.envs.batch import GymTextEnvBatch
+
+            self.task = None
+            env = GymTextEnvBatch(cfg.env.id, cfg.env.pool_size or None, pool_seed=cfg.train.seed, **cfg.env.kwargs)
+            self.sampler = Sampler(self.policy, env, sampling_params(cfg), max_turns=cfg.env.max_turns)
+        else:
+            self.task = make_task(cfg.task)
+            self.sampler = Sampler(self.policy, TaskEnv(self.task), sampling_params(cfg))
         self.learner = Learner(self.policy, reference, self.algorithm, cfg, self.accelerator)
 
     @property
@@ -300,9 +315,12 @@ class TrainingRun(Run):
         return {"policy": self.learner}
 
     def evaluate_all(self) -> dict:
-        from cory.evaluate import evaluate
+        from cory.evaluate import evaluate, evaluate_env
 
         cfg = self.cfg
+        if cfg.env.id:
+            return evaluate_env(self.policy, cfg.env.id, cfg.env.kwargs, cfg.env.eval_episodes, eval_params(cfg),
+                                seed=cfg.eval.seed, reference=self.learner.reference, max_turns=cfg.env.max_turns)
         return evaluate(self.policy, self.task.eval_prompts, self.task.reward, eval_params(cfg),
                         cfg.eval.samples_per_prompt, cfg.eval.seed, reference=self.learner.reference)
 

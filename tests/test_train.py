@@ -60,3 +60,20 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys, micro_lm, 
     argv = ["train", "--output-dir", str(tmp_path / "empty"), "--resume"] + micro_overrides(tmp_path)
     assert main(argv) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algo", ["reinforce", "ppo"])
+def test_multi_turn_bandit_training_runs_whole_episodes(tmp_path, micro_lm, algo):
+    """A review writer never answers ACTION=..., so every step is invalid: episodes still run to the
+    horizon, each step executes a random arm and carries the -5 shaping penalty."""
+    out = tmp_path / "run"
+    extra = {"env.id": "cory/Bandit-v0", "env.kwargs": "{n_arms: 5, horizon: 4, history: 2, cot: false}",
+             "env.eval_episodes": 3, "algo.name": algo, "train.batch_size": 3}
+    train_cli(out, tmp_path, *[f"{k}={v}" for k, v in extra.items()])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["turns_per_episode"] == 4 for r in rows)
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    for e in evals:
+        assert e["episode_length"] == 4 and e["valid_rate"] == 0.0
+        assert abs(e["reward_mean"] - (e["env_return_mean"] - 5 * 4)) < 1e-6
+        assert 0 < e["coverage_final"] <= 1 and e["regret_mean"] >= 0
