@@ -29,7 +29,9 @@ LogitsHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 It receives the tempered log-probs (`log_softmax(logits / T)`, float32) and returns unnormalised
 logits; the result is renormalised, sampled from, and its log-probs are what `Generation.logprobs`
-records."""
+records. A hook object may also define `start(query_ids, query_mask)` (called once before the first
+step) and `observe(step, token [B], alive [B])` (called after each sampled token), which is how a
+hook runs a second model in lockstep (e.g. the reference, for a hard KL budget)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -549,6 +551,8 @@ def _sample_loop(
 
     stop_window = _stop_window(params.stop_strings)
     steps = 0
+    if logits_hook is not None and hasattr(logits_hook, "start"):
+        logits_hook.start(query_ids, query_mask)
     for step in range(max_new):
         logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
         if logits_hook is not None:
@@ -561,6 +565,8 @@ def _sample_loop(
         out_mask[:, step] = alive.long()
         out_logprobs[:, step] = torch.where(alive, logprobs.gather(-1, token[:, None])[:, 0], 0.0)
         steps = step + 1
+        if logits_hook is not None and hasattr(logits_hook, "observe"):
+            logits_hook.observe(step, token, alive)
 
         done = done | torch.isin(token, eos_ids)
         if stop_window:
