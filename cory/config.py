@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,5 +339,9 @@ def to_flat_dict(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for section, values in dataclasses.asdict(cfg).items():
         for k, v in values.items():
-            out[f"{section}.{k}"] = ",".join(map(str, v)) if isinstance(v, list) else v
+            if isinstance(v, list):
+                v = ",".join(map(str, v))
+            elif isinstance(v, dict):
+                v = json.dumps(v, sort_keys=True)
+            out[f"{section}.{k}"] = v
     return out

@@ -81,25 +81,26 @@ class Learner:
     # -- scoring -------------------------------------------------------------------------------
     @torch.no_grad()
     def score(self, rollout: Rollout) -> Rollout:
-        """Adds reference log-probs, values (if the algorithm needs them), per-token KL and entropy."""
+        """Adds reference log-probs, values (if the algorithm needs them) and per-token KL.
+
+        The policy itself is only run here when values or the exact KL need it: the behaviour
+        log-probs come from generation, and entropy is measured in the update's first forward.
+        """
         rollout = rollout.to(self.accelerator.device)
         full = self.cfg.kl.estimator == "full"
         args = (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
+        cur = None
         with self.accelerator.autocast():
             ref = sequence_logprobs(self.reference, *args, temperature=self.temperature, with_full_logprobs=full)
-            cur = sequence_logprobs(
-                self.module, *args, temperature=self.temperature, with_entropy=True,
-                with_values=self.algorithm.needs_values, with_full_logprobs=full,
-            )
+            if self.algorithm.needs_values or full:
+                cur = sequence_logprobs(self.module, *args, temperature=self.temperature,
+                                        with_values=self.algorithm.needs_values, with_full_logprobs=full)
         rollout.ref_logprobs = ref.logprobs.float()
-        rollout.values = cur.values.float() if cur.values is not None else None
+        rollout.values = cur.values.float() if cur is not None and cur.values is not None else None
         mask = rollout.response_mask
         kl = per_token_kl(self.cfg.kl.estimator, rollout.logprobs, rollout.ref_logprobs,
                           cur.full_logprobs if full else None, ref.full_logprobs if full else None)
         rollout.extras["kl"] = kl.float() * mask
-        rollout.extras["entropy"] = cur.entropy.float() * mask
-        # How far the behaviour log-probs are from the trainer's recomputation (should be ~0).
-        rollout.extras["logprob_gap"] = masked_mean((cur.logprobs.float() - rollout.logprobs).abs(), mask)
         return rollout
 
     # -- update --------------------------------------------------------------------------------
@@ -150,6 +151,7 @@ class Learner:
         self.module.train()
         logs: dict[str, list[float]] = {}
         grad_norms = []
+        first_step = True
         for micro_batches, size in self._minibatches(len(rollout), generator):
             for k, idx in enumerate(micro_batches):
                 mb = rollout.select(idx)
@@ -161,11 +163,16 @@ class Learner:
                     with self.accelerator.autocast():
                         out = sequence_logprobs(
                             self.module, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
-                            temperature=self.temperature, with_values=self.algorithm.needs_values,
-                            with_entropy=self.cfg.algo.ent_coef > 0,
+                            temperature=self.temperature, with_values=self.algorithm.needs_values, with_entropy=True,
                         )
                         loss, info = self.algorithm.loss(out, mb)
                         loss = loss + self._regularisers(out, mb, info)
+                    if first_step:
+                        # Before the first optimizer step the policy is the behaviour policy: its
+                        # recomputed log-probs must match generation's (logprob_gap ~ 0).
+                        mask = mb.response_mask
+                        info["entropy"] = masked_mean(out.entropy.detach().float(), mask).item()
+                        info["logprob_gap"] = masked_mean((out.logprobs.detach().float() - mb.logprobs).abs(), mask).item()
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(f"{self.algorithm.name} loss is {loss.item()} (learning rate or rewards too large?)")
                     self.accelerator.backward(loss * (len(idx) / size))
@@ -175,6 +182,7 @@ class Learner:
                 grad_norms.append(float(self.accelerator.clip_grad_norm_(self.module.parameters(), self.cfg.algo.max_grad_norm)))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            first_step = False
         out = {k: sum(v) / len(v) for k, v in logs.items()}
         if grad_norms:
             out["grad_norm"] = sum(grad_norms) / len(grad_norms)
@@ -223,11 +231,9 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         "kl_mean": seq_kl.mean().item(),
         "kl_max": seq_kl.max().item(),
         "kl_token_mean": masked_mean(kl, mask).item(),
-        "entropy": masked_mean(rollout.extras["entropy"], mask).item(),
         "response_length": lengths.mean().item(),
         "turns_per_episode": len(rollout) / n_episodes,
         "truncated_rate": (~rollout.finished).float().mean().item(),
-        "logprob_gap": float(rollout.extras["logprob_gap"]),
     }
 
 
