@@ -167,6 +167,8 @@ class TrainConfig:
     """accelerate trackers: tensorboard, wandb, ... (empty = metrics.jsonl only)."""
     progress: bool = True
     """Show a progress bar."""
+    num_threads: int = 0
+    """CPU threads for torch per process (0 = OMP_NUM_THREADS if set, else the cores divided among processes)."""
 
 
 @dataclass

@@ -170,6 +170,20 @@ def eval_params(cfg: Config):
     return replace(sampling_params(cfg), temperature=cfg.eval.temperature)
 
 
+def cpu_threads(requested: int, processes: int) -> int:
+    """Torch CPU threads: the request, else OMP_NUM_THREADS, else the cores shared among processes.
+
+    Oversubscribed threads spin-wait: on a busy machine too many threads make every step many times
+    slower, so an explicit OMP_NUM_THREADS is always honoured.
+    """
+    if requested > 0:
+        return requested
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
 def make_accelerator(cfg: Config, output_dir: Path) -> Accelerator:
     trackers = list(cfg.train.log_with) or None
     # cpu=True where there is no GPU: accelerate then sets up multi-process CPU training (gloo) when
@@ -189,7 +203,7 @@ class Run:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.accelerator = make_accelerator(cfg, self.output_dir)
         set_seed(cfg.train.seed)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.accelerator.num_processes))
+        torch.set_num_threads(cpu_threads(cfg.train.num_threads, self.accelerator.num_processes))
         self.state = RunState.fresh(cfg.train.seed, self.accelerator.process_index)
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.eval_path = self.output_dir / "eval.jsonl"
