@@ -18,6 +18,8 @@ test: setup
 bench: setup
 	$(PY) benchmarks/zoo_build.py
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/algorithms.py
+	$(PY) benchmarks/cory_memory.py
 
 clean:
 	rm -rf runs .pytest_cache
