@@ -189,7 +189,14 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    # Overrides may come after options (`cory eval DIR --json key=value`): argparse leaves those
+    # positionals over, and they join the overrides.
+    args, extra = ap.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+            ap.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     _quiet_libraries()
     try:
         return COMMANDS[args.command](args)

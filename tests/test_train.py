@@ -77,3 +77,16 @@ def test_multi_turn_bandit_training_runs_whole_episodes(tmp_path, micro_lm, algo
         assert e["episode_length"] == 4 and e["valid_rate"] == 0.0
         assert abs(e["reward_mean"] - (e["env_return_mean"] - 5 * 4)) < 1e-6
         assert 0 < e["coverage_final"] <= 1 and e["regret_mean"] >= 0
+
+
+def test_eval_and_zoo_list_commands(tmp_path, capsys, micro_lm, micro_rm):
+    out = tmp_path / "run"
+    train_cli(out, tmp_path, "train.iterations=1")
+    capsys.readouterr()
+    argv = ["eval", str(out / "final"), "--reference", "cory:micro-reviews", "--json"] + micro_overrides(tmp_path)
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 16 and {"reward_mean", "kl_mean", "eos_rate", "samples"} <= set(result)
+    assert main(["zoo", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "cory:micro-reviews" in listing and "built" in listing and "cory:tiny-reviews" in listing
