@@ -7,9 +7,10 @@ RUN ?= runs/demo
 setup:
 	@bash scripts/setup.sh
 
-# The main job: fine-tune the embedded review writer towards positive sentiment, then plot.
+# The main job: CORY on the sentiment task (two coevolving copies of the embedded review writer),
+# then a table of the initial model vs both agents and the plots.
 demo: setup
-	$(VENV)/bin/cory train --config examples/sentiment.yaml --output-dir $(RUN)
+	$(VENV)/bin/cory train --config examples/cory_sentiment.yaml --output-dir $(RUN)
 	$(VENV)/bin/cory report $(RUN)
 
 test: setup

@@ -44,12 +44,23 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ("kl_mean", "kl_mean", "KL to the reference (sum over response tokens)", "nats"),
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        ys = [r[key] for r in rows]
-        ax.plot(its, ys, color="tab:blue", alpha=0.3, lw=1, label="train (per iteration)")
-        ax.plot(its, _smooth(ys, window), color="tab:blue", lw=2, label=f"train (mean of {window})")
-        pts = [(e["iteration"], e[eval_key]) for e in evals if eval_key in e]
-        if pts:
-            ax.plot(*zip(*pts), "o-", color="tab:orange", lw=1.5, label="eval (fixed prompts)")
+        if "pioneer/task_reward" in rows[0]:
+            # CORY: one curve per role (training) and per agent (standalone evaluation).
+            role_key = "task_reward" if key == "reward_mean" else "kl_mean"
+            for role, color in (("pioneer", "tab:blue"), ("observer", "tab:green")):
+                ys = [r[f"{role}/{role_key}"] for r in rows]
+                ax.plot(its, _smooth(ys, window), color=color, lw=2, label=f"{role} (train, mean of {window})")
+            for agent, color in (("a", "tab:orange"), ("b", "tab:red")):
+                pts = [(e["iteration"], e[f"{agent}/{eval_key}"]) for e in evals if f"{agent}/{eval_key}" in e]
+                if pts:
+                    ax.plot(*zip(*pts), "o-", color=color, lw=1.5, label=f"agent {agent} alone (eval)")
+        else:
+            ys = [r[key] for r in rows]
+            ax.plot(its, ys, color="tab:blue", alpha=0.3, lw=1, label="train (per iteration)")
+            ax.plot(its, _smooth(ys, window), color="tab:blue", lw=2, label=f"train (mean of {window})")
+            pts = [(e["iteration"], e[eval_key]) for e in evals if eval_key in e]
+            if pts:
+                ax.plot(*zip(*pts), "o-", color="tab:orange", lw=1.5, label="eval (fixed prompts)")
         ax.set_xlabel("iteration")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
@@ -68,6 +79,8 @@ def summary_text(run_dir: str | Path) -> str:
     rows = read_jsonl(run_dir / "metrics.jsonl")
     evals = read_jsonl(run_dir / "eval.jsonl")
     lines = [f"run: {run_dir}  iterations: {rows[-1]['iteration'] if rows else 0}"]
+    if evals and "a/reward_mean" in evals[-1]:
+        return "\n".join(lines + cory_table(rows, evals))
     if evals:
         lines.append(f"{'eval at':>10} {'reward':>10} {'KL':>10} {'length':>8} {'EOS':>6}")
         for e in (evals[0], evals[-1]) if len(evals) > 1 else evals:
@@ -75,3 +88,23 @@ def summary_text(run_dir: str | Path) -> str:
         for s in evals[-1].get("samples", [])[:3]:
             lines.append(f"  sample: {s['prompt']!r} -> {s['response']!r}")
     return "\n".join(lines)
+
+
+def cory_table(rows: list[dict], evals: list[dict]) -> list[str]:
+    """Initial model vs each CORY agent answering alone: reward, KL, a sample each."""
+    first, last = evals[0], evals[-1]
+    pioneer_is_a = bool(rows[-1].get("pioneer_is_a", 1.0)) if rows else True
+    role = {"a": "pioneer" if pioneer_is_a else "observer", "b": "observer" if pioneer_is_a else "pioneer"}
+    out = [f"{'model':<42} {'reward':>8} {'KL':>8} {'length':>7} {'EOS':>5}  sample"]
+
+    def sample(e, agent):
+        mine = [s for s in e.get("samples", []) if s.get("agent") == agent]
+        return f"{mine[0]['prompt']!r} -> {mine[0]['response']!r}" if mine else ""
+
+    out.append(f"{'initial model':<42} {first['a/reward_mean']:>8.3f} {0.0:>8.3f} {first['a/response_length']:>7.1f} "
+               f"{first['a/eos_rate']:>5.2f}  {sample(first, 'a')}")
+    for agent in ("a", "b"):
+        name = f"agent {agent} ({role[agent]} at the end)" + (" *final*" if last.get("best_agent") == agent else "")
+        out.append(f"{name:<42} {last[f'{agent}/reward_mean']:>8.3f} {last.get(f'{agent}/kl_mean', float('nan')):>8.3f} "
+                   f"{last[f'{agent}/response_length']:>7.1f} {last[f'{agent}/eos_rate']:>5.2f}  {sample(last, agent)}")
+    return out
