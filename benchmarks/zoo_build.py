@@ -6,18 +6,23 @@ the median wall time of the whole `build` call (corpus, tokenizer, training, eva
 training seconds per step, the threads the build used, and the held-out metrics the build
 recorded in its `zoo_info.json`:
 
-- causal LM: mean next-token loss on held-out reviews, the share of words of 24 sampled
+- review writer: mean next-token loss on held-out reviews, the share of words of 24 sampled
   continuations that the grammar knows, and the share of those samples that ended with <eos>;
 - classifier: accuracy on held-out positive/negative reviews, the pairwise ranking accuracy of the
-  positive logit, and the accuracy on one-adjective probes ("The plot is <adjective>.").
+  positive logit, and the accuracy on one-adjective probes ("The plot is <adjective>.");
+- arithmetic solver: accuracy on held-out word problems (the arithmetic task's own evaluation
+  problems) with greedy decoding and with one plain sample at T=1, up to 32 new tokens, overall
+  and by kind (add, sub, mul, two-step) and tier (easy: small numbers; hard: the rest).
 
 The machine's 1-minute load average is recorded before each build, and the process's CPU seconds
 next to the wall time: on a shared CPU a build takes only the cores that are idle, and its wall
 time moves with the load.
 
-    python benchmarks/zoo_build.py [--models cory:micro-reviews ...] [--repeats N]
+    python benchmarks/zoo_build.py [--models cory:micro-arith ...] [--repeats N]
 
-Writes benchmarks/results/zoo_build.{json,md}.
+Writes benchmarks/results/zoo_build.{json,md}. The rows of the models built replace their earlier
+rows; the rows of other models already in zoo_build.json stay, so one model can be re-measured
+alone.
 """
 
 from __future__ import annotations
@@ -88,8 +93,30 @@ def quality(row: dict) -> str:
     if row["kind"] == "classifier":
         return (f"accuracy {e['heldout_accuracy']:.3f}, pairwise {e['heldout_pairwise']:.3f}, "
                 f"probes {e['probe_accuracy']:.3f}")
+    if "greedy_accuracy" in e:
+        return (f"accuracy greedy {e['greedy_accuracy']:.3f}, sampled {e['sampled_accuracy']:.3f} "
+                f"({e['heldout_problems']} problems); loss {e['heldout_loss']:.3f}/token")
     return (f"loss {e['heldout_loss']:.3f}/token, known words {e['sample_known_words']:.1%}, "
             f"<eos> {e['sample_eos_rate']:.0%}")
+
+
+def accuracy_by_kind(rows: list[dict]) -> list[str]:
+    """Markdown lines: the arithmetic models' held-out accuracy by kind and tier."""
+    rows = [r for r in rows if "greedy_accuracy_by_kind" in r["eval"]]
+    if not rows:
+        return []
+    groups = list(rows[0]["eval"]["greedy_accuracy_by_kind"])
+    lines = [
+        "", "Held-out accuracy of the arithmetic models by kind and tier, greedy / sampled at T=1 "
+        "(easy: numbers up to 5; hard: two-digit numbers, larger products, two steps):", "",
+        "| model | " + " | ".join(groups) + " |",
+        "|---|" + "---:|" * len(groups),
+    ]
+    for r in rows:
+        greedy, sampled = r["eval"]["greedy_accuracy_by_kind"], r["eval"]["sampled_accuracy_by_kind"]
+        cells = [f"{greedy[g]:.2f} / {sampled[g]:.2f}" for g in groups]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(rows: list[dict], machine: dict) -> str:
@@ -111,11 +138,27 @@ def markdown(rows: list[dict], machine: dict) -> str:
             f"{r['train_seconds_per_step']:.3f} | {r['train_steps']} | {r['threads']} | "
             f"{r['load_before']} | {quality(r)} |"
         )
+    lines += accuracy_by_kind(rows)
     for r in rows:
         if "samples" in r:
             lines += ["", f"Samples from {r['model']} (held-out prompts, plain sampling):", ""]
-            lines += [f"- {text}" for text in r["samples"]]
+            lines += [f"- {one_line(text)}" for text in r["samples"]]
     return "\n".join(lines) + "\n"
+
+
+def one_line(text: str) -> str:
+    """``text`` for a markdown list item: a word problem's newline before "Answer:" becomes a space,
+    and any other unprintable character (a sampled byte token) its escape."""
+    text = text.replace("\n", " ")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def merge(new_rows: list[dict], path: Path) -> list[dict]:
+    """``new_rows`` with the rows of other models from an earlier ``path``, in the zoo's order
+    (models no longer in the zoo are dropped)."""
+    rows = {r["model"]: r for r in json.loads(path.read_text())["models"]} if path.exists() else {}
+    rows.update({r["model"]: r for r in new_rows})
+    return [rows[name] for name in registry.ZOO if name in rows]
 
 
 def main() -> None:
@@ -125,6 +168,10 @@ def main() -> None:
                         help="builds per model (default: 1 for tiny models, 3 for micro ones)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
+    unknown = [name for name in args.models if name not in registry.ZOO]
+    if unknown:
+        parser.error(f"not in the zoo: {', '.join(unknown)}; the zoo has: {', '.join(registry.ZOO)}")
+    import cory.zoo.train  # noqa: F401  (torch and transformers load here, not in the first timed build)
 
     rows = []
     for name in args.models:
@@ -141,6 +188,7 @@ def main() -> None:
         "torch": torch.__version__,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    rows = merge(rows, args.out_dir / "zoo_build.json")
     (args.out_dir / "zoo_build.json").write_text(json.dumps({"machine": machine, "models": rows}, indent=2) + "\n")
     table = markdown(rows, machine)
     (args.out_dir / "zoo_build.md").write_text(table)

@@ -44,3 +44,4 @@ def test_every_algorithm_raises_sentiment_reward(tmp_path, micro_lm, micro_rm, a
     first, last = evals(out)[0], evals(out)[-1]
     assert first["iteration"] == 0 and last["iteration"] == settings["train.iterations"]
     assert last["reward_mean"] > first["reward_mean"] + MARGIN, (first["reward_mean"], last["reward_mean"])
+

@@ -1,8 +1,8 @@
 """The embedded model zoo: ``cory:`` models built locally from synthetic corpora.
 
-A ``cory:`` name (``cory:tiny-reviews``, ``cory:tiny-sentiment``, ...) is built deterministically
-from its recipe on first use, cached under ``cache_dir()/zoo/<name>-<recipe hash>``, and from then
-on is an ordinary HF folder::
+A ``cory:`` name (``cory:tiny-reviews``, ``cory:tiny-sentiment``, ``cory:tiny-arith``, ...) is built
+deterministically from its recipe on first use, cached under
+``cache_dir()/zoo/<name>-<recipe hash>``, and from then on is an ordinary HF folder::
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from cory import zoo
@@ -11,7 +11,9 @@ on is an ordinary HF folder::
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
 
-Importing this package does not import torch; only building does.
+Each recipe names its corpus (``cory.zoo.corpora``: movie reviews, arithmetic word problems) and
+its own tokenizer trained on that corpus; ``cory.zoo.evals`` holds each corpus's build-time
+evaluation. Importing this package does not import torch; only building does.
 """
 
 from cory.zoo.builder import build, resolve

@@ -12,7 +12,7 @@ import os
 import pathlib
 from dataclasses import dataclass
 
-from cory.zoo.corpora import reviews
+from cory.zoo import corpora
 
 # Bump when the way a recipe turns into a folder changes (training code, file layout), so that
 # every cached model is rebuilt; recipe fields cover everything else.
@@ -30,30 +30,46 @@ class UnknownModelError(ValueError):
 
 @dataclass(frozen=True)
 class CorpusSpec:
-    """Which synthetic reviews a model learns from and is evaluated on."""
+    """Which synthetic texts a model learns from and is evaluated on. Make one with ``corpus``,
+    which fills in the corpus's pretraining seed and version."""
 
+    name: str
+    """The corpus: a key of ``cory.zoo.corpora.CORPORA`` (``"reviews"``, ``"arithmetic"``)."""
     n_train: int
-    """Reviews drawn from ``reviews.generate(n_train, seed)``."""
-    seed: int = reviews.PRETRAIN_SEED
+    """Texts drawn from the corpus's ``pretraining_texts(n_train, seed)``."""
+    seed: int
     """Seed of the pretraining stream."""
+    version: int
+    """The corpus's ``CORPUS_VERSION``: new texts mean new models."""
     n_eval: int = 1000
-    """Held-out reviews, ``reviews.heldout(n_eval, eval_seed)``, for the build's evaluation."""
+    """Held-out texts (or problems) for the build's evaluation."""
     eval_seed: int = 1
     """Seed of the held-out evaluation stream."""
-    version: int = reviews.CORPUS_VERSION
-    """The grammar's version: a new grammar means new models."""
+
+
+def corpus(name: str, n_train: int, **fields) -> CorpusSpec:
+    """A CorpusSpec on the pretraining stream and current version of corpus ``name``; ``fields``
+    are the other CorpusSpec fields."""
+    module = corpora.get(name)
+    # Held-out texts exclude only the first PRETRAIN_SIZE pretraining texts.
+    if n_train > module.PRETRAIN_SIZE:
+        raise ValueError(f"corpus {name!r} pretrains on at most {module.PRETRAIN_SIZE} texts, not {n_train}")
+    return CorpusSpec(name, n_train, seed=module.PRETRAIN_SEED, version=module.CORPUS_VERSION, **fields)
 
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    """A byte-level BPE tokenizer trained on the first ``n_texts`` pretraining reviews.
+    """A byte-level BPE tokenizer trained on the first ``n_texts`` pretraining texts of the
+    recipe's corpus.
 
-    A causal LM and a classifier with the same spec get the same tokenizer, byte for byte."""
+    A causal LM and a classifier with the same corpus and spec get the same tokenizer, byte for
+    byte."""
 
     vocab_size: int
-    """Vocabulary size including ``<pad>`` and ``<eos>``."""
+    """Vocabulary size including ``<pad>`` and ``<eos>`` (at most: BPE stops when every word of
+    the texts is one token)."""
     n_texts: int
-    """How many reviews of the pretraining stream the tokenizer is trained on."""
+    """How many texts of the pretraining stream the tokenizer is trained on."""
 
 
 @dataclass(frozen=True)
@@ -110,15 +126,30 @@ class ZooEntry:
     recipe: Recipe
 
 
-# One tokenizer for the whole zoo, so every policy and reward model here reads the same ids. At
-# 3000 tokens nearly every corpus word is one token (full coverage takes ~3700), so even the micro
-# models write whole words; fewer merges split rarer words into pieces the small models misspell.
+# One tokenizer for the review models, so every review policy and reward model reads the same ids.
+# At 3000 tokens nearly every review word is one token (full coverage takes ~3700), so even the
+# micro models write whole words; fewer merges split rarer words into pieces they misspell.
 ZOO_TOKENIZER = TokenizerSpec(vocab_size=3000, n_texts=10_000)
 TINY_MODEL = ModelSpec(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384)
 MICRO_MODEL = ModelSpec(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192)
-CORPUS = CorpusSpec(n_train=20_000)
+CORPUS = corpus("reviews", n_train=20_000)
 # The micro models see about as many reviews as this; fewer to encode keeps their build short.
-MICRO_CORPUS = CorpusSpec(n_train=10_000, n_eval=400)
+MICRO_CORPUS = corpus("reviews", n_train=10_000, n_eval=400)
+
+# The arithmetic models' own tokenizer. BPE stops at ~850 tokens, where every word of the
+# templates and nearly every number of the problems is one token (a problem is ~38 tokens). Whole
+# numbers, not digits: copying an operand out of the question is then one token, which the models
+# learn in a few hundred steps; with one token per digit they still copied no operand right after
+# 600 steps, since a multi-digit copy needs an induction circuit.
+ARITH_TOKENIZER = TokenizerSpec(vocab_size=1000, n_texts=20_000)
+# Evaluated on the task's own held-out stream, so the recorded accuracy is the task's starting one.
+_ARITH_HELDOUT = corpora.get("arithmetic").HELDOUT_SEED
+ARITH_CORPUS = corpus("arithmetic", n_train=20_000, n_eval=500, eval_seed=_ARITH_HELDOUT)
+# The micro model sees ~6400 problems; fewer to encode keeps its build short.
+MICRO_ARITH_CORPUS = corpus("arithmetic", n_train=8000, n_eval=200, eval_seed=_ARITH_HELDOUT)
+# Rows of 48 tokens hold one whole problem each (they are 34-47 tokens with <eos>); at 64, a third
+# of each row would be the cut-off start of a second problem, with no answer to learn from.
+ARITH_ROW = 48
 
 ZOO: dict[str, ZooEntry] = {
     entry.name: entry
@@ -171,6 +202,30 @@ ZOO: dict[str, ZooEntry] = {
                     steps=200, batch_size=64, seq_len=64, lr=6e-3, warmup_steps=20,
                     center_penalty=1e-2,
                 ),
+            ),
+        ),
+        ZooEntry(
+            "cory:tiny-arith",
+            "Llama causal LM (0.96M params) that answers arithmetic word problems with worked steps; "
+            "starts about 30% right greedy, the offline GSM8K policy.",
+            Recipe(
+                "causal-lm",
+                ARITH_CORPUS,
+                ARITH_TOKENIZER,
+                TINY_MODEL,
+                TrainSpec(steps=500, batch_size=16, seq_len=ARITH_ROW, lr=5e-3, warmup_steps=20),
+            ),
+        ),
+        ZooEntry(
+            "cory:micro-arith",
+            "Test-size arithmetic solver (one layer) that builds in seconds and starts about 30% "
+            "right; for tests, not for results.",
+            Recipe(
+                "causal-lm",
+                MICRO_ARITH_CORPUS,
+                ARITH_TOKENIZER,
+                ModelSpec(hidden_size=64, num_layers=1, num_heads=4, intermediate_size=192),
+                TrainSpec(steps=800, batch_size=8, seq_len=ARITH_ROW, lr=1e-2, warmup_steps=20),
             ),
         ),
     ]

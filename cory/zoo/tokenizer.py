@@ -24,8 +24,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int) -> P
     left-padded batched prompts carry no stray special tokens.
     """
     backend = Tokenizer(models.BPE())
-    # No prefix space: "The" at the start of a review and " the" inside one are distinct tokens,
-    # and a prompt tokenizes exactly like the start of the review it was cut from.
+    # No prefix space: "The" at the start of a text and " the" inside one are distinct tokens,
+    # and a prompt tokenizes exactly like the start of the text it was cut from.
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import pathlib
 import statistics
 import time
@@ -23,7 +22,6 @@ import torch.nn.functional as F
 import transformers
 from tqdm.auto import tqdm
 from transformers import (
-    GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -32,7 +30,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from cory.zoo import registry
+from cory.zoo import corpora, evals, registry
 from cory.zoo.corpora import reviews
 from cory.zoo.tokenizer import EOS_ID, PAD_ID, train_tokenizer
 
@@ -41,7 +39,6 @@ logger = logging.getLogger("cory.zoo")
 ID2LABEL = {0: "negative", 1: "positive"}
 # Soft targets [p(negative), p(positive)] per corpus label.
 SOFT_TARGETS = {"negative": (1.0, 0.0), "neutral": (0.5, 0.5), "positive": (0.0, 1.0)}
-# Small models gain nothing from more threads than this.
 
 
 class BuildLog:
@@ -65,14 +62,15 @@ def write_model(entry: registry.ZooEntry, folder: pathlib.Path, progress: bool) 
     recipe = entry.recipe
     log = BuildLog(entry.name, echo=progress)
     with _build_context(recipe.train.seed):
-        corpus = reviews.generate(recipe.corpus.n_train, recipe.corpus.seed)
-        heldout = reviews.heldout(recipe.corpus.n_eval, recipe.corpus.eval_seed)
+        texts, labels = training_data(recipe)
         tokenizer = build_tokenizer(recipe)
         # Saved before any use: encoding with padding leaves padding state in the backend.
         tokenizer.save_pretrained(folder)
-        token_lists = tokenizer([text for text, _ in corpus])["input_ids"]
-        builder = {"causal-lm": _build_causal_lm, "classifier": _build_classifier}[recipe.kind]
-        model, info = builder(entry, tokenizer, corpus, token_lists, heldout, log, progress)
+        token_lists = tokenizer(texts)["input_ids"]
+        if recipe.kind == "causal-lm":
+            model, info = _build_causal_lm(entry, tokenizer, token_lists, log, progress)
+        else:
+            model, info = _build_classifier(entry, tokenizer, token_lists, labels, log, progress)
     model.save_pretrained(folder)
     info.update(
         name=entry.name,
@@ -82,7 +80,7 @@ def write_model(entry: registry.ZooEntry, folder: pathlib.Path, progress: bool) 
         recipe_hash=registry.recipe_hash(entry.name),
         format_version=registry.ZOO_FORMAT_VERSION,
         params=sum(p.numel() for p in model.parameters()),
-        corpus=corpus_stats(corpus, token_lists),
+        corpus=corpus_stats(texts, labels, token_lists),
         versions={
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -122,31 +120,42 @@ def _build_context(seed: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def training_data(recipe: registry.Recipe) -> tuple[list[str], list[str] | None]:
+    """The recipe's training texts, and their labels for a classifier (None for a causal LM)."""
+    spec = recipe.corpus
+    corpus = corpora.get(spec.name)
+    if recipe.kind == "classifier":
+        pairs = corpus.generate(spec.n_train, spec.seed)  # a labelled corpus: (text, label) pairs
+        return [text for text, _ in pairs], [label for _, label in pairs]
+    return corpus.pretraining_texts(spec.n_train, spec.seed), None
+
+
 def build_tokenizer(recipe: registry.Recipe) -> PreTrainedTokenizerFast:
-    """The recipe's tokenizer, trained on the first ``tokenizer.n_texts`` pretraining reviews."""
+    """The recipe's tokenizer, trained on the first ``tokenizer.n_texts`` pretraining texts of its
+    corpus."""
     spec = recipe.tokenizer
-    texts = [text for text, _ in reviews.generate(spec.n_texts, recipe.corpus.seed)]
+    texts = corpora.get(recipe.corpus.name).pretraining_texts(spec.n_texts, recipe.corpus.seed)
     return train_tokenizer(texts, spec.vocab_size, recipe.model.max_positions)
 
 
-def corpus_stats(corpus: list[tuple[str, str]], token_lists: list[list[int]]) -> dict:
-    """Sizes of the training corpus (``token_lists``: its tokenized texts): reviews, words,
-    distinct words, tokens, labels."""
-    texts = [text for text, _ in corpus]
-    n_words = [len(text.split()) for text in texts]
+def corpus_stats(texts: list[str], labels: list[str] | None, token_lists: list[list[int]]) -> dict:
+    """Sizes of the training corpus (``token_lists``: its tokenized texts): texts, words, distinct
+    words, tokens, and labels for a labelled corpus."""
     n_tokens = [len(ids) for ids in token_lists]
     distinct = set()
     for text in texts:
-        distinct.update(reviews.words(text))
-    return {
-        "reviews": len(texts),
-        "words": sum(n_words),
+        distinct.update(corpora.words(text))
+    stats = {
+        "texts": len(texts),
+        "words": sum(len(text.split()) for text in texts),
         "distinct_words": len(distinct),
         "tokens": sum(n_tokens),
-        "mean_tokens_per_review": round(statistics.mean(n_tokens), 2),
-        "max_tokens_per_review": max(n_tokens),
-        "labels": dict(sorted(collections.Counter(label for _, label in corpus).items())),
+        "mean_tokens_per_text": round(statistics.mean(n_tokens), 2),
+        "max_tokens_per_text": max(n_tokens),
     }
+    if labels is not None:
+        stats["labels"] = dict(sorted(collections.Counter(labels).items()))
+    return stats
 
 
 def llama_config(recipe: registry.Recipe, tokenizer: PreTrainedTokenizerFast, **extra) -> LlamaConfig:
@@ -221,12 +230,12 @@ def train_summary(losses: list[float], seconds: float) -> dict:
 
 
 def pack_rows(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
-    """Packs ``ids + [<eos>]`` of each review into rows of ``seq_len`` tokens.
+    """Packs ``ids + [<eos>]`` of each text into rows of ``seq_len`` tokens.
 
-    A row takes whole reviews and then the start of the next one, cut at the row's end (that
-    review's rest is dropped, and the next row starts with the review after it). So no compute
-    goes to padding, and every row starts at the start of a review: the model learns to open a
-    review both with no context and right after an ``<eos>``. Only the last row is padded.
+    A row takes whole texts and then the start of the next one, cut at the row's end (that
+    text's rest is dropped, and the next row starts with the text after it). So no compute
+    goes to padding, and every row starts at the start of a text: the model learns to open a
+    text both with no context and right after an ``<eos>``. Only the last row is padded.
     Returns ``[rows, seq_len]`` token ids.
     """
     rows, row = [], []
@@ -242,7 +251,7 @@ def pack_rows(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
 
 def lm_batches(token_lists: list[list[int]], spec: registry.TrainSpec) -> Iterator[dict[str, torch.Tensor]]:
     """Endless ``{"input_ids", "attention_mask"}`` batches ``[batch, seq_len]``: each epoch
-    shuffles the reviews (seeded by ``spec.seed`` and the epoch), packs them, walks the rows."""
+    shuffles the texts (seeded by ``spec.seed`` and the epoch), packs them, walks the rows."""
     epoch = 0
     while True:
         order = torch.randperm(len(token_lists), generator=torch.Generator().manual_seed(spec.seed + epoch))
@@ -261,7 +270,7 @@ def lm_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 @torch.no_grad()
 def lm_eval_loss(model: PreTrainedModel, token_lists: list[list[int]], seq_len: int) -> float:
-    """Mean next-token loss per token on packed held-out reviews."""
+    """Mean next-token loss per token on packed held-out texts."""
     rows = pack_rows(token_lists, seq_len)
     total, count = 0.0, 0
     for start in range(0, len(rows), 64):
@@ -273,30 +282,7 @@ def lm_eval_loss(model: PreTrainedModel, token_lists: list[list[int]], seq_len: 
     return total / count
 
 
-@torch.no_grad()
-def sample_reviews(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompts: list[str], seed: int
-) -> tuple[list[str], float]:
-    """Sampled continuations of ``prompts`` (left-padded, one batch), decoded with their prompts,
-    and the fraction that ended with ``<eos>`` within the generation config's token budget."""
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    tokenizer.padding_side = "right"
-    torch.manual_seed(seed)
-    out = model.generate(**batch)
-    response = out[:, batch["input_ids"].shape[1] :]
-    eos_rate = float((response == EOS_ID).any(dim=1).float().mean())
-    return tokenizer.batch_decode(out, skip_special_tokens=True), eos_rate
-
-
-def known_word_fraction(texts: list[str]) -> float:
-    """The fraction of the words of ``texts`` that the corpus grammar can produce."""
-    vocabulary = reviews.vocabulary()
-    found = [word in vocabulary for text in texts for word in reviews.words(text)]
-    return sum(found) / max(len(found), 1)
-
-
-def _build_causal_lm(entry, tokenizer, corpus, token_lists, heldout, log, progress):
+def _build_causal_lm(entry, tokenizer, token_lists, log, progress):
     recipe = entry.recipe
     model = LlamaForCausalLM(llama_config(recipe, tokenizer))
     start = time.perf_counter()
@@ -304,29 +290,19 @@ def _build_causal_lm(entry, tokenizer, corpus, token_lists, heldout, log, progre
         model, lm_batches(token_lists, recipe.train), lm_loss, recipe.train, entry.name, progress
     )
     train = train_summary(losses, time.perf_counter() - start)
-    heldout_ids = tokenizer([text for text, _ in heldout])["input_ids"]
-    eval_loss = lm_eval_loss(model, heldout_ids, recipe.train.seq_len)
-    # Sampling by default, from the model's own distribution (no top-k): it is a review writer,
-    # and on-policy RL that reuses the generation defaults assumes exactly this distribution.
-    model.generation_config = GenerationConfig(
-        bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-        do_sample=True, top_k=0, max_new_tokens=48,
-    )
-    samples, eos_rate = sample_reviews(model, tokenizer, reviews.prompts(24, recipe.corpus.eval_seed), seed=0)
-    metrics = {
-        "heldout_loss": round(eval_loss, 4),
-        "heldout_reviews": len(heldout),
-        "sample_known_words": round(known_word_fraction(samples), 4),
-        "sample_eos_rate": round(eos_rate, 4),
-    }
+    spec = recipe.corpus
+    heldout = corpora.get(spec.name).heldout_texts(spec.n_eval, spec.eval_seed)
+    eval_loss = lm_eval_loss(model, tokenizer(heldout)["input_ids"], recipe.train.seq_len)
     log(f"trained {train['steps']} steps in {train['seconds']:.1f} s ({train['threads']} threads); "
         f"train loss {train['final_loss']:.3f}, held-out loss {eval_loss:.3f} per token on "
-        f"{len(heldout)} reviews")
-    log(f"{len(samples)} samples: {metrics['sample_known_words']:.1%} known words, "
-        f"{metrics['sample_eos_rate']:.0%} ended with <eos>")
-    for text in samples[:6]:
-        log(f"sample: {text}")
-    return model, {"eval": metrics, "train": train, "samples": samples[:6]}
+        f"{len(heldout)} texts")
+    corpus_eval = evals.lm_eval(spec.name)
+    metrics, samples = corpus_eval.run(model, tokenizer, spec, corpus_eval.max_new_tokens, log)
+    # The saved defaults: plain sampling. Set after the evaluation, whose greedy decoding would
+    # otherwise inherit (and warn about) top_k=0.
+    model.generation_config = evals.generation_config(corpus_eval.max_new_tokens)
+    metrics = {"heldout_loss": round(eval_loss, 4), "heldout_texts": len(heldout), **metrics}
+    return model, {"eval": metrics, "train": train, "samples": samples}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +375,8 @@ def probe_accuracy(model, tokenizer) -> float:
 
 
 def classifier_eval(model, tokenizer, heldout: list[tuple[str, str]]) -> dict:
-    """Held-out accuracy on positive/negative reviews, pairwise ordering, neutral scores, probes."""
+    """Held-out accuracy on positive/negative reviews, pairwise ordering, neutral scores, probes.
+    (The review corpus is the only labelled one so far; its labels and probes are used here.)"""
     logits = classifier_logits(model, tokenizer([text for text, _ in heldout])["input_ids"])
     by_label = {
         label: logits[torch.tensor([lab == label for _, lab in heldout])] for label in reviews.LABELS
@@ -418,8 +395,9 @@ def classifier_eval(model, tokenizer, heldout: list[tuple[str, str]]) -> dict:
     }
 
 
-def _build_classifier(entry, tokenizer, corpus, token_lists, heldout, log, progress):
+def _build_classifier(entry, tokenizer, token_lists, labels, log, progress):
     recipe = entry.recipe
+    heldout = corpora.get(recipe.corpus.name).heldout(recipe.corpus.n_eval, recipe.corpus.eval_seed)
     config = llama_config(
         recipe, tokenizer, num_labels=2, id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()}
     )
@@ -430,7 +408,7 @@ def _build_classifier(entry, tokenizer, corpus, token_lists, heldout, log, progr
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return soft_label_loss(logits, batch["targets"], penalty)
 
-    batches = classifier_batches(token_lists, [label for _, label in corpus], recipe.train)
+    batches = classifier_batches(token_lists, labels, recipe.train)
     start = time.perf_counter()
     losses = train_steps(model, batches, loss_fn, recipe.train, entry.name, progress)
     train = train_summary(losses, time.perf_counter() - start)

@@ -1,1 +1,47 @@
-"""Synthetic corpora the zoo's models are pretrained on; each also serves held-out prompts."""
+"""Synthetic corpora the zoo's models are pretrained on; each also serves held-out data.
+
+A zoo recipe names its corpus (``CorpusSpec.name``); ``get(name)`` imports the module registered
+for that name in ``CORPORA``. Every corpus module is plain Python (no torch) and provides:
+
+- ``CORPUS_VERSION: int``: bumped whenever the texts change (it is part of every recipe hash);
+- ``PRETRAIN_SEED: int`` and ``PRETRAIN_SIZE: int``: the pretraining stream and its largest draw;
+- ``pretraining_texts(n, seed) -> list[str]``: the first ``n`` texts of the stream of ``seed``
+  (a causal LM is trained on them, and the recipe's tokenizer on the first ones);
+- ``heldout_texts(n, seed) -> list[str]``: texts that never occur in the pretraining draw
+  (the build's held-out loss).
+
+A corpus that a classifier learns from also provides ``LABELS`` and labelled draws
+``generate(n, seed)`` / ``heldout(n, seed)`` of ``(text, label)`` pairs (see ``reviews``).
+
+Adding a corpus is a module here with those names plus one line in ``CORPORA``; a causal LM on it
+then builds with the held-out loss as its evaluation, and ``cory.zoo.evals.LM_EVALS`` can add a
+corpus-specific one (samples, task accuracy).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from types import ModuleType
+
+CORPORA: dict[str, str] = {
+    "reviews": "cory.zoo.corpora.reviews",
+    "arithmetic": "cory.zoo.corpora.arithmetic",
+}
+"""Corpus name -> module path. Imported lazily, so listing the zoo draws no text."""
+
+_WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
+
+
+def get(name: str) -> ModuleType:
+    """The corpus module registered as ``name``; ValueError for a name that is not registered."""
+    try:
+        path = CORPORA[name]
+    except KeyError:
+        raise ValueError(f"unknown corpus {name!r}; the zoo has: {', '.join(CORPORA)}") from None
+    return importlib.import_module(path)
+
+
+def words(text: str) -> list[str]:
+    """The lowercased words of ``text`` (letters, with an optional ``'s``-style suffix)."""
+    return [w.lower() for w in _WORD.findall(text)]

@@ -535,6 +535,16 @@ def heldout(n: int, seed: int) -> list[tuple[str, str]]:
     return out
 
 
+def pretraining_texts(n: int, seed: int) -> list[str]:
+    """The texts of ``generate(n, seed)`` (the corpus interface of ``cory.zoo.corpora``)."""
+    return [text for text, _ in generate(n, seed)]
+
+
+def heldout_texts(n: int, seed: int) -> list[str]:
+    """The texts of ``heldout(n, seed)`` (the corpus interface of ``cory.zoo.corpora``)."""
+    return [text for text, _ in heldout(n, seed)]
+
+
 def prompts(n: int, seed: int, min_words: int = 2, max_words: int = 8) -> list[str]:
     """``n`` prompts: the first ``min_words..max_words`` words of ``heldout(n, seed)``'s reviews,
     always leaving at least one word of the review to write."""
