@@ -12,16 +12,20 @@ from cory.algorithms.base import Algorithm, register
 from cory.kl import masked_mean
 
 
+def fill_gae_advantages(batch, token_rewards, algo_cfg) -> None:
+    """batch.extras['advantages'] (whitened if asked) and ['returns'] (value targets) by GAE."""
+    mask = batch.response_mask
+    adv, returns = gae(token_rewards, batch.values, mask, algo_cfg.gamma, algo_cfg.lam, batch.episode_ids, batch.turn_index)
+    batch.extras["returns"] = returns
+    batch.extras["advantages"] = whiten(adv, mask) if algo_cfg.whiten_advantages else adv
+
+
 @register("a2c")
 class A2C(Algorithm):
     needs_values = True
 
     def advantages(self, batch, token_rewards):
-        a = self.cfg.algo
-        mask = batch.response_mask
-        adv, returns = gae(token_rewards, batch.values, mask, a.gamma, a.lam, batch.episode_ids, batch.turn_index)
-        batch.extras["returns"] = returns
-        batch.extras["advantages"] = whiten(adv, mask) if a.whiten_advantages else adv
+        fill_gae_advantages(batch, token_rewards, self.cfg.algo)
 
     def loss(self, out, mb):
         mask = mb.response_mask

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from cory.advantages import gae, whiten
+from cory.algorithms.a2c import fill_gae_advantages
 from cory.algorithms.base import Algorithm, register
 from cory.kl import masked_mean
 
@@ -48,11 +48,7 @@ class PPO(Algorithm):
     needs_values = True
 
     def advantages(self, batch, token_rewards):
-        a = self.cfg.algo
-        mask = batch.response_mask
-        adv, returns = gae(token_rewards, batch.values, mask, a.gamma, a.lam, batch.episode_ids, batch.turn_index)
-        batch.extras["returns"] = returns
-        batch.extras["advantages"] = whiten(adv, mask) if a.whiten_advantages else adv
+        fill_gae_advantages(batch, token_rewards, self.cfg.algo)
 
     def loss(self, out, mb):
         a = self.cfg.algo

@@ -25,22 +25,12 @@ class PairDataError(ValueError):
 
 def load_pairs(path: str | Path) -> list[dict]:
     """Rows {prompt, chosen, rejected} from a JSONL file; `prompt` may be empty."""
-    path = Path(path)
-    if not path.is_file():
-        raise PairDataError(f"preference file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PairDataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            missing = [k for k in ("chosen", "rejected") if k not in row]
-            if missing:
-                raise PairDataError(f"{path}:{n}: missing key(s) {', '.join(missing)} (need prompt, chosen, rejected)")
-            rows.append({"prompt": str(row.get("prompt", "")), "chosen": str(row["chosen"]), "rejected": str(row["rejected"])})
+    from cory.tasks.base import jsonl_rows
+
+    rows = [
+        {"prompt": str(row.get("prompt", "")), "chosen": str(row["chosen"]), "rejected": str(row["rejected"])}
+        for _, row in jsonl_rows(Path(path), PairDataError, ("chosen", "rejected"), "preference file")
+    ]
     if len(rows) < 2:
         raise PairDataError(f"{path}: need at least 2 pairs, found {len(rows)}")
     return rows

@@ -16,6 +16,25 @@ class TaskDataError(ValueError):
     """A prompt file that cannot be used."""
 
 
+def jsonl_rows(path: Path, error: type[Exception], required: tuple[str, ...], what: str = "file"):
+    """Yields (line number, object) from a JSONL file, each checked to be an object with `required`
+    keys; problems raise `error` with one line naming the file and line."""
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            missing = [k for k in required if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise error(f"{path}:{n}: missing key(s) {', '.join(missing)}")
+            yield n, row
+
+
 def load_prompt_file(path: str | Path, column: str = "prompt") -> list[str]:
     """Prompts from a JSONL file (one object per line) or a CSV file with a header row."""
     path = Path(path)
@@ -29,17 +48,7 @@ def load_prompt_file(path: str | Path, column: str = "prompt") -> list[str]:
                 raise TaskDataError(f"{path}: no column '{column}' (columns: {', '.join(reader.fieldnames or [])})")
             prompts = [row[column] for row in reader]
     else:
-        with path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskDataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or column not in row:
-                    raise TaskDataError(f"{path}:{n}: no key '{column}'")
-                prompts.append(str(row[column]))
+        prompts = [str(row[column]) for _, row in jsonl_rows(path, TaskDataError, (column,), "prompt file")]
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise TaskDataError(f"{path}: no prompts found")
