@@ -5,7 +5,6 @@ import hashlib
 import sys
 from pathlib import Path
 
-import torch
 
 from cory.config import load_config
 from cory.train import TrainingRun
