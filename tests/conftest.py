@@ -40,6 +40,13 @@ def micro_rm(zoo_cache) -> Path:
     return zoo.build("cory:micro-sentiment", progress=False)
 
 
+@pytest.fixture(scope="session")
+def micro_arith(zoo_cache) -> Path:
+    from cory import zoo
+
+    return zoo.build("cory:micro-arith", progress=False)
+
+
 def micro_overrides(tmp_path: Path, **extra) -> list[str]:
     """Overrides that make a training run tiny: micro models, short responses, no trackers."""
     base = {

@@ -1,6 +1,7 @@
-"""Learning, measured: every algorithm raises the mean reward on a fixed evaluation set.
+"""Learning, measured: every algorithm raises the mean reward on a fixed evaluation set, and PPO and
+GRPO raise accuracy on the arithmetic task.
 
-Tiny settings (test-size models, 8-token responses, a few hundred samples) so the whole file stays
+Tiny settings (test-size models, short responses, a few thousand samples) so the whole file stays
 within the suite's time; the benchmarks run the same algorithms at full size.
 """
 
@@ -45,3 +46,34 @@ def test_every_algorithm_raises_sentiment_reward(tmp_path, micro_lm, micro_rm, a
     assert first["iteration"] == 0 and last["iteration"] == settings["train.iterations"]
     assert last["reward_mean"] > first["reward_mean"] + MARGIN, (first["reward_mean"], last["reward_mean"])
 
+
+
+ARITHMETIC = {
+    "model.name": "cory:micro-arith",
+    "task.name": "arithmetic",
+    "task.num_train_prompts": 2048,
+    "task.num_eval_prompts": 128,
+    "eval.samples_per_prompt": 4,
+    "eval.temperature": 1.0,
+    "generation.max_new_tokens": 24,
+    "train.iterations": 120,
+    "train.eval_every": 120,
+}
+ARITH_PER_ALGO = {
+    "ppo": {"algo.lr": 5e-4, "train.batch_size": 64, "algo.epochs": 2, "algo.minibatch_size": 32, "kl.beta": 0.02},
+    "grpo": {"algo.lr": 1e-3, "train.batch_size": 32, "algo.group_size": 4, "kl.beta": 0.01},
+}
+ARITH_MARGIN = 0.025
+"""Required rise of held-out accuracy (512 samples at T=1, the same sampling seed before and after).
+The model starts at 0.30; seeds 0-2 measured rises of +0.035 to +0.064. Almost all of it is the
+easy tier (small numbers) growing surer of facts it half knew; the two-digit tier stays near 0."""
+
+
+@pytest.mark.parametrize("algo", list(ARITH_PER_ALGO))
+def test_ppo_and_grpo_raise_arithmetic_accuracy(tmp_path, micro_arith, algo):
+    out = tmp_path / "run"
+    settings = {**ARITHMETIC, **ARITH_PER_ALGO[algo], "algo.name": algo, "train.seed": SEED}
+    assert main(["train", "--output-dir", str(out)] + micro_overrides(tmp_path, **settings)) == 0
+    first, last = evals(out)[0], evals(out)[-1]
+    assert first["iteration"] == 0 and last["iteration"] == settings["train.iterations"]
+    assert last["reward_mean"] > first["reward_mean"] + ARITH_MARGIN, (first["reward_mean"], last["reward_mean"])
