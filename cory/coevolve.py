@@ -26,7 +26,7 @@ from cory.config import Config
 from cory.learner import Learner, reduce_metrics
 from cory.policy import Policy
 from cory.rollout import rollout_from_generation
-from cory.train import Run, UsageError, eval_params, load_reference, sampling_params
+from cory.train import Run, UsageError, eval_params, make_control, make_reference, sampling_params
 
 CONTINUATION_TEMPLATE = 'I can make this sentence "{prompt}{reference}" more positive: {prompt}'
 """The observer's prompt for continuation tasks (the paper's IMDB template)."""
@@ -107,15 +107,18 @@ class CoryRun(Run):
         if cfg.cory.shared_base:
             if self.accelerator.num_processes > 1:
                 raise UsageError("cory.shared_base=true runs in one process; use full copies for data parallelism")
-            if cfg.model.reference:
-                raise UsageError("cory.shared_base=true uses the base model as the reference; leave model.reference empty")
+            if cfg.model.reference or cfg.model.reference_ensemble:
+                raise UsageError("cory.shared_base=true uses the base model as the reference; leave model.reference and model.reference_ensemble empty")
             policies, reference, params = self._shared_base(cfg, dtype, needs_values)
         else:
             policies = {n: Policy.from_pretrained(cfg.model.name, value_head=needs_values, dtype=dtype) for n in ("a", "b")}
-            reference = load_reference(cfg.model.reference or cfg.model.name, dtype)
+            reference = make_reference(cfg, dtype)
             params = {n: None for n in ("a", "b")}
+        # One sampling control (hard budget or asking for help) serves both agents: each of their
+        # responses is its own episode with its own budget.
+        self.control, fallback = make_control(cfg, reference, dtype, multi_turn=False)
         self.agents = {
-            n: Agent(n, policies[n], Learner(policies[n], reference, algorithms[n], cfg, self.accelerator, params[n]),
+            n: Agent(n, policies[n], Learner(policies[n], reference, algorithms[n], cfg, self.accelerator, params[n], fallback=fallback),
                      adapter=adapter_name(n) if cfg.cory.shared_base else None)
             for n in ("a", "b")
         }
@@ -175,22 +178,23 @@ class CoryRun(Run):
         prompts = [p for p in base for _ in range(self.group_size)]
         groups = [i // self.group_size for i in range(len(prompts))]
         pioneer.activate()
-        gen_p = pioneer.policy.generate(prompts, params, generator=state.generator)
+        gen_p, extras_p = self._generate(pioneer, prompts, params)
         obs_prompts = observer_prompts(prompts, gen_p.texts, self.template, cfg.cory.observe)
         observer.activate()
-        gen_o = observer.policy.generate(obs_prompts, params, generator=state.generator)
+        gen_o, extras_o = self._generate(observer, obs_prompts, params)
         # Both answers are judged as answers to the original prompt.
         r_p = self.task.score(prompts, gen_p.texts)
         r_o = self.task.score(prompts, gen_o.texts)
         c = cfg.cory.partner_coef
         t_gen = time.perf_counter() - t0
         metrics: dict[str, float] = {}
-        for role, agent, gen, own_prompts, own, partner in (
-            ("pioneer", pioneer, gen_p, prompts, r_p, r_o),
-            ("observer", observer, gen_o, obs_prompts, r_o, r_p),
+        for role, agent, gen, extras, own_prompts, own, partner in (
+            ("pioneer", pioneer, gen_p, extras_p, prompts, r_p, r_o),
+            ("observer", observer, gen_o, extras_o, obs_prompts, r_o, r_p),
         ):
             agent.activate()
             rollout = rollout_from_generation(gen, own_prompts, collective_rewards(own, partner, c), groups)
+            rollout.extras.update(extras)
             _, m = agent.learner.step(rollout, state.iteration, state.generator)
             m["task_reward"] = sum(own) / len(own)
             m["collective_reward"] = m.pop("reward_mean")
@@ -204,6 +208,18 @@ class CoryRun(Run):
         metrics["time/generate"] = t_gen
         metrics["time/iteration"] = time.perf_counter() - t0
         return reduce_metrics(self.accelerator, metrics)
+
+    def _generate(self, agent: Agent, prompts: list[str], params) -> tuple:
+        """The agent's responses, under the run's sampling control if it has one, and the per-token
+        tensors the control records for training."""
+        control, rows = self.control, list(range(len(prompts)))
+        if control is None:
+            return agent.policy.generate(prompts, params, generator=self.state.generator), {}
+        control.reset(len(prompts))
+        hook = control.hook(rows)
+        gen = agent.policy.generate(prompts, params, generator=self.state.generator, logits_hook=hook)
+        extras = control.record(hook, rows, gen.response_ids.shape[1], gen.response_mask)
+        return gen, {k: v.to(gen.response_ids.device) for k, v in extras.items()}
 
     # -- evaluation and saving ----------------------------------------------------------------------
     def evaluate_all(self) -> dict:

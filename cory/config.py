@@ -31,6 +31,10 @@ class ModelConfig:
     """Weights dtype: float32, bfloat16 or float16."""
     reference: str = ""
     """The frozen reference model for the KL term; empty means the initial model itself."""
+    reference_ensemble: list[str] = field(default_factory=list)
+    """K >= 2 models (same tokenizer) whose pointwise-minimum distribution is a pessimistic reference; replaces model.reference."""
+    trusted: str = ""
+    """The policy that writes a token when the agent asks for help (kl.help_threshold); empty = the first ensemble member."""
 
 
 @dataclass
@@ -145,6 +149,16 @@ class KLConfig:
     """Budget controller: the mean episode KL (nats) to stay at or under."""
     budget_lr: float = 0.01
     """Budget controller: the dual-ascent step size for the multiplier."""
+    hard_budget: float = 0.0
+    """Hard episode budget B (nats): no episode's exact KL may exceed it; where the agent would overspend, a mixture with the reference is sampled (0 = off)."""
+    budget_note: bool = True
+    """Hard budget in multi-turn runs: append the budget left to each observation."""
+    exact_accounting: bool = True
+    """Log each episode's exact KL (full-vocabulary sum over its tokens); costs one extra forward of the policy."""
+    help_threshold: float = 0.0
+    """Ensemble reference: defer to model.trusted where the missing mass h exceeds this (0 = never ask for help)."""
+    help_scope: str = "token"
+    """Asking for help defers one token (token) or the rest of the response (turn)."""
 
 
 @dataclass
@@ -225,6 +239,7 @@ CHOICES = {
     "kl.estimator": ("k1", "k2", "k3", "full"),
     "kl.controller": ("fixed", "adaptive", "budget"),
     "kl.penalty": ("auto", "reward", "loss"),
+    "kl.help_scope": ("token", "turn"),
     "algo.loss_aggregation": ("token-mean", "seq-mean"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
 }
@@ -328,6 +343,18 @@ def check(cfg: Config) -> None:
         raise ConfigError("bad value for config key 'generation.top_p': must be in (0, 1]")
     if cfg.algo.minibatch_size and cfg.algo.micro_batch_size and cfg.algo.minibatch_size % cfg.algo.micro_batch_size:
         raise ConfigError("algo.minibatch_size must be a multiple of algo.micro_batch_size")
+    if cfg.kl.hard_budget < 0:
+        raise ConfigError("bad value for config key 'kl.hard_budget': must be >= 0 (0 = off)")
+    if not 0 <= cfg.kl.help_threshold < 1:
+        raise ConfigError("bad value for config key 'kl.help_threshold': must be in [0, 1) (0 = off)")
+    if cfg.model.reference_ensemble and len(cfg.model.reference_ensemble) < 2:
+        raise ConfigError("model.reference_ensemble needs at least 2 models")
+    if cfg.model.reference_ensemble and cfg.model.reference:
+        raise ConfigError("set model.reference or model.reference_ensemble, not both")
+    if cfg.kl.help_threshold and not cfg.model.reference_ensemble:
+        raise ConfigError("kl.help_threshold needs a pessimistic reference: set model.reference_ensemble")
+    if cfg.kl.help_threshold and cfg.kl.hard_budget:
+        raise ConfigError("kl.hard_budget and kl.help_threshold cannot be combined yet; pick one")
     if cfg.task.prompt_file and not Path(cfg.task.prompt_file).is_file():
         raise ConfigError(f"prompt file not found: {cfg.task.prompt_file}")
 

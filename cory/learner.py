@@ -15,9 +15,15 @@ import torch
 from accelerate import Accelerator
 
 from cory.algorithms.base import Algorithm
-from cory.kl import kl_k3, make_controller, masked_mean, masked_sum, per_token_kl
+from cory.budget import mixed_token_logprobs, mixture_logprobs
+from cory.ensemble import EnsembleReference, kl_to_semi, pessimistic_full
+from cory.kl import kl_full, kl_k1, kl_k3, make_controller, masked_mean, masked_sum, per_token_kl
 from cory.policy import Policy, sequence_logprobs
 from cory.rollout import Rollout
+
+SCORE_CHUNK_ELEMENTS = 2**26
+"""Scoring with whole distributions runs over row chunks of at most this many [rows x tokens x
+vocabulary] entries (256 MB of float32 per tensor)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,10 +67,13 @@ class RunningMoments:
 
 class Learner:
     def __init__(self, policy: Policy, reference: torch.nn.Module, algorithm: Algorithm, cfg, accelerator: Accelerator,
-                 parameters: list[torch.nn.Parameter] | None = None):
+                 parameters: list[torch.nn.Parameter] | None = None, fallback: torch.nn.Module | None = None):
         """`reference` must already be frozen (it may share modules with the policy, as CORY's
-        shared-base mode does); `parameters` defaults to every trainable parameter of the policy."""
+        shared-base mode does); `parameters` defaults to every trainable parameter of the policy.
+        `fallback`: the frozen model that writes tokens the agent defers (asking for help); tokens
+        mixed under a hard budget fall back on the reference."""
         self.policy = policy
+        self.fallback = fallback.to(accelerator.device).eval() if fallback is not None else None
         self.algorithm = algorithm
         self.cfg = cfg
         self.accelerator = accelerator
@@ -81,27 +90,73 @@ class Learner:
     # -- scoring -------------------------------------------------------------------------------
     @torch.no_grad()
     def score(self, rollout: Rollout) -> Rollout:
-        """Adds reference log-probs, values (if the algorithm needs them) and per-token KL.
+        """Adds reference log-probs, values (if the algorithm needs them), per-token KL and, with
+        `kl.exact_accounting`, the exact per-token KL of the distribution each token was sampled from.
 
-        The policy itself is only run here when values or the exact KL need it: the behaviour
-        log-probs come from generation, and entropy is measured in the update's first forward.
+        The policy itself is only run here when values or whole distributions need it: the
+        behaviour log-probs come from generation, and entropy is measured in the update's first
+        forward. Whole distributions are handled in row chunks, so memory stays bounded.
         """
         rollout = rollout.to(self.accelerator.device)
-        full = self.cfg.kl.estimator == "full"
-        args = (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
-        cur = None
-        with self.accelerator.autocast():
-            ref = sequence_logprobs(self.reference, *args, temperature=self.temperature, with_full_logprobs=full)
-            if self.algorithm.needs_values or full:
-                cur = sequence_logprobs(self.module, *args, temperature=self.temperature,
-                                        with_values=self.algorithm.needs_values, with_full_logprobs=full)
-        rollout.ref_logprobs = ref.logprobs.float()
-        rollout.values = cur.values.float() if cur is not None and cur.values is not None else None
+        estimator = self.cfg.kl.estimator
+        whole = estimator == "full" or self.cfg.kl.exact_accounting
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for rows in self._chunks(rollout, whole):
+            for name, value in self._score_rows(rollout, rows, whole).items():
+                pieces.setdefault(name, []).append(value)
+        joined = {name: torch.cat(values) for name, values in pieces.items()}
         mask = rollout.response_mask
-        kl = per_token_kl(self.cfg.kl.estimator, rollout.logprobs, rollout.ref_logprobs,
-                          cur.full_logprobs if full else None, ref.full_logprobs if full else None)
+        rollout.ref_logprobs = joined["ref"]
+        rollout.values = joined.get("values")
+        for name in ("kl_exact", "kl_semi", "help_mass"):
+            if name in joined:
+                rollout.extras[name] = torch.where(mask.bool(), joined[name], 0.0)
+        if estimator == "full":
+            kl = joined["kl_exact"]
+        else:
+            kl = per_token_kl(estimator, rollout.logprobs, rollout.ref_logprobs)
         rollout.extras["kl"] = kl.float() * mask
         return rollout
+
+    def _chunks(self, rollout: Rollout, whole: bool) -> list[torch.Tensor]:
+        n = len(rollout)
+        if not whole:
+            return [torch.arange(n)]
+        vocab = getattr(getattr(self.policy.model, "config", None), "vocab_size", None) or 1
+        size = max(1, SCORE_CHUNK_ELEMENTS // max(1, rollout.response_ids.shape[1] * vocab))
+        return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def _score_rows(self, rollout: Rollout, rows: torch.Tensor, whole: bool) -> dict[str, torch.Tensor]:
+        args = tuple(t[rows] for t in (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask))
+        out: dict[str, torch.Tensor] = {}
+        with self.accelerator.autocast():
+            ref = sequence_logprobs(self.reference, *args, temperature=self.temperature, with_full_logprobs=whole)
+            cur = None
+            if self.algorithm.needs_values or whole:
+                cur = sequence_logprobs(self.module, *args, temperature=self.temperature,
+                                        with_values=self.algorithm.needs_values, with_full_logprobs=whole)
+        out["ref"] = ref.logprobs.float()
+        if cur is not None and cur.values is not None:
+            out["values"] = cur.values.float()
+        if not whole:
+            return out
+        ref_full = ref.full_logprobs.float()
+        sampled = cur.full_logprobs.float()
+        if "mix_weight" in rollout.extras:
+            # The token was drawn from w q + (1 - w) f: f is the reference (hard budget) or the
+            # trusted policy (asking for help).
+            fallback = ref_full
+            if self.fallback is not None:
+                with self.accelerator.autocast():
+                    fallback = sequence_logprobs(self.fallback, *args, temperature=self.temperature,
+                                                 with_full_logprobs=True).full_logprobs.float()
+            sampled = mixture_logprobs(sampled, fallback, rollout.extras["mix_weight"][rows])
+        out["kl_exact"] = kl_full(sampled, ref_full)
+        if isinstance(self.reference, EnsembleReference):
+            log_semi, help_mass = pessimistic_full(self.reference, *args)
+            out["kl_semi"] = kl_to_semi(sampled, log_semi)
+            out["help_mass"] = help_mass
+        return out
 
     # -- update --------------------------------------------------------------------------------
     def _minibatches(self, n: int, generator: torch.Generator | None):
@@ -165,6 +220,9 @@ class Learner:
                             self.module, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
                             temperature=self.temperature, with_values=self.algorithm.needs_values, with_entropy=True,
                         )
+                        if "mix_weight" in mb.extras:  # train on the distribution actually sampled
+                            out.logprobs = mixed_token_logprobs(out.logprobs, mb.extras["fallback_logprobs"],
+                                                                mb.extras["mix_weight"]) * mb.response_mask
                         loss, info = self.algorithm.loss(out, mb)
                         loss = loss + self._regularisers(out, mb, info)
                     if first_step:
@@ -225,7 +283,7 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     n_episodes = int(rollout.episode_ids.max()) + 1
     scores = torch.zeros(n_episodes, device=mask.device).index_add_(0, rollout.episode_ids, rollout.scores.float())
     seq_kl = torch.zeros(n_episodes, device=mask.device).index_add_(0, rollout.episode_ids, masked_sum(kl, mask).float())
-    return {
+    out = {
         "reward_mean": scores.mean().item(),
         "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
         "kl_mean": seq_kl.mean().item(),
@@ -235,6 +293,40 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         "turns_per_episode": len(rollout) / n_episodes,
         "truncated_rate": (~rollout.finished).float().mean().item(),
     }
+    out.update(episode_kl_metrics(rollout, n_episodes))
+    extras = rollout.extras
+    if "help" in extras:
+        out["help_rate"] = masked_mean(extras["help"].float(), mask).item()
+    if "help_mass" in extras:
+        out["help_mass_mean"] = masked_mean(extras["help_mass"], mask).item()
+    if "mix_weight" in extras and "help" not in extras:
+        out["budget/mixed_token_rate"] = masked_mean((extras["mix_weight"] < 1).float(), mask).item()
+        out["budget/reference_token_rate"] = masked_mean((extras["mix_weight"] < 1e-3).float(), mask).item()
+    return out
+
+
+EPISODE_KL_PERCENTILES = (50, 90, 99)
+
+
+def episode_kl_metrics(rollout: Rollout, n_episodes: int) -> dict[str, float]:
+    """Total KL per episode (summed over all of the agent's tokens in every turn) by the sampled
+    estimators k1 and k3 and, when scored, exactly (and against the unnormalised pessimistic
+    reference): mean, max and percentiles over the batch's episodes."""
+    mask = rollout.response_mask.float()
+    per_token = {"k1": kl_k1(rollout.logprobs, rollout.ref_logprobs), "k3": kl_k3(rollout.logprobs, rollout.ref_logprobs)}
+    if "kl_exact" in rollout.extras:
+        per_token["exact"] = rollout.extras["kl_exact"]
+    if "kl_semi" in rollout.extras:
+        per_token["semi"] = rollout.extras["kl_semi"]
+    out = {}
+    for name, kl in per_token.items():
+        totals = torch.zeros(n_episodes, device=mask.device).index_add_(0, rollout.episode_ids, masked_sum(kl.float(), mask).float())
+        out[f"episode_kl/{name}_mean"] = totals.mean().item()
+        out[f"episode_kl/{name}_max"] = totals.max().item()
+        if name in ("exact", "semi"):
+            for q in EPISODE_KL_PERCENTILES:
+                out[f"episode_kl/{name}_p{q}"] = torch.quantile(totals, q / 100).item()
+    return out
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

@@ -102,6 +102,7 @@ def concat_turns(parts: list[dict], pad_id: int) -> Rollout:
     """Join per-step batches (each a dict of per-row lists/tensors) into one padded Rollout."""
     q_rows, r_rows, lp_rows = [], [], []
     cols: dict[str, list] = {k: [] for k in ("scores", "finished", "episode_ids", "turn_index", "done", "group_ids", "prompts", "responses", "infos")}
+    token_extras: dict[str, list] = {k: [] for k in parts[0].get("token_extras", {})}
     for p in parts:
         for i in range(len(p["prompts"])):
             qm = p["query_mask"][i].bool()
@@ -109,10 +110,13 @@ def concat_turns(parts: list[dict], pad_id: int) -> Rollout:
             q_rows.append(p["query_ids"][i][qm])
             r_rows.append(p["response_ids"][i][rm])
             lp_rows.append(p["logprobs"][i][rm])
+            for k, rows in token_extras.items():
+                rows.append(p["token_extras"][k][i][rm.cpu()])
         for k in cols:
             cols[k].extend(p[k])
     query_ids = _pad_stack(q_rows, pad_id, left=True)
     response_ids = _pad_stack(r_rows, pad_id, left=False)
+    extras = {k: _pad_stack(rows, 0.0, left=False) for k, rows in token_extras.items()}
     return Rollout(
         query_ids=query_ids,
         query_mask=_pad_stack([torch.ones_like(r) for r in q_rows], 0, left=True),
@@ -128,6 +132,7 @@ def concat_turns(parts: list[dict], pad_id: int) -> Rollout:
         prompts=cols["prompts"],
         responses=cols["responses"],
         infos=cols["infos"],
+        extras=extras,
     )
 
 
@@ -156,11 +161,16 @@ def rollout_from_generation(gen, prompts: list[str], scores: list[float], group_
 class Sampler:
     """Drives a batch of text environments with one policy, in lockstep, and returns a Rollout."""
 
-    def __init__(self, policy, env: TextEnvBatch, params, max_turns: int = 1000):
+    def __init__(self, policy, env: TextEnvBatch, params, max_turns: int = 1000, control=None):
+        """`control` (optional) steers sampling across an episode's turns: a hard KL budget
+        (`cory.budget.EpisodeBudget`) or asking for help (`cory.ensemble.AskForHelp`). It gives each
+        turn a logits hook and returns per-token tensors for training ("mix_weight",
+        "fallback_logprobs", ...), which land in the Rollout's extras."""
         self.policy = policy
         self.env = env
         self.params = params
         self.max_turns = max_turns
+        self.control = control
 
     def collect(self, n: int, rng: np.random.Generator, generator: torch.Generator | None = None, group_size: int = 1) -> Rollout:
         """Run n * group_size episodes to the end; rows of one prompt share a group id."""
@@ -168,8 +178,13 @@ class Sampler:
         total = len(observations)
         live = list(range(total))
         parts = []
+        control = self.control
+        if control is not None:
+            control.reset(total)
         for turn in range(self.max_turns):
-            gen = self.policy.generate(observations, self.params, generator=generator)
+            hook = control.hook(live) if control is not None else None
+            seen = control.annotate(observations, live) if control is not None else observations
+            gen = self.policy.generate(seen, self.params, generator=generator, logits_hook=hook)
             next_obs, rewards, dones, infos = self.env.step(gen.texts)
             parts.append(
                 {
@@ -184,9 +199,10 @@ class Sampler:
                     "turn_index": [turn] * len(live),
                     "done": [bool(d) for d in dones],
                     "group_ids": [e // group_size for e in live],
-                    "prompts": list(observations),
+                    "prompts": list(seen),
                     "responses": list(gen.texts),
                     "infos": list(infos),
+                    "token_extras": control.record(hook, live, gen.response_ids.shape[1], gen.response_mask) if control is not None else {},
                 }
             )
             keep = [j for j, d in enumerate(dones) if not d]

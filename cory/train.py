@@ -14,6 +14,7 @@ Run directory:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -40,9 +41,11 @@ def check_model_name(name: str) -> None:
     from cory import zoo
 
     if zoo.is_zoo_name(name):
-        known = [m["name"] for m in zoo.list_models()]
-        if name not in known:
-            raise UsageError(f"unknown model '{name}'; the zoo has: {', '.join(known)}")
+        try:
+            zoo.registry.entry(name)
+        except zoo.registry.UnknownModelError:
+            known = [m["name"] for m in zoo.list_models()]
+            raise UsageError(f"unknown model '{name}'; the zoo has: {', '.join(known)} (NAME@seedN: NAME from seed N)") from None
         return
     if Path(name).expanduser().is_dir():
         return
@@ -73,8 +76,9 @@ def preflight(cfg: Config) -> None:
     if cfg.task.name not in TASKS:
         raise ConfigError(f"bad value for config key 'task.name': {cfg.task.name!r}; choose one of: {', '.join(sorted(TASKS))}")
     check_model_name(cfg.model.name)
-    if cfg.model.reference:
-        check_model_name(cfg.model.reference)
+    for name in [cfg.model.reference, cfg.model.trusted, *cfg.model.reference_ensemble]:
+        if name:
+            check_model_name(name)
     if cfg.task.name in BUILTIN_REWARD or cfg.env.id:
         return
     try:
@@ -111,10 +115,21 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _drop_shared_tensor_warning(record: logging.LogRecord) -> bool:
+    return "Removed shared tensor" not in record.getMessage()
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: RunState, learners: dict, keep: int) -> Path:
     """accelerate state (weights, optimizers, RNG) + per-rank run state and learner states."""
     path = output_dir / CHECKPOINTS / f"iter_{state.iteration:06d}"
-    accelerator.save_state(str(path))
+    # accelerate warns that it drops the tied lm_head copy from the safetensors file; loading the
+    # state restores the tie (test_resume_continues_exactly checks the weights bit for bit).
+    quiet = logging.getLogger("accelerate.utils.other")
+    quiet.addFilter(_drop_shared_tensor_warning)
+    try:
+        accelerator.save_state(str(path))
+    finally:
+        quiet.removeFilter(_drop_shared_tensor_warning)
     saved = {"run": state.state_dict(), "learners": {k: v.state_dict() for k, v in learners.items()}}
     torch.save(saved, path / f"run_state_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
@@ -155,6 +170,33 @@ def load_reference(name: str, dtype) -> torch.nn.Module:
     from cory import zoo
 
     return AutoModelForCausalLM.from_pretrained(zoo.resolve(name), dtype=dtype).eval().requires_grad_(False)
+
+
+def make_reference(cfg: Config, dtype) -> torch.nn.Module:
+    """The frozen reference: model.reference (default the initial model) or, with
+    model.reference_ensemble, the pessimistic ensemble of those models."""
+    if cfg.model.reference_ensemble:
+        from cory.ensemble import EnsembleReference
+
+        members = [load_reference(name, dtype) for name in cfg.model.reference_ensemble]
+        return EnsembleReference(members, temperature=cfg.generation.temperature)
+    return load_reference(cfg.model.reference or cfg.model.name, dtype)
+
+
+def make_control(cfg: Config, reference: torch.nn.Module, dtype, multi_turn: bool):
+    """(sampling control, fallback model) for a hard episode budget (kl.hard_budget) or asking for
+    help (kl.help_threshold); (None, None) when neither is on."""
+    temperature = cfg.generation.temperature or 1.0
+    if cfg.kl.hard_budget > 0:
+        from cory.budget import EpisodeBudget
+
+        return EpisodeBudget(reference, cfg.kl.hard_budget, temperature, note=cfg.kl.budget_note and multi_turn), None
+    if cfg.kl.help_threshold > 0:
+        from cory.ensemble import AskForHelp
+
+        trusted = load_reference(cfg.model.trusted or cfg.model.reference_ensemble[0], dtype)
+        return AskForHelp(reference, trusted, cfg.kl.help_threshold, cfg.kl.help_scope, temperature), trusted
+    return None, None
 
 
 def sampling_params(cfg: Config):
@@ -312,17 +354,18 @@ class TrainingRun(Run):
         self.algorithm = make_algorithm(cfg)
         dtype = getattr(torch, cfg.model.dtype)
         self.policy = Policy.from_pretrained(cfg.model.name, value_head=self.algorithm.needs_values, dtype=dtype)
-        reference = load_reference(cfg.model.reference or cfg.model.name, dtype)
+        reference = make_reference(cfg, dtype)
+        control, fallback = make_control(cfg, reference, dtype, multi_turn=bool(cfg.env.id))
         if cfg.env.id:
             from cory.envs.batch import GymTextEnvBatch
 
             self.task = None
             env = GymTextEnvBatch(cfg.env.id, cfg.env.pool_size or None, pool_seed=cfg.train.seed, **cfg.env.kwargs)
-            self.sampler = Sampler(self.policy, env, sampling_params(cfg), max_turns=cfg.env.max_turns)
+            self.sampler = Sampler(self.policy, env, sampling_params(cfg), max_turns=cfg.env.max_turns, control=control)
         else:
             self.task = make_task(cfg.task)
-            self.sampler = Sampler(self.policy, TaskEnv(self.task), sampling_params(cfg))
-        self.learner = Learner(self.policy, reference, self.algorithm, cfg, self.accelerator)
+            self.sampler = Sampler(self.policy, TaskEnv(self.task), sampling_params(cfg), control=control)
+        self.learner = Learner(self.policy, reference, self.algorithm, cfg, self.accelerator, fallback=fallback)
 
     @property
     def learners(self) -> dict:

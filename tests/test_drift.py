@@ -1,0 +1,155 @@
+"""Drift control inside runs: episode KL accounting, the hard budget over multi-turn episodes,
+training on the distribution actually sampled, and the pessimistic ensemble as a run's reference."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import micro_overrides
+from cory.budget import EpisodeBudget, mixed_token_logprobs
+from cory.cli import main
+from cory.config import load_config
+from cory.learner import episode_kl_metrics
+from cory.rollout import Rollout
+
+
+def hand_rollout(kl_rows: list[list[float]], episode_ids: list[int]) -> Rollout:
+    """Turns with given per-token exact KLs (a shorter row is padded and masked)."""
+    width = max(len(r) for r in kl_rows)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in kl_rows])
+    exact = torch.tensor([r + [99.0] * (width - len(r)) for r in kl_rows])  # padding must not count
+    n = len(kl_rows)
+    rollout = Rollout(
+        query_ids=torch.ones(n, 1, dtype=torch.long), query_mask=torch.ones(n, 1, dtype=torch.long),
+        response_ids=torch.ones(n, width, dtype=torch.long), response_mask=mask,
+        logprobs=torch.full((n, width), -1.0) * mask, scores=torch.zeros(n), finished=torch.ones(n, dtype=torch.bool),
+        episode_ids=torch.tensor(episode_ids), turn_index=torch.zeros(n, dtype=torch.long),
+        done=torch.ones(n, dtype=torch.bool), group_ids=torch.arange(n),
+    )
+    rollout.ref_logprobs = torch.full((n, width), -1.5) * mask
+    rollout.extras["kl_exact"] = exact
+    return rollout
+
+
+def test_episode_kl_is_the_sum_of_exact_per_token_kls_over_all_turns():
+    # Episode 0: two turns (0.1 + 0.2 + 0.3, then 0.4); episode 1: one turn of 1.0 + 0.5.
+    rollout = hand_rollout([[0.1, 0.2, 0.3], [0.4], [1.0, 0.5]], episode_ids=[0, 0, 1])
+    m = episode_kl_metrics(rollout, n_episodes=2)
+    assert m["episode_kl/exact_mean"] == pytest.approx((1.0 + 1.5) / 2)
+    assert m["episode_kl/exact_max"] == pytest.approx(1.5)
+    assert m["episode_kl/exact_p50"] == pytest.approx(1.25)  # linear interpolation between 1.0 and 1.5
+    # Sampled estimators on the same tokens: log q - log p = 0.5 per token, 6 tokens in all.
+    assert m["episode_kl/k1_mean"] == pytest.approx((4 * 0.5 + 2 * 0.5) / 2)
+    k3 = math.exp(-0.5) - 1 + 0.5
+    assert m["episode_kl/k3_max"] == pytest.approx(4 * k3)
+
+
+def test_exact_per_token_kl_matches_a_direct_computation(tmp_path, micro_lm):
+    """Learner.score's exact KL is KL(q || p) of the full next-token distributions, per token."""
+    from cory.algorithms import make_algorithm
+    from cory.learner import Learner
+    from cory.policy import Policy, SamplingParams, sequence_logprobs
+    from cory.train import make_accelerator
+
+    cfg = load_config(None, micro_overrides(tmp_path))
+    policy = Policy.from_pretrained(str(micro_lm))
+    with torch.no_grad():  # move the policy away from the reference
+        for p in policy.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    reference = AutoModelForCausalLM.from_pretrained(micro_lm).eval().requires_grad_(False)
+    learner = Learner(policy, reference, make_algorithm(cfg), cfg, make_accelerator(cfg, tmp_path))
+    gen = policy.generate(["The film", "A quiet drama is"], SamplingParams(max_new_tokens=6), generator=torch.Generator().manual_seed(0))
+    from cory.rollout import rollout_from_generation
+
+    scored = learner.score(rollout_from_generation(gen, ["The film", "A quiet drama is"], [0.0, 0.0]))
+    args = (gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)
+    q = sequence_logprobs(policy.module, *args, with_full_logprobs=True).full_logprobs
+    p = sequence_logprobs(reference, *args, with_full_logprobs=True).full_logprobs
+    by_hand = (q.exp() * (q - p)).sum(-1) * gen.response_mask
+    assert torch.allclose(scored.extras["kl_exact"], by_hand, atol=1e-5)
+    assert (scored.extras["kl_exact"][gen.response_mask.bool()] > 0).all()
+
+
+def test_mixed_token_logprobs_are_those_of_the_sampled_mixture():
+    logq = torch.log(torch.tensor([[0.7, 0.2]]))
+    logf = torch.log(torch.tensor([[0.1, 0.5]]))
+    w = torch.tensor([[0.25, 1.0]])
+    got = mixed_token_logprobs(logq, logf, w).exp()
+    assert torch.allclose(got, torch.tensor([[0.25 * 0.7 + 0.75 * 0.1, 0.2]]))
+    # Where the reference wrote (w = 0) the policy gets no gradient.
+    logq = logq.clone().requires_grad_(True)
+    mixed_token_logprobs(logq, logf, torch.tensor([[0.0, 1.0]])).sum().backward()
+    assert logq.grad[0, 0] == 0 and logq.grad[0, 1] == 1
+
+
+def test_hard_budget_holds_over_multi_turn_episodes_and_training_uses_the_sampled_mixture(tmp_path, micro_lm):
+    """A policy far from its reference plays 3-turn bandit episodes under a 1.5-nat episode budget:
+    the exact episode KL recomputed by the learner never exceeds it, the budget runs out (the agent
+    wants to overspend), the agent is told what is left, and the first update's recomputed
+    log-probs match the sampled ones."""
+    import cory.envs  # noqa: F401
+    from cory.algorithms import make_algorithm
+    from cory.envs.batch import GymTextEnvBatch
+    from cory.learner import Learner
+    from cory.policy import Policy, SamplingParams
+    from cory.rollout import Sampler
+    from cory.train import make_accelerator
+
+    budget = 1.5
+    cfg = load_config(None, micro_overrides(tmp_path, **{"algo.name": "ppo", "kl.hard_budget": budget}))
+    policy = Policy.from_pretrained(str(micro_lm), value_head=True)
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    reference = AutoModelForCausalLM.from_pretrained(micro_lm).eval().requires_grad_(False)
+    env = GymTextEnvBatch("cory/Bandit-v0", None, pool_seed=0, n_arms=5, horizon=3, history=2, cot=False)
+    control = EpisodeBudget(reference, budget, note=True)
+    sampler = Sampler(policy, env, SamplingParams(max_new_tokens=8), control=control)
+    rollout = sampler.collect(12, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    assert (rollout.turn_index == 2).sum() == 12
+    assert any("[KL budget left: 1.50 of 1.5 nats]" in p for p in rollout.prompts)
+    assert any("[KL budget left: 0.00 of 1.5 nats]" in p for p in rollout.prompts), "some episode spends it all"
+
+    learner = Learner(policy, reference, make_algorithm(cfg), cfg, make_accelerator(cfg, tmp_path))
+    scored, metrics = learner.step(rollout)
+    per_episode = torch.zeros(12).index_add_(0, scored.episode_ids, scored.extras["kl_exact"].sum(-1))
+    assert per_episode.max() <= budget + 1e-4, per_episode
+    assert per_episode.max() > budget - 0.05
+    assert metrics["episode_kl/exact_max"] <= budget + 1e-4
+    assert metrics["budget/mixed_token_rate"] > 0 and metrics["budget/reference_token_rate"] > 0
+    assert metrics["logprob_gap"] < 1e-4
+
+
+def test_cory_runs_under_a_hard_budget(tmp_path, micro_lm, micro_rm):
+    out = tmp_path / "run"
+    extra = {"cory.enabled": True, "algo.name": "reinforce", "kl.hard_budget": 0.5, "algo.lr": 1e-2, "train.iterations": 3}
+    assert main(["train", "--output-dir", str(out)] + micro_overrides(tmp_path, **extra)) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        for role in ("pioneer", "observer"):
+            assert row[f"{role}/episode_kl/exact_max"] <= 0.5 + 1e-4
+
+
+@pytest.fixture(scope="module")
+def second_member(zoo_cache):
+    from cory import zoo
+
+    return zoo.build("cory:micro-reviews@seed1", progress=False)
+
+
+def test_ensemble_reference_run_logs_both_kls_and_asks_for_help(tmp_path, micro_lm, micro_rm, second_member):
+    out = tmp_path / "run"
+    extra = {"model.reference_ensemble": "[cory:micro-reviews,cory:micro-reviews@seed1]", "kl.help_threshold": 0.3,
+             "algo.lr": 1e-2, "train.iterations": 3}
+    assert main(["train", "--output-dir", str(out)] + micro_overrides(tmp_path, **extra)) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        # Against the unnormalised p~ the KL is the renormalised one plus -log(1 - h) >= 0 per token.
+        assert row["episode_kl/semi_mean"] >= row["episode_kl/exact_mean"] - 1e-6
+        assert 0 <= row["help_mass_mean"] <= 1 and 0 <= row["help_rate"] <= 1
+    assert any(row["help_rate"] > 0 for row in rows), "two seeds disagree somewhere above the threshold"
+    assert (out / "final" / "config.json").exists()
