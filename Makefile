@@ -21,6 +21,9 @@ bench: setup
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/algorithms.py
 	$(PY) benchmarks/cory_memory.py
+	$(PY) benchmarks/coevolution.py
+	$(PY) benchmarks/bandits.py
+	$(PY) benchmarks/kl_budget.py
 
 clean:
 	rm -rf runs .pytest_cache

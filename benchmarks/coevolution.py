@@ -16,7 +16,7 @@ computed here from the samples: the share of responses with a word repeated twic
 max_new_tokens), the mean length in tokens. Curves over iterations (reward, KL, combined reward per
 agent and role) come from the runs' metrics.jsonl.
 
-    python benchmarks/cory.py [--tasks sentiment arithmetic] [--seeds 0 1 2] [--quick] [--report]
+    python benchmarks/coevolution.py [--tasks sentiment arithmetic] [--seeds 0 1 2] [--quick] [--report]
 (sentiment with the settings below: about 40 minutes on one thread; --quick: about a minute.)
 Writes benchmarks/results/cory.{json,md} and benchmarks/results/cory_<task>_{curves,frontier}.png;
 a task's results replace that task's earlier ones and keep the others. --quick (two iterations on a
@@ -32,15 +32,12 @@ import json
 import math
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-# Run as a script, this folder comes first on sys.path, and this file (cory.py) would shadow the package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 # Per-task settings: the runs' config overrides, iterations, KL coefficients (the frontier) and the
 # coefficient of the main comparison and the ablations.
@@ -531,7 +528,7 @@ def overall(holds: list[bool], budgets) -> str:
 def write(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# CORY-PPO against single-agent PPO", "",
-             ("`python benchmarks/cory.py` (see its docstring for what runs). CORY's figures are the mean of its two agents, "
+             ("`python benchmarks/coevolution.py` (see its docstring for what runs). CORY's figures are the mean of its two agents, "
              "each answering alone from the prompt, unless a row names an agent. Intervals: 95% t-intervals over seeds."), "",
              ("Against the paper's setup: embedded models of about 1.2M parameters instead of GPT2-Large / Llama-2-7b; a fixed "
               "KL coefficient (the frontier's beta) instead of the adaptive controller; the k1 estimator instead of the exact "
