@@ -159,7 +159,7 @@ class EpisodeBudget:
     """The hard budget across an episode's turns, for the Sampler: each episode starts with
     ``budget`` nats; every turn spends from what its episode has left.
 
-    With ``note`` the agent is told the budget left (appended to its observation); the time left is
+    With ``note`` the agent is told the budget left (a first line of its observation); the time left is
     the environment's to tell (the teacher-student environment shows the tokens left)."""
 
     def __init__(self, reference: torch.nn.Module, budget: float, temperature: float = 1.0, note: bool = False):
@@ -175,7 +175,8 @@ class EpisodeBudget:
     def annotate(self, observations: list[str], live: list[int]) -> list[str]:
         if not self.note:
             return list(observations)
-        return [f"{o}\n[KL budget left: {float(self.left[e]):.2f} of {self.budget:g} nats]" for o, e in zip(observations, live)]
+        # At the start: an observation may end with an open tag the agent's reply must follow.
+        return [f"[KL budget left: {float(self.left[e]):.2f} of {self.budget:g} nats]\n{o}" for o, e in zip(observations, live)]
 
     def hook(self, live: list[int]) -> HardBudgetHook:
         return HardBudgetHook(self.reference, self.left[live], self.temperature)

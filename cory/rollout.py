@@ -184,7 +184,8 @@ class Sampler:
         for turn in range(self.max_turns):
             hook = control.hook(live) if control is not None else None
             seen = control.annotate(observations, live) if control is not None else observations
-            gen = self.policy.generate(seen, self.params, generator=generator, logits_hook=hook)
+            hooked = {"logits_hook": hook} if hook is not None else {}
+            gen = self.policy.generate(seen, self.params, generator=generator, **hooked)
             next_obs, rewards, dones, infos = self.env.step(gen.texts)
             parts.append(
                 {

@@ -3,8 +3,9 @@
     import cory.envs, gymnasium
     env = gymnasium.make("cory/Bandit-v0", n_arms=10, sigma=1.0)
 
-Ids: cory/Bandit-v0, cory/ContextualBandit-v0, cory/TicTacToe-v0. Observations are prompts, actions
-are response texts; `GymTextEnvBatch` drives many of them for the Sampler.
+Ids: cory/Bandit-v0, cory/ContextualBandit-v0, cory/TicTacToe-v0, cory/TeacherStudent-v0 (a
+conversation with a frozen student model). Observations are prompts, actions are response texts;
+`GymTextEnvBatch` drives many of them for the Sampler.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ ENV_IDS = {
     "cory/Bandit-v0": "cory.envs.bandit:BanditEnv",
     "cory/ContextualBandit-v0": "cory.envs.contextual:ContextualBanditEnv",
     "cory/TicTacToe-v0": "cory.envs.tictactoe:TicTacToeEnv",
+    # Loads language models: imported only when made (`cory.envs.teacher_student`).
+    "cory/TeacherStudent-v0": "cory.envs.teacher_student:TeacherStudentEnv",
 }
 
 for _id, _entry in ENV_IDS.items():

@@ -92,8 +92,13 @@ class GymTextEnvBatch:
         if len(responses) != len(self.live):
             raise ValueError(f"step() got {len(responses)} responses for {len(self.live)} live episodes")
         observations, rewards, dones, infos = [], [], [], []
-        for e, text in zip(self.live, responses):
-            obs, reward, terminated, truncated, info = self.envs[e].step(text)
+        # An environment class may step many instances at once (batched student replies, say).
+        step_many = getattr(type(self.envs[self.live[0]].unwrapped), "step_many", None) if self.live else None
+        if step_many is not None:
+            results = step_many([self.envs[e].unwrapped for e in self.live], list(responses))
+        else:
+            results = [self.envs[e].step(text) for e, text in zip(self.live, responses)]
+        for e, (obs, reward, terminated, truncated, info) in zip(self.live, results):
             info["episode"] = e
             observations.append(obs)
             rewards.append(float(reward))
