@@ -16,9 +16,9 @@ benchmark records: task reward per episode, exact episode KL (against the run's 
 share of near-empty student replies (at most one word), the share of teacher turns with formatting
 changes, the mean help mass h of the pessimistic reference (the ensemble's probability of asking for
 help), and the first transcript. The same runs are repeated with episodes twice as long (512 tokens
-instead of 256) at the first budget.
+instead of 256) at the first budget, for the penalty and the hard budget (``--long-conditions``).
 
-    python benchmarks/kl_budget.py [--budgets 4 16] [--seeds 0 1 2] [--iterations 25] [--quick]
+    python benchmarks/kl_budget.py [--budgets 4 16] [--seeds 0 1 2] [--iterations 10] [--quick]
 Writes benchmarks/results/kl_budget.{json,md} and kl_budget.png.
 """
 
@@ -270,10 +270,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", type=float, nargs="+", default=[4.0, 16.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--iterations", type=int, default=25)
-    ap.add_argument("--episodes", type=int, default=8, help="training episodes per iteration")
-    ap.add_argument("--eval-episodes", type=int, default=16)
+    ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument("--episodes", type=int, default=6, help="training episodes per iteration")
+    ap.add_argument("--eval-episodes", type=int, default=8)
     ap.add_argument("--conditions", nargs="+", default=CONDITIONS, choices=CONDITIONS)
+    ap.add_argument("--long-conditions", nargs="+", default=["penalty", "hard"], choices=CONDITIONS,
+                    help="conditions also run with episodes twice as long (at the first budget)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 2 iterations, 1 seed, one budget")
     args = ap.parse_args()
     if args.quick:
@@ -283,7 +285,7 @@ def main() -> None:
     t_start = time.perf_counter()
     runs = initial_runs(args.seeds, args.eval_episodes, [256, 512])
     plan = [(c, b, s, 256) for b in args.budgets for c in args.conditions for s in args.seeds]
-    plan += [(c, args.budgets[0], s, 512) for c in args.conditions for s in args.seeds]
+    plan += [(c, args.budgets[0], s, 512) for c in args.long_conditions if c in args.conditions for s in args.seeds]
     for i, (condition, budget, seed, tokens) in enumerate(plan, 1):
         run = run_one(condition, budget, seed, args.iterations, args.episodes, args.eval_episodes, tokens)
         runs.append(run)

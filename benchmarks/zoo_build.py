@@ -96,8 +96,12 @@ def quality(row: dict) -> str:
     if "greedy_accuracy" in e:
         return (f"accuracy greedy {e['greedy_accuracy']:.3f}, sampled {e['sampled_accuracy']:.3f} "
                 f"({e['heldout_problems']} problems); loss {e['heldout_loss']:.3f}/token")
-    return (f"loss {e['heldout_loss']:.3f}/token, known words {e['sample_known_words']:.1%}, "
-            f"<eos> {e['sample_eos_rate']:.0%}")
+    if "sample_known_words" in e:
+        return (f"loss {e['heldout_loss']:.3f}/token, known words {e['sample_known_words']:.1%}, "
+                f"<eos> {e['sample_eos_rate']:.0%}")
+    # Other corpora (agent transcripts, dialogues): the held-out loss and the corpus's own checks.
+    numbers = [f"{k.replace('_', ' ')} {v:.3f}" for k, v in e.items() if isinstance(v, float) and k != "heldout_loss"]
+    return ", ".join([f"loss {e['heldout_loss']:.3f}/token"] + numbers[:4])
 
 
 def accuracy_by_kind(rows: list[dict]) -> list[str]:

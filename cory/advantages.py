@@ -31,12 +31,14 @@ def rewards_to_go(
     gamma: float = 1.0,
     episode_ids: torch.Tensor | None = None,
     turn_index: torch.Tensor | None = None,
+    turn_gamma: float = 1.0,
 ) -> torch.Tensor:
     """[B, L] discounted return from each token to the end of its episode.
 
     rewards, mask: [B, L] per-token rewards and response mask. episode_ids, turn_index: [B]; when
-    omitted every row is its own one-turn episode. A turn's return is bootstrapped with the return at
-    the first token of the next turn of the same episode.
+    omitted every row is its own one-turn episode. A turn's return is bootstrapped with
+    ``turn_gamma`` times the return at the first token of the next turn of the same episode: gamma
+    discounts token by token, turn_gamma once per environment step (an agent's turn is one action).
     """
     if episode_ids is None or turn_index is None:
         return _discounted_cumsum(rewards, mask, gamma, torch.zeros(rewards.shape[0], dtype=rewards.dtype))
@@ -47,7 +49,7 @@ def rewards_to_go(
         boot = torch.tensor(
             [start_return.get((int(episode_ids[i]), k + 1), 0.0) for i in rows.tolist()], dtype=rewards.dtype
         )
-        out[rows] = _discounted_cumsum(rewards[rows], mask[rows], gamma, boot)
+        out[rows] = _discounted_cumsum(rewards[rows], mask[rows], gamma, turn_gamma * boot)
         for i in rows.tolist():
             start_return[(int(episode_ids[i]), k)] = float(out[i, 0])
     return out
@@ -75,6 +77,7 @@ def gae(
     lam: float = 0.95,
     episode_ids: torch.Tensor | None = None,
     turn_index: torch.Tensor | None = None,
+    turn_gamma: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over tokens and turns. Returns (advantages, returns), [B, L].
 
@@ -82,6 +85,8 @@ def gae(
     A_t = delta_t + gamma lam A_{t+1}, where the step after a turn's last token is the first token
     of the next turn of the same episode (V = A = 0 after the episode's last turn). lam = 0 gives
     TD(0) advantages; lam = 1 gives Monte-Carlo returns minus V. returns = A + V (the value target).
+    At a turn boundary the next turn's V and A are also scaled by ``turn_gamma`` (the discount per
+    environment step).
     """
     n = rewards.shape[0]
     if episode_ids is None or turn_index is None:
@@ -95,7 +100,7 @@ def gae(
         nxt = [start.get((int(episode_ids[i]), k + 1), (0.0, 0.0)) for i in rows.tolist()]
         next_value = torch.tensor([v for v, _ in nxt], dtype=rewards.dtype)
         next_adv = torch.tensor([a for _, a in nxt], dtype=rewards.dtype)
-        adv[rows] = _gae_turn(rewards[rows], values[rows], mask[rows], gamma, lam, next_value, next_adv)
+        adv[rows] = _gae_turn(rewards[rows], values[rows], mask[rows], gamma, lam, turn_gamma * next_value, turn_gamma * next_adv)
         for i in rows.tolist():
             start[(int(episode_ids[i]), k)] = (float(values[i, 0]), float(adv[i, 0]))
     return adv, (adv + values) * mask

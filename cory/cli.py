@@ -20,11 +20,20 @@ def _add_train(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model on a task's fixed prompt set")
-    p.add_argument("model", help="a run's final/ folder, any HF folder, or a cory: model")
-    p.add_argument("--config", help="YAML config file (task, generation and eval sections are used)")
+    p = sub.add_parser(
+        "eval", help="evaluate a model on a task's fixed prompt set, or any agent in a text environment",
+        description="With env.id=... (e.g. cory/Bandit-v0), play env.eval_episodes episodes in parallel "
+        "environments (env.kwargs) and report regret, coverage, win/draw/loss and the valid-action rate; "
+        "the agent is a model or a classical agent (random, epsilon-greedy, ucb1, thompson, thompson-beta, "
+        "linucb, minimax). Without env.id, evaluate a model on the task's fixed prompt set.",
+    )
+    p.add_argument("model", help="a run's final/ folder, any HF folder, a cory: model, or a classical agent's name")
+    p.add_argument("--config", help="YAML config file (task or env, generation and eval sections are used)")
     p.add_argument("--reference", help="also report the KL to this model")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--probe", action="append", default=[], choices=["frequency", "knowing-doing"],
+                   help="also run this probe on the model with bandit prompts of env.kwargs (repeatable)")
+    p.add_argument("--probes", type=int, default=100, help="probes per --probe (default 100)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 
@@ -56,8 +65,10 @@ def _add_rm(sub) -> None:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="plot a run's reward and KL curves")
+    p = sub.add_parser("report", help="plot a run's reward and KL curves (env runs: regret and coverage against baselines)")
     p.add_argument("run_dir")
+    p.add_argument("--episodes", type=int, default=0,
+                   help="env runs: episodes per agent for the regret and coverage curves (default: env.eval_episodes)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -88,16 +99,27 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from pathlib import Path
+
     import torch
 
+    from cory.agents import AGENTS
     from cory.config import load_config
     from cory.evaluate import evaluate
     from cory.policy import Policy
     from cory.tasks import make_task
-    from cory.train import check_model_name, eval_params, load_reference, preflight
+    from cory.train import UsageError, check_model_name, eval_params, load_reference, preflight
 
     cfg = load_config(args.config, args.overrides)
     preflight(cfg)
+    if args.probes < 1:
+        raise UsageError(f"--probes must be at least 1, got {args.probes}")
+    if cfg.env.id:
+        return _eval_env(args, cfg)
+    if args.model in AGENTS and not Path(args.model).is_dir():
+        raise UsageError(f"'{args.model}' is a classical agent: give it an environment, e.g. env.id=cory/Bandit-v0")
+    if args.probe:
+        raise UsageError("--probe needs bandit prompts: set env.id=cory/Bandit-v0 (and env.kwargs)")
     check_model_name(args.model)
     if args.reference:
         check_model_name(args.reference)
@@ -115,6 +137,101 @@ def cmd_eval(args) -> int:
         for s in result["samples"]:
             print(f"  sample: {s['prompt']!r} -> {s['response']!r}")
     return 0
+
+
+# Which environments each classical agent can play (random plays any).
+AGENT_ENVS = {
+    "epsilon-greedy": ("cory/Bandit-v0",),
+    "ucb1": ("cory/Bandit-v0",),
+    "thompson": ("cory/Bandit-v0",),
+    "thompson-beta": ("cory/Bandit-v0",),
+    "linucb": ("cory/ContextualBandit-v0",),
+    "minimax": ("cory/TicTacToe-v0",),
+}
+
+
+def _eval_env(args, cfg) -> int:
+    """`cory eval` in a text environment: a classical agent or a model plays env.eval_episodes
+    episodes (the evaluation instances of eval.seed); optional probes on a model."""
+    from pathlib import Path
+
+    import gymnasium
+    import torch
+
+    from cory.agents import AGENTS
+    from cory.evaluate import episode_metrics, evaluate_env, play_agent
+    from cory.train import UsageError, check_model_name, eval_params, load_reference
+
+    env_id, kwargs = cfg.env.id, dict(cfg.env.kwargs)
+    try:
+        gymnasium.make(env_id, disable_env_checker=True, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"bad env.kwargs for {env_id}: {str(e).splitlines()[0]}") from None
+    if cfg.env.eval_episodes < 1:
+        raise UsageError(f"env.eval_episodes must be at least 1, got {cfg.env.eval_episodes}")
+    classical = args.model in AGENTS and not Path(args.model).is_dir()
+    if classical:
+        allowed = AGENT_ENVS.get(args.model)
+        if allowed is not None and env_id not in allowed:
+            raise UsageError(f"agent '{args.model}' plays {', '.join(allowed)}, not {env_id}")
+        if args.probe:
+            raise UsageError(f"--probe scores actions with a model's log-likelihoods; '{args.model}' is a classical agent")
+        if args.reference:
+            raise UsageError(f"--reference needs a model; '{args.model}' is a classical agent")
+    else:
+        check_model_name(args.model)
+        if args.reference:
+            check_model_name(args.reference)
+    if args.probe and env_id != "cory/Bandit-v0":
+        raise UsageError(f"--probe uses bandit prompts: set env.id=cory/Bandit-v0, not {env_id}")
+
+    n, seed = cfg.env.eval_episodes, cfg.eval.seed
+    if classical:
+        result = {"agent": args.model, **episode_metrics(play_agent(args.model, env_id, kwargs, n, seed))}
+    else:
+        from cory.policy import Policy
+
+        policy = Policy.from_pretrained(args.model)
+        reference = load_reference(args.reference, torch.float32) if args.reference else None
+        result = {"agent": args.model, **evaluate_env(policy, env_id, kwargs, n, eval_params(cfg), seed=seed,
+                                                     reference=reference, max_turns=cfg.env.max_turns)}
+        result.update(_run_probes(policy, args.probe, args.probes, seed, kwargs))
+    result = {"env": env_id, "env_kwargs": kwargs, "seed": seed, **result}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"agent: {args.model}  env: {env_id} {kwargs}  episodes: {result['n']}  seed: {seed}")
+    if "regret_mean" in result:
+        print(f"  {'regret':<16} {result['regret_mean']:.3f} ± {result['regret_ci95']:.3f} (95%)")
+    for key in ("coverage_final", "win_rate", "draw_rate", "loss_rate", "valid_rate", "reward_mean", "env_return_mean",
+                "episode_length", "kl_mean"):
+        if key in result:
+            print(f"  {key:<16} {result[key]:.4f}")
+    if "frequency_probe" in result:
+        fb = result["frequency_probe"]
+        print(f"frequency-bias probe ({fb['probes']} probes): F_f {fb['F_f']:.3f}  F_g {fb['F_g']:.3f}  "
+              f"F_o {fb['F_o']:.3f}  entropy {fb['entropy']:.3f} nats")
+        for row in fb["by_repeats"]:
+            print(f"  repeats {row['repeats_from']:>3}-{row['repeats_to']:<3} n={row['probes']:<4} F_f {row['F_f']:.2f}  "
+                  f"F_g {row['F_g']:.2f}  F_o {row['F_o']:.2f}  entropy {row['entropy']:.3f}")
+    if "knowing_doing_probe" in result:
+        kd = result["knowing_doing_probe"]
+        print(f"knowing-doing probe ({kd['probes']} probes): knowing {kd['knowing']:.3f}; actions optimal "
+              f"{kd['optimal']:.3f}, greedy {kd['greedy']:.3f}, other {kd['other']:.3f}, invalid {kd['invalid']:.3f}")
+    for sample in result.get("samples", [])[:2]:
+        print(f"  sample: ...{sample['prompt'][-80:]!r} -> {sample['response']!r}")
+    return 0
+
+
+def _run_probes(policy, probes: list[str], n_probes: int, seed: int, env_kwargs: dict) -> dict:
+    from cory.metrics.model_probes import frequency_bias_probe, knowing_doing_probe
+
+    out = {}
+    if "frequency" in probes:
+        out["frequency_probe"], _ = frequency_bias_probe(policy, n_probes, seed, env_kwargs)
+    if "knowing-doing" in probes:
+        out["knowing_doing_probe"], _ = knowing_doing_probe(policy, n_probes, seed, env_kwargs)
+    return out
 
 
 def cmd_zoo(args) -> int:
@@ -153,13 +270,18 @@ def cmd_rm(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from cory.report import plot_run, summary_text
+    from cory.report import env_report, is_env_run, plot_run, summary_text
 
     if not Path(args.run_dir).is_dir():
         raise FileNotFoundError(f"run directory not found: {args.run_dir}")
     for path in plot_run(args.run_dir):
         print(f"wrote {path}")
     print(summary_text(args.run_dir))
+    if is_env_run(args.run_dir):
+        paths, table = env_report(args.run_dir, episodes=args.episodes or None)
+        for path in paths:
+            print(f"wrote {path}")
+        print("\n".join(table))
     return 0
 
 

@@ -100,7 +100,9 @@ class AlgoConfig:
     baseline: str = "mean"
     """REINFORCE baseline: none, mean (batch mean return) or loo (leave-one-out)."""
     gamma: float = 1.0
-    """Discount over tokens and turns."""
+    """Discount per token (within and across turns); keep 1 for multi-turn agents and use turn_gamma."""
+    turn_gamma: float = 1.0
+    """Discount per environment step: a turn's return adds turn_gamma x the next turn's."""
     epochs: int = 1
     """Passes over each rollout."""
     minibatch_size: int = 0

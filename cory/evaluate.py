@@ -55,6 +55,72 @@ def evaluate(
     return out
 
 
+EVAL_POOL_OFFSET = 10_000
+"""Evaluation instances come from the pool seeded `EVAL_POOL_OFFSET + seed`; training pools are seeded
+by the training seed, so the two never share a pool."""
+
+
+@torch.no_grad()
+def play_policy(
+    policy: Policy,
+    env_id: str,
+    env_kwargs: dict,
+    n_episodes: int,
+    params: SamplingParams,
+    seed: int = 1234,
+    max_turns: int = 100,
+):
+    """Plays one episode in each of `n_episodes` text environments with a language model. The
+    instances are the evaluation pool of `seed` (the same set `play_agent` gives a classical agent).
+    Returns (episode records, the Rollout of every turn)."""
+    import numpy as np
+
+    from cory.envs.batch import GymTextEnvBatch
+    from cory.rollout import Sampler
+
+    env = GymTextEnvBatch(env_id, pool_size=n_episodes, pool_seed=EVAL_POOL_OFFSET + seed, **dict(env_kwargs))
+    sampler = Sampler(policy, env, params, max_turns=max_turns)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    rollout = sampler.collect(n_episodes, np.random.default_rng(seed), generator)
+    return env.episodes(), rollout
+
+
+def play_agent(name: str, env_id: str, env_kwargs: dict, n_episodes: int, seed: int = 1234) -> list:
+    """Plays one episode in each of `n_episodes` text environments with the classical agent `name`
+    (see `cory.agents.AGENTS`), on the same evaluation instances as `play_policy` with this seed."""
+    from cory.agents import run_agent
+
+    return run_agent(name, env_id, n_episodes, seed, pool_size=n_episodes, pool_seed=EVAL_POOL_OFFSET + seed,
+                     **dict(env_kwargs))
+
+
+def episode_metrics(records) -> dict:
+    """What a set of episodes says, whoever played them: mean shaped return (`reward_mean`), raw
+    environment return, valid-action rate, episode length; for bandits the mean final cumulative regret
+    (with its 95% half-width) and the final action coverage; for games the win / draw / loss rates."""
+    import numpy as np
+
+    from cory.metrics import coverage, mean_ci, outcome_rates
+
+    out = {
+        "reward_mean": float(np.mean([r.total_reward for r in records])),
+        "env_return_mean": float(np.mean([sum(r.env_rewards) for r in records])),
+        "valid_rate": float(np.mean([r.valid_rate for r in records])),
+        "episode_length": float(np.mean([len(r) for r in records])),
+        "n": len(records),
+    }
+    regrets = [r.total_regret for r in records if r.total_regret == r.total_regret]
+    if regrets:
+        mean, half = mean_ci(np.asarray(regrets))
+        out["regret_mean"], out["regret_ci95"] = float(mean), float(half)
+        out["coverage_final"] = float(np.mean([coverage(r.executed, r.n_actions)[-1] for r in records]))
+    finished = [r for r in records if r.outcome is not None]
+    if finished:
+        rates = outcome_rates(finished)
+        out.update({f"{k}_rate": rates[k] for k in ("win", "draw", "loss")})
+    return out
+
+
 @torch.no_grad()
 def evaluate_env(
     policy: Policy,
@@ -71,32 +137,10 @@ def evaluate_env(
     outcomes for games, and the mean episode KL to the reference."""
     import numpy as np
 
-    from cory.envs.batch import GymTextEnvBatch
-    from cory.metrics import coverage, outcome_rates
-    from cory.rollout import Sampler
-
-    env = GymTextEnvBatch(env_id, pool_size=n_episodes, pool_seed=10_000 + seed, **dict(env_kwargs))
-    sampler = Sampler(policy, env, params, max_turns=max_turns)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    rollout = sampler.collect(n_episodes, np.random.default_rng(seed), generator)
-    records = env.episodes()
-    out = {
-        "reward_mean": float(np.mean([r.total_reward for r in records])),
-        "env_return_mean": float(np.mean([sum(r.env_rewards) for r in records])),
-        "valid_rate": float(np.mean([r.valid_rate for r in records])),
-        "episode_length": float(np.mean([len(r) for r in records])),
-        "response_length": rollout.response_mask.sum(-1).float().mean().item(),
-        "eos_rate": rollout.finished.float().mean().item(),
-        "n": len(records),
-    }
-    regrets = [r.total_regret for r in records if r.total_regret == r.total_regret]
-    if regrets:
-        out["regret_mean"] = float(np.mean(regrets))
-        out["coverage_final"] = float(np.mean([coverage(r.executed, r.n_actions)[-1] for r in records]))
-    finished = [r for r in records if r.outcome is not None]
-    if finished:
-        rates = outcome_rates(finished)
-        out.update({f"{k}_rate": rates[k] for k in ("win", "draw", "loss")})
+    records, rollout = play_policy(policy, env_id, env_kwargs, n_episodes, params, seed, max_turns)
+    out = episode_metrics(records)
+    out["response_length"] = rollout.response_mask.sum(-1).float().mean().item()
+    out["eos_rate"] = rollout.finished.float().mean().item()
     if reference is not None:
         dev = next(reference.parameters()).device
         ref = sequence_logprobs(reference, rollout.query_ids.to(dev), rollout.query_mask.to(dev), rollout.response_ids.to(dev),

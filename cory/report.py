@@ -1,4 +1,10 @@
-"""`cory report DIR`: PNG plots of a run's curves and a one-screen summary."""
+"""`cory report DIR`: PNG plots of a run's curves and a one-screen summary.
+
+For a run in a text environment (`env.id` in its config.yaml) the report also plays the initial model,
+the trained one (`final/`) and the environment's classical baselines (`BASELINES`) on the same
+evaluation instances, plots cumulative regret and action coverage per step (95% bands) where regret
+is defined, and tabulates regret, coverage, valid-action rate, return and win/draw/loss.
+"""
 
 from __future__ import annotations
 
@@ -108,3 +114,69 @@ def cory_table(rows: list[dict], evals: list[dict]) -> list[str]:
         out.append(f"{name:<42} {last[f'{agent}/reward_mean']:>8.3f} {last.get(f'{agent}/kl_mean', float('nan')):>8.3f} "
                    f"{last[f'{agent}/response_length']:>7.1f} {last[f'{agent}/eos_rate']:>5.2f}  {sample(last, agent)}")
     return out
+
+
+BASELINES = {
+    "cory/Bandit-v0": ("ucb1", "random"),
+    "cory/ContextualBandit-v0": ("linucb", "random"),
+    "cory/TicTacToe-v0": ("minimax", "random"),
+}
+"""The classical agents a model is compared with in each environment."""
+
+
+def is_env_run(run_dir: str | Path) -> bool:
+    """Whether the run in `run_dir` trained in a text environment (its config.yaml sets env.id)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return False
+    from cory.config import load_config
+
+    return bool(load_config(path).env.id)
+
+
+def env_report(run_dir: str | Path, episodes: int | None = None) -> tuple[list[Path], list[str]]:
+    """Plays the initial and the trained model and the baselines in the run's environment (`episodes`
+    each, default env.eval_episodes; the evaluation instances of eval.seed, with the evaluation's
+    sampling settings). Writes DIR/plots/regret.png and DIR/plots/coverage.png when the environment
+    has a regret, and returns (written paths, table lines)."""
+    from cory.config import load_config
+    from cory.evaluate import episode_metrics, play_agent, play_policy
+    from cory.metrics import plot_coverage, plot_regret
+    from cory.policy import Policy
+    from cory.train import eval_params
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    final = run_dir / "final"
+    if not final.is_dir():
+        raise FileNotFoundError(f"no trained model in {final}")
+    n = episodes or cfg.env.eval_episodes
+    env_id, kwargs, seed = cfg.env.id, dict(cfg.env.kwargs), cfg.eval.seed
+    records = {}
+    for name, path in ((f"initial ({cfg.model.name})", cfg.model.name), ("trained (final/)", str(final))):
+        policy = Policy.from_pretrained(path)
+        records[name], _ = play_policy(policy, env_id, kwargs, n, eval_params(cfg), seed, cfg.env.max_turns)
+    for agent in BASELINES.get(env_id, ("random",)):
+        records[agent] = play_agent(agent, env_id, kwargs, n, seed)
+    metrics = {name: episode_metrics(recs) for name, recs in records.items()}
+    written = []
+    if all("regret_mean" in m for m in metrics.values()):
+        title = f"{env_id} {kwargs}"
+        written.append(plot_regret(records, run_dir / "plots" / "regret.png", title=f"Cumulative regret: {title}"))
+        written.append(plot_coverage(records, run_dir / "plots" / "coverage.png", title=f"Action coverage: {title}"))
+    (run_dir / "env_report.json").write_text(json.dumps({"env": env_id, "env_kwargs": kwargs, "seed": seed, "agents": metrics},
+                                                        indent=2))
+    written.append(run_dir / "env_report.json")
+    return written, env_table(metrics, n)
+
+
+def env_table(metrics: dict[str, dict], episodes: int) -> list[str]:
+    """One row per agent: final regret (± 95%), coverage, valid-action rate, return, and outcomes for games."""
+    header = f"agent ({episodes} episodes)"
+    lines = [f"{header:<34} {'regret':>15} {'coverage':>9} {'valid':>6} {'return':>8} {'win/draw/loss':>15}"]
+    for name, m in metrics.items():
+        regret = f"{m['regret_mean']:.2f} ± {m['regret_ci95']:.2f}" if "regret_mean" in m else "-"
+        cov = f"{m['coverage_final']:.3f}" if "coverage_final" in m else "-"
+        games = f"{m['win_rate']:.2f}/{m['draw_rate']:.2f}/{m['loss_rate']:.2f}" if "win_rate" in m else "-"
+        lines.append(f"{name:<34} {regret:>15} {cov:>9} {m['valid_rate']:>6.3f} {m['env_return_mean']:>8.2f} {games:>15}")
+    return lines

@@ -76,6 +76,24 @@ def test_rewards_to_go_flows_into_previous_turn_of_same_episode():
     assert torch.allclose(got, torch.tensor([[1.0, 1.0], [3.0, 0.0], [3.0, 0.0]]))
 
 
+def test_turn_gamma_discounts_once_per_turn_not_per_token():
+    # Episode 0: turn 0 has 3 tokens (reward 1 on the last), turn 1 has 2 tokens (reward 4 on the last).
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 4.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    episode, turn = torch.tensor([0, 0]), torch.tensor([0, 1])
+    got = rewards_to_go(rewards, mask, 1.0, episode, turn, turn_gamma=0.5)
+    # Within a turn no discount; turn 0's tokens see 1 + 0.5 * 4 = 3 whatever their position.
+    assert torch.allclose(got, torch.tensor([[3.0, 3.0, 3.0], [4.0, 4.0, 0.0]]))
+    # GAE with lambda = 1 and V = 0 gives the same returns; with V, TD(0) at the turn boundary uses
+    # 0.5 x the next turn's first value.
+    zeros = torch.zeros(2, 3)
+    adv, _ = gae(rewards, zeros, mask, 1.0, 1.0, episode, turn, turn_gamma=0.5)
+    assert torch.allclose(adv, got)
+    v = torch.tensor([[0.0, 0.0, 0.2], [0.6, 0.0, 0.0]])
+    adv0, _ = gae(rewards, v, mask, 1.0, 0.0, episode, turn, turn_gamma=0.5)
+    assert torch.allclose(adv0[0, 2], torch.tensor(1.0 + 0.5 * 0.6 - 0.2))
+
+
 def test_mc_baseline_is_mean_per_turn_index():
     ret = torch.tensor([1.0, 3.0, 10.0, 20.0])
     turn = torch.tensor([0, 0, 1, 1])

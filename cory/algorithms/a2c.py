@@ -15,7 +15,8 @@ from cory.kl import masked_mean
 def fill_gae_advantages(batch, token_rewards, algo_cfg) -> None:
     """batch.extras['advantages'] (whitened if asked) and ['returns'] (value targets) by GAE."""
     mask = batch.response_mask
-    adv, returns = gae(token_rewards, batch.values, mask, algo_cfg.gamma, algo_cfg.lam, batch.episode_ids, batch.turn_index)
+    adv, returns = gae(token_rewards, batch.values, mask, algo_cfg.gamma, algo_cfg.lam, batch.episode_ids, batch.turn_index,
+                       algo_cfg.turn_gamma)
     batch.extras["returns"] = returns
     batch.extras["advantages"] = whiten(adv, mask) if algo_cfg.whiten_advantages else adv
 

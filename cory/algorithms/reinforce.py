@@ -19,7 +19,8 @@ from cory.kl import masked_mean
 class Reinforce(Algorithm):
     def advantages(self, batch, token_rewards):
         mask = batch.response_mask
-        returns = rewards_to_go(token_rewards, mask, self.cfg.algo.gamma, batch.episode_ids, batch.turn_index)
+        returns = rewards_to_go(token_rewards, mask, self.cfg.algo.gamma, batch.episode_ids, batch.turn_index,
+                                self.cfg.algo.turn_gamma)
         turn_returns = returns[:, 0]
         kind = self.cfg.algo.baseline
         if kind == "none":

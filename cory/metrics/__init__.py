@@ -20,6 +20,7 @@ from cory.metrics.probes import (
     classify_frequency_bias,
     classify_knowing_doing,
     entropy,
+    frequency_bias_by_repeats,
     frequency_bias_history,
     frequency_bias_rates,
     greedy_actions,
@@ -28,14 +29,15 @@ from cory.metrics.probes import (
     most_frequent_actions,
     parse_ucb_values,
     run_frequency_bias_probe,
+    run_knowing_doing_probe,
     true_ucb_values,
 )
 
 __all__ = [
     "FrequencyBiasResult", "KnowingDoing", "action_distribution", "bandit_summary", "classify_frequency_bias",
     "classify_knowing_doing", "coverage", "coverage_curves", "cumulative_regret", "entropy",
-    "frequency_bias_history", "frequency_bias_rates", "greedy_actions", "knowing_doing_prompt",
+    "frequency_bias_by_repeats", "frequency_bias_history", "frequency_bias_rates", "greedy_actions", "knowing_doing_prompt",
     "knowing_doing_rates", "mean_ci", "most_frequent_actions", "outcome_rates", "pad_stack", "parse_ucb_values",
     "plot_coverage", "plot_curves", "plot_regret", "regret_curves", "regret_from_means",
-    "run_frequency_bias_probe", "true_ucb_values",
+    "run_frequency_bias_probe", "run_knowing_doing_probe", "true_ucb_values",
 ]

@@ -14,6 +14,7 @@ Histories are lists of (action index, reward) pairs, oldest first.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import unicodedata
@@ -24,7 +25,7 @@ import numpy as np
 
 from cory.agents.bandit import ucb_index
 from cory.envs.bandit import arm_labels, render_bandit_prompt
-from cory.envs.parsing import match_label
+from cory.envs.parsing import match_label, parse_action
 from cory.envs.prompts import PromptOptions
 
 History = Sequence[tuple[int, float]]
@@ -113,6 +114,21 @@ def frequency_bias_rates(classes: Sequence[str]) -> dict[str, float]:
     if n == 0:
         raise ValueError("no probe results")
     return {f"F_{c[0]}": sum(x == c for x in classes) / n for c in ("frequent", "greedy", "other")}
+
+
+def frequency_bias_by_repeats(
+    results: Sequence[FrequencyBiasResult], edges: Sequence[int] = (0, 1, 11, 26, 51, 101)
+) -> list[dict[str, float]]:
+    """F_f, F_g, F_o and the mean action entropy of the probes whose repeat count lies in each bin
+    [edges[i], edges[i+1]) (empty bins are left out): how the bias grows with repetition."""
+    rows = []
+    for lo, hi in itertools.pairwise(edges):
+        mine = [r for r in results if lo <= r.n_repeats < hi]
+        if mine:
+            rows.append({"repeats_from": lo, "repeats_to": hi - 1, "probes": len(mine),
+                         **frequency_bias_rates([r.label for r in mine]),
+                         "entropy": float(np.mean([r.entropy for r in mine]))})
+    return rows
 
 
 @dataclass
@@ -218,10 +234,12 @@ def knowing_doing_instructions(alpha: float = 0.5) -> str:
 
 
 def knowing_doing_prompt(
-    labels: Sequence[str], variant: str, horizon: int, history: History, alpha: float = 0.5, cot: bool = True
+    labels: Sequence[str], variant: str, horizon: int, history: History, alpha: float = 0.5, cot: bool = True,
+    window: int | None = None,
 ) -> str:
-    """A bandit prompt whose closing question asks for `<ucb_values>` and then the action."""
-    options = PromptOptions(cot=cot, summary=True, question=knowing_doing_instructions(alpha))
+    """A bandit prompt whose closing question asks for `<ucb_values>` and then the action; `window`
+    shows only the last steps of history (the per-arm summary always covers all of them)."""
+    options = PromptOptions(cot=cot, history=window, summary=True, question=knowing_doing_instructions(alpha))
     return render_bandit_prompt(labels, variant, horizon, history, options)
 
 
@@ -270,3 +288,39 @@ def knowing_doing_rates(results: Sequence[KnowingDoing]) -> dict[str, float]:
         out[f"{c}_given_knowing"] = sum(r.doing == c for r in knowing) / len(knowing) if knowing else math.nan
         out[c] = sum(r.doing == c for r in results) / len(results)
     return out
+
+
+def run_knowing_doing_probe(
+    respond: Callable[[list[str]], list[str]],
+    n_probes: int,
+    rng: np.random.Generator,
+    n_arms: int = 10,
+    variant: str = "button",
+    sigma: float = 1.0,
+    horizon: int = 50,
+    alpha: float = 0.5,
+    cot: bool = True,
+    window: int | None = None,
+    steps: tuple[int, int] = (5, 30),
+) -> list[KnowingDoing]:
+    """Ask for UCB values and an action after `n_probes` fresh histories, and classify the answers.
+
+    Each probe draws a Gaussian bandit (means ~ U(0, 1)) and a uniformly random history of
+    U{steps[0]..steps[1]} pulls, renders `knowing_doing_prompt`, and `respond(prompts)` answers all
+    prompts at once (one text each). Summarise with `knowing_doing_rates`.
+    """
+    labels = arm_labels(n_arms, variant)
+    histories, prompts = [], []
+    for _ in range(n_probes):
+        means = rng.uniform(0.0, 1.0, size=n_arms)
+        arms = rng.integers(0, n_arms, size=int(rng.integers(steps[0], steps[1] + 1)))
+        history = [(int(a), float(rng.normal(means[a], sigma))) for a in arms]
+        histories.append(history)
+        prompts.append(knowing_doing_prompt(labels, variant, horizon, history, alpha, cot, window))
+    responses = respond(prompts)
+    if len(responses) != n_probes:
+        raise ValueError(f"respond returned {len(responses)} answers for {n_probes} prompts")
+    return [
+        classify_knowing_doing(parse_ucb_values(text, labels), parse_action(text, labels), history, n_arms, alpha)
+        for text, history in zip(responses, histories)
+    ]

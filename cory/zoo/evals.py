@@ -2,8 +2,10 @@
 
 Every causal LM gets its held-out loss (in ``train``); ``LM_EVALS`` adds, per corpus, what says
 whether the model is fit for its task: for reviews, whether sampled continuations use the
-grammar's words and stop; for arithmetic, how often greedy and sampled answers are right. A corpus
-without an entry gets the held-out loss only.
+grammar's words and stop; for arithmetic, how often greedy and sampled answers are right; for agent
+transcripts, how often answers name a legal action and which bandit arms they pick; for
+teacher-student dialogues, how the student replies to each kind of teacher turn. A corpus without
+an entry gets the held-out loss only.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-from cory.zoo.corpora import arithmetic, reviews
+from cory.envs.parsing import parse_action
+from cory.metrics.probes import classify_frequency_bias
+from cory.zoo.corpora import agent, arithmetic, dialogue, reviews
 from cory.zoo.tokenizer import EOS_ID, PAD_ID
 
 # Generation batch: a few hundred prompts at once stay well inside memory on any CPU.
@@ -138,10 +142,121 @@ def _cells(by_kind: dict) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in by_kind.items() if k != "all")
 
 
+# ---------------------------------------------------------------------------------------------
+# Agent transcripts
+# ---------------------------------------------------------------------------------------------
+
+
+def decision_stats(decisions: list[agent.Transcript], responses: list[str]) -> dict:
+    """How ``responses`` to the decisions' prompts act: the valid-action rate overall, on bandits and
+    on tic-tac-toe boards (a legal cell), and for bandit answers the share that picks the most
+    frequent arm (``F_f``), else a best-mean arm (``F_g``), else another (``F_o``), and the share
+    that picks an arm not tried yet (``untried``)."""
+    valid = {"bandit": [], "tictactoe": []}
+    classes, untried = [], []
+    for decision, response in zip(decisions, responses):
+        action = parse_action(response, decision.labels)
+        ok = action is not None and action in decision.legal
+        kind = "bandit" if decision.env_id == "cory/Bandit-v0" else "tictactoe"
+        valid[kind].append(ok)
+        if ok and kind == "bandit" and decision.history:
+            classes.append(classify_frequency_bias(action, decision.history, len(decision.labels)))
+            untried.append(action not in {a for a, _ in decision.history})
+    everything = valid["bandit"] + valid["tictactoe"]
+    out = {"valid_rate": round(sum(everything) / max(len(everything), 1), 4)}
+    for kind, oks in valid.items():
+        out[f"valid_rate_{kind}"] = round(sum(oks) / max(len(oks), 1), 4)
+    for name in ("frequent", "greedy", "other"):
+        out[f"F_{name[0]}"] = round(classes.count(name) / max(len(classes), 1), 4)
+    out["untried"] = round(sum(untried) / max(len(untried), 1), 4)
+    return out
+
+
+def agent_decisions(model, tokenizer, spec, max_new_tokens, log) -> tuple[dict, list[str]]:
+    """Held-out decisions answered greedily and with one plain sample (T=1): valid-action rates and
+    the bandit choices (see ``decision_stats``), next to the same statistics of the transcripts'
+    own answers."""
+    decisions = agent.heldout_transcripts(spec.n_eval, spec.eval_seed)
+    prompts = [d.prompt for d in decisions]
+    greedy, _ = complete(model, tokenizer, prompts, generation_config(max_new_tokens, greedy=True))
+    sampled, ended = complete(model, tokenizer, prompts, generation_config(max_new_tokens), seed=0)
+    metrics = {
+        "greedy": decision_stats(decisions, greedy),
+        "sampled": decision_stats(decisions, sampled),
+        "corpus": decision_stats(decisions, [d.response for d in decisions]),
+        "sampled_eos_rate": round(sum(ended) / len(ended), 4),
+        "heldout_decisions": len(decisions),
+    }
+    for name in ("greedy", "sampled", "corpus"):
+        m = metrics[name]
+        log(f"{name}: valid {m['valid_rate']:.3f} (bandit {m['valid_rate_bandit']:.3f}, tic-tac-toe "
+            f"{m['valid_rate_tictactoe']:.3f}); bandit picks F_f {m['F_f']:.2f} F_g {m['F_g']:.2f} "
+            f"F_o {m['F_o']:.2f}, untried {m['untried']:.2f}")
+    samples = [p[-160:] + r for p, r in zip(prompts, sampled)]
+    for text in samples[:4]:
+        log(f"sample: {text!r}")
+    return metrics, samples[:6]
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher-student dialogues
+# ---------------------------------------------------------------------------------------------
+
+# The student's temperature in cory/TeacherStudent-v0.
+STUDENT_TEMPERATURE = 0.3
+
+
+def reply_stats(replies: list[str]) -> dict:
+    """Shares of ``replies`` that are near-empty (at most one word of letters) and that use a
+    positive or a negative word of the dialogue corpus."""
+    positive, negative = set(dialogue.POSITIVE_WORDS), set(dialogue.NEGATIVE_WORDS)
+    found = [set(w.lower() for w in dialogue.letter_words(r)) for r in replies]
+    n = max(len(replies), 1)
+    return {
+        "near_empty": round(sum(dialogue.is_near_empty(r) for r in replies) / n, 4),
+        "positive_word": round(sum(bool(f & positive) for f in found) / n, 4),
+        "negative_word": round(sum(bool(f & negative) for f in found) / n, 4),
+    }
+
+
+def dialogue_replies(model, tokenizer, spec, max_new_tokens, log) -> tuple[dict, list[str]]:
+    """The student's replies to held-out teacher turns of each kind (warm, harsh, plain, silent,
+    odd), sampled at the environment's temperature and cut at the end of the line, next to the
+    corpus's own replies to the same turns (see ``reply_stats``)."""
+    prompts: dict[str, list[tuple[str, str]]] = {kind: [] for kind in dialogue.KINDS}
+    for d in dialogue.heldout_dialogues(spec.n_eval, spec.eval_seed):
+        context = dialogue.lesson_line(d.lesson)
+        for e in d.exchanges:
+            prompt = context + dialogue.teacher_line(e.teacher) + dialogue.STUDENT
+            if len(prompts[e.kind]) < 64:
+                prompts[e.kind].append((prompt, e.reply))
+            context = prompt + e.reply + "\n"
+    config = generation_config(max_new_tokens)
+    config.temperature = STUDENT_TEMPERATURE
+    metrics, samples = {}, []
+    for kind, pairs in prompts.items():
+        texts, _ = complete(model, tokenizer, [p for p, _ in pairs], config, seed=0)
+        replies = [t.split("\n")[0] for t in texts]
+        metrics[kind] = {"sampled": reply_stats(replies), "corpus": reply_stats([r for _, r in pairs]), "n": len(pairs)}
+        m = metrics[kind]
+        log(f"replies to {kind} turns ({len(pairs)}): near-empty {m['sampled']['near_empty']:.2f} "
+            f"(corpus {m['corpus']['near_empty']:.2f}), positive word {m['sampled']['positive_word']:.2f} "
+            f"(corpus {m['corpus']['positive_word']:.2f}), negative word {m['sampled']['negative_word']:.2f} "
+            f"(corpus {m['corpus']['negative_word']:.2f})")
+        samples += [pairs[0][0][-120:] + replies[0]] if pairs else []
+    for text in samples:
+        log(f"sample: {text!r}")
+    return metrics, samples
+
+
 LM_EVALS: dict[str, LmEval] = {
     "reviews": LmEval(max_new_tokens=48, run=review_samples),
     # A two-step worked answer is ~30 tokens.
     "arithmetic": LmEval(max_new_tokens=32, run=arithmetic_accuracy),
+    # "\nACTION=purple" and <eos> are 5 tokens.
+    "agent": LmEval(max_new_tokens=8, run=agent_decisions),
+    # A student reply is at most ~20 tokens.
+    "dialogue": LmEval(max_new_tokens=24, run=dialogue_replies),
 }
 # A corpus without its own evaluation: the held-out loss alone.
 DEFAULT = LmEval(max_new_tokens=48, run=lambda *args: ({}, []))

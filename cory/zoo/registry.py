@@ -151,6 +151,24 @@ MICRO_ARITH_CORPUS = corpus("arithmetic", n_train=8000, n_eval=200, eval_seed=_A
 # of each row would be the cut-off start of a second problem, with no answer to learn from.
 ARITH_ROW = 48
 
+# The agent models' own tokenizer: at 768 tokens every word of the prompts, every colour and every
+# two-digit number is one token, and the longest decision (prompt, answer, <eos>) is 249 tokens.
+AGENT_TOKENIZER = TokenizerSpec(vocab_size=768, n_texts=4000)
+AGENT_CORPUS = corpus("agent", n_train=8000, n_eval=400)
+MICRO_AGENT_CORPUS = corpus("agent", n_train=3000, n_eval=100)
+# One decision per row: the prompt, the answer and <eos> fill a row of 256 with at most a few
+# tokens of the next decision after them.
+AGENT_ROW = 256
+
+# The dialogue models' own tokenizer: at 1200 tokens nearly every word of the dialogues is one
+# token (BPE saturates near 1300), and the longest dialogue is about 220 tokens.
+DIALOGUE_TOKENIZER = TokenizerSpec(vocab_size=1200, n_texts=5000)
+DIALOGUE_CORPUS = corpus("dialogue", n_train=10_000, n_eval=300)
+MICRO_DIALOGUE_CORPUS = corpus("dialogue", n_train=3000, n_eval=100)
+# The labelled student replies (one per text) for the reward classifier of cory/TeacherStudent-v0.
+DIALOGUE_REPLIES = corpus("dialogue", n_train=8000, n_eval=1000)
+DIALOGUE_ROW = 256
+
 ZOO: dict[str, ZooEntry] = {
     entry.name: entry
     for entry in [
@@ -228,6 +246,73 @@ ZOO: dict[str, ZooEntry] = {
                 TrainSpec(steps=800, batch_size=8, seq_len=ARITH_ROW, lr=1e-2, warmup_steps=20),
             ),
         ),
+        ZooEntry(
+            "cory:tiny-agent",
+            "Llama causal LM (0.2M params) that answers bandit and tic-tac-toe prompts with ACTION=X; "
+            "pretrained on imperfect play, it starts frequency-biased (it copies arms out of its history).",
+            Recipe(
+                "causal-lm",
+                AGENT_CORPUS,
+                AGENT_TOKENIZER,
+                ModelSpec(hidden_size=64, num_layers=3, num_heads=4, intermediate_size=192),
+                # Small batches, many steps: copying an arm out of the history (the frequency bias)
+                # appears after ~1000 steps; 4 x 1200 beat 16 x 350 at the same compute.
+                TrainSpec(steps=1200, batch_size=4, seq_len=AGENT_ROW, lr=4e-3, warmup_steps=20),
+            ),
+        ),
+        ZooEntry(
+            "cory:micro-agent",
+            "Test-size agent model (one layer) that builds in seconds and answers ACTION=X; for tests, "
+            "not for results.",
+            Recipe(
+                "causal-lm",
+                MICRO_AGENT_CORPUS,
+                AGENT_TOKENIZER,
+                ModelSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+                TrainSpec(steps=300, batch_size=4, seq_len=AGENT_ROW, lr=1e-2, warmup_steps=10),
+            ),
+        ),
+        ZooEntry(
+            "cory:tiny-dialogue",
+            "Llama causal LM (0.48M params) that writes teacher-student dialogues; the student of "
+            "cory/TeacherStudent-v0 (warm turns get happy replies, harsh ones unhappy ones, empty or odd "
+            "ones near silence).",
+            Recipe(
+                "causal-lm",
+                DIALOGUE_CORPUS,
+                DIALOGUE_TOKENIZER,
+                ModelSpec(hidden_size=96, num_layers=3, num_heads=4, intermediate_size=288),
+                TrainSpec(steps=300, batch_size=12, seq_len=DIALOGUE_ROW, lr=5e-3, warmup_steps=20),
+            ),
+        ),
+        ZooEntry(
+            "cory:micro-dialogue",
+            "Test-size dialogue writer that builds in seconds; for tests, not for results.",
+            Recipe(
+                "causal-lm",
+                MICRO_DIALOGUE_CORPUS,
+                DIALOGUE_TOKENIZER,
+                MICRO_MODEL,
+                # Rows of 128 (most of a dialogue): at this size, for the same tokens, it learns to
+                # fall silent after an empty turn (98% near-empty) where rows of 256 do not (10%).
+                # Positions past 128 are untrained: test conversations stay shorter.
+                TrainSpec(steps=120, batch_size=16, seq_len=128, lr=1e-2, warmup_steps=15),
+            ),
+        ),
+        ZooEntry(
+            "cory:tiny-dialogue-sentiment",
+            "Llama sentiment classifier of student replies (minimal replies score 0.5); the reward of "
+            "cory/TeacherStudent-v0. Builds in seconds.",
+            Recipe(
+                "classifier",
+                DIALOGUE_REPLIES,
+                DIALOGUE_TOKENIZER,
+                MICRO_MODEL,
+                TrainSpec(
+                    steps=150, batch_size=64, seq_len=32, lr=6e-3, warmup_steps=15, center_penalty=1e-2,
+                ),
+            ),
+        ),
     ]
 }
 
@@ -237,12 +322,23 @@ def is_zoo_name(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
+SEED_SUFFIX = "@seed"
+"""``cory:NAME@seedN`` is NAME's recipe trained from seed N: the members of an ensemble reference."""
+
+
 def entry(name: str) -> ZooEntry:
-    """The registered entry of ``name``; raises UnknownModelError otherwise."""
+    """The registered entry of ``name`` (or its ``@seedN`` variant); UnknownModelError otherwise."""
+    base, _, seed = name.partition(SEED_SUFFIX)
     try:
-        return ZOO[name]
+        found = ZOO[base]
     except KeyError:
         raise UnknownModelError(name) from None
+    if not _:
+        return found
+    if not seed.isdigit():
+        raise UnknownModelError(name)
+    recipe = dataclasses.replace(found.recipe, train=dataclasses.replace(found.recipe.train, seed=int(seed)))
+    return ZooEntry(name, f"{found.description} (trained from seed {seed})", recipe)
 
 
 def recipe_hash(name: str) -> str:

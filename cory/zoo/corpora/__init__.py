@@ -27,6 +27,8 @@ from types import ModuleType
 CORPORA: dict[str, str] = {
     "reviews": "cory.zoo.corpora.reviews",
     "arithmetic": "cory.zoo.corpora.arithmetic",
+    "agent": "cory.zoo.corpora.agent",
+    "dialogue": "cory.zoo.corpora.dialogue",
 }
 """Corpus name -> module path. Imported lazily, so listing the zoo draws no text."""
 

@@ -1,0 +1,113 @@
+"""The frequency-bias and knowing-doing probes run against a language model.
+
+The probes themselves (`cory.metrics.probes`) take plain callables; this module supplies them from a
+`Policy`: `action_scorer` scores each action string by the model's log-likelihood of it after the
+prompt, and `responder` answers prompts by sampling. Prompts are rendered with the bandit options the
+model plays with (history window, summary, chain of thought), so a model sees the probes in the format
+it knows. Imports torch; `cory.metrics` itself does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from cory.envs.prompts import PromptOptions
+from cory.metrics.probes import (
+    FrequencyBiasResult,
+    KnowingDoing,
+    ScoreActions,
+    frequency_bias_by_repeats,
+    frequency_bias_rates,
+    knowing_doing_rates,
+    run_frequency_bias_probe,
+    run_knowing_doing_probe,
+)
+from cory.policy import Policy, SamplingParams, sequence_logprobs
+
+PROBES = ("frequency", "knowing-doing")
+ACTION_TEMPLATE = "\nACTION={}"
+"""How a model's answer follows the prompt (the zoo's agent models answer on a new line)."""
+
+
+def action_scorer(policy: Policy, batch_size: int = 64) -> ScoreActions:
+    """score_actions(prompt, texts) -> the model's summed log-probability of each text right after the
+    prompt (at temperature 1), from one batched forward pass per `batch_size` texts."""
+    tokenizer = policy.tokenizer
+
+    @torch.no_grad()
+    def score(prompt: str, texts: list[str]) -> list[float]:
+        responses = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        if any(len(ids) == 0 for ids in responses):
+            raise ValueError("an action text has no tokens")
+        scores: list[float] = []
+        for start in range(0, len(texts), batch_size):
+            chunk = responses[start : start + batch_size]
+            query_ids, query_mask = policy.encode_prompts([prompt] * len(chunk))
+            width = max(len(ids) for ids in chunk)
+            response_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+            for row, ids in enumerate(chunk):
+                response_ids[row, : len(ids)] = torch.tensor(ids)
+            response_mask = torch.zeros_like(response_ids)
+            for row, ids in enumerate(chunk):
+                response_mask[row, : len(ids)] = 1
+            out = sequence_logprobs(policy.module, query_ids, query_mask, response_ids.to(query_ids.device),
+                                    response_mask.to(query_ids.device))
+            scores += out.logprobs.sum(-1).tolist()
+        return scores
+
+    return score
+
+
+def responder(policy: Policy, params: SamplingParams, seed: int = 0, batch_size: int = 64) -> Callable[[list[str]], list[str]]:
+    """respond(prompts) -> one sampled answer per prompt (seeded), in batches of `batch_size`."""
+    generator = torch.Generator(device=policy.device).manual_seed(seed)
+
+    def respond(prompts: list[str]) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            out += policy.generate(prompts[start : start + batch_size], params, generator=generator).texts
+        return out
+
+    return respond
+
+
+def bandit_options(env_kwargs: dict) -> dict:
+    """The arguments of the bandit probes taken from `cory/Bandit-v0` keyword arguments: arms,
+    variant, noise, horizon, and the prompt options (chain of thought, history window, summary)."""
+    kw = dict(env_kwargs)
+    options = PromptOptions(cot=kw.get("cot", True), history=kw.get("history"), summary=kw.get("summary", False))
+    return {"n_arms": kw.get("n_arms", 10), "variant": kw.get("variant", "button"), "sigma": kw.get("sigma", 1.0),
+            "horizon": kw.get("horizon", 50), "options": options}
+
+
+def frequency_bias_probe(
+    policy: Policy, n_probes: int, seed: int = 0, env_kwargs: dict | None = None, action_template: str = ACTION_TEMPLATE
+) -> tuple[dict, list[FrequencyBiasResult]]:
+    """The frequency-bias probe on a model, with bandit prompts rendered as `cory/Bandit-v0` with
+    `env_kwargs` renders them. Returns (summary, per-probe results); the summary holds F_f, F_g, F_o,
+    the mean action entropy (nats), the probe count, and the same per repeat-count bin (`by_repeats`)."""
+    opts = bandit_options(env_kwargs or {})
+    results = run_frequency_bias_probe(action_scorer(policy), n_probes, np.random.default_rng(seed),
+                                       action_template=action_template, **opts)
+    summary = {**frequency_bias_rates([r.label for r in results]), "entropy": float(np.mean([r.entropy for r in results])),
+               "probes": len(results), "by_repeats": frequency_bias_by_repeats(results)}
+    return summary, results
+
+
+def knowing_doing_probe(
+    policy: Policy, n_probes: int, seed: int = 0, env_kwargs: dict | None = None, alpha: float = 0.5,
+    max_new_tokens: int = 128, temperature: float = 1.0,
+) -> tuple[dict, list[KnowingDoing]]:
+    """The knowing-doing probe on a model: prompts asking for `<ucb_values>` and an action, answered by
+    sampling up to `max_new_tokens` tokens. Returns (`knowing_doing_rates`, per-probe results)."""
+    opts = bandit_options(env_kwargs or {})
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
+    results = run_knowing_doing_probe(
+        responder(policy, params, seed), n_probes, np.random.default_rng(seed), n_arms=opts["n_arms"],
+        variant=opts["variant"], sigma=opts["sigma"], horizon=opts["horizon"], alpha=alpha, cot=opts["options"].cot,
+        window=opts["options"].history,
+    )
+    return knowing_doing_rates(results), results
