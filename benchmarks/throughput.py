@@ -64,6 +64,18 @@ def main() -> None:
         if it:
             rows.append({"gen_s": t1 - t0, "step_s": t2 - t1, "gen_tok": n_gen, "train_tok": n_train})
 
+    # The cost of exact episode-KL accounting (one more policy forward over the rollout): learner
+    # steps alternating with it on and off, on fresh rollouts.
+    step_by_flag: dict[bool, list[float]] = {True: [], False: []}
+    for it in range(2 * args.iterations):
+        flag = it % 2 == 0
+        cfg.kl.exact_accounting = flag
+        rollout = sampler.collect(cfg.train.batch_size, rng, gen)
+        t0 = time.perf_counter()
+        learner.step(rollout, it, gen)
+        step_by_flag[flag].append(time.perf_counter() - t0)
+    cfg.kl.exact_accounting = True
+
     # Baseline: HF generate on the same prompts and settings, alternating with cory's Policy.generate.
     hf_rates, own_rates = [], []
     prompts = task.sample_prompts(cfg.train.batch_size, np.random.default_rng(1))
@@ -92,7 +104,9 @@ def main() -> None:
         "generate_tokens_per_s": gen_rate, "train_tokens_per_s": train_rate,
         "hf_generate_tokens_per_s": med(hf_rates), "policy_generate_tokens_per_s": med(own_rates),
         "generate_vs_hf": med(own_rates) / med(hf_rates),
+        "step_s_exact_accounting": med(step_by_flag[True]), "step_s_no_accounting": med(step_by_flag[False]),
     }
+    accounting = result["step_s_exact_accounting"] / result["step_s_no_accounting"]
     lines = [
         f"# Loop throughput on {args.model} (batch {args.batch_size}, {args.max_new_tokens} new tokens, CPU, {result['threads']} threads)",
         "",
@@ -104,6 +118,9 @@ def main() -> None:
         f"| cory `Policy.generate` alone, tokens/s | {med(own_rates):,.0f} |",
         f"| HF `generate` tokens/s, same prompts and settings (baseline) | {med(hf_rates):,.0f} |",
         f"| cory `Policy.generate` / HF `generate` | {result['generate_vs_hf']:.2f}x |",
+        f"| learner step with exact episode-KL accounting (default) | {result['step_s_exact_accounting']:.3f} s |",
+        f"| learner step with `kl.exact_accounting=false` (baseline) | {result['step_s_no_accounting']:.3f} s |",
+        f"| accounting on / off | {accounting:.2f}x |",
     ]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "throughput.json").write_text(json.dumps(result, indent=2))
