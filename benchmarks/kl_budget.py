@@ -276,6 +276,8 @@ def main() -> None:
     ap.add_argument("--conditions", nargs="+", default=CONDITIONS, choices=CONDITIONS)
     ap.add_argument("--long-conditions", nargs="+", default=["penalty", "hard"], choices=CONDITIONS,
                     help="conditions also run with episodes twice as long (at the first budget)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other conditions' runs from the existing results and replace only these conditions'")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 2 iterations, 1 seed, one budget")
     args = ap.parse_args()
     if args.quick:
@@ -293,6 +295,11 @@ def main() -> None:
               f"KL {run['episode_kl']:.2f} near-empty {run['near_empty']:.2f} formatting {run['formatting']:.2f} "
               f"({run['wall_s']:.0f} s)", flush=True)
     total = time.perf_counter() - t_start
+    if args.merge and (out_dir / "kl_budget.json").exists():
+        old = json.loads((out_dir / "kl_budget.json").read_text())
+        kept = [r for r in old["runs"] if r["condition"] not in args.conditions and r["condition"] != "initial"]
+        runs = kept + runs
+        total += old.get("wall_s", 0.0)
     (out_dir / "kl_budget.json").write_text(json.dumps({"settings": vars(args), "runs": runs, "wall_s": total}, indent=1))
     plot(runs, out_dir / "kl_budget.png")
     lines = [f"# Drift control on the teacher-student environment ({args.iterations} iterations x {args.episodes} episodes, "

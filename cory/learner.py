@@ -258,12 +258,14 @@ class Learner:
         rollout.extras["token_rewards"] = token_rewards
         self.algorithm.advantages(rollout, token_rewards)
         metrics = self.update(rollout, generator)
-        sequence_kl = masked_sum(kl, mask)
+        # The controllers hold the KL of whole episodes (all turns of one), not of single turns.
+        n_episodes = int(rollout.episode_ids.max()) + 1
+        episode_kl = torch.zeros(n_episodes, device=kl.device).index_add_(0, rollout.episode_ids, masked_sum(kl, mask).float())
         metrics.update(rollout_metrics(rollout))
         if rollout.values is not None and "returns" in rollout.extras:
             metrics["value/explained_variance"] = explained_variance(rollout.values, rollout.extras["returns"], mask)
         metrics.update({"beta": beta, "lr": lr, "time/update": time.perf_counter() - t0})
-        self.controller.update(self.accelerator.reduce(sequence_kl.mean().detach(), "mean").item(), len(rollout) * self.accelerator.num_processes)
+        self.controller.update(self.accelerator.reduce(episode_kl.mean().detach(), "mean").item(), n_episodes * self.accelerator.num_processes)
         return rollout, metrics
 
     def state_dict(self) -> dict:

@@ -164,3 +164,30 @@ def test_every_algorithm_trains_under_a_hard_budget(tmp_path, micro_lm, micro_rm
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(row["episode_kl/exact_max"] <= 0.3 + 1e-4 for row in rows)
     assert all(row["logprob_gap"] < 1e-4 for row in rows)
+
+
+def test_budget_controller_holds_the_episode_kl_not_the_turn_kl(tmp_path, micro_lm):
+    """In multi-turn runs the Lagrangian multiplier moves with the mean KL of whole episodes."""
+    import cory.envs  # noqa: F401
+    from cory.algorithms import make_algorithm
+    from cory.envs.batch import GymTextEnvBatch
+    from cory.learner import Learner
+    from cory.policy import Policy, SamplingParams
+    from cory.rollout import Sampler
+    from cory.train import make_accelerator
+
+    cfg = load_config(None, micro_overrides(tmp_path, **{"kl.controller": "budget", "kl.budget": 0.0, "kl.beta": 0.0,
+                                                         "kl.budget_lr": 0.1, "kl.estimator": "k3"}))
+    policy = Policy.from_pretrained(str(micro_lm))
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    reference = AutoModelForCausalLM.from_pretrained(micro_lm).eval().requires_grad_(False)
+    env = GymTextEnvBatch("cory/Bandit-v0", None, pool_seed=0, n_arms=5, horizon=3, history=2, cot=False)
+    rollout = Sampler(policy, env, SamplingParams(max_new_tokens=6)).collect(4, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    learner = Learner(policy, reference, make_algorithm(cfg), cfg, make_accelerator(cfg, tmp_path))
+    scored, metrics = learner.step(rollout)
+    assert metrics["turns_per_episode"] == 3
+    per_turn = float(scored.extras["kl"].sum(-1).mean())
+    assert metrics["kl_mean"] == pytest.approx(3 * per_turn, rel=1e-5)  # every episode has 3 turns
+    assert learner.controller.beta == pytest.approx(0.1 * metrics["kl_mean"], rel=1e-5)
