@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from cory.metrics import t_interval as interval
 
 RESULTS = Path(__file__).parent / "results"
 ALGOS = ["reinforce", "a2c", "ppo", "grpo", "rloo"]
@@ -36,14 +37,6 @@ PER_ALGO = {
 }
 
 
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of a 95% t-interval (normal for n >= 30)."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, float("nan")
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(n, 1.96)
-    return mean, t * statistics.stdev(values) / math.sqrt(n)
 
 
 def run_one(task: str, algo: str, seed: int, iterations: int) -> dict:

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from cory.metrics import t_interval as interval
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "cory:tiny-agent"
@@ -57,14 +58,6 @@ COMMON_TRAIN = {"generation.max_new_tokens": 6, "env.eval_episodes": 1, "train.l
                 "eval.temperature": 1.0}
 
 
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of a 95% t-interval (normal for n >= 30); NaN half-width for one value."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, float("nan")
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(n, 1.96)
-    return mean, t * statistics.stdev(values) / math.sqrt(n)
 
 
 def cell(values: list[float], fmt: str = ".2f") -> str:

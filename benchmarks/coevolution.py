@@ -36,7 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from cory.metrics import t_interval as interval
+
 HERE = Path(__file__).resolve().parent
+
 RESULTS = HERE / "results"
 
 # Per-task settings: the runs' config overrides, iterations, KL coefficients (the frontier) and the
@@ -74,14 +77,6 @@ METHODS = {
 WORD = re.compile(r"[a-z0-9']+")
 
 
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of a 95% t-interval (normal for n >= 30)."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, float("nan")
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(n, 1.96)
-    return mean, t * statistics.stdev(values) / math.sqrt(n)
 
 
 # -- degeneration measures ----------------------------------------------------------------------------

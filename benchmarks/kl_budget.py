@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cory.metrics import t_interval
+
 RESULTS = Path(__file__).parent / "results"
 ENV = "cory/TeacherStudent-v0"
 POLICY = "cory:tiny-dialogue"
@@ -43,14 +45,6 @@ BASE = [f"model.name={POLICY}", f"env.id={ENV}", "algo.name=reinforce", "algo.ba
         "train.log_with=[]", "train.progress=false", "env.eval_episodes=4", "train.eval_every=0"]
 
 
-def t_interval(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of a 95% t-interval over seeds."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, float("nan")
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(n, 1.96)
-    return mean, t * statistics.stdev(values) / math.sqrt(n)
 
 
 def overrides(condition: str, budget: float, seed: int, iterations: int, episodes: int, max_tokens: int) -> list[str]:

@@ -197,3 +197,11 @@ def test_regret_and_coverage_plots_write_png(tmp_path):
     for fn, name in ((plot_regret, "regret.png"), (plot_coverage, "coverage.png")):
         path = fn(recs, tmp_path / name)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_t_interval_by_hand():
+    from cory.metrics import t_interval
+
+    mean, half = t_interval([1.0, 2.0, 6.0])  # sd = sqrt(7), t(2 df) = 4.30
+    assert mean == 3.0 and abs(half - 4.30 * 7 ** 0.5 / 3 ** 0.5) < 1e-9
+    assert t_interval([5.0])[0] == 5.0 and t_interval([5.0])[1] != t_interval([5.0])[1]  # NaN for one run

@@ -10,6 +10,7 @@ from cory.metrics.curves import (
     pad_stack,
     regret_curves,
     regret_from_means,
+    t_interval,
 )
 from cory.metrics.games import outcome_rates
 from cory.metrics.plots import plot_coverage, plot_curves, plot_regret
@@ -37,7 +38,7 @@ __all__ = [
     "FrequencyBiasResult", "KnowingDoing", "action_distribution", "bandit_summary", "classify_frequency_bias",
     "classify_knowing_doing", "coverage", "coverage_curves", "cumulative_regret", "entropy",
     "frequency_bias_by_repeats", "frequency_bias_history", "frequency_bias_rates", "greedy_actions", "knowing_doing_prompt",
-    "knowing_doing_rates", "mean_ci", "most_frequent_actions", "outcome_rates", "pad_stack", "parse_ucb_values",
+    "knowing_doing_rates", "mean_ci", "t_interval", "most_frequent_actions", "outcome_rates", "pad_stack", "parse_ucb_values",
     "plot_coverage", "plot_curves", "plot_regret", "regret_curves", "regret_from_means",
     "run_frequency_bias_probe", "run_knowing_doing_probe", "true_ucb_values",
 ]

@@ -6,6 +6,7 @@ padded with NaN, and the interval helpers ignore NaN.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,6 +52,20 @@ def regret_curves(records: Sequence[EpisodeRecord]) -> np.ndarray:
 def coverage_curves(records: Sequence[EpisodeRecord]) -> np.ndarray:
     """[N, T] coverage C_t per episode (over the executed actions)."""
     return pad_stack([coverage(r.executed, r.n_actions) for r in records])
+
+
+T_95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
+"""Two-sided 95% Student-t quantiles by sample size (more samples: the normal's 1.96)."""
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of a 95% t-interval over a few runs (seeds); NaN half-width for one value."""
+    values = [float(v) for v in values]
+    n = len(values)
+    mean = float(np.mean(values))
+    if n < 2:
+        return mean, float("nan")
+    return mean, T_95.get(n, 1.96) * float(np.std(values, ddof=1)) / math.sqrt(n)
 
 
 def mean_ci(values: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
