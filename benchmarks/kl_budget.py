@@ -69,7 +69,7 @@ def run_one(condition: str, budget: float, seed: int, iterations: int, episodes:
     import torch
 
     from cory.config import load_config
-    from cory.learner import episode_kl_metrics
+    from cory.learner import episode_kl_metrics, episode_sums
     from cory.train import TrainingRun
 
     cfg = load_config(None, overrides(condition, budget, seed, max(iterations, 1), episodes, max_tokens))
@@ -85,13 +85,12 @@ def run_one(condition: str, budget: float, seed: int, iterations: int, episodes:
         rollout = run.sampler.collect(eval_episodes, np.random.default_rng(10_000 + seed),
                                       torch.Generator().manual_seed(10_000 + seed))
         scored = run.learner.score(rollout)
-        n_episodes = int(scored.episode_ids.max()) + 1
-        kl = episode_kl_metrics(scored, n_episodes)
+        kl = episode_kl_metrics(scored)
         turns = replies(scored)
         transcripts = [info["transcript"] for info in scored.infos if "transcript" in info]
         help_mass = scored.extras.get("help_mass")
         mask = scored.response_mask.float()
-    returns = torch.zeros(n_episodes).index_add_(0, scored.episode_ids.cpu(), scored.scores.float().cpu())
+    returns = episode_sums(scored, scored.scores)
     return {
         "condition": condition, "budget": budget, "seed": seed, "max_tokens": max_tokens, "wall_s": wall,
         "reward": float(returns.mean()),
@@ -99,7 +98,7 @@ def run_one(condition: str, budget: float, seed: int, iterations: int, episodes:
         "near_empty": statistics.fmean(float(t.get("reply_near_empty", False)) for t in turns) if turns else float("nan"),
         "formatting": statistics.fmean(float(t.get("teacher_formatting", False)) for t in turns) if turns else float("nan"),
         "help": float((help_mass * mask).sum() / mask.sum()) if help_mass is not None else float("nan"),
-        "turns": len(scored) / n_episodes,
+        "turns": len(scored) / len(returns),
         "transcript": transcripts[0] if transcripts else "",
         "curve": [{"iteration": r["iteration"], "reward": r["reward_mean"],
                    "kl": r.get("episode_kl/exact_mean", r["kl_mean"])} for r in rows],

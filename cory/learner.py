@@ -259,13 +259,12 @@ class Learner:
         self.algorithm.advantages(rollout, token_rewards)
         metrics = self.update(rollout, generator)
         # The controllers hold the KL of whole episodes (all turns of one), not of single turns.
-        n_episodes = int(rollout.episode_ids.max()) + 1
-        episode_kl = torch.zeros(n_episodes, device=kl.device).index_add_(0, rollout.episode_ids, masked_sum(kl, mask).float())
+        episode_kl = episode_sums(rollout, masked_sum(kl, mask))
         metrics.update(rollout_metrics(rollout))
         if rollout.values is not None and "returns" in rollout.extras:
             metrics["value/explained_variance"] = explained_variance(rollout.values, rollout.extras["returns"], mask)
         metrics.update({"beta": beta, "lr": lr, "time/update": time.perf_counter() - t0})
-        self.controller.update(self.accelerator.reduce(episode_kl.mean().detach(), "mean").item(), n_episodes * self.accelerator.num_processes)
+        self.controller.update(self.accelerator.reduce(episode_kl.mean().detach(), "mean").item(), len(episode_kl) * self.accelerator.num_processes)
         return rollout, metrics
 
     def state_dict(self) -> dict:
@@ -282,9 +281,9 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     kl = rollout.extras["kl"]
     lengths = mask.sum(-1)
     # Per episode: the sum over its turns (a single-turn task has one turn per episode).
-    n_episodes = int(rollout.episode_ids.max()) + 1
-    scores = torch.zeros(n_episodes, device=mask.device).index_add_(0, rollout.episode_ids, rollout.scores.float())
-    seq_kl = torch.zeros(n_episodes, device=mask.device).index_add_(0, rollout.episode_ids, masked_sum(kl, mask).float())
+    scores = episode_sums(rollout, rollout.scores)
+    seq_kl = episode_sums(rollout, masked_sum(kl, mask))
+    n_episodes = len(scores)
     out = {
         "reward_mean": scores.mean().item(),
         "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
@@ -295,7 +294,7 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         "turns_per_episode": len(rollout) / n_episodes,
         "truncated_rate": (~rollout.finished).float().mean().item(),
     }
-    out.update(episode_kl_metrics(rollout, n_episodes))
+    out.update(episode_kl_metrics(rollout))
     extras = rollout.extras
     if "help" in extras:
         out["help_rate"] = masked_mean(extras["help"].float(), mask).item()
@@ -307,10 +306,16 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     return out
 
 
+def episode_sums(rollout: Rollout, per_turn: torch.Tensor) -> torch.Tensor:
+    """[episodes] the sum of a per-turn quantity [B] over each episode's turns."""
+    n_episodes = int(rollout.episode_ids.max()) + 1
+    return torch.zeros(n_episodes, device=per_turn.device).index_add_(0, rollout.episode_ids, per_turn.float())
+
+
 EPISODE_KL_PERCENTILES = (50, 90, 99)
 
 
-def episode_kl_metrics(rollout: Rollout, n_episodes: int) -> dict[str, float]:
+def episode_kl_metrics(rollout: Rollout) -> dict[str, float]:
     """Total KL per episode (summed over all of the agent's tokens in every turn) by the sampled
     estimators k1 and k3 and, when scored, exactly (and against the unnormalised pessimistic
     reference): mean, max and percentiles over the batch's episodes."""
@@ -322,7 +327,7 @@ def episode_kl_metrics(rollout: Rollout, n_episodes: int) -> dict[str, float]:
         per_token["semi"] = rollout.extras["kl_semi"]
     out = {}
     for name, kl in per_token.items():
-        totals = torch.zeros(n_episodes, device=mask.device).index_add_(0, rollout.episode_ids, masked_sum(kl.float(), mask).float())
+        totals = episode_sums(rollout, masked_sum(kl.float(), mask))
         out[f"episode_kl/{name}_mean"] = totals.mean().item()
         out[f"episode_kl/{name}_max"] = totals.max().item()
         if name in ("exact", "semi"):

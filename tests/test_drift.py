@@ -38,7 +38,7 @@ def hand_rollout(kl_rows: list[list[float]], episode_ids: list[int]) -> Rollout:
 def test_episode_kl_is_the_sum_of_exact_per_token_kls_over_all_turns():
     # Episode 0: two turns (0.1 + 0.2 + 0.3, then 0.4); episode 1: one turn of 1.0 + 0.5.
     rollout = hand_rollout([[0.1, 0.2, 0.3], [0.4], [1.0, 0.5]], episode_ids=[0, 0, 1])
-    m = episode_kl_metrics(rollout, n_episodes=2)
+    m = episode_kl_metrics(rollout)
     assert m["episode_kl/exact_mean"] == pytest.approx((1.0 + 1.5) / 2)
     assert m["episode_kl/exact_max"] == pytest.approx(1.5)
     assert m["episode_kl/exact_p50"] == pytest.approx(1.25)  # linear interpolation between 1.0 and 1.5
