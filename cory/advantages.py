@@ -1,14 +1,50 @@
 """Advantage estimators: pure functions over per-token rewards, masks and the episode structure.
 
 A rollout is a flat batch of turns. Row i holds one turn: its response tokens (right-padded, `mask`
-is 1 on real tokens), the episode it belongs to (`episode_ids[i]`) and its place in that episode
-(`turn_index[i]`). Returns flow backwards through a turn's tokens and then into the previous turn of
-the same episode, so a single-turn task is simply an episode of one turn.
+is 1 on real tokens), the episode it belongs to (`episode_ids[i]`), its place in that episode
+(`turn_index[i]`) and the prompt group it answers (`group_ids[i]`). Returns flow backwards through a
+turn's tokens and then into the previous turn of the same episode, so a single-turn task is simply an
+episode of one turn.
+
+Every function creates its tensors on its inputs' device and never reads values back to the host, so
+the same code runs on CPU, CUDA and the `meta` device. Rows are related through [B, B] "same key"
+matrices (same group, same episode, next turn) instead of Python loops over ids.
+
+The estimators an algorithm can name are registered in `ESTIMATORS` (`@register_estimator`); each
+takes the shaped per-token rewards (task score, KL penalty, EOS/overlong penalties, normalisation,
+all applied once upstream) and returns (advantages [B, L], returns [B, L] or None).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
+
+
+def _same(*keys: torch.Tensor) -> torch.Tensor:
+    """[B, B] bool: rows i and j agree on every key ([B] each)."""
+    out = keys[0][:, None] == keys[0][None, :]
+    for k in keys[1:]:
+        out = out & (k[:, None] == k[None, :])
+    return out
+
+
+def _next_turn(episode_ids: torch.Tensor, turn_index: torch.Tensor) -> torch.Tensor:
+    """[B, B] bool: row j is the next turn (same episode, turn index + 1) of row i."""
+    return (episode_ids[:, None] == episode_ids[None, :]) & (turn_index[None, :] == turn_index[:, None] + 1)
+
+
+def _chain(first: torch.Tensor, link: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+    """[B] x solving x_i = first_i + link_i * x_next(i) along each episode's chain of turns.
+
+    nxt: [B, B] next-turn matrix. The system (I - diag(link) nxt) x = first is triangular in turn
+    order, so one dense solve gives every turn's value without a loop over turns.
+    """
+    m = link[:, None] * nxt.to(first.dtype)
+    eye = torch.eye(first.shape[0], dtype=first.dtype, device=first.device)
+    return torch.linalg.solve(eye - m, first[:, None])[:, 0]
 
 
 def _discounted_cumsum(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, bootstrap: torch.Tensor) -> torch.Tensor:
@@ -40,19 +76,18 @@ def rewards_to_go(
     ``turn_gamma`` times the return at the first token of the next turn of the same episode: gamma
     discounts token by token, turn_gamma once per environment step (an agent's turn is one action).
     """
+    zeros = rewards.new_zeros(rewards.shape[0])
+    within = _discounted_cumsum(rewards, mask, gamma, zeros)
     if episode_ids is None or turn_index is None:
-        return _discounted_cumsum(rewards, mask, gamma, torch.zeros(rewards.shape[0], dtype=rewards.dtype))
-    out = torch.zeros_like(rewards)
-    start_return: dict[tuple[int, int], float] = {}
-    for k in sorted(set(turn_index.tolist()), reverse=True):
-        rows = (turn_index == k).nonzero(as_tuple=True)[0]
-        boot = torch.tensor(
-            [start_return.get((int(episode_ids[i]), k + 1), 0.0) for i in rows.tolist()], dtype=rewards.dtype
-        )
-        out[rows] = _discounted_cumsum(rewards[rows], mask[rows], gamma, turn_gamma * boot)
-        for i in rows.tolist():
-            start_return[(int(episode_ids[i]), k)] = float(out[i, 0])
-    return out
+        return within
+    n = mask.sum(-1).to(rewards.dtype)
+    live = n > 0
+    nxt = _next_turn(episode_ids, turn_index)
+    # G_first(k) = W_first(k) + gamma^n_k * turn_gamma * G_first(k + 1); an empty turn breaks the chain.
+    link = torch.where(live, turn_gamma * torch.pow(torch.full_like(n, gamma), n), torch.zeros_like(n))
+    first = _chain(within[:, 0], link, nxt)
+    boot = turn_gamma * (nxt.to(rewards.dtype) @ first)
+    return _discounted_cumsum(rewards, mask, gamma, boot)
 
 
 def _gae_turn(rewards, values, mask, gamma, lam, next_value, next_adv):
@@ -88,38 +123,49 @@ def gae(
     At a turn boundary the next turn's V and A are also scaled by ``turn_gamma`` (the discount per
     environment step).
     """
-    n = rewards.shape[0]
+    values = values.to(rewards.dtype)
+    zeros = rewards.new_zeros(rewards.shape[0])
+    within = _gae_turn(rewards, values, mask, gamma, lam, zeros, zeros)
     if episode_ids is None or turn_index is None:
-        zeros = torch.zeros(n, dtype=rewards.dtype)
-        adv = _gae_turn(rewards, values, mask, gamma, lam, zeros, zeros)
-        return adv, (adv + values) * mask
-    adv = torch.zeros_like(rewards)
-    start: dict[tuple[int, int], tuple[float, float]] = {}
-    for k in sorted(set(turn_index.tolist()), reverse=True):
-        rows = (turn_index == k).nonzero(as_tuple=True)[0]
-        nxt = [start.get((int(episode_ids[i]), k + 1), (0.0, 0.0)) for i in rows.tolist()]
-        next_value = torch.tensor([v for v, _ in nxt], dtype=rewards.dtype)
-        next_adv = torch.tensor([a for _, a in nxt], dtype=rewards.dtype)
-        adv[rows] = _gae_turn(rewards[rows], values[rows], mask[rows], gamma, lam, turn_gamma * next_value, turn_gamma * next_adv)
-        for i in rows.tolist():
-            start[(int(episode_ids[i]), k)] = (float(values[i, 0]), float(adv[i, 0]))
+        return within, (within + values) * mask
+    n = mask.sum(-1).to(rewards.dtype)
+    live = n > 0
+    nxt = _next_turn(episode_ids, turn_index).to(rewards.dtype)
+    # The bootstrap c = gamma * turn_gamma * (V_next + lam * A_next) reaches the first token with
+    # weight (gamma lam)^(n - 1): A_first = W_first + (gamma lam)^(n-1) gamma turn_gamma (V_next + lam A_next).
+    reach = torch.pow(torch.full_like(n, gamma * lam), (n - 1).clamp_min(0)) * gamma * turn_gamma
+    reach = torch.where(live, reach, torch.zeros_like(reach))
+    v_next = nxt @ values[:, 0]
+    first = _chain(within[:, 0] + reach * v_next, reach * lam, nxt)
+    a_next = nxt @ first
+    adv = _gae_turn(rewards, values, mask, gamma, lam, turn_gamma * v_next, turn_gamma * a_next)
     return adv, (adv + values) * mask
 
 
-def group_normalized(scores: torch.Tensor, group_ids: torch.Tensor, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+def _float(x: torch.Tensor) -> torch.Tensor:
+    return x if x.is_floating_point() else x.float()
+
+
+def group_normalized(scores: torch.Tensor, group_ids: torch.Tensor, scale: bool = True, eps: float = 1e-6,
+                     members: torch.Tensor | None = None) -> torch.Tensor:
     """[B] GRPO advantages: each score minus its group's mean, divided by the group's std if `scale`.
 
     The std is the unbiased sample std of the group (0 for a group of one, which gets advantage 0).
+    members: [B] bool, the rows whose scores make up the group statistics (default: all; for
+    multi-turn data one row per episode, so that long episodes do not weigh more).
     """
-    out = torch.zeros_like(scores, dtype=torch.float32)
-    for g in group_ids.unique():
-        rows = group_ids == g
-        x = scores[rows].float()
-        centred = x - x.mean()
-        if scale and len(x) > 1:
-            centred = centred / (x.std() + eps)
-        out[rows] = centred
-    return out
+    x = _float(scores)
+    same = _same(group_ids)
+    if members is not None:
+        same = same & members[None, :]
+    same = same.to(x.dtype)
+    count = same.sum(-1)
+    mean = (same @ x) / count
+    centred = x - mean
+    if not scale:
+        return centred
+    var = (same * (x[None, :] - mean[:, None]) ** 2).sum(-1) / (count - 1).clamp_min(1.0)
+    return torch.where(count > 1, centred / (var.sqrt() + eps), torch.zeros_like(centred))
 
 
 def mc_baseline(turn_returns: torch.Tensor, turn_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -129,27 +175,29 @@ def mc_baseline(turn_returns: torch.Tensor, turn_index: torch.Tensor | None = No
     """
     if turn_index is None:
         return turn_returns.mean().expand_as(turn_returns).clone()
-    baseline = torch.empty_like(turn_returns)
-    for k in turn_index.unique():
-        rows = turn_index == k
-        baseline[rows] = turn_returns[rows].mean()
-    return baseline
+    same = _same(turn_index).to(turn_returns.dtype)
+    return (same @ turn_returns) / same.sum(-1)
 
 
-def loo_baseline(returns: torch.Tensor, group_ids: torch.Tensor | None = None) -> torch.Tensor:
+def loo_baseline(returns: torch.Tensor, group_ids: torch.Tensor | None = None, turn_index: torch.Tensor | None = None) -> torch.Tensor:
     """[B] leave-one-out baseline: the mean return of the *other* members of each row's group.
 
-    With no groups the whole batch is one group. A group of one gets baseline 0.
+    With no groups the whole batch is one group. With `turn_index` the group of a turn is the other
+    episodes of the same prompt at the same turn index (never the other turns of its own episode).
+    A group of one gets baseline 0.
     """
     if group_ids is None:
         group_ids = torch.zeros_like(returns, dtype=torch.long)
-    baseline = torch.zeros_like(returns)
-    for g in group_ids.unique():
-        rows = group_ids == g
-        n = int(rows.sum())
-        if n > 1:
-            baseline[rows] = (returns[rows].sum() - returns[rows]) / (n - 1)
-    return baseline
+    same = _same(group_ids, turn_index) if turn_index is not None else _same(group_ids)
+    same = same.to(returns.dtype)
+    n = same.sum(-1)
+    others = (same @ returns - returns) / (n - 1).clamp_min(1.0)
+    return torch.where(n > 1, others, torch.zeros_like(others))
+
+
+def episode_totals(per_row: torch.Tensor, episode_ids: torch.Tensor) -> torch.Tensor:
+    """[B] the sum of a per-row quantity [B] over all rows (turns) of each row's episode."""
+    return _same(episode_ids).to(per_row.dtype) @ per_row
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
@@ -162,3 +210,71 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     if not shift_mean:
         out = out + mean
     return out * m
+
+
+# -- the registry ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Estimator:
+    fn: Callable
+    keys: tuple[str, ...]
+    """The `algo.*` keys the estimator reads (others refuse to be set for algorithms that use it)."""
+    grouped: bool
+    """Needs several samples per prompt (algo.group_size)."""
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register_estimator(name: str, keys: tuple[str, ...] = (), grouped: bool = False):
+    def deco(fn):
+        ESTIMATORS[name] = Estimator(fn, keys, grouped)
+        return fn
+
+    return deco
+
+
+# Every estimator: (rewards [B, L], mask [B, L], values [B, L] | None, episode_ids [B], turn_index [B],
+# group_ids [B], algo config) -> (advantages [B, L], returns [B, L] | None).
+
+
+@register_estimator("returns", keys=("gamma", "turn_gamma", "baseline", "group_size"))
+def reinforce_advantages(rewards, mask, values, episode_ids, turn_index, group_ids, a):
+    """A_t = G_t - b: rewards-to-go minus no baseline, the batch mean return of turns at the same
+    turn index, or the leave-one-out mean of the other samples of the same prompt at that turn."""
+    returns = rewards_to_go(rewards, mask, a.gamma, episode_ids, turn_index, a.turn_gamma)
+    first = returns[:, 0]
+    if a.baseline == "none":
+        baseline = torch.zeros_like(first)
+    elif a.baseline == "mean":
+        baseline = mc_baseline(first, turn_index)
+    else:
+        baseline = loo_baseline(first, group_ids, turn_index)
+    return (returns - baseline[:, None]) * mask, returns
+
+
+@register_estimator("gae", keys=("gamma", "turn_gamma", "lam", "whiten_advantages"))
+def gae_advantages(rewards, mask, values, episode_ids, turn_index, group_ids, a):
+    """GAE(gamma, lam) against the value head's predictions; whitened over the rollout if asked."""
+    adv, returns = gae(rewards, values, mask, a.gamma, a.lam, episode_ids, turn_index, a.turn_gamma)
+    return (whiten(adv, mask) if a.whiten_advantages else adv), returns
+
+
+@register_estimator("group", keys=("group_size", "scale_rewards"), grouped=True)
+def group_advantages(rewards, mask, values, episode_ids, turn_index, group_ids, a):
+    """GRPO: R = the episode's total shaped reward; A = (R - group mean) / group std (std optional).
+    Every token of every turn of an episode gets the episode's A."""
+    returns = episode_totals((rewards * mask).sum(-1), episode_ids)
+    adv = group_normalized(returns, group_ids, scale=a.scale_rewards, members=turn_index == 0)
+    return adv[:, None] * mask, None
+
+
+@register_estimator("loo", keys=("group_size",), grouped=True)
+def loo_advantages(rewards, mask, values, episode_ids, turn_index, group_ids, a):
+    """RLOO: R = the episode's total shaped reward; A = R - mean of the other samples of the prompt."""
+    returns = episode_totals((rewards * mask).sum(-1), episode_ids)
+    # The other episodes of the prompt: their first turns stand for them.
+    same = (_same(group_ids) & (turn_index == 0)[None, :]).to(returns.dtype)
+    n = same.sum(-1)
+    baseline = torch.where(n > 1, (same @ returns - returns) / (n - 1).clamp_min(1.0), torch.zeros_like(returns))
+    adv = returns - baseline
+    return adv[:, None] * mask, None

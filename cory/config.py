@@ -114,7 +114,7 @@ class AlgoConfig:
     lam: float = 0.95
     """GAE lambda (a2c, ppo): 0 = TD(0), 1 = Monte-Carlo."""
     clip_range: float = 0.2
-    """PPO/GRPO: the ratio is clipped to [1 - clip_range, 1 + clip_range]."""
+    """PPO/RLOO/GRPO family: the ratio is clipped to [1 - clip_range, 1 + clip_range_high]."""
     value_clip: float = 0.2
     """PPO: value predictions move at most this far from the rollout's values (0 = off)."""
     vf_coef: float = 0.1
@@ -124,13 +124,30 @@ class AlgoConfig:
     whiten_advantages: bool = True
     """PPO/A2C: normalise advantages over the rollout."""
     normalize_rewards: bool = False
-    """PPO: divide task scores by the running std of scores (running moments)."""
+    """Divide task scores by the running std of scores (running moments), for every algorithm."""
     missing_eos_penalty: float = 0.0
-    """PPO/GRPO/RLOO: added to the score of responses cut at max_new_tokens without EOS (0 = off; e.g. -1)."""
+    """Added to the score of responses cut at max_new_tokens without EOS, for every algorithm (0 = off; e.g. -1)."""
     scale_rewards: bool = True
     """GRPO: divide group-centred rewards by the group's std."""
     loss_aggregation: str = "token-mean"
-    """GRPO: token-mean (every token weighs the same) or seq-mean (mean per sequence, then over sequences)."""
+    """How the whole per-token objective becomes a scalar: token-mean (every token of the minibatch weighs the same), seq-mean (mean per sequence, then over sequences) or constant (sum / (loss_constant x sequences), Dr.GRPO)."""
+    # -- issue 10: loss variants, shaping and engine mismatch ------------------------------------
+    clip_range_high: float = 0.0
+    """Upper clip: the ratio stays under 1 + clip_range_high (0 = clip_range; DAPO decouples it, 0.28)."""
+    dual_clip: float = 0.0
+    """PPO-style losses: cap a negative-advantage token's loss at -A x dual_clip (> 1; 0 = off)."""
+    loss_constant: int = 0
+    """loss_aggregation=constant: the normaliser per sequence (0 = generation.max_new_tokens)."""
+    dynamic_sampling: bool = False
+    """Group algorithms: drop groups whose scores are all equal (zero advantage) from the loss and its normaliser (DAPO)."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong penalty: responses longer than max_new_tokens - overlong_buffer lose up to overlong_penalty, linearly (0 = off)."""
+    overlong_penalty: float = 1.0
+    """The overlong penalty at max_new_tokens (with overlong_buffer > 0)."""
+    overlong_filter: bool = False
+    """Leave responses cut at max_new_tokens without EOS out of the loss (DAPO's overlong filtering)."""
+    tis_cap: float = 2.0
+    """Rollouts from another engine (rollout.engine_logprobs): weight tokens by min(pi_train_old / pi_engine, tis_cap) (0 = no weighting)."""
 
 
 @dataclass
@@ -242,7 +259,7 @@ CHOICES = {
     "kl.controller": ("fixed", "adaptive", "budget"),
     "kl.penalty": ("auto", "reward", "loss"),
     "kl.help_scope": ("token", "turn"),
-    "algo.loss_aggregation": ("token-mean", "seq-mean"),
+    "algo.loss_aggregation": ("token-mean", "seq-mean", "constant"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
 }
 
@@ -314,11 +331,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             layers.append(loaded)
         layers.append(OmegaConf.from_dotlist([_parse_override(o) for o in overrides]))
         merged = OmegaConf.merge(*layers)
+        defaults = algorithm_defaults(str(merged.algo.name))
+        if defaults:  # the algorithm's defaults sit between the schema's and the user's settings
+            merged = OmegaConf.merge(layers[0], OmegaConf.create(defaults), *layers[1:])
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e)) from None
     check(cfg)
     return cfg
+
+
+def algorithm_defaults(name: str) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}}: the config defaults the named algorithm declares (empty if unknown)."""
+    from cory.algorithms import ALGORITHMS
+
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in (ALGORITHMS[name].defaults if name in ALGORITHMS else {}).items():
+        section, k = key.split(".")
+        out.setdefault(section, {})[k] = value
+    return out
+
+
+def _check_algorithm_keys(cfg: Config) -> None:
+    """A key with no effect for the chosen algorithm is refused with one line (issue 10)."""
+    from cory.algorithms import ALGORITHMS
+
+    algo = ALGORITHMS[cfg.algo.name]
+    default = AlgoConfig(**algorithm_defaults(cfg.algo.name).get("algo", {}))
+    users: dict[str, list[str]] = {}
+    for name, other in sorted(ALGORITHMS.items()):
+        for key in other.keys():
+            users.setdefault(key, []).append(name)
+    for key in sorted(set(users) - algo.keys()):
+        if getattr(cfg.algo, key) != getattr(default, key):
+            raise ConfigError(f"algo.{key} has no effect for algo.name={cfg.algo.name}; it is used by: {', '.join(users[key])}")
+    a = cfg.algo
+    if algo.estimator == "returns" and a.group_size != default.group_size and a.baseline != "loo":
+        raise ConfigError(f"algo.group_size has no effect for {cfg.algo.name} unless algo.baseline=loo")
+    if (algo.grouped or a.baseline == "loo" and algo.estimator == "returns") and a.group_size < 2:
+        raise ConfigError(f"algo.group_size must be at least 2 for {cfg.algo.name}" + (" with algo.baseline=loo" if not algo.grouped else ""))
+    if a.loss_constant and a.loss_aggregation != "constant":
+        raise ConfigError("algo.loss_constant has no effect unless algo.loss_aggregation=constant")
+    if a.loss_constant < 0 or a.overlong_buffer < 0 or a.tis_cap < 0 or a.clip_range_high < 0:
+        raise ConfigError("algo.loss_constant, overlong_buffer, tis_cap and clip_range_high must be >= 0")
+    if 0 < a.tis_cap < 1:
+        raise ConfigError("bad value for config key 'algo.tis_cap': must be >= 1 (0 = off), so that agreeing engines get weight 1")
+    if a.dual_clip and a.dual_clip <= 1:
+        raise ConfigError("bad value for config key 'algo.dual_clip': must be > 1 (0 = off)")
+    if a.overlong_buffer > cfg.generation.max_new_tokens:
+        raise ConfigError("algo.overlong_buffer must be at most generation.max_new_tokens")
+    kl_in_reward = algo.kl_in_reward if cfg.kl.penalty == "auto" else cfg.kl.penalty == "reward"
+    if cfg.kl.estimator == "full" and not kl_in_reward:
+        raise ConfigError(f"kl.estimator=full works only with KL in the reward (kl.penalty=reward) for {cfg.algo.name}")
 
 
 def check(cfg: Config) -> None:
@@ -332,6 +396,7 @@ def check(cfg: Config) -> None:
 
     if cfg.algo.name not in ALGORITHMS:
         raise ConfigError(f"bad value for config key 'algo.name': {cfg.algo.name!r}; choose one of: {', '.join(sorted(ALGORITHMS))}")
+    _check_algorithm_keys(cfg)
     positive = ["train.iterations", "train.batch_size", "generation.max_new_tokens", "algo.epochs", "task.num_eval_prompts"]
     for key in positive:
         section, name = key.split(".")

@@ -1,9 +1,11 @@
 """The Learner: one policy, its optimizer, an algorithm and a KL controller, on accelerate.
 
 `step(rollout)` scores the rollout (reference log-probs, values, per-token KL), shapes per-token
-rewards, lets the algorithm compute advantages, then runs the algorithm's loss over epochs of
-shuffled minibatches, accumulating gradients over micro-batches. Every algorithm plugs in here
-unchanged, and CORY drives two Learners.
+rewards once for every algorithm (score, missing-EOS and overlong penalties, reward normalisation,
+KL penalty), runs the algorithm's advantage estimator, then minimises `cory.losses.objective` over
+epochs of shuffled minibatches, accumulating gradients over micro-batches. The aggregation's
+normaliser is that of the whole minibatch on all processes, so micro-batching and data parallelism
+leave the gradient unchanged. Every algorithm plugs in here unchanged, and CORY drives two Learners.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import time
 import torch
 from accelerate import Accelerator
 
+from cory.advantages import ESTIMATORS, episode_totals, group_normalized
 from cory.algorithms.base import Algorithm
 from cory.budget import mixed_token_logprobs, mixture_logprobs
 from cory.ensemble import EnsembleReference, kl_to_semi, pessimistic_full
 from cory.kl import kl_full, kl_k1, kl_k3, make_controller, masked_mean, masked_sum, per_token_kl
+from cory.losses import aggregate_weights, loss_counts, objective
 from cory.policy import Policy, sequence_logprobs
 from cory.rollout import Rollout
 
@@ -34,8 +38,31 @@ def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, b
     """[B, L] per-token rewards: -beta * KL at every response token, plus the turn's score at its last token."""
     rewards = -beta * kl * mask
     last = (mask.sum(-1) - 1).clamp_min(0).long()
-    rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype)
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores.to(rewards.dtype)
     return rewards
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float) -> torch.Tensor:
+    """[B] DAPO's soft overlong penalty: 0 up to max_len - buffer tokens, then falling linearly to
+    -penalty at max_len."""
+    over = (lengths.to(torch.float32) - (max_len - buffer)).clamp_min(0.0)
+    return -penalty * over / buffer
+
+
+def tis_weights(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor, cap: float) -> dict:
+    """Truncated importance sampling for rollouts sampled by another engine: 'tis_weight' [B, L] =
+    min(pi_train_old / pi_engine, cap) on masked tokens (1 with cap = 0: no weighting), and the
+    mismatch (mean and max |log-ratio|, share of tokens capped) as 0-dim tensors."""
+    log_ratio = (old_logprobs - engine_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    weight = ratio.clamp(max=cap) if cap > 0 else torch.ones_like(ratio)
+    m = mask.bool()
+    return {
+        "tis_weight": torch.where(m, weight, torch.zeros_like(weight)),
+        "tis/log_ratio_abs_mean": masked_mean(log_ratio.abs(), mask),
+        "tis/log_ratio_abs_max": torch.where(m, log_ratio.abs(), torch.zeros_like(log_ratio)).max(),
+        "tis/capped_fraction": masked_mean(((ratio > cap) & (cap > 0)).to(log_ratio.dtype), mask),
+    }
 
 
 class RunningMoments:
@@ -106,6 +133,11 @@ class Learner:
                 pieces.setdefault(name, []).append(value)
         joined = {name: torch.cat(values) for name, values in pieces.items()}
         mask = rollout.response_mask
+        if rollout.engine_logprobs is not None:
+            # Another engine sampled: the trainer's own log-probs are the old policy's, and tokens
+            # are weighted by the truncated ratio pi_train_old / pi_engine.
+            rollout.logprobs = joined["current"] * mask
+            rollout.extras.update(tis_weights(rollout.logprobs, rollout.engine_logprobs.to(rollout.logprobs.dtype), mask, self.cfg.algo.tis_cap))
         rollout.ref_logprobs = joined["ref"]
         rollout.values = joined.get("values")
         for name in ("kl_exact", "kl_semi", "help_mass"):
@@ -132,10 +164,12 @@ class Learner:
         with self.accelerator.autocast():
             ref = sequence_logprobs(self.reference, *args, temperature=self.temperature, with_full_logprobs=whole)
             cur = None
-            if self.algorithm.needs_values or whole:
+            if self.algorithm.needs_values or whole or rollout.engine_logprobs is not None:
                 cur = sequence_logprobs(self.module, *args, temperature=self.temperature,
                                         with_values=self.algorithm.needs_values, with_full_logprobs=whole)
         out["ref"] = ref.logprobs.float()
+        if cur is not None:
+            out["current"] = cur.logprobs
         if cur is not None and cur.values is not None:
             out["values"] = cur.values.float()
         if not whole:
@@ -166,7 +200,7 @@ class Learner:
             order = torch.randperm(n, generator=generator) if size < n else torch.arange(n)
             for start in range(0, n, size):
                 idx = order[start : start + size]
-                yield [idx[i : i + micro] for i in range(0, len(idx), micro)], len(idx)
+                yield idx, [idx[i : i + micro] for i in range(0, len(idx), micro)]
 
     def set_lr(self, iteration: int) -> float:
         warm = self.cfg.algo.warmup_iterations
@@ -175,44 +209,60 @@ class Learner:
             group["lr"] = lr
         return lr
 
-    def _regularisers(self, out, mb: Rollout, info: dict) -> torch.Tensor:
-        """The KL loss term (when KL is not in the reward) and the entropy bonus."""
-        mask = mb.response_mask
-        extra = torch.zeros((), device=mask.device)
-        if not self.kl_in_reward:
-            kl_loss = masked_mean(kl_k3(out.logprobs, mb.ref_logprobs), mask)
-            info["loss/kl"] = kl_loss.item()
-            extra = extra + self.controller.beta * kl_loss
-        if self.cfg.algo.ent_coef > 0:
-            entropy = masked_mean(out.entropy, mask)
-            info["loss/entropy"] = entropy.item()
-            extra = extra - self.cfg.algo.ent_coef * entropy
-        return extra
-
     def adjust_scores(self, rollout: Rollout) -> torch.Tensor:
-        """[B] task scores after the missing-EOS penalty and optional running-std scaling."""
+        """[B] task scores after the missing-EOS and overlong penalties and optional running-std scaling."""
+        a = self.cfg.algo
         scores = rollout.scores.float().clone()
-        penalty = self.cfg.algo.missing_eos_penalty
-        if penalty:
-            scores = scores + penalty * (~rollout.finished).float()
-        if self.cfg.algo.normalize_rewards:
+        if a.missing_eos_penalty:
+            scores = scores + a.missing_eos_penalty * (~rollout.finished).float()
+        if a.overlong_buffer:
+            scores = scores + overlong_penalty(rollout.response_mask.sum(-1), self.cfg.generation.max_new_tokens,
+                                               a.overlong_buffer, a.overlong_penalty)
+        if a.normalize_rewards:
             gathered = self.accelerator.gather(scores)
             self.score_moments.update(gathered)
             scores = scores / self.score_moments.std
         return scores
 
+    def loss_mask(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
+        """[B, Lr] the tokens that train: the response mask, less truncated responses
+        (algo.overlong_filter) and groups whose scores are all equal (algo.dynamic_sampling)."""
+        a = self.cfg.algo
+        keep = torch.ones_like(rollout.finished)
+        if a.overlong_filter:
+            keep = keep & rollout.finished
+        if a.dynamic_sampling:
+            # A group trains if any of its episodes' total scores differs from the group's mean.
+            totals = episode_totals(scores.double(), rollout.episode_ids)
+            first = rollout.turn_index == 0
+            spread = group_normalized(totals, rollout.group_ids, scale=False, members=first).abs() > 1e-9
+            same_group = (rollout.group_ids[:, None] == rollout.group_ids[None, :]) & first[None, :]
+            keep = keep & ((same_group.double() @ spread.double()) > 0)
+        return rollout.response_mask * keep[:, None].to(rollout.response_mask.dtype)
+
     def update(self, rollout: Rollout, generator: torch.Generator | None = None) -> dict[str, float]:
-        """Optimizer steps over the scored rollout; returns the mean of the algorithm's diagnostics."""
+        """Optimizer steps over the scored rollout; returns the mean of the objective's diagnostics."""
         self.module.train()
+        a = self.cfg.algo
         logs: dict[str, list[float]] = {}
         grad_norms = []
         first_step = True
-        for micro_batches, size in self._minibatches(len(rollout), generator):
+        kl_estimator = None if self.kl_in_reward else self.cfg.kl.estimator
+        constant = float(a.loss_constant or self.cfg.generation.max_new_tokens)
+        processes = self.accelerator.num_processes
+        loss_mask = rollout.extras["loss_mask"]
+        for minibatch, micro_batches in self._minibatches(len(rollout), generator):
+            # The normaliser of the whole minibatch on every process: each micro-batch's loss is its
+            # share of the minibatch's objective, whatever the micro-batch size or process count.
+            counts = loss_counts(loss_mask[minibatch.to(loss_mask.device)])
+            if processes > 1:
+                counts = self.accelerator.reduce(counts.to(self.accelerator.device), "sum")
+            sums: dict[str, float] = {}
             for k, idx in enumerate(micro_batches):
                 mb = rollout.select(idx)
                 last = k == len(micro_batches) - 1
-                # Gradients are summed over micro-batches (weighted by their share) and only
-                # all-reduced across processes on the last one.
+                # Gradients are summed over micro-batches and only all-reduced across processes on
+                # the last one (the all-reduce averages, hence the factor `processes`).
                 ctx = self.accelerator.no_sync(self.module) if not last else contextlib.nullcontext()
                 with ctx:
                     with self.accelerator.autocast():
@@ -223,21 +273,27 @@ class Learner:
                         if "mix_weight" in mb.extras:  # train on the distribution actually sampled
                             out.logprobs = mixed_token_logprobs(out.logprobs, mb.extras["fallback_logprobs"],
                                                                 mb.extras["mix_weight"]) * mb.response_mask
-                        loss, info = self.algorithm.loss(out, mb)
-                        loss = loss + self._regularisers(out, mb, info)
+                        weights = aggregate_weights(mb.extras["loss_mask"], a.loss_aggregation, counts, constant)
+                        loss, info = objective(self.algorithm, a, out, mb, weights, self.controller.beta, kl_estimator)
                     if first_step:
                         # Before the first optimizer step the policy is the behaviour policy: its
                         # recomputed log-probs must match generation's (logprob_gap ~ 0).
                         mask = mb.response_mask
-                        info["entropy"] = masked_mean(out.entropy.detach().float(), mask).item()
-                        info["logprob_gap"] = masked_mean((out.logprobs.detach().float() - mb.logprobs).abs(), mask).item()
+                        info["entropy"] = masked_mean(out.entropy.detach().float(), mask)
+                        info["logprob_gap"] = masked_mean((out.logprobs.detach().float() - mb.logprobs).abs(), mask)
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(f"{self.algorithm.name} loss is {loss.item()} (learning rate or rewards too large?)")
-                    self.accelerator.backward(loss * (len(idx) / size))
+                    self.accelerator.backward(loss * processes)
                 for name, value in info.items():
-                    logs.setdefault(name, []).append(value)
-            if self.cfg.algo.max_grad_norm > 0:
-                grad_norms.append(float(self.accelerator.clip_grad_norm_(self.module.parameters(), self.cfg.algo.max_grad_norm)))
+                    # loss/* are this micro-batch's share of the minibatch's value: summed; the rest averaged.
+                    if name.startswith("loss/"):
+                        sums[name] = sums.get(name, 0.0) + float(value)
+                    else:
+                        logs.setdefault(name, []).append(float(value))
+            for name, value in sums.items():
+                logs.setdefault(name, []).append(value)
+            if a.max_grad_norm > 0:
+                grad_norms.append(float(self.accelerator.clip_grad_norm_(self.module.parameters(), a.max_grad_norm)))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             first_step = False
@@ -254,10 +310,20 @@ class Learner:
         mask = rollout.response_mask
         kl = rollout.extras["kl"]
         beta = self.controller.beta
-        token_rewards = shaped_rewards(self.adjust_scores(rollout), kl, mask, beta if self.kl_in_reward else 0.0)
+        scores = self.adjust_scores(rollout)
+        token_rewards = shaped_rewards(scores, kl, mask, beta if self.kl_in_reward else 0.0)
         rollout.extras["token_rewards"] = token_rewards
-        self.algorithm.advantages(rollout, token_rewards)
+        advantages, returns = ESTIMATORS[self.algorithm.estimator].fn(
+            token_rewards, mask, rollout.values, rollout.episode_ids, rollout.turn_index, rollout.group_ids, self.cfg.algo)
+        rollout.extras["advantages"] = advantages
+        if returns is not None:
+            rollout.extras["returns"] = returns
+        rollout.extras["loss_mask"] = self.loss_mask(rollout, scores)
         metrics = self.update(rollout, generator)
+        metrics["loss_token_fraction"] = (rollout.extras["loss_mask"].sum() / mask.sum().clamp_min(1)).item()
+        for name in ("tis/log_ratio_abs_mean", "tis/log_ratio_abs_max", "tis/capped_fraction"):
+            if name in rollout.extras:
+                metrics[name] = float(rollout.extras[name])
         # The controllers hold the KL of whole episodes (all turns of one), not of single turns.
         episode_kl = episode_sums(rollout, masked_sum(kl, mask))
         metrics.update(rollout_metrics(rollout))

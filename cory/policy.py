@@ -162,7 +162,8 @@ class PolicyModel(nn.Module):
             if logits_to_keep:
                 hidden = hidden[:, -logits_to_keep:]
             head = self.value_head
-            values = head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+            values = head(hidden.to(head.weight.dtype)).squeeze(-1)
+            values = values.to(torch.promote_types(values.dtype, torch.float32))
         return logits, values
 
 
@@ -257,7 +258,7 @@ def sequence_logprobs(
     keep_mask = response_mask.bool()
     t = temperature if temperature > 0 else 1.0
     # float32 before the softmax: bf16 log-probs are too coarse for importance ratios.
-    logp_all = torch.log_softmax(logits.float() / t, dim=-1)
+    logp_all = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / t, dim=-1)
     logprobs = logp_all.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
     result = LogprobOutput(logprobs=_zero_where_masked(logprobs, keep_mask))
     if with_entropy:

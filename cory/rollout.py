@@ -48,6 +48,10 @@ class Rollout:
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     infos: list[dict] = field(default_factory=list)
+    engine_logprobs: torch.Tensor | None = None
+    """[B, Lr] behaviour log-probs from a different sampling engine (e.g. vLLM); None for cory's own
+    loop. When set, the learner recomputes `logprobs` with the trainer and corrects the mismatch by
+    truncated importance sampling (algo.tis_cap)."""
     # Filled by the learner before the update:
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None

@@ -15,10 +15,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # many times slower; runs (and the 2-process test's workers) honour OMP_NUM_THREADS.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CORY_TEST_DEVICE=cuda runs the suite on the GPU (training runs through accelerate, the pure-function
+# tests on that device too); the default, cpu, hides GPUs so that results do not depend on the machine.
+TEST_DEVICE = os.environ.get("CORY_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 _CACHE = os.environ.get("CORY_TEST_CACHE") or tempfile.mkdtemp(prefix="cory-test-cache-")
 os.environ["CORY_CACHE"] = _CACHE
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The device of CORY_TEST_DEVICE (cpu by default); the suite stops if it is not available."""
+    import torch
+
+    if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        pytest.exit(f"CORY_TEST_DEVICE={TEST_DEVICE} but torch sees no CUDA device", returncode=2)
+    return torch.device(TEST_DEVICE)
 
 
 @pytest.fixture(scope="session")

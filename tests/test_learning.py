@@ -26,6 +26,10 @@ PER_ALGO = {
     "ppo": {"algo.epochs": 2, "algo.minibatch_size": 8},
     "grpo": {"train.batch_size": 4, "algo.group_size": 4},
     "rloo": {"train.batch_size": 4, "algo.group_size": 4},
+    "dr_grpo": {"train.batch_size": 4, "algo.group_size": 4},
+    "dapo": {"train.batch_size": 4, "algo.group_size": 4},
+    "gspo": {"train.batch_size": 4, "algo.group_size": 4},
+    "cispo": {"train.batch_size": 4, "algo.group_size": 4},
 }
 SEED = int(__import__("os").environ.get("CORY_LEARNING_SEED", "0"))
 """Seed of the learning runs (set CORY_LEARNING_SEED to check that the margin holds for others)."""

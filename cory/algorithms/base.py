@@ -1,51 +1,67 @@
-"""The algorithm plug-in interface and its registry.
+"""An algorithm is a declaration: which advantage estimator, which policy loss, a value loss or not,
+whether KL goes into the reward or the loss, and the config defaults it brings.
 
-The Learner owns the loop (rollout scoring, KL shaping, epochs of minibatches, the optimizer); an
-algorithm only says how to turn per-token rewards into advantages and how to compute its loss.
+The estimators live in `cory.advantages`, the losses and the one objective in `cory.losses`; the
+Learner runs them. Adding an algorithm is a few lines: `register(Algorithm(...))`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-import torch
-
-from cory.rollout import Rollout
-
-ALGORITHMS: dict[str, type["Algorithm"]] = {}
+ALGORITHMS: dict[str, "Algorithm"] = {}
 
 
-def register(name: str) -> Callable[[type["Algorithm"]], type["Algorithm"]]:
-    def deco(cls: type["Algorithm"]) -> type["Algorithm"]:
-        cls.name = name
-        ALGORITHMS[name] = cls
-        return cls
-
-    return deco
-
-
+@dataclass(frozen=True)
 class Algorithm:
-    name = "base"
-    needs_values = False
-    """The policy needs a value head (actor-critic)."""
-    kl_in_reward = True
-    """KL to the reference is a per-token reward penalty (False: the algorithm adds a loss term)."""
-    group_size = 1
-    """Samples per prompt."""
+    name: str
+    estimator: str
+    """Registered advantage estimator (`cory.advantages.ESTIMATORS`)."""
+    policy_loss: str
+    """Registered policy loss (`cory.losses.POLICY_LOSSES`)."""
+    value_loss: bool = False
+    """Actor-critic: the policy has a value head trained by the clipped value loss."""
+    kl_in_reward: bool = True
+    """With kl.penalty=auto: KL to the reference is a per-token reward penalty (False: a loss term)."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Config defaults this algorithm brings (`section.key` -> value); explicit settings win."""
+    group_size: int = 1
+    """Samples per prompt; set from algo.group_size by `make_algorithm` when the estimator needs groups."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    @property
+    def needs_values(self) -> bool:
+        return self.value_loss
 
-    def advantages(self, batch: Rollout, token_rewards: torch.Tensor) -> None:
-        """Fill batch.extras (at least 'advantages' [B, Lr]) from per-token rewards [B, Lr]."""
-        raise NotImplementedError
+    def keys(self) -> set[str]:
+        """The algorithm-specific `algo.*` keys this algorithm reads."""
+        from cory.advantages import ESTIMATORS
+        from cory.losses import POLICY_LOSSES, VALUE_LOSS_KEYS
 
-    def loss(self, out, mb: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
-        """The scalar loss of one minibatch from the policy's forward outputs, and diagnostics."""
-        raise NotImplementedError
+        keys = set(ESTIMATORS[self.estimator].keys) | set(POLICY_LOSSES[self.policy_loss].keys)
+        if self.value_loss:
+            keys |= set(VALUE_LOSS_KEYS)
+        if self.grouped:
+            keys.add("dynamic_sampling")
+        return keys
+
+    @property
+    def grouped(self) -> bool:
+        from cory.advantages import ESTIMATORS
+
+        return ESTIMATORS[self.estimator].grouped
+
+
+def register(algorithm: Algorithm) -> Algorithm:
+    ALGORITHMS[algorithm.name] = algorithm
+    return algorithm
 
 
 def make_algorithm(cfg) -> Algorithm:
+    """The declaration named by cfg.algo.name, with its group size for this config."""
     if cfg.algo.name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm '{cfg.algo.name}'; algorithms: {', '.join(sorted(ALGORITHMS))}")
-    return ALGORITHMS[cfg.algo.name](cfg)
+    algorithm = ALGORITHMS[cfg.algo.name]
+    # REINFORCE's leave-one-out baseline needs several samples per prompt too.
+    grouped = algorithm.grouped or (algorithm.estimator == "returns" and cfg.algo.baseline == "loo")
+    return replace(algorithm, group_size=cfg.algo.group_size if grouped else 1)

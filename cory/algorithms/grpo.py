@@ -1,54 +1,31 @@
-"""GRPO (Shao et al., 2024): G samples per prompt, group-normalised outcome advantages, no critic.
+"""The GRPO family: G samples per prompt, group-normalised outcome advantages, no critic, KL as a
+loss term (kl.penalty=auto; k3 by default).
 
-    A_i = (R_i - mean_group R) / std_group R      (std scaling optional: algo.scale_rewards)
-    loss = agg(max(-A_i * ratio_t, -A_i * clip(ratio_t, 1 - eps, 1 + eps))) + beta * mean k3
-The KL to the reference is a k3 loss term by default (kl.penalty=auto). `agg` is token-mean over
-all tokens of the minibatch or seq-mean (mean over each sequence's tokens, then over sequences).
-For multi-turn episodes R is the episode's total score and every turn of it gets the same A.
+    R_i = the episode's total shaped reward (score, penalties; KL too with kl.penalty=reward)
+    A_i = (R_i - mean_group R) / std_group R            (std scaling: algo.scale_rewards)
+    loss = agg(policy_loss_it + beta * KL_it - ent_coef * H_it)
+
+grpo     (Shao et al., 2024)   clipped token ratio, token-mean.
+dr_grpo  (Liu et al., 2025)    no std scaling; constant normaliser: sum / (max_new_tokens * G).
+dapo     (Yu et al., 2025)     decoupled clip [1 - 0.2, 1 + 0.28], token-mean, groups whose scores
+                               are all equal dropped (algo.dynamic_sampling); overlong penalty
+                               (algo.overlong_buffer) or filtering (algo.overlong_filter) optional.
+gspo     (Zheng et al., 2025)  sequence ratio exp(mean_t log r_t) clipped to [1 - 3e-4, 1 + 4e-4], seq-mean.
+cispo    (MiniMax, 2025)       -sg(clip(r, 0, 5)) * A * log pi: clipped importance weight, every
+                               token keeps its gradient.
 """
 
-from __future__ import annotations
-
-import torch
-
-from cory.advantages import group_normalized
 from cory.algorithms.base import Algorithm, register
-from cory.algorithms.ppo import clipped_surrogate, policy_diagnostics
-from cory.kl import masked_mean
 
+_K3 = {"kl.estimator": "k3"}
 
-def episode_returns(batch) -> torch.Tensor:
-    """[B] the total score of the episode each row belongs to."""
-    totals: dict[int, float] = {}
-    for e, s in zip(batch.episode_ids.tolist(), batch.scores.tolist()):
-        totals[e] = totals.get(e, 0.0) + s
-    return torch.tensor([totals[e] for e in batch.episode_ids.tolist()], dtype=torch.float32)
-
-
-def aggregate(loss: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """token-mean: over all masked tokens; seq-mean: per sequence, then over sequences."""
-    if how == "seq-mean":
-        return masked_mean(loss, mask, dim=-1).mean()
-    return masked_mean(loss, mask)
-
-
-@register("grpo")
-class GRPO(Algorithm):
-    kl_in_reward = False
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.group_size = cfg.algo.group_size
-
-    def advantages(self, batch, token_rewards):
-        returns = episode_returns(batch).to(batch.scores.device)
-        adv = group_normalized(returns, batch.group_ids, scale=self.cfg.algo.scale_rewards)
-        batch.extras["advantages"] = adv[:, None] * batch.response_mask
-
-    def loss(self, out, mb):
-        mask = mb.response_mask
-        pg, clipped = clipped_surrogate(out.logprobs, mb.logprobs, mb.extras["advantages"], self.cfg.algo.clip_range)
-        pg_loss = aggregate(pg, mask, self.cfg.algo.loss_aggregation)
-        info = {"loss/policy": pg_loss.item(), "policy/clip_fraction": masked_mean(clipped, mask).item()}
-        info.update(policy_diagnostics(out.logprobs, mb.logprobs, mask))
-        return pg_loss, info
+GRPO = register(Algorithm(name="grpo", estimator="group", policy_loss="vanilla", kl_in_reward=False, defaults=_K3))
+DR_GRPO = register(Algorithm(name="dr_grpo", estimator="group", policy_loss="vanilla", kl_in_reward=False,
+                             defaults={**_K3, "algo.scale_rewards": False, "algo.loss_aggregation": "constant"}))
+DAPO = register(Algorithm(name="dapo", estimator="group", policy_loss="vanilla", kl_in_reward=False,
+                          defaults={**_K3, "algo.clip_range_high": 0.28, "algo.dynamic_sampling": True}))
+GSPO = register(Algorithm(name="gspo", estimator="group", policy_loss="gspo", kl_in_reward=False,
+                          defaults={**_K3, "algo.loss_aggregation": "seq-mean", "algo.clip_range": 3e-4,
+                                    "algo.clip_range_high": 4e-4}))
+CISPO = register(Algorithm(name="cispo", estimator="group", policy_loss="cispo", kl_in_reward=False,
+                           defaults={**_K3, "algo.clip_range": 1.0, "algo.clip_range_high": 4.0}))

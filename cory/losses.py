@@ -1,0 +1,187 @@
+"""Policy losses, the value loss, loss aggregation and the whole objective, as pure functions.
+
+Per-token losses are [B, L] tensors; `mask` ([B, L], 1 on tokens that train) is explicit. A loss is
+turned into a scalar ONCE, by `aggregate_weights`, over the whole objective (policy + KL + entropy +
+value), with the normaliser of the whole minibatch (all processes together), so that splitting a
+minibatch into micro-batches or across processes leaves the gradient unchanged:
+
+    token-mean   sum_{i,t} l_it / (tokens in the minibatch)
+    seq-mean     sum_i (sum_t l_it / |y_i|) / (sequences in the minibatch)
+    constant     sum_{i,t} l_it / (C * sequences in the minibatch)       (Dr.GRPO; C = max_new_tokens)
+
+Policy losses are registered by name (`@register_policy_loss`); each returns (loss [B, L], clipped
+indicator [B, L]) from the current and behaviour log-probs and the advantages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from cory.kl import ESTIMATORS as KL_ESTIMATORS
+from cory.kl import masked_mean
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    fn: Callable
+    keys: tuple[str, ...]
+    """The `algo.*` keys the loss reads."""
+
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+
+
+def register_policy_loss(name: str, keys: tuple[str, ...] = ()):
+    def deco(fn):
+        POLICY_LOSSES[name] = PolicyLoss(fn, keys)
+        return fn
+
+    return deco
+
+
+def clip_bounds(a) -> tuple[float, float]:
+    """(low, high): the ratio stays in [1 - clip_range, 1 + clip_range_high] (high defaults to low)."""
+    return a.clip_range, a.clip_range_high or a.clip_range
+
+
+@register_policy_loss("pg")
+def policy_gradient_loss(logprobs, old_logprobs, advantages, a):
+    """[B, L] -A_t * log pi(a_t|s_t): the plain (on-policy) policy gradient of REINFORCE and A2C."""
+    return -advantages * logprobs, torch.zeros_like(logprobs)
+
+
+@register_policy_loss("vanilla", keys=("clip_range", "clip_range_high", "dual_clip"))
+def clipped_policy_loss(logprobs, old_logprobs, advantages, a):
+    """[B, L] PPO's max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = pi / pi_old.
+
+    With algo.dual_clip = c > 1 (Ye et al., 2020) a negative-advantage token's loss is also capped at
+    -A c, so a huge ratio cannot produce an unbounded step.
+    """
+    low, high = clip_bounds(a)
+    loss, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, low, high)
+    if a.dual_clip > 1:
+        capped = torch.minimum(loss, -advantages * a.dual_clip)
+        clipped = torch.where((advantages < 0) & (capped < loss), torch.ones_like(clipped), clipped)
+        loss = torch.where(advantages < 0, capped, loss)
+    return loss, clipped
+
+
+def clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high=None):
+    """[B, L] PPO's per-token policy loss and [B, L] clipped indicator (1 where the clip binds)."""
+    clip_high = clip_low if clip_high is None else clip_high
+    ratio = torch.exp(logprobs - old_logprobs)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(loss_unclipped, loss_clipped), (loss_clipped > loss_unclipped).to(logprobs.dtype)
+
+
+@register_policy_loss("gspo", keys=("clip_range", "clip_range_high"))
+def sequence_ratio_loss(logprobs, old_logprobs, advantages, a, mask=None):
+    """[B, L] GSPO (Zheng et al., 2025): the clipped surrogate with the sequence-level ratio
+    s_i = exp(mean_t log(pi / pi_old)) in place of the token ratio.
+
+    Written per token as s_it = sg(s_i) * pi_t / sg(pi_t) (same value as s_i; with seq-mean the
+    gradient is exactly GSPO's, s_i * mean_t grad log pi_t).
+    """
+    low, high = clip_bounds(a)
+    seq_log_ratio = masked_mean(logprobs - old_logprobs, mask, dim=-1).detach()
+    ratio = torch.exp(seq_log_ratio)[:, None] * torch.exp(logprobs - logprobs.detach())
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
+    return torch.maximum(loss_unclipped, loss_clipped), (loss_clipped > loss_unclipped).to(logprobs.dtype)
+
+
+@register_policy_loss("cispo", keys=("clip_range", "clip_range_high"))
+def clipped_weight_loss(logprobs, old_logprobs, advantages, a):
+    """[B, L] CISPO (MiniMax-M1, 2025): -sg(clip(r, 1 - eps_low, 1 + eps_high)) * A * log pi.
+
+    The importance weight is clipped and detached, so every token keeps a gradient (PPO's clip
+    zeroes it); the clipped indicator marks tokens whose weight was clipped.
+    """
+    low, high = clip_bounds(a)
+    ratio = torch.exp(logprobs - old_logprobs).detach()
+    weight = torch.clamp(ratio, 1.0 - low, 1.0 + high)
+    return -weight * advantages * logprobs, (weight != ratio).to(logprobs.dtype)
+
+
+def clipped_value_loss(values, old_values, returns, value_clip):
+    """[B, L] 0.5 * squared value error, pessimistic over the clipped and unclipped prediction."""
+    err = (values - returns) ** 2
+    if value_clip <= 0:
+        return 0.5 * err
+    clipped = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
+    return 0.5 * torch.maximum(err, (clipped - returns) ** 2)
+
+
+VALUE_LOSS_KEYS = ("value_clip", "vf_coef")
+
+
+# -- aggregation -------------------------------------------------------------------------------------
+AGGREGATIONS = ("token-mean", "seq-mean", "constant")
+
+
+def loss_counts(mask: torch.Tensor) -> torch.Tensor:
+    """[2] (tokens, sequences) that train in `mask` [B, L]: the normaliser's inputs, summed over
+    micro-batches and processes before use."""
+    m = mask.to(torch.float64)
+    return torch.stack([m.sum(), (m.sum(-1) > 0).to(m.dtype).sum()])
+
+
+def aggregate_weights(mask: torch.Tensor, how: str, counts: torch.Tensor, constant: float) -> torch.Tensor:
+    """[B, L] per-token weights w with loss = sum(w * l): `how` over a minibatch whose totals
+    (tokens, sequences) are `counts` (see `loss_counts`); `mask` is this micro-batch's."""
+    m = mask.to(torch.float64)
+    tokens, seqs = counts[0].clamp_min(1.0), counts[1].clamp_min(1.0)
+    if how == "token-mean":
+        w = m / tokens
+    elif how == "seq-mean":
+        w = m / (m.sum(-1, keepdim=True).clamp_min(1.0) * seqs)
+    elif how == "constant":
+        w = m / (constant * seqs)
+    else:
+        raise ValueError(f"unknown loss aggregation {how!r}; choose one of: {', '.join(AGGREGATIONS)}")
+    return w
+
+
+# -- the whole objective -----------------------------------------------------------------------------
+def objective(algorithm, a, out, mb, weights: torch.Tensor, beta: float, kl_estimator: str | None):
+    """The scalar loss of one micro-batch and its diagnostics (detached tensors).
+
+        l_t  = tis_t * policy_loss_t                            (algorithm.policy_loss; tis_t = 1 unless
+                                                                  rollouts came from another engine)
+             + beta * KL_t(pi || pi_ref)                         (kl_estimator; None: KL is in the reward)
+             - ent_coef * H_t(pi)
+             + vf_coef * value_loss_t                            (actor-critic only)
+        loss = sum_t weights_t * l_t                            (the aggregation, applied once)
+
+    out: the policy's forward (logprobs, entropy, values: [B, L]); mb: the micro-batch (Rollout with
+    logprobs, ref_logprobs, values and extras 'advantages', 'returns', 'loss_mask', 'tis_weight').
+    """
+    mask = mb.extras["loss_mask"]
+    spec = POLICY_LOSSES[algorithm.policy_loss]
+    extra = {"mask": mask} if algorithm.policy_loss == "gspo" else {}
+    pg, clipped = spec.fn(out.logprobs, mb.logprobs, mb.extras["advantages"], a, **extra)
+    if "tis_weight" in mb.extras:
+        pg = pg * mb.extras["tis_weight"]
+    per_token = pg
+    info = {"loss/policy": (pg.detach() * weights).sum(), "policy/clip_fraction": masked_mean(clipped.detach(), mask)}
+    if kl_estimator is not None:
+        kl = KL_ESTIMATORS[kl_estimator](out.logprobs, mb.ref_logprobs)
+        per_token = per_token + beta * kl
+        info["loss/kl"] = (kl.detach() * weights).sum()
+    if a.ent_coef > 0:
+        per_token = per_token - a.ent_coef * out.entropy
+        info["loss/entropy"] = (out.entropy.detach() * weights).sum()
+    if algorithm.value_loss:
+        vf = clipped_value_loss(out.values, mb.values, mb.extras["returns"], a.value_clip)
+        per_token = per_token + a.vf_coef * vf
+        info["loss/value"] = (vf.detach() * weights).sum()
+    log_ratio = (out.logprobs - mb.logprobs).detach()
+    info["policy/approx_kl_k1"] = masked_mean(-log_ratio, mask)
+    info["policy/approx_kl_k3"] = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    # Padding may hold anything (even inf after exp): weights are 0 there, so select rather than multiply.
+    loss = torch.where(weights > 0, per_token * weights.to(per_token.dtype), torch.zeros_like(per_token)).sum()
+    return loss, info
