@@ -6,7 +6,10 @@ evaluation reward on the task's fixed prompt set, the final episode KL to the re
 time. Prints a table (mean and 95% interval over seeds) and writes PNG curves.
 
     python benchmarks/algorithms.py [--iterations 40] [--seeds 0 1 2] [--tasks sentiment arithmetic]
-Writes benchmarks/results/algorithms.{json,md} and benchmarks/results/algorithms_<task>.png.
+                                    [--algos dr_grpo dapo ...] [--merge]
+Writes benchmarks/results/algorithms.{json,md} and benchmarks/results/algorithms_<task>.png. With
+--merge the runs replace those of the same task and algorithm in the existing results, and the
+table and plots are rebuilt from all of them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 from cory.metrics import t_interval as interval
 
 RESULTS = Path(__file__).parent / "results"
-ALGOS = ["reinforce", "a2c", "ppo", "grpo", "rloo"]
+ALGOS = ["reinforce", "a2c", "ppo", "grpo", "rloo", "dr_grpo", "dapo", "gspo", "cispo"]
 TASKS = {
     "sentiment": ["model.name=cory:tiny-reviews", "task.name=sentiment", "task.reward=cory:tiny-sentiment",
                   "generation.max_new_tokens=16", "algo.lr=3e-4", "kl.beta=0.05"],
@@ -34,6 +37,10 @@ PER_ALGO = {
     "ppo": ["train.batch_size=32", "algo.epochs=2", "algo.minibatch_size=16"],
     "grpo": ["train.batch_size=8", "algo.group_size=4"],
     "rloo": ["train.batch_size=8", "algo.group_size=4"],
+    "dr_grpo": ["train.batch_size=8", "algo.group_size=4"],
+    "dapo": ["train.batch_size=8", "algo.group_size=4"],
+    "gspo": ["train.batch_size=8", "algo.group_size=4"],
+    "cispo": ["train.batch_size=8", "algo.group_size=4"],
 }
 
 
@@ -89,6 +96,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--algos", nargs="+", default=ALGOS, choices=ALGOS)
+    ap.add_argument("--merge", action="store_true", help="merge into the existing results instead of replacing them")
+    ap.add_argument("--note", default="", help="a line added under the table's caption (e.g. which rows were measured when)")
     args = ap.parse_args()
     runs = []
     for task in args.tasks:
@@ -99,12 +108,21 @@ def main() -> None:
                       f"KL {r['final_kl']:.2f}, {r['wall_s']:.0f} s", flush=True)
                 runs.append(r)
     RESULTS.mkdir(exist_ok=True)
+    if args.merge and (RESULTS / "algorithms.json").exists():
+        fresh = {(r["task"], r["algo"]) for r in runs}
+        kept = [r for r in json.loads((RESULTS / "algorithms.json").read_text()) if (r["task"], r["algo"]) not in fresh]
+        runs = kept + runs
+        args.tasks = [t for t in TASKS if any(r["task"] == t for r in runs)]
+        args.algos = [a for a in ALGOS if any(r["algo"] == a for r in runs)]
     lines = [f"# Algorithms on the embedded tasks ({args.iterations} iterations, 32 samples each, seeds {args.seeds})", "",
              "Final reward and episode KL: evaluation on the fixed prompt set; mean ± 95% interval over seeds.", "",
+             *([args.note, ""] if args.note else []),
              "| task | algorithm | initial reward | final reward | final episode KL | wall time (s) |", "|---|---|---|---|---|---|"]
     for task in args.tasks:
         for algo in args.algos:
             mine = [r for r in runs if r["task"] == task and r["algo"] == algo]
+            if not mine:
+                continue
             cells = [interval([r[k] for r in mine]) for k in ("initial_reward", "final_reward", "final_kl", "wall_s")]
             lines.append(f"| {task} | {algo} | " + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in cells) + " |")
         plot(task, [r for r in runs if r["task"] == task], RESULTS / f"algorithms_{task}.png")

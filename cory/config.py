@@ -88,7 +88,7 @@ class GenerationConfig:
 @dataclass
 class AlgoConfig:
     name: str = "reinforce"
-    """The RL algorithm, by registered name (`cory train --list-algos`)."""
+    """The RL algorithm, by registered name: reinforce, a2c, ppo, rloo, grpo, dr_grpo, dapo, gspo, cispo."""
     lr: float = 1e-4
     """AdamW learning rate."""
     weight_decay: float = 0.0
