@@ -110,7 +110,7 @@ class AlgoConfig:
     micro_batch_size: int = 0
     """Samples per forward/backward pass; gradients accumulate up to `minibatch_size` (0 = no accumulation)."""
     group_size: int = 4
-    """GRPO/RLOO: responses sampled per prompt (the batch holds train.batch_size prompts x group_size)."""
+    """GRPO family, RLOO, REINFORCE with baseline=loo: responses sampled per prompt (the batch holds train.batch_size prompts x group_size)."""
     lam: float = 0.95
     """GAE lambda (a2c, ppo): 0 = TD(0), 1 = Monte-Carlo."""
     clip_range: float = 0.2
@@ -128,7 +128,7 @@ class AlgoConfig:
     missing_eos_penalty: float = 0.0
     """Added to the score of responses cut at max_new_tokens without EOS, for every algorithm (0 = off; e.g. -1)."""
     scale_rewards: bool = True
-    """GRPO: divide group-centred rewards by the group's std."""
+    """GRPO family: divide group-centred rewards by the group's std (dr_grpo: off)."""
     loss_aggregation: str = "token-mean"
     """How the whole per-token objective becomes a scalar: token-mean (every token of the minibatch weighs the same), seq-mean (mean per sequence, then over sequences) or constant (sum / (loss_constant x sequences), Dr.GRPO)."""
     # -- issue 10: loss variants, shaping and engine mismatch ------------------------------------
@@ -155,11 +155,11 @@ class KLConfig:
     beta: float = 0.05
     """Initial KL coefficient."""
     estimator: str = "k1"
-    """Per-token KL estimator: k1, k2, k3, or full (exact over the vocabulary)."""
+    """Per-token KL estimator, for the reward penalty and the loss term alike: k1, k2, k3, or full (exact over the vocabulary; reward only)."""
     controller: str = "fixed"
     """How beta changes: fixed, adaptive (Ziegler et al.) or budget (dual ascent on the episode KL)."""
     penalty: str = "auto"
-    """Where KL enters: reward (per-token penalty), loss (beta * mean k3 term), or auto (the algorithm's default)."""
+    """Where KL enters: reward (per-token penalty), loss (beta x the kl.estimator term, aggregated like the policy loss), or auto (the algorithm's default)."""
     target: float = 6.0
     """Adaptive controller: the sequence KL to aim for (nats)."""
     horizon: int = 10000

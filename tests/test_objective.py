@@ -9,6 +9,7 @@ with the gradient of another configuration.
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -39,7 +40,8 @@ def make_learner(path, overrides: list[str]):
     with torch.no_grad():  # the reference differs from the policy, so the KL is not ~0
         for p in reference.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
-    learner = Learner(policy, reference, algorithm, cfg, Accelerator(cpu=True))
+    on_cpu = os.environ.get("CORY_TEST_DEVICE", "cpu") == "cpu"
+    learner = Learner(policy, reference, algorithm, cfg, Accelerator(cpu=on_cpu))
     params = [p for p in learner.module.parameters() if p.requires_grad]
     grads: list[torch.Tensor] = []
 
@@ -60,7 +62,7 @@ def synthetic_rollout(learner, seed: int = 0, scores=None) -> Rollout:
     response_mask = (torch.arange(lr)[None, :] < torch.tensor(LENGTHS)[:, None]).long()
     response_ids = torch.randint(5, vocab, (b, lr), generator=g) * response_mask
     with torch.no_grad():
-        lp = sequence_logprobs(learner.module, query_ids, query_mask, response_ids, response_mask).logprobs
+        lp = sequence_logprobs(learner.module, query_ids, query_mask, response_ids, response_mask).logprobs.cpu()
     logprobs = (lp + 0.3 * torch.randn(lp.shape, generator=g, dtype=lp.dtype)) * response_mask
     if scores is None:
         scores = torch.randn(b, generator=g, dtype=torch.float64)
@@ -82,7 +84,7 @@ def learner_gradient(path, overrides, rollout_seed=0, scores=None, **rollout_kw)
 def hand_gradient(path, overrides, loss_fn, rollout_seed=0, scores=None) -> torch.Tensor:
     """The gradient of loss_fn(out, rollout, ref_logprobs) on the same model and rollout."""
     learner, _ = make_learner(path, overrides)
-    r = synthetic_rollout(learner, rollout_seed, scores)
+    r = synthetic_rollout(learner, rollout_seed, scores).to(learner.accelerator.device)
     with torch.no_grad():
         ref = sequence_logprobs(learner.reference, r.query_ids, r.query_mask, r.response_ids, r.response_mask).logprobs
     ref = ref.float().double()  # the learner stores reference log-probs in float32
@@ -253,7 +255,7 @@ def test_dapo_objective_by_hand_drops_groups_with_equal_scores(micro_lm):
     overrides = ["algo.name=dapo", "kl.beta=0"]
 
     def loss(out, r, ref):
-        keep = r.response_mask * torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])[:, None]
+        keep = r.response_mask * torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], device=r.scores.device)[:, None]
         return token_mean(clipped(out, r, grpo_advantages(r.scores), 0.2, 0.28), keep)
 
     got = learner_gradient(micro_lm, overrides, scores=scores)
@@ -287,7 +289,7 @@ def tis_rollouts(learner, noise: float):
     """(rollout with the trainer's own log-probs, the same with engine log-probs perturbed by `noise`)."""
     r = synthetic_rollout(learner)
     with torch.no_grad():
-        r.logprobs = sequence_logprobs(learner.module, r.query_ids, r.query_mask, r.response_ids, r.response_mask).logprobs
+        r.logprobs = sequence_logprobs(learner.module, r.query_ids, r.query_mask, r.response_ids, r.response_mask).logprobs.cpu()
     g = torch.Generator().manual_seed(3)
     engine = (r.logprobs + noise * torch.randn(r.logprobs.shape, generator=g, dtype=r.logprobs.dtype)) * r.response_mask
     from dataclasses import replace
@@ -319,8 +321,9 @@ def test_truncated_importance_sampling_weights_and_logs_a_perturbed_engine(micro
     assert 0 < share < 1 and metrics["tis/capped_fraction"] == pytest.approx(share)
 
     def loss(out, r, ref):  # old = the trainer's own log-probs; each token weighted by min(old / engine, cap)
-        w = torch.exp(own.logprobs - perturbed.engine_logprobs).clamp(max=cap)
-        ratio = torch.exp(out.logprobs - own.logprobs)
+        old, engine = own.logprobs.to(out.logprobs.device), perturbed.engine_logprobs.to(out.logprobs.device)
+        w = torch.exp(old - engine).clamp(max=cap)
+        ratio = torch.exp(out.logprobs - old)
         a = grpo_advantages(r.scores)[:, None]
         return token_mean(w * torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2)), r.response_mask)
 
@@ -339,3 +342,14 @@ def test_overlong_penalty_and_filter_by_hand(micro_lm):
         return token_mean(clipped(out, r, grpo_advantages(r.scores), 0.2, 0.28), keep)
 
     assert rel(learner_gradient(micro_lm, overrides), hand_gradient(micro_lm, overrides, loss)) < HAND_TOL
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_micro_batch_size_leaves_the_float32_gradient_unchanged(micro_lm, algo):
+    def gradient(micro):
+        learner, grads = make_learner(micro_lm, [f"algo.name={algo}", "kl.beta=0.1", f"algo.micro_batch_size={micro}"])
+        learner.module.float()
+        learner.step(synthetic_rollout(learner))
+        return grads[0]
+
+    assert rel(gradient(1), gradient(0)) < 1e-5
