@@ -1,23 +1,32 @@
 """`cory train`: build a run from a Config, then iterate rollout -> learner step, with logging,
 evaluation, checkpoints that resume exactly, and the final model as an HF folder.
 
-Run directory:
-    config.yaml          the resolved configuration
+Run directory (owned by one run: a fresh run refuses a directory that holds another, unless --overwrite):
+    run.json             the run id; every checkpoint carries it
+    config.yaml          the resolved configuration (the latest one, after allowed changes on --resume)
+    config_history.jsonl the first configuration, then every change made on --resume (iteration, old, new)
     metrics.jsonl        one object per iteration (iteration, reward_mean, kl_mean, ...)
     eval.jsonl           evaluations on the fixed prompt set (iteration 0 = the initial model)
     cory/                TensorBoard event files (accelerate trackers)
-    checkpoints/iter_N/  accelerate state (safetensors weights, optimizer, RNG) + run_state_rank{r}.pt
+    checkpoints/iter_N/  accelerate state (safetensors weights, optimizer) + run_state_rank{r}.json
+                         (run id, iteration, RNG states, learner states, config) + DONE once complete
     final/               the trained policy (save_pretrained), loadable by AutoModelForCausalLM
     summary.json         initial and final evaluation
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
+import re
 import shutil
+import sys
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +38,22 @@ from accelerate.utils import set_seed
 from cory.config import Config, ConfigError, to_flat_dict, to_yaml
 
 CHECKPOINTS = "checkpoints"
+RUN_FILE = "run.json"
+HISTORY_FILE = "config_history.jsonl"
+RUN_ENTRIES = (RUN_FILE, "config.yaml", HISTORY_FILE, "metrics.jsonl", "eval.jsonl", "summary.json", CHECKPOINTS,
+               "final", "agents", "cory", "plots")
+"""What a run writes in its directory: any of these means the directory holds a run."""
+RESUMABLE_KEYS = ("train.iterations", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
+                  "train.log_with", "train.progress", "train.num_threads")
+"""Config keys that --resume may change (recorded in config_history.jsonl); others need --force."""
 
 
 class UsageError(ValueError):
     """Bad input found before any work starts; its message is one line."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (non-finite weights, a full disk); its message is one line."""
 
 
 # -- pre-flight checks ------------------------------------------------------------------------
@@ -87,10 +108,64 @@ def preflight(cfg: Config) -> None:
         raise UsageError(str(e).splitlines()[0]) from None
 
 
+def check_output_dir(output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    """The run directory can be written and is not another run's (unless overwrite); on resume it
+    holds a run with a complete checkpoint. Writes nothing."""
+    p = Path(output_dir)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"output directory {p} is a file")
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"output directory {p} cannot be created: {parent} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cory-write-test-", dir=parent))
+    except OSError as e:
+        raise UsageError(f"output directory {p} is not writable ({e.strerror or e})") from None
+    if resume:
+        if overwrite:
+            raise UsageError("--resume continues the run in the directory; --overwrite replaces it: pick one")
+        if read_run_id(p) is None:
+            raise UsageError(f"--resume: no checkpoint in {p / CHECKPOINTS} ({p} holds no cory run)")
+        if latest_checkpoint(p) is None:
+            raise UsageError(f"--resume: no checkpoint in {p / CHECKPOINTS}")
+        return
+    held = [e for e in RUN_ENTRIES if (p / e).exists()]
+    if held and not overwrite:
+        rid = read_run_id(p)
+        raise UsageError(f"output directory {p} holds a run{f' ({rid})' if rid else ''}: continue it with --resume, "
+                         "or replace it with --overwrite")
+
+
+def config_changes(old: dict, cfg: Config) -> dict[str, list]:
+    """`section.key` -> [old, new] for every key whose value differs from the recorded config."""
+    new = flat_config(cfg)
+    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def check_resume_config(cfg: Config, output_dir: str | Path, force: bool = False) -> dict[str, list]:
+    """Compares the config with the newest readable checkpoint's: keys outside RESUMABLE_KEYS may not
+    change unless forced. Returns the changes."""
+    for path in checkpoints(Path(output_dir), read_run_id(Path(output_dir)))[::-1]:
+        try:
+            old = read_run_state(path)["config"]
+        except (OSError, ValueError, KeyError):
+            continue
+        changes = config_changes(old, cfg)
+        refused = [k for k in changes if k not in RESUMABLE_KEYS]
+        if refused and not force:
+            shown = ", ".join(f"{k} ({changes[k][0]!r} -> {changes[k][1]!r})" for k in refused)
+            raise UsageError(f"--resume: the run was trained with other values of {shown}; "
+                             "start a new run, or pass --force to continue with the new values")
+        return changes
+    return {}
+
+
 # -- run state ------------------------------------------------------------------------------------
 @dataclass
 class RunState:
-    """Per-process state that makes a resumed run continue exactly."""
+    """Per-process state that makes a resumed run continue exactly. Saved as JSON: never a pickle."""
 
     iteration: int
     rng: np.random.Generator
@@ -101,17 +176,65 @@ class RunState:
         return cls(0, np.random.default_rng([seed, rank]), torch.Generator().manual_seed(seed * 1_000_003 + rank))
 
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "rng": self.rng.bit_generator.state, "generator": self.generator.get_state()}
+        return {"iteration": self.iteration, "rng": self.rng.bit_generator.state,
+                "generator": self.generator.get_state().tolist()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.iteration = state["iteration"]
+        self.iteration = int(state["iteration"])
         self.rng.bit_generator.state = state["rng"]
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
+def _json_default(value):
+    """Learner states hold numbers; numpy and 0-d tensor scalars become plain floats/ints."""
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item()
+    raise TypeError(f"run state value of type {type(value).__name__} cannot be saved as JSON")
+
+
+def flat_config(cfg: Config) -> dict:
+    """`section.key` -> value, as JSON would give it back (for comparing configs across a resume)."""
+    return {f"{s}.{k}": v for s, values in json.loads(json.dumps(dataclasses.asdict(cfg))).items() for k, v in values.items()}
+
+
+def _iteration_of(path: Path) -> int | None:
+    m = re.fullmatch(r"iter_(\d+)", path.name)
+    return int(m.group(1)) if m else None
+
+
+def read_run_id(output_dir: Path) -> str | None:
+    try:
+        return str(json.loads((Path(output_dir) / RUN_FILE).read_text())["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_run_state(path: Path, rank: int = 0) -> dict:
+    """The JSON run state a checkpoint holds for `rank` (raises OSError/ValueError if unreadable)."""
+    state = json.loads((path / f"run_state_rank{rank}.json").read_text())
+    if not isinstance(state, dict):
+        raise ValueError("run state is not a JSON object")
+    return state
+
+
+def checkpoints(output_dir: Path, run_id: str | None = None) -> list[Path]:
+    """Complete checkpoints (DONE written) of the run `run_id` (any run if None), oldest first."""
+    found = []
+    for p in (Path(output_dir) / CHECKPOINTS).glob("iter_*"):
+        if _iteration_of(p) is None or not (p / "DONE").exists():
+            continue
+        if run_id is not None:
+            try:
+                if read_run_state(p).get("run_id") != run_id:
+                    continue
+            except (OSError, ValueError):
+                pass  # unreadable run state: kept as a candidate, so that loading it warns and falls back
+        found.append(p)
+    return sorted(found, key=_iteration_of)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    ckpts = sorted((output_dir / CHECKPOINTS).glob("iter_*"), key=lambda p: int(p.name.split("_")[1]))
-    done = [p for p in ckpts if (p / "DONE").exists()]
+    done = checkpoints(output_dir, read_run_id(output_dir))
     return done[-1] if done else None
 
 
@@ -119,35 +242,86 @@ def _drop_shared_tensor_warning(record: logging.LogRecord) -> bool:
     return "Removed shared tensor" not in record.getMessage()
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: RunState, learners: dict, keep: int) -> Path:
-    """accelerate state (weights, optimizers, RNG) + per-rank run state and learner states."""
+def check_finite(learners: dict) -> None:
+    """Raises RunError unless every trained weight is finite: nothing non-finite is ever written."""
+    for name, learner in learners.items():
+        for pname, p in learner.module.named_parameters():
+            if p.requires_grad and not torch.isfinite(p.detach()).all():
+                raise RunError(f"weights of '{name}' became non-finite ({pname}); nothing was saved from them "
+                               "(learning rate or rewards too large?)")
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: RunState, learners: dict, keep: int,
+                    run_id: str = "", config: dict | None = None) -> Path:
+    """accelerate state (weights, optimizers) + per-rank JSON run state; DONE marks it complete.
+
+    Only finite weights are saved. A checkpoint that cannot be written (a full disk) is removed and
+    the run stops with RunError; the previous complete checkpoint stays.
+    """
+    check_finite(learners)
     path = output_dir / CHECKPOINTS / f"iter_{state.iteration:06d}"
+    if accelerator.is_main_process and path.exists():
+        shutil.rmtree(path)  # a stale DONE must never vouch for new, half-written files
+    accelerator.wait_for_everyone()
     # accelerate warns that it drops the tied lm_head copy from the safetensors file; loading the
     # state restores the tie (test_resume_continues_exactly checks the weights bit for bit).
     quiet = logging.getLogger("accelerate.utils.other")
     quiet.addFilter(_drop_shared_tensor_warning)
     try:
         accelerator.save_state(str(path))
+        saved = {"run_id": run_id, **state.state_dict(), "learners": {k: v.state_dict() for k, v in learners.items()}}
+        if config is not None:
+            saved["config"] = config
+        (path / f"run_state_rank{accelerator.process_index}.json").write_text(json.dumps(saved, default=_json_default))
+    except OSError as e:
+        shutil.rmtree(path, ignore_errors=True)
+        raise RunError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous complete checkpoint is kept") from None
     finally:
         quiet.removeFilter(_drop_shared_tensor_warning)
-    saved = {"run": state.state_dict(), "learners": {k: v.state_dict() for k, v in learners.items()}}
-    torch.save(saved, path / f"run_state_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (path / "DONE").write_text(str(state.iteration))
-        ckpts = sorted((output_dir / CHECKPOINTS).glob("iter_*"))
-        for old in ckpts[: max(0, len(ckpts) - max(keep, 1))]:
+        done = checkpoints(output_dir, run_id)
+        for old in done[: max(0, len(done) - max(keep, 1))]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return path
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, state: RunState, learners: dict) -> None:
+    """Loads a checkpoint: accelerate reads tensors with weights_only=True, the run state is JSON."""
+    saved = read_run_state(path, accelerator.process_index)
     accelerator.load_state(str(path))
-    saved = torch.load(path / f"run_state_rank{accelerator.process_index}.pt", weights_only=False)
-    state.load_state_dict(saved["run"])
+    state.load_state_dict(saved)
     for name, learner in learners.items():
         learner.load_state_dict(saved["learners"][name])
+
+
+def warn(message: str) -> None:
+    print(f"cory: warning: {message}", file=sys.stderr)
+
+
+def load_latest(accelerator: Accelerator, output_dir: Path, run_id: str, state: RunState, learners: dict) -> Path:
+    """Loads the newest checkpoint of this run that loads; ones that fail are skipped with a warning
+    (and set aside as iter_N.unloadable, so rotation never keeps them instead of good ones)."""
+    candidates = checkpoints(output_dir, run_id)[::-1]
+    failed = []
+    for path in candidates:
+        try:
+            load_checkpoint(accelerator, path, state, learners)
+        except Exception as e:  # noqa: BLE001  (any failure: truncated file, bad JSON, wrong shapes)
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            warn(f"checkpoint {path.name} cannot be loaded ({type(e).__name__}: {reason}); trying an older one")
+            failed.append(path)
+            continue
+        if failed:
+            warn(f"resuming from {path.name}")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for bad in failed:
+                bad.rename(bad.with_name(bad.name + ".unloadable"))
+        return path
+    raise UsageError(f"--resume: no checkpoint in {output_dir / CHECKPOINTS} can be loaded")
 
 
 def _truncate_jsonl(path: Path, last_iteration: int) -> None:
@@ -239,10 +413,12 @@ class Run:
     and the iteration loop. Subclasses build their pieces and define `iterate`, `evaluate_all`,
     `learners` and `save_final`."""
 
-    def __init__(self, cfg: Config, output_dir: str | Path):
+    def __init__(self, cfg: Config, output_dir: str | Path, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
         self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.resume, self.overwrite = resume, overwrite
+        self.run_id = ""
+        # Nothing is written before _start: a run that fails while building leaves no trace.
         self.accelerator = make_accelerator(cfg, self.output_dir)
         set_seed(cfg.train.seed)
         torch.set_num_threads(cpu_threads(cfg.train.num_threads, self.accelerator.num_processes))
@@ -277,31 +453,57 @@ class Run:
         self.accelerator.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, step=self.state.iteration)
         return result
 
-    def _start(self, resume: bool) -> None:
-        if resume:
-            ckpt = latest_checkpoint(self.output_dir)
-            if ckpt is None:
-                raise UsageError(f"--resume: no checkpoint in {self.output_dir / CHECKPOINTS}")
-            load_checkpoint(self.accelerator, ckpt, self.state, self.learners)
+    def _claim(self) -> None:
+        """A fresh run takes the directory (removing another run's files only with overwrite) and
+        records its run id; a resumed run reads it."""
+        acc = self.accelerator
+        if self.is_main and not self.resume:
+            if self.overwrite:
+                for entry in RUN_ENTRIES:
+                    target = self.output_dir / entry
+                    if target.is_dir() and not target.is_symlink():
+                        shutil.rmtree(target)
+                    elif target.exists() or target.is_symlink():
+                        target.unlink()
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / RUN_FILE).write_text(json.dumps({"run_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        acc.wait_for_everyone()
+        self.run_id = read_run_id(self.output_dir) or ""
+
+    def _start(self) -> None:
+        self._claim()
+        history = self.output_dir / HISTORY_FILE
+        if self.resume:
+            ckpt = load_latest(self.accelerator, self.output_dir, self.run_id, self.state, self.learners)
             if self.is_main:
                 _truncate_jsonl(self.metrics_path, self.state.iteration)
-                _truncate_jsonl(self.eval_path, self.state.iteration)
+                # The final evaluation of a finished run is redone (and its row rewritten) below.
+                done = self.state.iteration >= self.cfg.train.iterations
+                _truncate_jsonl(self.eval_path, self.state.iteration - 1 if done else self.state.iteration)
+                changes = config_changes(read_run_state(ckpt).get("config", {}), self.cfg)
+                if changes:
+                    _append_jsonl(history, {"iteration": self.state.iteration, "resumed_from": ckpt.name,
+                                            "changed": changes, "forced": any(k not in RESUMABLE_KEYS for k in changes)})
         elif self.is_main:
             for p in (self.metrics_path, self.eval_path):
                 p.unlink(missing_ok=True)
+            history.write_text(json.dumps({"iteration": 0, "config": flat_config(self.cfg)}) + "\n")
         if self.is_main:
             (self.output_dir / "config.yaml").write_text(to_yaml(self.cfg))
         self.accelerator.init_trackers("cory", config=to_flat_dict(self.cfg))
 
     def checkpoint(self) -> Path:
-        return save_checkpoint(self.accelerator, self.output_dir, self.state, self.learners, self.cfg.train.keep_checkpoints)
+        return save_checkpoint(self.accelerator, self.output_dir, self.state, self.learners, self.cfg.train.keep_checkpoints,
+                               run_id=self.run_id, config=flat_config(self.cfg))
 
-    def run(self, resume: bool = False) -> dict:
+    def run(self, resume: bool | None = None) -> dict:
         """Trains to cfg.train.iterations; returns the summary (also written to summary.json)."""
         from tqdm.auto import tqdm
 
+        if resume is not None:
+            self.resume = resume
         cfg, acc, state = self.cfg, self.accelerator, self.state
-        self._start(resume)
+        self._start()
         if self.is_main and state.iteration == 0:
             self.evaluate()
         acc.wait_for_everyone()
@@ -327,7 +529,11 @@ class Run:
         summary = {}
         if self.is_main:
             final = self.evaluate()
-            self.save_final(final)
+            check_finite(self.learners)
+            try:
+                self.save_final(final)
+            except OSError as e:
+                raise RunError(f"cannot write {self.output_dir / 'final'}: {e.strerror or e}; resume to write it again") from None
             rows = [json.loads(line) for line in self.eval_path.read_text().splitlines() if line.strip()]
             summary = {
                 "iterations": state.iteration,
@@ -343,14 +549,14 @@ class Run:
 class TrainingRun(Run):
     """One policy trained by one Learner on a task (single-agent RL fine-tuning)."""
 
-    def __init__(self, cfg: Config, output_dir: str | Path):
+    def __init__(self, cfg: Config, output_dir: str | Path, **options):
         from cory.algorithms import make_algorithm
         from cory.learner import Learner
         from cory.policy import Policy
         from cory.rollout import Sampler
         from cory.tasks import TaskEnv, make_task
 
-        super().__init__(cfg, output_dir)
+        super().__init__(cfg, output_dir, **options)
         self.algorithm = make_algorithm(cfg)
         dtype = getattr(torch, cfg.model.dtype)
         self.policy = Policy.from_pretrained(cfg.model.name, value_head=self.algorithm.needs_values, dtype=dtype)
@@ -399,10 +605,18 @@ class TrainingRun(Run):
         self.policy.save_pretrained(self.output_dir / "final")
 
 
-def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict:
-    """Builds the run the config asks for (single agent, or CORY when cory.enabled) and runs it."""
+def train(cfg: Config, output_dir: str | Path, resume: bool = False, overwrite: bool = False, force: bool = False) -> dict:
+    """Builds the run the config asks for (single agent, or CORY when cory.enabled) and runs it.
+
+    A fresh run refuses a directory holding another run unless `overwrite`; `resume` refuses a
+    changed config (outside RESUMABLE_KEYS) unless `force`.
+    """
+    check_output_dir(output_dir, resume, overwrite)
+    if resume:
+        check_resume_config(cfg, output_dir, force)
+    options = {"resume": resume, "overwrite": overwrite}
     if getattr(cfg, "cory", None) is not None and cfg.cory.enabled:
         from cory.coevolve import CoryRun
 
-        return CoryRun(cfg, output_dir).run(resume=resume)
-    return TrainingRun(cfg, output_dir).run(resume=resume)
+        return CoryRun(cfg, output_dir, **options).run()
+    return TrainingRun(cfg, output_dir, **options).run()
