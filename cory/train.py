@@ -280,9 +280,14 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: RunState,
         quiet.removeFilter(_drop_shared_tensor_warning)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (path / "DONE").write_text(str(state.iteration))
+        try:
+            (path / "DONE").write_text(str(state.iteration))
+        except OSError as e:
+            shutil.rmtree(path, ignore_errors=True)
+            raise RunError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous complete checkpoint is kept") from None
         done = checkpoints(output_dir, run_id)
         for old in done[: max(0, len(done) - max(keep, 1))]:
+            (old / "DONE").unlink(missing_ok=True)  # first, so that a kill mid-removal leaves no "complete" husk
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return path
@@ -328,7 +333,14 @@ def _truncate_jsonl(path: Path, last_iteration: int) -> None:
     """Drop rows written after the checkpoint we resume from, so the log continues exactly."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["iteration"] <= last_iteration]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a kill during the write
+        if isinstance(row, dict) and row.get("iteration", math.inf) <= last_iteration:
+            rows.append(line)
     path.write_text("".join(r + "\n" for r in rows))
 
 
@@ -475,6 +487,9 @@ class Run:
         history = self.output_dir / HISTORY_FILE
         if self.resume:
             ckpt = load_latest(self.accelerator, self.output_dir, self.run_id, self.state, self.learners)
+            for learner in self.learners.values():  # a forced change of weight decay takes effect (lr is set each step)
+                for group in learner.optimizer.param_groups:
+                    group["weight_decay"] = self.cfg.algo.weight_decay
             if self.is_main:
                 _truncate_jsonl(self.metrics_path, self.state.iteration)
                 # The final evaluation of a finished run is redone (and its row rewritten) below.
