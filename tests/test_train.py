@@ -224,3 +224,49 @@ def test_resume_refuses_a_changed_config_unless_forced_and_records_changes(tmp_p
     assert history[2]["iteration"] == 2 and history[2]["changed"] == {"train.iterations": [2, 3], "algo.lr": [0.0001, 0.001]}
     assert history[2]["forced"]
     assert "lr: 0.001" in (out / "config.yaml").read_text()
+
+
+N_KILLS = 3
+
+
+def test_kill_9_at_random_moments_then_resume_ends_bit_identical(tmp_path, micro_lm, micro_rm):
+    """A short run is killed with SIGKILL at random moments (startup, iterations, checkpoint writes,
+    the final save) N times, each time restarted (--resume once a complete checkpoint exists, else
+    afresh with --overwrite); its final weights equal an uninterrupted run's bit for bit."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from cory.train import latest_checkpoint
+
+    overrides = micro_overrides(tmp_path, **{"train.iterations": 3, "train.checkpoint_every": 1, "train.keep_checkpoints": 2})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+    def start(out, *flags):
+        return subprocess.Popen([sys.executable, "-m", "cory", "train", "--output-dir", str(out), *flags, *overrides],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    straight = tmp_path / "straight"
+    t0 = time.perf_counter()
+    proc = start(straight)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    duration = time.perf_counter() - t0
+
+    killed, rng, kills = tmp_path / "killed", random.Random(13), 0
+    while True:
+        proc = start(killed, "--resume" if latest_checkpoint(killed) is not None else "--overwrite")
+        try:
+            # After N kills the run goes to the end; a run that ends before its kill moment restarts.
+            assert proc.wait(timeout=rng.uniform(0.0, duration) if kills < N_KILLS else 300) == 0, proc.stderr.read()
+            if kills == N_KILLS:
+                break
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    a, b = load_file(straight / "final" / "model.safetensors"), load_file(killed / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
