@@ -596,7 +596,9 @@ class Run:
         acc.wait_for_everyone()
         self.run_id = read_run_id(self.output_dir) or ""
 
-    def _start(self) -> None:
+    def _start(self, resume: bool | None = None) -> None:
+        if resume is not None:
+            self.resume = resume
         self._claim()
         history = self.output_dir / HISTORY_FILE
         if self.resume:
@@ -629,10 +631,8 @@ class Run:
         """Trains to cfg.train.iterations; returns the summary (also written to summary.json)."""
         from tqdm.auto import tqdm
 
-        if resume is not None:
-            self.resume = resume
         cfg, acc, state = self.cfg, self.accelerator, self.state
-        self._start()
+        self._start(resume)
         if self.is_main and state.iteration == 0:
             self.evaluate()
         acc.wait_for_everyone()
