@@ -390,10 +390,10 @@ def check(cfg: Config) -> None:
 _AT_LEAST_0 = ("algo.weight_decay", "algo.max_grad_norm", "algo.value_clip", "algo.vf_coef", "algo.warmup_iterations",
                "algo.minibatch_size", "algo.micro_batch_size", "kl.beta", "eval.temperature", "eval.seed", "train.seed",
                "train.checkpoint_every", "train.eval_every", "train.num_threads", "generation.top_k", "env.pool_size",
-               "kl.hard_budget")
+               "kl.hard_budget", "kl.budget")
 _AT_LEAST_1 = ("algo.group_size", "kl.horizon", "train.keep_checkpoints", "eval.samples_per_prompt", "task.num_train_prompts",
                "env.eval_episodes", "env.max_turns", "cory.lora_r", "cory.lora_alpha")
-_ABOVE_0 = ("algo.lr", "algo.clip_range", "generation.temperature", "kl.target", "kl.budget", "kl.budget_lr",
+_ABOVE_0 = ("algo.lr", "algo.clip_range", "generation.temperature", "kl.target", "kl.budget_lr",
             "task.reward_timeout")
 _UNIT = ("algo.gamma", "algo.turn_gamma", "algo.lam")
 GROUP_ALGORITHMS = ("grpo", "rloo")

@@ -268,3 +268,17 @@ def test_full_disk_during_a_checkpoint_stops_with_one_line(tmp_path, capsys, mon
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_000001"]
     monkeypatch.setattr(Accelerator, "save_state", save)
     assert main(argv[:3] + ["--resume"] + argv[3:]) == 0
+
+
+def test_a_folder_without_architectures_loaded_as_reward_is_refused(tmp_path, capsys, micro_lm, micro_rm):
+    """transformers only warns (muted by the CLI) when it gives a causal LM a random classifier head:
+    that warning becomes the one-line error, before anything is written."""
+    folder = tmp_path / "lm-no-arch"
+    shutil.copytree(micro_lm, folder)
+    conf = json.loads((folder / "config.json").read_text())
+    conf.pop("architectures")
+    (folder / "config.json").write_text(json.dumps(conf))
+    out = tmp_path / "run"
+    argv = ["train", "--output-dir", str(out)] + micro_overrides(tmp_path, **{"task.reward": str(folder)})
+    expect_one_line_error(capsys, argv, "is not a trained sequence classifier: it lacks score.weight")
+    assert not out.exists()
