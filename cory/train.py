@@ -100,6 +100,16 @@ def check_model_folder(path: str | Path, kind: str = "causal-lm", label: str | N
     return conf
 
 
+def built_zoo_path(name: str) -> Path | None:
+    """The folder of a zoo model already built (checks must never start a build), else None."""
+    from cory import zoo
+
+    for m in zoo.list_models():
+        if m["name"] == name and m["built"]:
+            return Path(m["path"])
+    return None
+
+
 def check_model_name(name: str, kind: str = "causal-lm", label: str | None = None) -> None:
     """A zoo name must be registered (and of `kind`); a folder must be loadable as `kind`; anything
     else must be a reachable hub id."""
@@ -113,8 +123,9 @@ def check_model_name(name: str, kind: str = "causal-lm", label: str | None = Non
             raise UsageError(f"unknown model '{name}'; the zoo has: {', '.join(known)} (NAME@seedN: NAME from seed N)") from None
         if entry.recipe.kind != kind:
             raise UsageError(f"model '{name}' is a {entry.recipe.kind}, not a {kind}: it cannot be the {'policy' if kind == 'causal-lm' else 'reward'}")
-        if label is not None:
-            check_model_folder(zoo.resolve(name), kind, label)
+        built = built_zoo_path(name)
+        if label is not None and built is not None:  # an unbuilt one is checked when it loads (never built here)
+            check_model_folder(built, kind, label)
         return
     if Path(name).expanduser().is_dir():
         check_model_folder(name, kind, label)
@@ -168,9 +179,9 @@ def check_prompt_lengths(cfg: Config, prompts: list[str]) -> None:
     from cory.rewards import CLASSIFIER_MAX_TOKENS, is_function_spec
 
     def window(name: str, limit: int | None = None) -> tuple[object, int] | None:
-        path = zoo.resolve(name) if zoo.is_zoo_name(name) else name
-        if not Path(path).is_dir():
-            return None  # a hub id: checked when it loads
+        path = built_zoo_path(name) if zoo.is_zoo_name(name) else name
+        if path is None or not Path(path).is_dir():
+            return None  # a hub id or an unbuilt zoo model: checked when it loads
         conf = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
         n = conf.get("max_position_embeddings") or conf.get("n_positions") or 10**9
         return AutoTokenizer.from_pretrained(path), min(n, limit or n)
