@@ -1,7 +1,9 @@
 """The `cory` command: train, eval, zoo, report.
 
-Bad input (unknown config key, wrong type, missing file, unknown model) is reported in one line on
-stderr with exit status 2, before any work, and without a traceback.
+Bad input (a config key, value, file, model, reward function, environment or output directory
+that cannot work) is reported in one line on stderr with exit status 2, before any work, without a
+traceback and without writing anything. A run that fails after it started (non-finite weights, a
+full disk) stops with one line and exit status 1, leaving its last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ def _add_train(sub) -> None:
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--output-dir", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace the run that the output directory holds")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue although config keys other than iterations, logging and cadences changed")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 
@@ -85,15 +90,17 @@ def parser() -> argparse.ArgumentParser:
 def cmd_train(args) -> int:
     from cory.config import load_config
     from cory.report import summary_text
-    from pathlib import Path
 
-    from cory.train import UsageError, latest_checkpoint, preflight, train
+    from cory.train import UsageError, check_output_dir, check_resume_config, preflight, train
 
     cfg = load_config(args.config, args.overrides)
+    if args.force and not args.resume:
+        raise UsageError("--force only applies to --resume")
+    check_output_dir(args.output_dir, args.resume, args.overwrite)
+    if args.resume:
+        check_resume_config(cfg, args.output_dir, args.force)
     preflight(cfg)
-    if args.resume and latest_checkpoint(Path(args.output_dir)) is None:
-        raise UsageError(f"--resume: no checkpoint in {Path(args.output_dir) / 'checkpoints'}")
-    train(cfg, args.output_dir, resume=args.resume)
+    train(cfg, args.output_dir, resume=args.resume, overwrite=args.overwrite, force=args.force)
     print(summary_text(args.output_dir))
     return 0
 
@@ -299,6 +306,14 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, UsageError, UnknownModelError, RewardError, TaskDataError, PairDataError, FileNotFoundError)
 
 
+def _run_errors() -> tuple[type[BaseException], ...]:
+    """Failures of a run that started (not bad input): one line, exit status 1."""
+    from cory.learner import NonFiniteLossError
+    from cory.train import RunError
+
+    return (NonFiniteLossError, RunError)
+
+
 def _quiet_libraries() -> None:
     """cory draws its own progress bars; the libraries' per-file ones are noise here."""
     import logging
@@ -326,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"cory {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except _run_errors() as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"cory {args.command}: error: {msg}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"cory {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -94,11 +94,11 @@ class Agent:
 class CoryRun(Run):
     """Two agents, a shared frozen reference, and the pioneer/observer schedule."""
 
-    def __init__(self, cfg: Config, output_dir: str | Path):
+    def __init__(self, cfg: Config, output_dir: str | Path, **options):
         from cory.algorithms import make_algorithm
         from cory.tasks import make_task
 
-        super().__init__(cfg, output_dir)
+        super().__init__(cfg, output_dir, **options)
         self.task = make_task(cfg.task)
         dtype = getattr(torch, cfg.model.dtype)
         algorithms = {n: make_algorithm(cfg) for n in ("a", "b")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ class TaskConfig:
     """For a classifier with several labels, the label whose logit is the reward."""
     reward_on: str = "prompt+response"
     """What text a classifier scores: `prompt+response` or `response`."""
+    reward_timeout: float = 300.0
+    """Seconds a Python reward function may take for one batch before the run stops with an error."""
     num_train_prompts: int = 2048
     """How many built-in training prompts to draw from (held out from the model's pretraining)."""
     num_eval_prompts: int = 64
@@ -310,6 +313,27 @@ def _parse_override(item: str) -> str:
     return item
 
 
+def _unbool(layer):
+    """YAML reads no/yes/on/off as booleans: for a text key whose choices hold that word (e.g.
+    train.mixed_precision=no) the word is meant; for other text keys it is refused in one line."""
+    data = OmegaConf.to_container(layer)
+    if not isinstance(data, dict):
+        return layer
+    text_keys = {f"{f.name}.{g.name}" for f in dataclasses.fields(Config) for g in dataclasses.fields(f.default_factory())
+                 if g.type in ("str", str)}
+    for section, values in data.items():
+        for name, value in (values.items() if isinstance(values, dict) else []):
+            key = f"{section}.{name}"
+            if key in text_keys and isinstance(value, bool):
+                words = ("yes", "on", "true") if value else ("no", "off", "false")
+                meant = [w for w in CHOICES.get(key, ()) if w in words]
+                if not meant:
+                    choices = f"; choose one of: {', '.join(CHOICES[key])}" if key in CHOICES else "; quote it to mean the text"
+                    raise ConfigError(f"bad value for config key '{key}': YAML reads it as the boolean {value}{choices}")
+                values[name] = meant[0]
+    return OmegaConf.create(data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at `path`, then `section.key=value` overrides; checked.
 
@@ -328,8 +352,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
             if not isinstance(loaded, type(schema)):
                 raise ConfigError(f"config file {p} must hold a mapping of sections")
-            layers.append(loaded)
-        layers.append(OmegaConf.from_dotlist([_parse_override(o) for o in overrides]))
+            layers.append(_unbool(loaded))
+        layers.append(_unbool(OmegaConf.from_dotlist([_parse_override(o) for o in overrides])))
         merged = OmegaConf.merge(*layers)
         defaults = algorithm_defaults(str(merged.algo.name))
         if defaults:  # the algorithm's defaults sit between the schema's and the user's settings
@@ -424,6 +448,43 @@ def check(cfg: Config) -> None:
         raise ConfigError("kl.hard_budget and kl.help_threshold cannot be combined yet; pick one")
     if cfg.task.prompt_file and not Path(cfg.task.prompt_file).is_file():
         raise ConfigError(f"prompt file not found: {cfg.task.prompt_file}")
+    check_ranges(cfg)
+
+
+# -- value ranges (issue 13): every number a user sets is checked, one line naming the key ---------
+_AT_LEAST_0 = ("algo.weight_decay", "algo.max_grad_norm", "algo.value_clip", "algo.vf_coef", "algo.warmup_iterations",
+               "algo.minibatch_size", "algo.micro_batch_size", "kl.beta", "eval.temperature", "eval.seed", "train.seed",
+               "train.checkpoint_every", "train.eval_every", "train.num_threads", "generation.top_k", "env.pool_size",
+               "kl.hard_budget", "kl.budget")
+_AT_LEAST_1 = ("algo.group_size", "kl.horizon", "train.keep_checkpoints", "eval.samples_per_prompt", "task.num_train_prompts",
+               "env.eval_episodes", "env.max_turns", "cory.lora_r", "cory.lora_alpha")
+_ABOVE_0 = ("algo.lr", "algo.clip_range", "generation.temperature", "kl.target", "kl.budget_lr",
+            "task.reward_timeout")
+_UNIT = ("algo.gamma", "algo.turn_gamma", "algo.lam")
+GROUP_ALGORITHMS = ("grpo", "rloo")
+"""Algorithms whose advantages compare the responses of one prompt: they need algo.group_size >= 2."""
+
+
+def check_ranges(cfg: Config) -> None:
+    def get(key: str):
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    for f in dataclasses.fields(Config):
+        for g in dataclasses.fields(getattr(cfg, f.name)):
+            value = getattr(getattr(cfg, f.name), g.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"bad value for config key '{f.name}.{g.name}': {value}; must be a finite number")
+    for keys, ok, rule in ((_AT_LEAST_0, lambda v: v >= 0, "must be >= 0"), (_AT_LEAST_1, lambda v: v >= 1, "must be at least 1"),
+                           (_ABOVE_0, lambda v: v > 0, "must be > 0"), (_UNIT, lambda v: 0 <= v <= 1, "must be in [0, 1]")):
+        for key in keys:
+            if not ok(get(key)):
+                raise ConfigError(f"bad value for config key '{key}': {get(key)!r}; {rule}")
+    if cfg.algo.name in GROUP_ALGORITHMS and cfg.algo.group_size < 2:
+        raise ConfigError(f"bad value for config key 'algo.group_size': {cfg.algo.group_size}; {cfg.algo.name} compares "
+                          "responses within a group, so it needs at least 2")
+    if cfg.env.id and getattr(cfg, "cory", None) is not None and cfg.cory.enabled:
+        raise ConfigError("env.id and cory.enabled cannot be combined: CORY trains on single-turn tasks, not environments")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -11,6 +11,8 @@ leave the gradient unchanged. Every algorithm plugs in here unchanged, and CORY 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import time
 
 import torch
@@ -25,13 +27,20 @@ from cory.losses import aggregate_weights, loss_counts, objective
 from cory.policy import Policy, sequence_logprobs
 from cory.rollout import Rollout
 
+logger = logging.getLogger(__name__)
+
 SCORE_CHUNK_ELEMENTS = 2**26
 """Scoring with whole distributions runs over row chunks of at most this many [rows x tokens x
 vocabulary] entries (256 MB of float32 per tensor)."""
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stops rather than corrupting the weights."""
+    """The loss (or every step's gradients) became NaN or infinite; training stops rather than
+    corrupting the weights."""
+
+
+MAX_SKIPPED_ITERATIONS = 3
+"""Training stops when every optimizer step of this many iterations in a row had non-finite gradients."""
 
 
 def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
@@ -111,6 +120,7 @@ class Learner:
         self.controller = make_controller(cfg.kl)
         self.temperature = cfg.generation.temperature or 1.0
         self.score_moments = RunningMoments()
+        self.skipped_in_a_row = 0
         penalty = cfg.kl.penalty
         self.kl_in_reward = algorithm.kl_in_reward if penalty == "auto" else penalty == "reward"
 
@@ -246,6 +256,7 @@ class Learner:
         a = self.cfg.algo
         logs: dict[str, list[float]] = {}
         grad_norms = []
+        skipped = 0
         first_step = True
         kl_estimator = None if self.kl_in_reward else self.cfg.kl.estimator
         constant = float(a.loss_constant or self.cfg.generation.max_new_tokens)
@@ -292,14 +303,27 @@ class Learner:
                         logs.setdefault(name, []).append(float(value))
             for name, value in sums.items():
                 logs.setdefault(name, []).append(value)
-            if a.max_grad_norm > 0:
-                grad_norms.append(float(self.accelerator.clip_grad_norm_(self.module.parameters(), a.max_grad_norm)))
-            self.optimizer.step()
+            # The norm is taken even without clipping (max norm inf scales by exactly 1): a step on
+            # non-finite gradients would make every weight NaN, so it is skipped and counted.
+            max_norm = a.max_grad_norm if a.max_grad_norm > 0 else math.inf
+            norm = float(self.accelerator.clip_grad_norm_(self.module.parameters(), max_norm))
+            if math.isfinite(norm):
+                grad_norms.append(norm)
+                self.optimizer.step()
+            else:
+                skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
             first_step = False
         out = {k: sum(v) / len(v) for k, v in logs.items()}
         if grad_norms:
             out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["skipped_updates"] = skipped
+        if skipped:
+            logger.warning("skipped %d of %d optimizer steps: non-finite gradients", skipped, skipped + len(grad_norms))
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if not grad_norms else 0
+        if self.skipped_in_a_row >= MAX_SKIPPED_ITERATIONS:
+            raise NonFiniteLossError(f"gradients were non-finite in every optimizer step of {self.skipped_in_a_row} iterations "
+                                     "in a row (learning rate or rewards too large?)")
         return out
 
     def step(self, rollout: Rollout, iteration: int = 0, generator: torch.Generator | None = None) -> tuple[Rollout, dict[str, float]]:

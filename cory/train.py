@@ -1,23 +1,32 @@
 """`cory train`: build a run from a Config, then iterate rollout -> learner step, with logging,
 evaluation, checkpoints that resume exactly, and the final model as an HF folder.
 
-Run directory:
-    config.yaml          the resolved configuration
+Run directory (owned by one run: a fresh run refuses a directory that holds another, unless --overwrite):
+    run.json             the run id; every checkpoint carries it
+    config.yaml          the resolved configuration (the latest one, after allowed changes on --resume)
+    config_history.jsonl the first configuration, then every change made on --resume (iteration, old, new)
     metrics.jsonl        one object per iteration (iteration, reward_mean, kl_mean, ...)
     eval.jsonl           evaluations on the fixed prompt set (iteration 0 = the initial model)
     cory/                TensorBoard event files (accelerate trackers)
-    checkpoints/iter_N/  accelerate state (safetensors weights, optimizer, RNG) + run_state_rank{r}.pt
+    checkpoints/iter_N/  accelerate state (safetensors weights, optimizer) + run_state_rank{r}.json
+                         (run id, iteration, RNG states, learner states, config) + DONE once complete
     final/               the trained policy (save_pretrained), loadable by AutoModelForCausalLM
     summary.json         initial and final evaluation
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
+import re
 import shutil
+import sys
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,25 +38,97 @@ from accelerate.utils import set_seed
 from cory.config import Config, ConfigError, to_flat_dict, to_yaml
 
 CHECKPOINTS = "checkpoints"
+RUN_FILE = "run.json"
+HISTORY_FILE = "config_history.jsonl"
+RUN_ENTRIES = (RUN_FILE, "config.yaml", HISTORY_FILE, "metrics.jsonl", "eval.jsonl", "summary.json", CHECKPOINTS,
+               "final", "agents", "cory", "plots")
+"""What a run writes in its directory: any of these means the directory holds a run."""
+RESUMABLE_KEYS = ("train.iterations", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
+                  "train.log_with", "train.progress", "train.num_threads")
+"""Config keys that --resume may change (recorded in config_history.jsonl); others need --force."""
 
 
 class UsageError(ValueError):
     """Bad input found before any work starts; its message is one line."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on (non-finite weights, a full disk); its message is one line."""
+
+
 # -- pre-flight checks ------------------------------------------------------------------------
-def check_model_name(name: str) -> None:
-    """A zoo name must be registered; a path must exist; anything else must be a reachable hub id."""
+CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def check_model_folder(path: str | Path, kind: str = "causal-lm", label: str | None = None) -> dict:
+    """A local HF folder that `from_pretrained` can load as `kind` (causal-lm or classifier): a
+    readable config.json of that architecture, complete safetensors weights, and for a classifier
+    the reward label. Returns the parsed config. Reads headers only; loads no weights."""
+    from safetensors import safe_open
+
+    path = Path(path).expanduser()
+    role = "policy" if kind == "causal-lm" else "reward"
+    if not (path / "config.json").is_file():
+        raise UsageError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
+    try:
+        conf = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(conf, dict):
+            raise ValueError("not a JSON object")
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001  (bad JSON, unknown model_type, wrong field types)
+        raise UsageError(f"model folder {path}: config.json cannot be read ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not list(path.glob("*.bin")):
+        raise UsageError(f"model folder {path} holds no weights (*.safetensors)")
+    for w in weights:
+        try:
+            with safe_open(str(w), "pt") as fh:
+                fh.keys()
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"model folder {path}: {w.name} is damaged or truncated ({str(e).splitlines()[0][:100]})") from None
+    archs = conf.get("architectures") or []
+    if kind == "causal-lm" and archs and not any(a.endswith(CAUSAL_LM_HEADS) for a in archs):
+        raise UsageError(f"model {path} is a {archs[0]}, not a causal language model: it cannot be the {role}")
+    if kind == "classifier":
+        if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise UsageError(f"model {path} is a {archs[0]}, not a sequence classifier: it cannot be the reward")
+        labels = [str(v) for _, v in sorted((conf.get("id2label") or {}).items(), key=lambda kv: int(kv[0]))]
+        if label is not None and len(labels) > 1 and label.lower() not in [x.lower() for x in labels]:
+            raise UsageError(f"reward label '{label}' is not one of {path}'s labels: {', '.join(labels)} (task.reward_label)")
+    return conf
+
+
+def built_zoo_path(name: str) -> Path | None:
+    """The folder of a zoo model already built (checks must never start a build), else None."""
+    from cory import zoo
+
+    for m in zoo.list_models():
+        if m["name"] == name and m["built"]:
+            return Path(m["path"])
+    return None
+
+
+def check_model_name(name: str, kind: str = "causal-lm", label: str | None = None) -> None:
+    """A zoo name must be registered (and of `kind`); a folder must be loadable as `kind`; anything
+    else must be a reachable hub id."""
     from cory import zoo
 
     if zoo.is_zoo_name(name):
         try:
-            zoo.registry.entry(name)
+            entry = zoo.registry.entry(name)
         except zoo.registry.UnknownModelError:
             known = [m["name"] for m in zoo.list_models()]
             raise UsageError(f"unknown model '{name}'; the zoo has: {', '.join(known)} (NAME@seedN: NAME from seed N)") from None
+        if entry.recipe.kind != kind:
+            raise UsageError(f"model '{name}' is a {entry.recipe.kind}, not a {kind}: it cannot be the {'policy' if kind == 'causal-lm' else 'reward'}")
+        built = built_zoo_path(name)
+        if label is not None and built is not None:  # an unbuilt one is checked when it loads (never built here)
+            check_model_folder(built, kind, label)
         return
     if Path(name).expanduser().is_dir():
+        check_model_folder(name, kind, label)
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
         raise UsageError(f"model folder not found: {name}")
@@ -60,37 +141,156 @@ def check_model_name(name: str) -> None:
         raise UsageError(f"model '{name}' is not a cory: zoo name, a local folder, or a hub id that can be loaded ({reason[:120]})") from None
 
 
+def check_env(env_id: str, kwargs: dict) -> None:
+    """env.id must be a cory text environment, and env.kwargs must construct it."""
+    import gymnasium
+
+    import cory.envs  # noqa: F401  (registers the cory/* ids)
+
+    ids = sorted(k for k in gymnasium.registry if k.startswith("cory/"))
+    if env_id not in ids:
+        raise ConfigError(f"bad value for config key 'env.id': {env_id!r}; cory environments: {', '.join(ids)}")
+    try:
+        env = gymnasium.make(env_id, disable_env_checker=True, **kwargs)
+    except Exception as e:  # noqa: BLE001  (unknown keyword, wrong value: the environment's own message)
+        raise UsageError(f"bad env.kwargs for {env_id}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    env.close()
+
+
+def dry_prompts(cfg: Config) -> list[str]:
+    """Two training prompts, read the way the run will read them (a prompt file is fully checked)."""
+    from cory.tasks.base import load_prompt_file
+
+    if cfg.task.prompt_file:
+        return load_prompt_file(cfg.task.prompt_file, cfg.task.prompt_column)[:2]
+    if cfg.task.name == "prompts":
+        raise UsageError("task 'prompts' needs task.prompt_file")
+    from cory.zoo.corpora import reviews
+
+    return reviews.prompts(2, seed=2024)
+
+
+def check_prompt_lengths(cfg: Config, prompts: list[str]) -> None:
+    """Every prompt plus max_new_tokens fits the policy's context and, when a classifier scores
+    prompt+response, the classifier's window (else it would cut off the response it must score)."""
+    from transformers import AutoTokenizer
+
+    from cory import zoo
+    from cory.rewards import CLASSIFIER_MAX_TOKENS, is_function_spec
+
+    def window(name: str, limit: int | None = None) -> tuple[object, int] | None:
+        path = built_zoo_path(name) if zoo.is_zoo_name(name) else name
+        if path is None or not Path(path).is_dir():
+            return None  # a hub id or an unbuilt zoo model: checked when it loads
+        conf = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        n = conf.get("max_position_embeddings") or conf.get("n_positions") or 10**9
+        return AutoTokenizer.from_pretrained(path), min(n, limit or n)
+
+    new = cfg.generation.max_new_tokens
+    checks = [("the policy's context", window(cfg.model.name))]
+    if cfg.task.reward_on == "prompt+response" and not cfg.env.id and not is_function_spec(cfg.task.reward):
+        checks.append(("the reward classifier's window", window(cfg.task.reward, CLASSIFIER_MAX_TOKENS)))
+    for what, found in checks:
+        if found is None:
+            continue
+        tokenizer, limit = found
+        for n, prompt in enumerate(prompts, 1):
+            length = len(tokenizer(prompt).input_ids)
+            if length + new > limit:
+                raise UsageError(f"prompt {n} of {cfg.task.prompt_file or 'the task'} is {length} tokens; with "
+                                 f"generation.max_new_tokens={new} it does not fit {what} ({limit} tokens)")
+
+
 def preflight(cfg: Config) -> None:
-    """Everything that can be checked without loading models; raises UsageError/ConfigError."""
-    from cory.rewards import RewardError, validate_spec
-    from cory.tasks import BUILTIN_REWARD, TASKS
+    """Everything that can be checked before a run starts, without loading weights: models, the
+    environment, prompt files and a dry call of a reward function; raises UsageError/ConfigError
+    (or the reward's and prompt file's own one-line errors)."""
+    from cory.rewards import RewardError, dry_run, is_function_spec, validate_spec
+    from cory.tasks import BUILTIN_REWARD, TASKS, load_prompt_file
 
     if cfg.env.id:
-        import gymnasium
-
-        import cory.envs  # noqa: F401  (registers the cory/* ids)
-
-        if cfg.env.id not in gymnasium.registry:
-            ids = ", ".join(sorted(k for k in gymnasium.registry if k.startswith("cory/")))
-            raise ConfigError(f"bad value for config key 'env.id': {cfg.env.id!r}; cory environments: {ids}")
+        check_env(cfg.env.id, dict(cfg.env.kwargs))
     if cfg.task.name not in TASKS:
         raise ConfigError(f"bad value for config key 'task.name': {cfg.task.name!r}; choose one of: {', '.join(sorted(TASKS))}")
     check_model_name(cfg.model.name)
     for name in [cfg.model.reference, cfg.model.trusted, *cfg.model.reference_ensemble]:
         if name:
             check_model_name(name)
-    if cfg.task.name in BUILTIN_REWARD or cfg.env.id:
+    if cfg.env.id:
         return
+    prompts = dry_prompts(cfg)
+    if cfg.task.name not in BUILTIN_REWARD:
+        spec = cfg.task.reward
+        try:
+            validate_spec(spec)
+        except (RewardError, ValueError) as e:
+            raise UsageError(str(e).splitlines()[0]) from None
+        if is_function_spec(spec):
+            dry_run(spec, prompts, cfg.task.reward_timeout)
+        else:
+            check_model_name(spec, "classifier", cfg.task.reward_label)
+    if cfg.task.prompt_file:
+        check_prompt_lengths(cfg, load_prompt_file(cfg.task.prompt_file, cfg.task.prompt_column))
+
+
+def check_output_dir(output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    """The run directory can be written and is not another run's (unless overwrite); on resume it
+    holds a run with a complete checkpoint. Writes nothing."""
+    p = Path(output_dir)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"output directory {p} is a file")
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"output directory {p} cannot be created: {parent} is a file")
     try:
-        validate_spec(cfg.task.reward)
-    except (RewardError, ValueError) as e:
-        raise UsageError(str(e).splitlines()[0]) from None
+        os.rmdir(tempfile.mkdtemp(prefix=".cory-write-test-", dir=parent))
+    except OSError as e:
+        raise UsageError(f"output directory {p} is not writable ({e.strerror or e})") from None
+    if resume:
+        if overwrite:
+            raise UsageError("--resume continues the run in the directory; --overwrite replaces it: pick one")
+        if read_run_id(p) is None:
+            raise UsageError(f"--resume: no checkpoint in {p / CHECKPOINTS} ({p} holds no cory run)")
+        if latest_checkpoint(p) is None:
+            raise UsageError(f"--resume: no checkpoint in {p / CHECKPOINTS}")
+        return
+    held = [e for e in RUN_ENTRIES if (p / e).exists()]
+    if held and not overwrite:
+        rid = read_run_id(p)
+        raise UsageError(f"output directory {p} holds a run{f' ({rid})' if rid else ''}: continue it with --resume, "
+                         "or replace it with --overwrite")
+
+
+def config_changes(old: dict, cfg: Config) -> dict[str, list]:
+    """`section.key` -> [old, new] for every key whose value differs from the recorded config."""
+    new = flat_config(cfg)
+    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def check_resume_config(cfg: Config, output_dir: str | Path, force: bool = False) -> dict[str, list]:
+    """Compares the config with the newest readable checkpoint's: keys outside RESUMABLE_KEYS may not
+    change unless forced. Returns the changes."""
+    for path in checkpoints(Path(output_dir), read_run_id(Path(output_dir)))[::-1]:
+        try:
+            old = read_run_state(path)["config"]
+        except (OSError, ValueError, KeyError):
+            continue
+        changes = config_changes(old, cfg)
+        refused = [k for k in changes if k not in RESUMABLE_KEYS]
+        if refused and not force:
+            shown = ", ".join(f"{k} ({changes[k][0]!r} -> {changes[k][1]!r})" for k in refused)
+            raise UsageError(f"--resume: the run was trained with other values of {shown}; "
+                             "start a new run, or pass --force to continue with the new values")
+        return changes
+    return {}
 
 
 # -- run state ------------------------------------------------------------------------------------
 @dataclass
 class RunState:
-    """Per-process state that makes a resumed run continue exactly."""
+    """Per-process state that makes a resumed run continue exactly. Saved as JSON: never a pickle."""
 
     iteration: int
     rng: np.random.Generator
@@ -101,17 +301,65 @@ class RunState:
         return cls(0, np.random.default_rng([seed, rank]), torch.Generator().manual_seed(seed * 1_000_003 + rank))
 
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "rng": self.rng.bit_generator.state, "generator": self.generator.get_state()}
+        return {"iteration": self.iteration, "rng": self.rng.bit_generator.state,
+                "generator": self.generator.get_state().tolist()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.iteration = state["iteration"]
+        self.iteration = int(state["iteration"])
         self.rng.bit_generator.state = state["rng"]
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
+def _json_default(value):
+    """Learner states hold numbers; numpy and 0-d tensor scalars become plain floats/ints."""
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item()
+    raise TypeError(f"run state value of type {type(value).__name__} cannot be saved as JSON")
+
+
+def flat_config(cfg: Config) -> dict:
+    """`section.key` -> value, as JSON would give it back (for comparing configs across a resume)."""
+    return {f"{s}.{k}": v for s, values in json.loads(json.dumps(dataclasses.asdict(cfg))).items() for k, v in values.items()}
+
+
+def _iteration_of(path: Path) -> int | None:
+    m = re.fullmatch(r"iter_(\d+)", path.name)
+    return int(m.group(1)) if m else None
+
+
+def read_run_id(output_dir: Path) -> str | None:
+    try:
+        return str(json.loads((Path(output_dir) / RUN_FILE).read_text())["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_run_state(path: Path, rank: int = 0) -> dict:
+    """The JSON run state a checkpoint holds for `rank` (raises OSError/ValueError if unreadable)."""
+    state = json.loads((path / f"run_state_rank{rank}.json").read_text())
+    if not isinstance(state, dict):
+        raise ValueError("run state is not a JSON object")
+    return state
+
+
+def checkpoints(output_dir: Path, run_id: str | None = None) -> list[Path]:
+    """Complete checkpoints (DONE written) of the run `run_id` (any run if None), oldest first."""
+    found = []
+    for p in (Path(output_dir) / CHECKPOINTS).glob("iter_*"):
+        if _iteration_of(p) is None or not (p / "DONE").exists():
+            continue
+        if run_id is not None:
+            try:
+                if read_run_state(p).get("run_id") != run_id:
+                    continue
+            except (OSError, ValueError):
+                pass  # unreadable run state: kept as a candidate, so that loading it warns and falls back
+        found.append(p)
+    return sorted(found, key=_iteration_of)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    ckpts = sorted((output_dir / CHECKPOINTS).glob("iter_*"), key=lambda p: int(p.name.split("_")[1]))
-    done = [p for p in ckpts if (p / "DONE").exists()]
+    done = checkpoints(output_dir, read_run_id(output_dir))
     return done[-1] if done else None
 
 
@@ -119,42 +367,105 @@ def _drop_shared_tensor_warning(record: logging.LogRecord) -> bool:
     return "Removed shared tensor" not in record.getMessage()
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: RunState, learners: dict, keep: int) -> Path:
-    """accelerate state (weights, optimizers, RNG) + per-rank run state and learner states."""
+def check_finite(learners: dict) -> None:
+    """Raises RunError unless every trained weight is finite: nothing non-finite is ever written."""
+    for name, learner in learners.items():
+        for pname, p in learner.module.named_parameters():
+            if p.requires_grad and not torch.isfinite(p.detach()).all():
+                raise RunError(f"weights of '{name}' became non-finite ({pname}); nothing was saved from them "
+                               "(learning rate or rewards too large?)")
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: RunState, learners: dict, keep: int,
+                    run_id: str = "", config: dict | None = None) -> Path:
+    """accelerate state (weights, optimizers) + per-rank JSON run state; DONE marks it complete.
+
+    Only finite weights are saved. A checkpoint that cannot be written (a full disk) is removed and
+    the run stops with RunError; the previous complete checkpoint stays.
+    """
+    check_finite(learners)
     path = output_dir / CHECKPOINTS / f"iter_{state.iteration:06d}"
+    if accelerator.is_main_process and path.exists():
+        shutil.rmtree(path)  # a stale DONE must never vouch for new, half-written files
+    accelerator.wait_for_everyone()
     # accelerate warns that it drops the tied lm_head copy from the safetensors file; loading the
     # state restores the tie (test_resume_continues_exactly checks the weights bit for bit).
     quiet = logging.getLogger("accelerate.utils.other")
     quiet.addFilter(_drop_shared_tensor_warning)
     try:
         accelerator.save_state(str(path))
+        saved = {"run_id": run_id, **state.state_dict(), "learners": {k: v.state_dict() for k, v in learners.items()}}
+        if config is not None:
+            saved["config"] = config
+        (path / f"run_state_rank{accelerator.process_index}.json").write_text(json.dumps(saved, default=_json_default))
+    except OSError as e:
+        shutil.rmtree(path, ignore_errors=True)
+        raise RunError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous complete checkpoint is kept") from None
     finally:
         quiet.removeFilter(_drop_shared_tensor_warning)
-    saved = {"run": state.state_dict(), "learners": {k: v.state_dict() for k, v in learners.items()}}
-    torch.save(saved, path / f"run_state_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (path / "DONE").write_text(str(state.iteration))
-        ckpts = sorted((output_dir / CHECKPOINTS).glob("iter_*"))
-        for old in ckpts[: max(0, len(ckpts) - max(keep, 1))]:
+        try:
+            (path / "DONE").write_text(str(state.iteration))
+        except OSError as e:
+            shutil.rmtree(path, ignore_errors=True)
+            raise RunError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous complete checkpoint is kept") from None
+        done = checkpoints(output_dir, run_id)
+        for old in done[: max(0, len(done) - max(keep, 1))]:
+            (old / "DONE").unlink(missing_ok=True)  # first, so that a kill mid-removal leaves no "complete" husk
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return path
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, state: RunState, learners: dict) -> None:
+    """Loads a checkpoint: accelerate reads tensors with weights_only=True, the run state is JSON."""
+    saved = read_run_state(path, accelerator.process_index)
     accelerator.load_state(str(path))
-    saved = torch.load(path / f"run_state_rank{accelerator.process_index}.pt", weights_only=False)
-    state.load_state_dict(saved["run"])
+    state.load_state_dict(saved)
     for name, learner in learners.items():
         learner.load_state_dict(saved["learners"][name])
+
+
+def warn(message: str) -> None:
+    print(f"cory: warning: {message}", file=sys.stderr)
+
+
+def load_latest(accelerator: Accelerator, output_dir: Path, run_id: str, state: RunState, learners: dict) -> Path:
+    """Loads the newest checkpoint of this run that loads; ones that fail are skipped with a warning
+    (and set aside as iter_N.unloadable, so rotation never keeps them instead of good ones)."""
+    candidates = checkpoints(output_dir, run_id)[::-1]
+    failed = []
+    for path in candidates:
+        try:
+            load_checkpoint(accelerator, path, state, learners)
+        except Exception as e:  # noqa: BLE001  (any failure: truncated file, bad JSON, wrong shapes)
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            warn(f"checkpoint {path.name} cannot be loaded ({type(e).__name__}: {reason}); trying an older one")
+            failed.append(path)
+            continue
+        if failed:
+            warn(f"resuming from {path.name}")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for bad in failed:
+                bad.rename(bad.with_name(bad.name + ".unloadable"))
+        return path
+    raise UsageError(f"--resume: no checkpoint in {output_dir / CHECKPOINTS} can be loaded")
 
 
 def _truncate_jsonl(path: Path, last_iteration: int) -> None:
     """Drop rows written after the checkpoint we resume from, so the log continues exactly."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["iteration"] <= last_iteration]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a kill during the write
+        if isinstance(row, dict) and row.get("iteration", math.inf) <= last_iteration:
+            rows.append(line)
     path.write_text("".join(r + "\n" for r in rows))
 
 
@@ -239,10 +550,12 @@ class Run:
     and the iteration loop. Subclasses build their pieces and define `iterate`, `evaluate_all`,
     `learners` and `save_final`."""
 
-    def __init__(self, cfg: Config, output_dir: str | Path):
+    def __init__(self, cfg: Config, output_dir: str | Path, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
         self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.resume, self.overwrite = resume, overwrite
+        self.run_id = ""
+        # Nothing is written before _start: a run that fails while building leaves no trace.
         self.accelerator = make_accelerator(cfg, self.output_dir)
         set_seed(cfg.train.seed)
         torch.set_num_threads(cpu_threads(cfg.train.num_threads, self.accelerator.num_processes))
@@ -277,26 +590,55 @@ class Run:
         self.accelerator.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, step=self.state.iteration)
         return result
 
-    def _start(self, resume: bool) -> None:
-        if resume:
-            ckpt = latest_checkpoint(self.output_dir)
-            if ckpt is None:
-                raise UsageError(f"--resume: no checkpoint in {self.output_dir / CHECKPOINTS}")
-            load_checkpoint(self.accelerator, ckpt, self.state, self.learners)
+    def _claim(self) -> None:
+        """A fresh run takes the directory (removing another run's files only with overwrite) and
+        records its run id; a resumed run reads it."""
+        acc = self.accelerator
+        if self.is_main and not self.resume:
+            if self.overwrite:
+                for entry in RUN_ENTRIES:
+                    target = self.output_dir / entry
+                    if target.is_dir() and not target.is_symlink():
+                        shutil.rmtree(target)
+                    elif target.exists() or target.is_symlink():
+                        target.unlink()
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / RUN_FILE).write_text(json.dumps({"run_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        acc.wait_for_everyone()
+        self.run_id = read_run_id(self.output_dir) or ""
+
+    def _start(self, resume: bool | None = None) -> None:
+        if resume is not None:
+            self.resume = resume
+        self._claim()
+        history = self.output_dir / HISTORY_FILE
+        if self.resume:
+            ckpt = load_latest(self.accelerator, self.output_dir, self.run_id, self.state, self.learners)
+            for learner in self.learners.values():  # a forced change of weight decay takes effect (lr is set each step)
+                for group in learner.optimizer.param_groups:
+                    group["weight_decay"] = self.cfg.algo.weight_decay
             if self.is_main:
                 _truncate_jsonl(self.metrics_path, self.state.iteration)
-                _truncate_jsonl(self.eval_path, self.state.iteration)
+                # The final evaluation of a finished run is redone (and its row rewritten) below.
+                done = self.state.iteration >= self.cfg.train.iterations
+                _truncate_jsonl(self.eval_path, self.state.iteration - 1 if done else self.state.iteration)
+                changes = config_changes(read_run_state(ckpt).get("config", {}), self.cfg)
+                if changes:
+                    _append_jsonl(history, {"iteration": self.state.iteration, "resumed_from": ckpt.name,
+                                            "changed": changes, "forced": any(k not in RESUMABLE_KEYS for k in changes)})
         elif self.is_main:
             for p in (self.metrics_path, self.eval_path):
                 p.unlink(missing_ok=True)
+            history.write_text(json.dumps({"iteration": 0, "config": flat_config(self.cfg)}) + "\n")
         if self.is_main:
             (self.output_dir / "config.yaml").write_text(to_yaml(self.cfg))
         self.accelerator.init_trackers("cory", config=to_flat_dict(self.cfg))
 
     def checkpoint(self) -> Path:
-        return save_checkpoint(self.accelerator, self.output_dir, self.state, self.learners, self.cfg.train.keep_checkpoints)
+        return save_checkpoint(self.accelerator, self.output_dir, self.state, self.learners, self.cfg.train.keep_checkpoints,
+                               run_id=self.run_id, config=flat_config(self.cfg))
 
-    def run(self, resume: bool = False) -> dict:
+    def run(self, resume: bool | None = None) -> dict:
         """Trains to cfg.train.iterations; returns the summary (also written to summary.json)."""
         from tqdm.auto import tqdm
 
@@ -327,7 +669,11 @@ class Run:
         summary = {}
         if self.is_main:
             final = self.evaluate()
-            self.save_final(final)
+            check_finite(self.learners)
+            try:
+                self.save_final(final)
+            except OSError as e:
+                raise RunError(f"cannot write {self.output_dir / 'final'}: {e.strerror or e}; resume to write it again") from None
             rows = [json.loads(line) for line in self.eval_path.read_text().splitlines() if line.strip()]
             summary = {
                 "iterations": state.iteration,
@@ -343,14 +689,14 @@ class Run:
 class TrainingRun(Run):
     """One policy trained by one Learner on a task (single-agent RL fine-tuning)."""
 
-    def __init__(self, cfg: Config, output_dir: str | Path):
+    def __init__(self, cfg: Config, output_dir: str | Path, **options):
         from cory.algorithms import make_algorithm
         from cory.learner import Learner
         from cory.policy import Policy
         from cory.rollout import Sampler
         from cory.tasks import TaskEnv, make_task
 
-        super().__init__(cfg, output_dir)
+        super().__init__(cfg, output_dir, **options)
         self.algorithm = make_algorithm(cfg)
         dtype = getattr(torch, cfg.model.dtype)
         self.policy = Policy.from_pretrained(cfg.model.name, value_head=self.algorithm.needs_values, dtype=dtype)
@@ -399,10 +745,18 @@ class TrainingRun(Run):
         self.policy.save_pretrained(self.output_dir / "final")
 
 
-def train(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict:
-    """Builds the run the config asks for (single agent, or CORY when cory.enabled) and runs it."""
+def train(cfg: Config, output_dir: str | Path, resume: bool = False, overwrite: bool = False, force: bool = False) -> dict:
+    """Builds the run the config asks for (single agent, or CORY when cory.enabled) and runs it.
+
+    A fresh run refuses a directory holding another run unless `overwrite`; `resume` refuses a
+    changed config (outside RESUMABLE_KEYS) unless `force`.
+    """
+    check_output_dir(output_dir, resume, overwrite)
+    if resume:
+        check_resume_config(cfg, output_dir, force)
+    options = {"resume": resume, "overwrite": overwrite}
     if getattr(cfg, "cory", None) is not None and cfg.cory.enabled:
         from cory.coevolve import CoryRun
 
-        return CoryRun(cfg, output_dir).run(resume=resume)
-    return TrainingRun(cfg, output_dir).run(resume=resume)
+        return CoryRun(cfg, output_dir, **options).run()
+    return TrainingRun(cfg, output_dir, **options).run()

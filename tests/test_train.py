@@ -90,3 +90,186 @@ def test_eval_and_zoo_list_commands(tmp_path, capsys, micro_lm, micro_rm):
     assert main(["zoo", "list"]) == 0
     listing = capsys.readouterr().out
     assert "cory:micro-reviews" in listing and "built" in listing and "cory:tiny-reviews" in listing
+
+
+# -- reliability: nothing non-finite on disk, one run per directory, no pickles, checked resume ----
+def cli(out, tmp_path, *extra, flags=()):
+    argv = ["train", "--output-dir", str(out), *flags] + micro_overrides(tmp_path, **dict(e.split("=", 1) for e in extra))
+    return main(argv)
+
+
+def all_finite(folder):
+    return all(torch.isfinite(t).all() for f in folder.rglob("*.safetensors") for t in load_file(f).values())
+
+
+def test_overflowing_gradients_skip_the_step_and_are_counted(tmp_path, capsys, micro_lm):
+    """Rewards of ~1e30 overflow the gradient norm: the step is skipped (weights unchanged, finite),
+    the count is logged; three such iterations in a row stop the run with one line."""
+    out = tmp_path / "run"
+    assert cli(out, tmp_path, "task.reward=rewards_for_tests:huge", "train.iterations=2") == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_updates"] for r in rows] == [1, 1]
+    final, initial = load_file(out / "final" / "model.safetensors"), load_file(micro_lm / "model.safetensors")
+    assert all(torch.equal(final[k], initial[k]) for k in final)
+    capsys.readouterr()
+    stopped = tmp_path / "stopped"
+    assert cli(stopped, tmp_path, "task.reward=rewards_for_tests:huge", "train.iterations=5") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cory train: error: gradients were non-finite in every optimizer step of 3 iterations")
+    assert not (stopped / "final").exists() and not (stopped / "checkpoints").exists()
+
+
+def test_non_finite_weights_are_never_written(tmp_path, capsys, monkeypatch, micro_lm, micro_rm):
+    """An optimizer step that leaves a NaN in the weights: the run stops with one line and exit 1
+    before any checkpoint or final/ is written from them; the checkpoints before stay and resume."""
+    out = tmp_path / "run"
+    assert cli(out, tmp_path, "train.iterations=2", "train.checkpoint_every=1") == 0
+    step = torch.optim.AdamW.step
+
+    def poisoned_step(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data.view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
+    capsys.readouterr()
+    rc = cli(out, tmp_path, "train.iterations=3", "train.checkpoint_every=1", flags=["--resume"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.startswith("cory train: error: weights of 'policy' became non-finite") and len(err.splitlines()) == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
+    assert all_finite(out / "checkpoints") and all_finite(out / "final")
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    assert cli(out, tmp_path, "train.iterations=3", "train.checkpoint_every=1", flags=["--resume"]) == 0
+    assert all_finite(out / "final") and (out / "checkpoints" / "iter_000003" / "DONE").exists()
+
+
+def test_a_fresh_run_refuses_another_runs_directory(tmp_path, capsys, micro_lm, micro_rm):
+    out = tmp_path / "run"
+    assert cli(out, tmp_path, "train.iterations=1") == 0
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert cli(out, tmp_path, "train.iterations=2") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"cory train: error: output directory {out} holds a run ({run_id}): continue it with --resume, or replace it with --overwrite"
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "the refused run touched nothing"
+    assert cli(out, tmp_path, "train.iterations=2", "train.checkpoint_every=1", flags=["--overwrite"]) == 0
+    new_id = json.loads((out / "run.json").read_text())["run_id"]
+    assert new_id != run_id
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    for ckpt in (out / "checkpoints").iterdir():
+        assert json.loads((ckpt / "run_state_rank0.json").read_text())["run_id"] == new_id
+
+
+class Planted:
+    """Unpickling this runs code: it creates the file named in `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_runs_no_code_from_planted_pickles_and_falls_back(tmp_path, capsys, micro_lm, micro_rm):
+    """Every pickle-format file of the latest checkpoint is replaced by a pickle that would create a
+    marker file when loaded: resume runs none of them, warns, and continues from the checkpoint before."""
+    import pickle
+
+    out, marker = tmp_path / "run", tmp_path / "PWNED"
+    assert cli(out, tmp_path, "train.iterations=2", "train.checkpoint_every=1") == 0
+    latest = out / "checkpoints" / "iter_000002"
+    planted = [p for p in latest.iterdir() if p.suffix in (".bin", ".pkl", ".pt")] + [latest / "run_state_rank0.pt"]
+    assert len(planted) >= 3  # optimizer.bin, random_states_0.pkl, and the old run-state name
+    for p in planted:
+        p.write_bytes(pickle.dumps(Planted(marker)))
+    capsys.readouterr()
+    assert cli(out, tmp_path, "train.iterations=3", "train.checkpoint_every=1", flags=["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert not marker.exists(), "code ran from a planted file"
+    assert "warning: checkpoint iter_000002 cannot be loaded" in err and "resuming from iter_000001" in err
+    assert (out / "checkpoints" / "iter_000002.unloadable").is_dir()
+    assert [json.loads(r)["iteration"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_resume_from_a_truncated_checkpoint_falls_back_and_ends_exactly(tmp_path, capsys, micro_lm, micro_rm):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert cli(straight, tmp_path, "train.iterations=3") == 0
+    assert cli(broken, tmp_path, "train.iterations=3", "train.checkpoint_every=1", "train.keep_checkpoints=3") == 0
+    weights = broken / "checkpoints" / "iter_000003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+    assert cli(broken, tmp_path, "train.iterations=3", "train.checkpoint_every=1", "train.keep_checkpoints=3",
+               flags=["--resume"]) == 0
+    assert "resuming from iter_000002" in capsys.readouterr().err
+    a, b = load_file(straight / "final" / "model.safetensors"), load_file(broken / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_config_unless_forced_and_records_changes(tmp_path, capsys, micro_lm, micro_rm):
+    out = tmp_path / "run"
+    assert cli(out, tmp_path, "train.iterations=1") == 0
+    metrics = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert cli(out, tmp_path, "train.iterations=2", "algo.lr=0.001", "train.seed=3", flags=["--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "algo.lr (0.0001 -> 0.001)" in err and "train.seed (0 -> 3)" in err
+    assert "--force" in err and (out / "metrics.jsonl").read_text() == metrics
+    # Allowed keys (iterations, cadences, logging) change freely and are recorded.
+    assert cli(out, tmp_path, "train.iterations=2", "train.checkpoint_every=1", flags=["--resume"]) == 0
+    assert cli(out, tmp_path, "train.iterations=3", "algo.lr=0.001", "train.checkpoint_every=1", flags=["--resume", "--force"]) == 0
+    history = [json.loads(line) for line in (out / "config_history.jsonl").read_text().splitlines()]
+    assert history[0]["iteration"] == 0 and history[0]["config"]["algo.lr"] == 0.0001
+    assert history[1]["changed"] == {"train.iterations": [1, 2], "train.checkpoint_every": [0, 1]} and not history[1]["forced"]
+    assert history[2]["iteration"] == 2 and history[2]["changed"] == {"train.iterations": [2, 3], "algo.lr": [0.0001, 0.001]}
+    assert history[2]["forced"]
+    assert "lr: 0.001" in (out / "config.yaml").read_text()
+
+
+N_KILLS = 3
+
+
+@pytest.mark.timeout(900)  # a few process starts: slow only on a machine loaded by other work
+def test_kill_9_at_random_moments_then_resume_ends_bit_identical(tmp_path, micro_lm, micro_rm):
+    """A short run is killed with SIGKILL at random moments (iterations, evaluations, checkpoint
+    writes, the final save) N times, each time restarted (--resume once a complete checkpoint exists,
+    else afresh with --overwrite); its final weights equal an uninterrupted run's bit for bit."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from cory.train import latest_checkpoint
+
+    overrides = micro_overrides(tmp_path, **{"train.iterations": 3, "train.checkpoint_every": 1, "train.keep_checkpoints": 2})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    straight = tmp_path / "straight"
+    t0 = time.perf_counter()
+    assert main(["train", "--output-dir", str(straight)] + overrides) == 0
+    work = time.perf_counter() - t0  # the run's own work, without a process start
+
+    killed, rng, kills = tmp_path / "killed", random.Random(13), 0
+    config = killed / "config.yaml"
+    while True:
+        before = config.stat().st_mtime_ns if config.exists() else None
+        flag = "--resume" if latest_checkpoint(killed) is not None else "--overwrite"
+        proc = subprocess.Popen([sys.executable, "-m", "cory", "train", "--output-dir", str(killed), flag, *overrides],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if kills == N_KILLS:
+            assert proc.wait(timeout=600) == 0, proc.stderr.read()
+            break
+        # The kill moment is drawn over the run's work: from when it has taken its directory (it
+        # writes config.yaml once it has claimed it or loaded its checkpoint) to its end.
+        while proc.poll() is None and (not config.exists() or config.stat().st_mtime_ns == before):
+            time.sleep(0.02)
+        try:
+            assert proc.wait(timeout=rng.uniform(0.0, work)) == 0, proc.stderr.read()
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    a, b = load_file(straight / "final" / "model.safetensors"), load_file(killed / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import importlib
 import math
+import threading
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
+CLASSIFIER_MAX_TOKENS = 512
+"""A classifier scores at most this many tokens of a text (longer texts are cut at the end)."""
 
 
 class RewardError(ValueError):
@@ -30,7 +34,12 @@ class ClassifierReward:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        # transformers only warns (a warning the CLI mutes) when a folder lacks the classifier's
+        # weights and initialises them at random: that is a wrong model, not a reward.
+        self.model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+        self.model.eval()
+        if info.get("missing_keys"):
+            raise RewardError(f"reward model {path} is not a trained sequence classifier: it lacks {sorted(info['missing_keys'])[0]}")
         if device is not None:
             self.model.to(device)
         if self.tokenizer.pad_token is None:
@@ -43,7 +52,7 @@ class ClassifierReward:
         elif label.lower() in labels:
             self.index = int(labels[label.lower()])
         else:
-            self.index = n - 1
+            raise RewardError(f"reward label '{label}' is not one of {path}'s labels: {', '.join(labels)} (task.reward_label)")
         self.on = on
         self.batch_size = batch_size
 
@@ -53,7 +62,8 @@ class ClassifierReward:
         out = []
         device = next(self.model.parameters()).device
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True, max_length=512)
+            enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                                 max_length=CLASSIFIER_MAX_TOKENS)
             out.append(self.model(**{k: v.to(device) for k, v in enc.items()}).logits.float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.model.config.num_labels)
 
@@ -74,14 +84,56 @@ def _import_function(spec: str) -> RewardFn:
     return fn
 
 
-def checked(fn: RewardFn, name: str) -> RewardFn:
-    """Wraps a reward so that a wrong length or a non-finite value fails loudly, naming the reward."""
+def _number(value, name: str) -> float:
+    if isinstance(value, (str, bytes)) or value is None:
+        raise RewardError(f"reward '{name}' returned {type(value).__name__} values; it must return one number per response")
+    array = np.asarray(value)
+    if array.ndim != 0 or array.dtype.kind not in "biuf":
+        raise RewardError(f"reward '{name}' returned a value of shape {array.shape} and type {array.dtype}; it must return one number per response")
+    return float(array)
+
+
+def call_with_timeout(fn, args: tuple, timeout: float, name: str):
+    """fn(*args) in a daemon thread; a call that does not return within `timeout` seconds (0 = no
+    limit) raises RewardError (the thread cannot be stopped; the process ends with the error)."""
+    if not timeout:
+        return fn(*args)
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001  (handed to the caller)
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name=f"reward {name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise RewardError(f"reward '{name}' did not return within {timeout:g} s (task.reward_timeout)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def checked(fn: RewardFn, name: str, timeout: float = 0.0) -> RewardFn:
+    """Wraps a reward so that an exception, a time-out, a wrong type or length, or a non-finite
+    value fails with one line naming the reward."""
 
     def call(prompts: list[str], responses: list[str]) -> list[float]:
-        values = list(fn(prompts, responses))
+        try:
+            result = call_with_timeout(fn, (prompts, responses), timeout, name)
+        except RewardError:
+            raise
+        except Exception as e:  # noqa: BLE001  (the user's function: any failure is reported in one line)
+            raise RewardError(f"reward '{name}' raised {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}") from None
+        if result is None or isinstance(result, (str, bytes, dict)) or not hasattr(result, "__len__"):
+            raise RewardError(f"reward '{name}' returned {type(result).__name__}; it must return a list of one number per response")
+        if getattr(result, "ndim", 1) != 1:
+            raise RewardError(f"reward '{name}' returned an array of shape {tuple(result.shape)}; it must return one number per response")
+        values = [_number(v, name) for v in result]
         if len(values) != len(responses):
             raise RewardError(f"reward '{name}' returned {len(values)} values for {len(responses)} responses")
-        values = [float(v) for v in values]
         if not all(math.isfinite(v) for v in values):
             raise RewardError(f"reward '{name}' returned a non-finite value")
         return values
@@ -89,7 +141,22 @@ def checked(fn: RewardFn, name: str) -> RewardFn:
     return call
 
 
-def load_reward(spec: str, label: str = "positive", on: str = "prompt+response", device=None) -> RewardFn:
+def is_function_spec(spec: str) -> bool:
+    """Whether a reward spec names a Python `module:function` (not a cory: model or a folder)."""
+    from cory import zoo
+
+    return not zoo.is_zoo_name(spec) and not Path(spec).is_dir() and ":" in spec and not spec.startswith((".", "/"))
+
+
+def dry_run(spec: str, prompts: list[str], timeout: float) -> None:
+    """Calls a reward function once on a dry sample (two prompts, two made-up responses), so that a
+    function that fails, hangs or returns the wrong thing stops the command before any work."""
+    fn = checked(_import_function(spec), spec, timeout)
+    prompts = (list(prompts) * 2)[:2]
+    fn(prompts, [" and it was good.", ""])
+
+
+def load_reward(spec: str, label: str = "positive", on: str = "prompt+response", device=None, timeout: float = 0.0) -> RewardFn:
     """A checked reward callable from a spec (see the module docstring)."""
     from cory import zoo
 
@@ -98,7 +165,7 @@ def load_reward(spec: str, label: str = "positive", on: str = "prompt+response",
     if Path(spec).is_dir():
         return checked(ClassifierReward(spec, label, on, device=device), spec)
     if ":" in spec and not spec.startswith((".", "/")):
-        return checked(_import_function(spec), spec)
+        return checked(_import_function(spec), spec, timeout)
     raise RewardError(f"reward '{spec}' is neither a classifier folder, a cory: model, nor a module:function")
 
 

@@ -40,6 +40,13 @@ def load_prompt_file(path: str | Path, column: str = "prompt") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise TaskDataError(f"prompt file not found: {path}")
+    head = path.read_bytes()[:8192]
+    if b"\0" in head:
+        raise TaskDataError(f"prompt file {path} is binary, not JSONL or CSV text")
+    try:
+        path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskDataError(f"prompt file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     prompts: list[str] = []
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as fh:

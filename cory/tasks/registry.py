@@ -22,7 +22,7 @@ def sentiment_task(cfg) -> PromptTask:
     else:
         pool = reviews.prompts(cfg.num_train_prompts + cfg.num_eval_prompts, seed=2024)
         evals, train = pool[: cfg.num_eval_prompts], pool[cfg.num_eval_prompts :]
-    reward = load_reward(cfg.reward, label=cfg.reward_label, on=cfg.reward_on)
+    reward = load_reward(cfg.reward, label=cfg.reward_label, on=cfg.reward_on, timeout=cfg.reward_timeout)
     return PromptTask("sentiment", train, evals, reward)
 
 
@@ -31,7 +31,7 @@ def prompts_task(cfg) -> PromptTask:
     if not cfg.prompt_file:
         raise ValueError("task 'prompts' needs task.prompt_file")
     prompts = load_prompt_file(cfg.prompt_file, cfg.prompt_column)
-    return PromptTask("prompts", prompts, prompts[: cfg.num_eval_prompts], load_reward(cfg.reward, cfg.reward_label, cfg.reward_on))
+    return PromptTask("prompts", prompts, prompts[: cfg.num_eval_prompts], load_reward(cfg.reward, cfg.reward_label, cfg.reward_on, timeout=cfg.reward_timeout))
 
 
 def arithmetic_task(cfg) -> PromptTask:
