@@ -24,6 +24,7 @@ import torch
 
 from cory.config import Config
 from cory.learner import Learner, reduce_metrics
+from cory.lora import AdaptersDisabled, peft_config
 from cory.policy import Policy
 from cory.rollout import rollout_from_generation
 from cory.train import Run, UsageError, eval_params, make_control, make_reference, sampling_params
@@ -60,19 +61,6 @@ def collective_rewards(own: list[float], partner: list[float], coef: float) -> l
 
 def adapter_name(agent: str) -> str:
     return f"agent_{agent}"
-
-
-class AdaptersDisabled(torch.nn.Module):
-    """The shared base model seen with every LoRA adapter switched off: CORY's reference in
-    shared-base mode. It holds no weights of its own."""
-
-    def __init__(self, peft_model):
-        super().__init__()
-        self.peft_model = peft_model
-
-    def forward(self, *args, **kwargs):
-        with self.peft_model.disable_adapter():
-            return self.peft_model(*args, **kwargs)
 
 
 @dataclass
@@ -126,7 +114,7 @@ class CoryRun(Run):
 
     @staticmethod
     def _shared_base(cfg: Config, dtype, needs_values: bool):
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from cory import zoo
@@ -134,8 +122,7 @@ class CoryRun(Run):
         path = zoo.resolve(cfg.model.name)
         base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        lora = LoraConfig(r=cfg.cory.lora_r, lora_alpha=cfg.cory.lora_alpha, lora_dropout=0.0,
-                          target_modules=list(cfg.cory.lora_targets), task_type="CAUSAL_LM")
+        lora = peft_config(cfg.cory.lora_r, cfg.cory.lora_alpha, cfg.cory.lora_targets)
         # Adapter names must not be substrings of PEFT's "lora_" prefix (a bare "a" is).
         peft_model = get_peft_model(base, lora, adapter_name=adapter_name("a"))
         peft_model.add_adapter(adapter_name("b"), lora)

@@ -79,6 +79,9 @@ class Learner:
         self.accelerator = accelerator
         self.reference = reference.to(accelerator.device).eval()
         params = parameters if parameters is not None else [p for p in policy.module.parameters() if p.requires_grad]
+        if cfg.train.gradient_checkpointing and not getattr(policy.model, "is_activation_checkpointing", False):
+            # Non-reentrant: correct with a frozen base (LoRA), whose inputs need no gradient.
+            policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         optimizer = torch.optim.AdamW(params, lr=cfg.algo.lr, weight_decay=cfg.algo.weight_decay)
         self.module, self.optimizer = accelerator.prepare(policy.module, optimizer)
         self.controller = make_controller(cfg.kl)

@@ -7,7 +7,8 @@ Run directory:
     eval.jsonl           evaluations on the fixed prompt set (iteration 0 = the initial model)
     cory/                TensorBoard event files (accelerate trackers)
     checkpoints/iter_N/  accelerate state (safetensors weights, optimizer, RNG) + run_state_rank{r}.pt
-    final/               the trained policy (save_pretrained), loadable by AutoModelForCausalLM
+    final/               the trained policy (save_pretrained), loadable by AutoModelForCausalLM;
+                         with model.lora.r the merged model, and the adapter alone in final/adapter/
     summary.json         initial and final evaluation
 """
 
@@ -76,6 +77,10 @@ def preflight(cfg: Config) -> None:
     if cfg.task.name not in TASKS:
         raise ConfigError(f"bad value for config key 'task.name': {cfg.task.name!r}; choose one of: {', '.join(sorted(TASKS))}")
     check_model_name(cfg.model.name)
+    if cfg.model.lora.quantize != "none":
+        from cory.lora import check_quantize
+
+        check_quantize(cfg.model.lora.quantize)
     for name in [cfg.model.reference, cfg.model.trusted, *cfg.model.reference_ensemble]:
         if name:
             check_model_name(name)
@@ -353,8 +358,14 @@ class TrainingRun(Run):
         super().__init__(cfg, output_dir)
         self.algorithm = make_algorithm(cfg)
         dtype = getattr(torch, cfg.model.dtype)
-        self.policy = Policy.from_pretrained(cfg.model.name, value_head=self.algorithm.needs_values, dtype=dtype)
-        reference = make_reference(cfg, dtype)
+        if cfg.model.lora.r:
+            from cory.lora import lora_policy
+
+            # The frozen base with the adapter disabled is the reference: no second copy.
+            self.policy, reference = lora_policy(cfg.model.name, cfg.model.lora, dtype, value_head=self.algorithm.needs_values)
+        else:
+            self.policy = Policy.from_pretrained(cfg.model.name, value_head=self.algorithm.needs_values, dtype=dtype)
+            reference = make_reference(cfg, dtype)
         control, fallback = make_control(cfg, reference, dtype, multi_turn=bool(cfg.env.id))
         if cfg.env.id:
             from cory.envs.batch import GymTextEnvBatch
@@ -396,6 +407,11 @@ class TrainingRun(Run):
         return reduce_metrics(self.accelerator, metrics)
 
     def save_final(self, evaluation: dict) -> None:
+        if self.cfg.model.lora.r:
+            from cory.lora import save_lora_policy
+
+            save_lora_policy(self.policy, self.output_dir / "final", self.cfg.model.name, getattr(torch, self.cfg.model.dtype))
+            return
         self.policy.save_pretrained(self.output_dir / "final")
 
 
