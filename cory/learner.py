@@ -20,6 +20,7 @@ from cory.ensemble import EnsembleReference, kl_to_semi, pessimistic_full
 from cory.kl import kl_full, kl_k1, kl_k3, make_controller, masked_mean, masked_sum, per_token_kl
 from cory.policy import Policy, sequence_logprobs
 from cory.rollout import Rollout
+from cory.sharding import is_sharded
 
 SCORE_CHUNK_ELEMENTS = 2**26
 """Scoring with whole distributions runs over row chunks of at most this many [rows x tokens x
@@ -83,7 +84,11 @@ class Learner:
             # Non-reentrant: correct with a frozen base (LoRA), whose inputs need no gradient.
             policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         optimizer = torch.optim.AdamW(params, lr=cfg.algo.lr, weight_decay=cfg.algo.weight_decay)
-        self.module, self.optimizer = accelerator.prepare(policy.module, optimizer)
+        if is_sharded(policy.module):
+            # FSDP2 reduces the gradients itself; accelerate must not wrap the module in DDP.
+            self.module, self.optimizer = policy.module, accelerator.prepare(optimizer)
+        else:
+            self.module, self.optimizer = accelerator.prepare(policy.module, optimizer)
         self.controller = make_controller(cfg.kl)
         self.temperature = cfg.generation.temperature or 1.0
         self.score_moments = RunningMoments()

@@ -27,3 +27,27 @@ def test_two_processes_stay_identical(tmp_path, micro_lm, micro_rm):
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_fsdp_learner_two_processes_match_one(tmp_path, micro_lm):
+    """FSDP2 (torch fully_shard) on CPU with gloo: after a learner update (2 epochs x 2 micro-batches,
+    clipping), both ranks hold identical full parameters, equal to one process updating the
+    unsharded policy on the union of their rollouts."""
+    import torch
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    script = str(REPO / "tests" / "fsdp_learner.py")
+    fsdp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+            script, str(tmp_path), "fsdp", str(micro_lm)]
+    for cmd in (fsdp, [sys.executable, script, str(tmp_path), "single", str(micro_lm)]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "digest_fsdp_rank0.txt").read_text() == (tmp_path / "digest_fsdp_rank1.txt").read_text()
+    sharded, single = load_file(tmp_path / "fsdp.safetensors"), load_file(tmp_path / "single.safetensors")
+    before = load_file(Path(micro_lm) / "model.safetensors")
+    assert sharded.keys() == single.keys()
+    for k in sharded:
+        torch.testing.assert_close(sharded[k], single[k], rtol=0, atol=2e-5, msg=k)
+    moved = [k for k in before if not torch.equal(before[k], single["lm." + k])]
+    assert len(moved) > len(before) // 2
