@@ -201,6 +201,8 @@ class TrainConfig:
     """Show a progress bar."""
     num_threads: int = 0
     """CPU threads for torch per process (0 = OMP_NUM_THREADS if set, else the cores divided among processes)."""
+    fsdp: bool = False
+    """Shard the policy's weights, gradients and optimizer state over the processes with torch FSDP2 (CPU/gloo or GPUs; see cory.sharding)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of storing them (less memory, ~1/3 more compute)."""
 
@@ -398,6 +400,8 @@ def check(cfg: Config) -> None:
         raise ConfigError("model.lora.* is for single-agent runs; CORY's LoRA mode is cory.shared_base=true with cory.lora_r/lora_alpha/lora_targets")
     if lora.r and (cfg.model.reference or cfg.model.reference_ensemble):
         raise ConfigError("with model.lora.r the reference is the frozen base (adapters disabled); leave model.reference and model.reference_ensemble empty")
+    if cfg.train.fsdp and (cfg.cory.enabled or lora.r or cfg.train.mixed_precision == "fp16"):
+        raise ConfigError("train.fsdp runs single-agent full fine-tuning in fp32/bf16 for now; not with cory.enabled, model.lora.r or train.mixed_precision=fp16")
     if cfg.task.prompt_file and not Path(cfg.task.prompt_file).is_file():
         raise ConfigError(f"prompt file not found: {cfg.task.prompt_file}")
 

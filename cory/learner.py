@@ -20,7 +20,7 @@ from cory.ensemble import EnsembleReference, kl_to_semi, pessimistic_full
 from cory.kl import kl_full, kl_k1, kl_k3, make_controller, masked_mean, masked_sum, per_token_kl
 from cory.policy import Policy, sequence_logprobs
 from cory.rollout import Rollout
-from cory.sharding import is_sharded
+from cory.sharding import gather_full, is_sharded, release_full
 
 SCORE_CHUNK_ELEMENTS = 2**26
 """Scoring with whole distributions runs over row chunks of at most this many [rows x tokens x
@@ -85,8 +85,10 @@ class Learner:
             policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         optimizer = torch.optim.AdamW(params, lr=cfg.algo.lr, weight_decay=cfg.algo.weight_decay)
         if is_sharded(policy.module):
-            # FSDP2 reduces the gradients itself; accelerate must not wrap the module in DDP.
-            self.module, self.optimizer = policy.module, accelerator.prepare(optimizer)
+            # FSDP2 reduces the gradients itself (accelerate would wrap the module in DDP), and its
+            # sharded optimizer state is checkpointed by cory.sharding, not by accelerate.
+            self.module, self.optimizer = policy.module, optimizer
+            gather_full(self.module)  # whole weights outside updates (see cory.sharding)
         else:
             self.module, self.optimizer = accelerator.prepare(policy.module, optimizer)
         self.controller = make_controller(cfg.kl)
@@ -212,6 +214,9 @@ class Learner:
     def update(self, rollout: Rollout, generator: torch.Generator | None = None) -> dict[str, float]:
         """Optimizer steps over the scored rollout; returns the mean of the algorithm's diagnostics."""
         self.module.train()
+        sharded = is_sharded(self.module)
+        if sharded:
+            release_full(self.module)
         logs: dict[str, list[float]] = {}
         grad_norms = []
         first_step = True
@@ -249,6 +254,8 @@ class Learner:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             first_step = False
+        if sharded:
+            gather_full(self.module)
         out = {k: sum(v) / len(v) for k, v in logs.items()}
         if grad_norms:
             out["grad_norm"] = sum(grad_norms) / len(grad_norms)

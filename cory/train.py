@@ -366,6 +366,10 @@ class TrainingRun(Run):
         else:
             self.policy = Policy.from_pretrained(cfg.model.name, value_head=self.algorithm.needs_values, dtype=dtype)
             reference = make_reference(cfg, dtype)
+        if cfg.train.fsdp:
+            from cory.sharding import shard_policy
+
+            shard_policy(self.policy.module)
         control, fallback = make_control(cfg, reference, dtype, multi_turn=bool(cfg.env.id))
         if cfg.env.id:
             from cory.envs.batch import GymTextEnvBatch
@@ -406,7 +410,40 @@ class TrainingRun(Run):
                         "tokens_per_s/generate": n_generated / max(t_gen, 1e-9)})
         return reduce_metrics(self.accelerator, metrics)
 
+    def checkpoint(self) -> Path:
+        if self.cfg.train.fsdp:  # the shards first: super() writes the DONE marker
+            from cory.sharding import gather_full, release_full, save_sharded
+
+            path = self.output_dir / CHECKPOINTS / f"iter_{self.state.iteration:06d}"
+            release_full(self.learner.module)
+            save_sharded(path / "fsdp", self.learner.module, self.learner.optimizer)
+            gather_full(self.learner.module)
+        return super().checkpoint()
+
+    def _start(self, resume: bool) -> None:
+        super()._start(resume)
+        if resume and self.cfg.train.fsdp:
+            from cory.sharding import gather_full, load_sharded, release_full
+
+            release_full(self.learner.module)
+            load_sharded(latest_checkpoint(self.output_dir) / "fsdp", self.learner.module, self.learner.optimizer)
+            gather_full(self.learner.module)
+
     def save_final(self, evaluation: dict) -> None:
+        if self.cfg.train.fsdp:
+            from safetensors.torch import save_file
+
+            from cory.policy import VALUE_HEAD_FILE
+            from cory.sharding import gathered_state_dict
+
+            final = self.output_dir / "final"
+            state = gathered_state_dict(self.policy.module)
+            self.policy.model.save_pretrained(final, state_dict={k[3:]: v for k, v in state.items() if k.startswith("lm.")})
+            self.policy.tokenizer.save_pretrained(final)
+            head = {k[len("value_head."):]: v.contiguous().cpu() for k, v in state.items() if k.startswith("value_head.")}
+            if head:
+                save_file(head, str(final / VALUE_HEAD_FILE))
+            return
         if self.cfg.model.lora.r:
             from cory.lora import save_lora_policy
 

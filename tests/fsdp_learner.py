@@ -14,7 +14,7 @@ from cory.config import load_config
 from cory.learner import Learner
 from cory.policy import Policy
 from cory.rollout import Rollout
-from cory.sharding import full_state_dict, shard_policy
+from cory.sharding import gathered_state_dict, shard_policy
 from cory.train import load_reference, make_accelerator
 
 ROWS, LQ, LR = 16, 5, 7
@@ -52,8 +52,8 @@ if __name__ == "__main__":
     batch = rollout(policy.model.config.vocab_size, slice(rank * local, (rank + 1) * local))
     metrics = learner.update(batch)
     assert metrics["grad_norm"] > 0.5  # clipping acted
-    state = full_state_dict(policy.module) if mode == "fsdp" else policy.module.state_dict()
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    # After an update the learner holds the whole weights again (on every process).
+    state = {k: v.cpu().contiguous().clone() for k, v in gathered_state_dict(policy.module).items()}
     digest = hashlib.sha256()
     for name, value in sorted(state.items()):
         digest.update(name.encode())

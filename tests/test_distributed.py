@@ -51,3 +51,37 @@ def test_fsdp_learner_two_processes_match_one(tmp_path, micro_lm):
         torch.testing.assert_close(sharded[k], single[k], rtol=0, atol=2e-5, msg=k)
     moved = [k for k in before if not torch.equal(before[k], single["lm." + k])]
     assert len(moved) > len(before) // 2
+
+
+def test_fsdp_run_two_processes_agree_and_resume_exactly(tmp_path, micro_lm, micro_rm):
+    """`cory train` with train.fsdp=true in 2 CPU processes: the ranks end with identical weights,
+    and a run stopped after 2 iterations and resumed from its sharded checkpoint ends where an
+    uninterrupted one does."""
+    import torch
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+
+    def launch(out, iterations, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
+               str(REPO / "tests" / "dist_train.py"), str(out), *extra] + micro_overrides(
+            tmp_path, **{"train.fsdp": True, "train.checkpoint_every": 1, "train.iterations": iterations, "algo.lr": 1e-3})
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    launch(straight, 3)
+    launch(stopped, 2)
+    launch(stopped, 3, "--resume")
+    for out in (straight, stopped):
+        assert (out / "digest_rank0.txt").read_text() == (out / "digest_rank1.txt").read_text()
+        assert sorted(p.name for p in (out / "checkpoints").glob("*/fsdp/*")) == ["rank0.safetensors"] * 2 + ["rank1.safetensors"] * 2
+    assert (straight / "digest_rank0.txt").read_text() == (stopped / "digest_rank0.txt").read_text()
+    a, before = load_file(straight / "final" / "model.safetensors"), load_file(Path(micro_lm) / "model.safetensors")
+    b = load_file(stopped / "final" / "model.safetensors")
+    assert a.keys() == b.keys() >= before.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], before[k]) for k in before)
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
+    assert all(torch.equal(loaded[k], a[k]) for k in before)
