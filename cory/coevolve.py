@@ -92,6 +92,10 @@ class CoryRun(Run):
         algorithms = {n: make_algorithm(cfg) for n in ("a", "b")}
         needs_values = algorithms["a"].needs_values
         self.group_size = algorithms["a"].group_size
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            raise UsageError("CORY does not run under FSDP yet; use DDP (accelerate launch --multi_gpu) or cory.shared_base=true")
         if cfg.cory.shared_base:
             if self.accelerator.num_processes > 1:
                 raise UsageError("cory.shared_base=true runs in one process; use full copies for data parallelism")

@@ -90,6 +90,7 @@ class Learner:
             self.module, self.optimizer = policy.module, optimizer
             gather_full(self.module)  # whole weights outside updates (see cory.sharding)
         else:
+            check_engine(accelerator, cfg)
             self.module, self.optimizer = accelerator.prepare(policy.module, optimizer)
         self.controller = make_controller(cfg.kl)
         self.temperature = cfg.generation.temperature or 1.0
@@ -250,7 +251,9 @@ class Learner:
                 for name, value in info.items():
                     logs.setdefault(name, []).append(value)
             if self.cfg.algo.max_grad_norm > 0:
-                grad_norms.append(float(self.accelerator.clip_grad_norm_(self.module.parameters(), self.cfg.algo.max_grad_norm)))
+                norm = self.accelerator.clip_grad_norm_(self.module.parameters(), self.cfg.algo.max_grad_norm)
+                if norm is not None:  # DeepSpeed clips inside its engine and may not report a norm
+                    grad_norms.append(float(norm))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             first_step = False
@@ -288,6 +291,20 @@ class Learner:
     def load_state_dict(self, state: dict) -> None:
         self.controller.load_state_dict(state["controller"])
         self.score_moments.load_state_dict(state["score_moments"])
+
+
+def check_engine(accelerator: Accelerator, cfg) -> None:
+    """Refuses, in one line, what cory's update loop cannot do under DeepSpeed."""
+    from accelerate.utils import DistributedType
+
+    from cory.config import ConfigError
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise ConfigError("DeepSpeed ZeRO-3 partitions the weights, which cory's sampler and evaluation need whole: use train.fsdp=true (FSDP2) or ZeRO-2")
+    if cfg.algo.micro_batch_size and cfg.algo.micro_batch_size != cfg.algo.minibatch_size:
+        raise ConfigError("under DeepSpeed the engine steps after every backward pass: leave algo.micro_batch_size=0 (no accumulation)")
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:

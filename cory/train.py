@@ -366,7 +366,14 @@ class TrainingRun(Run):
         else:
             self.policy = Policy.from_pretrained(cfg.model.name, value_head=self.algorithm.needs_values, dtype=dtype)
             reference = make_reference(cfg, dtype)
-        if cfg.train.fsdp:
+        # accelerate's FSDP config (GPUs) turns on the same sharding: cory shards the policy itself, so
+        # that sampling and evaluation get the whole weights (cory.sharding).
+        from accelerate.utils import DistributedType
+
+        self.fsdp = cfg.train.fsdp or self.accelerator.distributed_type == DistributedType.FSDP
+        if self.fsdp and cfg.model.lora.r:
+            raise UsageError("FSDP runs full fine-tuning for now; leave model.lora.r=0")
+        if self.fsdp:
             from cory.sharding import shard_policy
 
             shard_policy(self.policy.module)
@@ -411,7 +418,7 @@ class TrainingRun(Run):
         return reduce_metrics(self.accelerator, metrics)
 
     def checkpoint(self) -> Path:
-        if self.cfg.train.fsdp:  # the shards first: super() writes the DONE marker
+        if self.fsdp:  # the shards first: super() writes the DONE marker
             from cory.sharding import gather_full, release_full, save_sharded
 
             path = self.output_dir / CHECKPOINTS / f"iter_{self.state.iteration:06d}"
@@ -422,7 +429,7 @@ class TrainingRun(Run):
 
     def _start(self, resume: bool) -> None:
         super()._start(resume)
-        if resume and self.cfg.train.fsdp:
+        if resume and self.fsdp:
             from cory.sharding import gather_full, load_sharded, release_full
 
             release_full(self.learner.module)
@@ -430,7 +437,7 @@ class TrainingRun(Run):
             gather_full(self.learner.module)
 
     def save_final(self, evaluation: dict) -> None:
-        if self.cfg.train.fsdp:
+        if self.fsdp:
             from safetensors.torch import save_file
 
             from cory.policy import VALUE_HEAD_FILE

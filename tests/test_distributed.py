@@ -85,3 +85,31 @@ def test_fsdp_run_two_processes_agree_and_resume_exactly(tmp_path, micro_lm, mic
 
     loaded = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
     assert all(torch.equal(loaded[k], a[k]) for k in before)
+
+
+def test_accelerate_configs_parse_and_deepspeed_limits_are_refused():
+    """examples/accelerate/*.yaml load as accelerate cluster configs; under DeepSpeed, ZeRO-3 and
+    micro-batch accumulation (which cory's loop cannot drive there) are refused in one line."""
+    from types import SimpleNamespace
+
+    import pytest
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    from cory.config import ConfigError, load_config
+    from cory.learner import check_engine
+
+    folder = REPO / "examples" / "accelerate"
+    loaded = {p.stem: ClusterConfig.from_yaml_file(str(p)) for p in sorted(folder.glob("*.yaml"))}
+    assert loaded["fsdp2"].distributed_type == DistributedType.FSDP and loaded["fsdp2"].fsdp_config["fsdp_version"] == 2
+    assert [loaded[f"deepspeed_zero{s}"].deepspeed_config["zero_stage"] for s in (2, 3)] == [2, 3]
+
+    def engine(stage):
+        return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+
+    check_engine(engine(2), load_config(None, []))
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        check_engine(engine(3), load_config(None, []))
+    with pytest.raises(ConfigError, match="micro_batch_size=0"):
+        check_engine(engine(2), load_config(None, ["algo.minibatch_size=8", "algo.micro_batch_size=4"]))
