@@ -366,11 +366,13 @@ class TrainingRun(Run):
         else:
             self.policy = Policy.from_pretrained(cfg.model.name, value_head=self.algorithm.needs_values, dtype=dtype)
             reference = make_reference(cfg, dtype)
-        # accelerate's FSDP config (GPUs) turns on the same sharding: cory shards the policy itself, so
-        # that sampling and evaluation get the whole weights (cory.sharding).
+        # accelerate's FSDP config turns on the same sharding: cory shards the policy itself, so that
+        # sampling and evaluation get the whole weights (cory.sharding). On CPUs accelerate drops its
+        # FSDP setting (it keeps DDP for MULTI_CPU), hence the look at the launcher's variable.
         from accelerate.utils import DistributedType
 
-        self.fsdp = cfg.train.fsdp or self.accelerator.distributed_type == DistributedType.FSDP
+        self.fsdp = (cfg.train.fsdp or self.accelerator.distributed_type == DistributedType.FSDP
+                     or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
         if self.fsdp and cfg.model.lora.r:
             raise UsageError("FSDP runs full fine-tuning for now; leave model.lora.r=0")
         if self.fsdp:
