@@ -197,6 +197,7 @@ class CoryRun(Run):
         metrics["reward_mean"] = (metrics["pioneer/task_reward"] + metrics["observer/task_reward"]) / 2
         metrics["kl_mean"] = (metrics["pioneer/kl_mean"] + metrics["observer/kl_mean"]) / 2
         metrics["time/generate"] = t_gen
+        metrics["tokens_per_s/generate"] = float(gen_p.response_mask.sum() + gen_o.response_mask.sum()) / max(t_gen, 1e-9)
         metrics["time/iteration"] = time.perf_counter() - t0
         return reduce_metrics(self.accelerator, metrics)
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: one script to run when a machine with an NVIDIA GPU is available (< 10 minutes on
-# one GPU). It runs, in order, printing each step's wall time:
+# one GPU: each step has a time cap, 240 + 120 + 100 + 3 x 50 s). It runs, in order, printing each
+# step's wall time:
 #   1. the test suite on CUDA (CORY_TEST_DEVICE=cuda), stopping at the first failure;
 #   2. the vLLM tests (tests/test_vllm.py: generation, log-probs, weight sync, LoRA sync), when vllm
 #      is importable (by CORY_VLLM_PYTHON, default the project's venv);
@@ -67,19 +68,19 @@ fi
 
 step "1. test suite on $DEVICE"
 # Each step records its outcome and the check goes on, so that one failure still leaves every figure.
-(CORY_TEST_DEVICE=$DEVICE timeout 400 "$PY" -m pytest -q -x "${TESTS[@]}" 2>&1 || true) | tail -n 15 | tee "$OUT/tests.txt"
+(CORY_TEST_DEVICE=$DEVICE timeout 240 "$PY" -m pytest -q -x "${TESTS[@]}" 2>&1 || true) | tail -n 15 | tee "$OUT/tests.txt"
 echo "suite ($DEVICE): $(tail -n 1 "$OUT/tests.txt")" >> "$SUMMARY"
 
 step "2. vLLM tests"
 if "$VLLM_PY" -c "import vllm" 2>/dev/null && [ -f tests/test_vllm.py ]; then
-  (CORY_TEST_DEVICE=$DEVICE timeout 300 "$VLLM_PY" -m pytest -q -x tests/test_vllm.py 2>&1 || true) | tail -n 15 | tee "$OUT/vllm_tests.txt"
+  (CORY_TEST_DEVICE=$DEVICE timeout 120 "$VLLM_PY" -m pytest -q -x tests/test_vllm.py 2>&1 || true) | tail -n 15 | tee "$OUT/vllm_tests.txt"
   echo "vllm tests: $(tail -n 1 "$OUT/vllm_tests.txt")" >> "$SUMMARY"
 else
   echo "vllm is not importable by $VLLM_PY (or tests/test_vllm.py is missing): vLLM tests NOT run" | tee -a "$SUMMARY"
 fi
 
 step "3. peak memory per mode (benchmarks/memory.py)"
-(timeout 240 "$PY" benchmarks/memory.py "${MEM_ARGS[@]}" --out "$OUT/memory" 2>&1 || true) | tail -n 20 | tee "$OUT/memory.txt"
+(timeout 100 "$PY" benchmarks/memory.py "${MEM_ARGS[@]}" --out "$OUT/memory" 2>&1 || true) | tail -n 20 | tee "$OUT/memory.txt"
 cat "$OUT/memory.md" >> "$SUMMARY" 2>/dev/null || echo "memory benchmark FAILED (see $OUT/memory.txt)" >> "$SUMMARY"
 
 BACKEND=()
@@ -91,7 +92,7 @@ fi
 # One training run in this process; prints generation tokens/s, iteration time and peak GPU memory.
 measure() {
   local name=$1; shift
-  ("$PY" - "$OUT/$name" "$@" <<'EOF' 2>&1 || echo "$name: FAILED") | tail -n 3 | tee -a "$SUMMARY"
+  (timeout 50 "$PY" - "$OUT/$name" "$@" <<'EOF' 2>&1 || echo "$name: FAILED or over 50 s") | tail -n 3 | tee -a "$SUMMARY"
 import json, statistics, sys, time
 import torch
 from cory.config import ConfigError, load_config
@@ -107,9 +108,12 @@ except ConfigError as e:
     sys.exit(0)
 rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
 rate = [r["tokens_per_s/generate"] for r in rows if "tokens_per_s/generate" in r]
-peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
+if torch.cuda.is_available():
+    peak = f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MB"
+else:
+    peak = "peak RSS " + next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")) + " kB"
 print(f"{name}: {len(rows)} iterations in {time.perf_counter() - t0:.1f} s; median iteration {statistics.median(r['time/iteration'] for r in rows):.2f} s;"
-      f" generation {statistics.median(rate) if rate else float('nan'):.0f} tokens/s; peak GPU memory {peak:.0f} MB; reward {rows[0]['reward_mean']:.3f} -> {rows[-1]['reward_mean']:.3f}")
+      f" generation {statistics.median(rate) if rate else float('nan'):.0f} tokens/s; {peak}; reward {rows[0]['reward_mean']:.3f} -> {rows[-1]['reward_mean']:.3f}")
 EOF
 }
 
