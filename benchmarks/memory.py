@@ -4,10 +4,11 @@
 Each mode runs in a fresh process: it builds the policy, the reference and the Learner exactly as
 `cory train` does, makes a fixed-length rollout (random prompt and response tokens, behaviour
 log-probs from the policy itself), and runs one `Learner.step` (scoring, PPO loss, backward, AdamW
-step). Reported per mode: the process's peak resident memory (VmHWM, CPU) or peak allocated device memory
-(`torch.cuda.max_memory_allocated`, GPU), the memory held once the models are loaded, and the peak
-above a baseline process that imports the same libraries and loads no model, all measured in the same
-invocation. Peak memory hardly varies between repeats; the median is reported.
+step). Reported per mode: the peak resident memory during the step (VmHWM, reset just before it
+through /proc/self/clear_refs; loading a model can peak higher, so the process's peak is shown too)
+or the peak allocated device memory during the step (`torch.cuda.max_memory_allocated`, GPU), the
+memory held once the models are loaded, and the step's peak above a baseline process that imports
+the same libraries and loads no model, all measured in the same invocation. Peak memory hardly varies between repeats; the median is reported.
 
 Without `--model`, the model is a randomly initialised LlamaForCausalLM with SmolLM2-135M's exact
 shape (hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536, vocabulary 49152, tied
@@ -98,13 +99,17 @@ if spec["mode"] != "baseline":
         torch.cuda.synchronize()
         out["gpu_loaded"] = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+    out["rss_peak_load"] = status("VmHWM")
+    with open("/proc/self/clear_refs", "w") as fh:  # resets VmHWM to the current RSS (Linux >= 4.0)
+        fh.write("5")
     t0 = time.perf_counter()
     learner.step(rollout, 0, torch.Generator().manual_seed(0))
+    out["rss_peak_step"] = status("VmHWM")
     if cuda:
         torch.cuda.synchronize()
         out["gpu_peak"] = torch.cuda.max_memory_allocated()
     out["step_s"] = time.perf_counter() - t0
-out["rss_peak"] = status("VmHWM")
+out["rss_peak"] = max(status("VmHWM"), out.get("rss_peak_load", 0))
 print("RESULT " + json.dumps(out))
 """
 
@@ -168,7 +173,8 @@ def main() -> None:
             row = {"mode": mode, "dtype": MODES[mode][0], "lora_r": MODES[mode][1], "gradient_checkpointing": MODES[mode][2],
                    "quantize": MODES[mode][3], "trainable_params": runs[0]["trainable_params"], "total_params": runs[0]["total_params"],
                    "peak_rss_mb": med("rss_peak") / 2**20, "peak_rss_above_baseline_mb": (med("rss_peak") - baseline) / 2**20,
-                   "loaded_rss_mb": med("rss_loaded") / 2**20, "step_s": med("step_s")}
+                   "loaded_rss_mb": med("rss_loaded") / 2**20, "step_peak_rss_mb": med("rss_peak_step") / 2**20,
+                   "step_peak_above_baseline_mb": (med("rss_peak_step") - baseline) / 2**20, "step_s": med("step_s")}
             if device == "cuda":
                 row["gpu_peak_mb"] = med("gpu_peak") / 2**20
                 row["gpu_loaded_mb"] = med("gpu_loaded") / 2**20
@@ -186,7 +192,7 @@ def main() -> None:
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     gpu = meta["device"] == "cuda"
-    ref = rows[0]["peak_rss_above_baseline_mb"] if rows and not gpu else (rows[0].get("gpu_peak_mb") if rows else None)
+    ref = rows[0]["step_peak_above_baseline_mb"] if rows and not gpu else (rows[0].get("gpu_peak_mb") if rows else None)
     lines = [
         f"# Peak memory of one learner iteration ({meta['device']})",
         "",
@@ -195,15 +201,16 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"{meta['repeats']} run(s), each in a fresh process. Baseline process (libraries only): "
         f"{meta['baseline_rss_mb']:.0f} MB RSS.",
         "",
-        "| mode | trainable params | " + ("peak GPU MB | GPU MB after load | " if gpu else "")
-        + "peak RSS MB | above baseline MB | vs first row | step s |",
-        "|---|---|" + ("---|---|" if gpu else "") + "---|---|---|---|",
+        "| mode | trainable params | " + ("peak GPU MB (step) | GPU MB after load | " if gpu else "")
+        + "peak RSS MB (step) | step peak above baseline MB | vs first row | RSS after load MB | process peak RSS MB | step s |",
+        "|---|---|" + ("---|---|" if gpu else "") + "---|---|---|---|---|---|",
     ]
     for r in rows:
-        figure = r["gpu_peak_mb"] if gpu else r["peak_rss_above_baseline_mb"]
+        figure = r["gpu_peak_mb"] if gpu else r["step_peak_above_baseline_mb"]
         lines.append(f"| {r['mode']} | {r['trainable_params'] / 1e6:.2f}M | "
                      + (f"{r['gpu_peak_mb']:.0f} | {r['gpu_loaded_mb']:.0f} | " if gpu else "")
-                     + f"{r['peak_rss_mb']:.0f} | {r['peak_rss_above_baseline_mb']:.0f} | {figure / ref:.2f}x | {r['step_s']:.1f} |")
+                     + f"{r['step_peak_rss_mb']:.0f} | {r['step_peak_above_baseline_mb']:.0f} | {figure / ref:.2f}x | "
+                     + f"{r['loaded_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['step_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
