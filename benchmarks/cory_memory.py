@@ -23,7 +23,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from cory.config import load_config
 from cory.train import TrainingRun, Run
 mode, model, out, iters = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -45,7 +45,8 @@ else:
     run._start(resume=False)
     for _ in range(iters):
         run.iterate()
-peak_cpu = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec.
+peak_cpu = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 peak_gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 print(json.dumps({"peak_rss": peak_cpu, "peak_gpu": peak_gpu}))
 """

@@ -24,6 +24,7 @@ import torch
 
 from cory.config import Config
 from cory.learner import Learner, reduce_metrics
+from cory.lora import AdaptersDisabled, peft_config
 from cory.policy import Policy
 from cory.rollout import rollout_from_generation
 from cory.train import Run, UsageError, eval_params, make_control, make_reference, sampling_params
@@ -62,19 +63,6 @@ def adapter_name(agent: str) -> str:
     return f"agent_{agent}"
 
 
-class AdaptersDisabled(torch.nn.Module):
-    """The shared base model seen with every LoRA adapter switched off: CORY's reference in
-    shared-base mode. It holds no weights of its own."""
-
-    def __init__(self, peft_model):
-        super().__init__()
-        self.peft_model = peft_model
-
-    def forward(self, *args, **kwargs):
-        with self.peft_model.disable_adapter():
-            return self.peft_model(*args, **kwargs)
-
-
 @dataclass
 class Agent:
     name: str
@@ -104,6 +92,10 @@ class CoryRun(Run):
         algorithms = {n: make_algorithm(cfg) for n in ("a", "b")}
         needs_values = algorithms["a"].needs_values
         self.group_size = algorithms["a"].group_size
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            raise UsageError("CORY does not run under FSDP yet; use DDP (accelerate launch --multi_gpu) or cory.shared_base=true")
         if cfg.cory.shared_base:
             if self.accelerator.num_processes > 1:
                 raise UsageError("cory.shared_base=true runs in one process; use full copies for data parallelism")
@@ -126,7 +118,7 @@ class CoryRun(Run):
 
     @staticmethod
     def _shared_base(cfg: Config, dtype, needs_values: bool):
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from cory import zoo
@@ -134,8 +126,7 @@ class CoryRun(Run):
         path = zoo.resolve(cfg.model.name)
         base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        lora = LoraConfig(r=cfg.cory.lora_r, lora_alpha=cfg.cory.lora_alpha, lora_dropout=0.0,
-                          target_modules=list(cfg.cory.lora_targets), task_type="CAUSAL_LM")
+        lora = peft_config(cfg.cory.lora_r, cfg.cory.lora_alpha, cfg.cory.lora_targets)
         # Adapter names must not be substrings of PEFT's "lora_" prefix (a bare "a" is).
         peft_model = get_peft_model(base, lora, adapter_name=adapter_name("a"))
         peft_model.add_adapter(adapter_name("b"), lora)
@@ -206,6 +197,7 @@ class CoryRun(Run):
         metrics["reward_mean"] = (metrics["pioneer/task_reward"] + metrics["observer/task_reward"]) / 2
         metrics["kl_mean"] = (metrics["pioneer/kl_mean"] + metrics["observer/kl_mean"]) / 2
         metrics["time/generate"] = t_gen
+        metrics["tokens_per_s/generate"] = float(gen_p.response_mask.sum() + gen_o.response_mask.sum()) / max(t_gen, 1e-9)
         metrics["time/iteration"] = time.perf_counter() - t0
         return reduce_metrics(self.accelerator, metrics)
 

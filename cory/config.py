@@ -25,6 +25,20 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0
+    """LoRA rank for the single-agent policy (0 = off: every weight trains). With LoRA the frozen base, adapters disabled, is the reference."""
+    alpha: int = 32
+    """LoRA alpha (the adapter's output is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training (0 keeps the recomputed log-probs equal to the sampled ones)."""
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Module names that get adapters."""
+    quantize: str = "none"
+    """QLoRA: `4bit` loads the frozen base in 4-bit NF4 through bitsandbytes (CUDA only); `none` keeps model.dtype."""
+
+
+@dataclass
 class ModelConfig:
     name: str = "cory:tiny-reviews"
     """The policy's initial model: a `cory:` zoo name, a local HF folder, or a hub id."""
@@ -36,6 +50,8 @@ class ModelConfig:
     """K >= 2 models (same tokenizer) whose pointwise-minimum distribution is a pessimistic reference; replaces model.reference."""
     trusted: str = ""
     """The policy that writes a token when the agent asks for help (kl.help_threshold); empty = the first ensemble member."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Single-agent LoRA / QLoRA: model.lora.r, alpha, dropout, targets, quantize."""
 
 
 @dataclass
@@ -205,6 +221,10 @@ class TrainConfig:
     """Show a progress bar."""
     num_threads: int = 0
     """CPU threads for torch per process (0 = OMP_NUM_THREADS if set, else the cores divided among processes)."""
+    fsdp: bool = False
+    """Shard the policy's weights, gradients and optimizer state over the processes with torch FSDP2 (CPU/gloo or GPUs; see cory.sharding)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of storing them (less memory, ~1/3 more compute)."""
 
 
 @dataclass
@@ -264,6 +284,7 @@ CHOICES = {
     "kl.help_scope": ("token", "turn"),
     "algo.loss_aggregation": ("token-mean", "seq-mean", "constant"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "model.lora.quantize": ("none", "4bit"),
 }
 
 
@@ -272,8 +293,17 @@ def valid_keys(section: str | None = None) -> list[str]:
     keys = []
     for f in dataclasses.fields(Config):
         if section in (None, f.name):
-            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(f.default_factory())]
+            keys += _dotted(f.name, f.default_factory())
     return keys
+
+
+def _dotted(prefix: str, obj) -> list[str]:
+    """Dotted names of a dataclass's fields, descending into nested dataclasses (model.lora.r)."""
+    out = []
+    for g in dataclasses.fields(obj):
+        value = getattr(obj, g.name)
+        out += _dotted(f"{prefix}.{g.name}", value) if dataclasses.is_dataclass(value) else [f"{prefix}.{g.name}"]
+    return out
 
 
 def field_docs() -> dict[str, str]:
@@ -281,13 +311,16 @@ def field_docs() -> dict[str, str]:
     import inspect
 
     docs: dict[str, str] = {}
-    for f in dataclasses.fields(Config):
-        cls = type(f.default_factory())
-        tree = ast.parse(inspect.getsource(cls))
+    todo = [(f.name, f.default_factory()) for f in dataclasses.fields(Config)]
+    while todo:
+        prefix, obj = todo.pop()
+        tree = ast.parse(inspect.getsource(type(obj)))
         body = tree.body[0].body
         for stmt, nxt in zip(body, body[1:]):
             if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[f"{f.name}.{stmt.target.id}"] = str(nxt.value.value)
+                docs[f"{prefix}.{stmt.target.id}"] = str(nxt.value.value)
+                if dataclasses.is_dataclass(getattr(obj, stmt.target.id)):
+                    todo.append((f"{prefix}.{stmt.target.id}", getattr(obj, stmt.target.id)))
     return docs
 
 
@@ -412,8 +445,9 @@ def _check_algorithm_keys(cfg: Config) -> None:
 def check(cfg: Config) -> None:
     """Value checks that types alone do not express."""
     for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = cfg
+        for name in key.split("."):
+            value = getattr(value, name)
         if value not in allowed:
             raise ConfigError(f"bad value for config key '{key}': {value!r}; choose one of: {', '.join(allowed)}")
     from cory.algorithms import ALGORITHMS
@@ -446,6 +480,17 @@ def check(cfg: Config) -> None:
         raise ConfigError("kl.help_threshold needs a pessimistic reference: set model.reference_ensemble")
     if cfg.kl.help_threshold and cfg.kl.hard_budget:
         raise ConfigError("kl.hard_budget and kl.help_threshold cannot be combined yet; pick one")
+    lora = cfg.model.lora
+    if lora.r < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1 or (lora.r and not lora.targets):
+        raise ConfigError("bad model.lora: r must be >= 0 (0 = off), alpha > 0, dropout in [0, 1), targets not empty")
+    if lora.quantize != "none" and not lora.r:
+        raise ConfigError(f"model.lora.quantize={lora.quantize} quantizes the frozen base of a LoRA run: set model.lora.r too")
+    if lora.r and cfg.cory.enabled:
+        raise ConfigError("model.lora.* is for single-agent runs; CORY's LoRA mode is cory.shared_base=true with cory.lora_r/lora_alpha/lora_targets")
+    if lora.r and (cfg.model.reference or cfg.model.reference_ensemble):
+        raise ConfigError("with model.lora.r the reference is the frozen base (adapters disabled); leave model.reference and model.reference_ensemble empty")
+    if cfg.train.fsdp and (cfg.cory.enabled or lora.r or cfg.train.mixed_precision == "fp16"):
+        raise ConfigError("train.fsdp runs single-agent full fine-tuning in fp32/bf16 for now; not with cory.enabled, model.lora.r or train.mixed_precision=fp16")
     if cfg.task.prompt_file and not Path(cfg.task.prompt_file).is_file():
         raise ConfigError(f"prompt file not found: {cfg.task.prompt_file}")
     check_ranges(cfg)
@@ -495,7 +540,12 @@ def to_flat_dict(cfg: Config) -> dict[str, Any]:
     """`section.key` -> value, for trackers' hyper-parameter tables."""
     out: dict[str, Any] = {}
     for section, values in dataclasses.asdict(cfg).items():
-        for k, v in values.items():
+        flat = dict(values)
+        for k, v in values.items():  # nested sections (model.lora) as their own dotted keys
+            if isinstance(v, dict) and dataclasses.is_dataclass(getattr(getattr(cfg, section), k)):
+                flat.pop(k)
+                flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        for k, v in flat.items():
             if isinstance(v, list):
                 v = ",".join(map(str, v))
             elif isinstance(v, dict):

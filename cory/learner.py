@@ -26,6 +26,7 @@ from cory.kl import kl_full, kl_k1, kl_k3, make_controller, masked_mean, masked_
 from cory.losses import aggregate_weights, loss_counts, objective
 from cory.policy import Policy, sequence_logprobs
 from cory.rollout import Rollout
+from cory.sharding import gather_full, is_sharded, release_full
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +116,18 @@ class Learner:
         self.accelerator = accelerator
         self.reference = reference.to(accelerator.device).eval()
         params = parameters if parameters is not None else [p for p in policy.module.parameters() if p.requires_grad]
+        if cfg.train.gradient_checkpointing and not getattr(policy.model, "is_activation_checkpointing", False):
+            # Non-reentrant: correct with a frozen base (LoRA), whose inputs need no gradient.
+            policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         optimizer = torch.optim.AdamW(params, lr=cfg.algo.lr, weight_decay=cfg.algo.weight_decay)
-        self.module, self.optimizer = accelerator.prepare(policy.module, optimizer)
+        if is_sharded(policy.module):
+            # FSDP2 reduces the gradients itself (accelerate would wrap the module in DDP), and its
+            # sharded optimizer state is checkpointed by cory.sharding, not by accelerate.
+            self.module, self.optimizer = policy.module, optimizer
+            gather_full(self.module)  # whole weights outside updates (see cory.sharding)
+        else:
+            check_engine(accelerator, cfg)
+            self.module, self.optimizer = accelerator.prepare(policy.module, optimizer)
         self.controller = make_controller(cfg.kl)
         self.temperature = cfg.generation.temperature or 1.0
         self.score_moments = RunningMoments()
@@ -254,9 +265,12 @@ class Learner:
         """Optimizer steps over the scored rollout; returns the mean of the objective's diagnostics."""
         self.module.train()
         a = self.cfg.algo
+        sharded = is_sharded(self.module)
+        if sharded:
+            release_full(self.module)
         logs: dict[str, list[float]] = {}
         grad_norms = []
-        skipped = 0
+        skipped = steps = 0
         first_step = True
         kl_estimator = None if self.kl_in_reward else self.cfg.kl.estimator
         constant = float(a.loss_constant or self.cfg.generation.max_new_tokens)
@@ -306,21 +320,27 @@ class Learner:
             # The norm is taken even without clipping (max norm inf scales by exactly 1): a step on
             # non-finite gradients would make every weight NaN, so it is skipped and counted.
             max_norm = a.max_grad_norm if a.max_grad_norm > 0 else math.inf
-            norm = float(self.accelerator.clip_grad_norm_(self.module.parameters(), max_norm))
-            if math.isfinite(norm):
-                grad_norms.append(norm)
+            norm = self.accelerator.clip_grad_norm_(self.module.parameters(), max_norm)
+            if norm is None:  # DeepSpeed clips inside its engine and may not report a norm
                 self.optimizer.step()
+                steps += 1
+            elif math.isfinite(float(norm)):
+                grad_norms.append(float(norm))
+                self.optimizer.step()
+                steps += 1
             else:
                 skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
             first_step = False
+        if sharded:
+            gather_full(self.module)
         out = {k: sum(v) / len(v) for k, v in logs.items()}
         if grad_norms:
             out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["skipped_updates"] = skipped
         if skipped:
             logger.warning("skipped %d of %d optimizer steps: non-finite gradients", skipped, skipped + len(grad_norms))
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if not grad_norms else 0
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if not steps else 0
         if self.skipped_in_a_row >= MAX_SKIPPED_ITERATIONS:
             raise NonFiniteLossError(f"gradients were non-finite in every optimizer step of {self.skipped_in_a_row} iterations "
                                      "in a row (learning rate or rewards too large?)")
@@ -363,6 +383,20 @@ class Learner:
     def load_state_dict(self, state: dict) -> None:
         self.controller.load_state_dict(state["controller"])
         self.score_moments.load_state_dict(state["score_moments"])
+
+
+def check_engine(accelerator: Accelerator, cfg) -> None:
+    """Refuses, in one line, what cory's update loop cannot do under DeepSpeed."""
+    from accelerate.utils import DistributedType
+
+    from cory.config import ConfigError
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise ConfigError("DeepSpeed ZeRO-3 partitions the weights, which cory's sampler and evaluation need whole: use train.fsdp=true (FSDP2) or ZeRO-2")
+    if cfg.algo.micro_batch_size and cfg.algo.micro_batch_size != cfg.algo.minibatch_size:
+        raise ConfigError("under DeepSpeed the engine steps after every backward pass: leave algo.micro_batch_size=0 (no accumulation)")
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:

@@ -9,8 +9,10 @@ Run directory (owned by one run: a fresh run refuses a directory that holds anot
     eval.jsonl           evaluations on the fixed prompt set (iteration 0 = the initial model)
     cory/                TensorBoard event files (accelerate trackers)
     checkpoints/iter_N/  accelerate state (safetensors weights, optimizer) + run_state_rank{r}.json
-                         (run id, iteration, RNG states, learner states, config) + DONE once complete
-    final/               the trained policy (save_pretrained), loadable by AutoModelForCausalLM
+                         (run id, iteration, RNG states, learner states, config) + DONE once complete;
+                         FSDP runs keep each rank's shard in fsdp/rank{r}.safetensors
+    final/               the trained policy (save_pretrained), loadable by AutoModelForCausalLM;
+                         with model.lora.r the merged model, and the adapter alone in final/adapter/
     summary.json         initial and final evaluation
 """
 
@@ -213,6 +215,10 @@ def preflight(cfg: Config) -> None:
     if cfg.task.name not in TASKS:
         raise ConfigError(f"bad value for config key 'task.name': {cfg.task.name!r}; choose one of: {', '.join(sorted(TASKS))}")
     check_model_name(cfg.model.name)
+    if cfg.model.lora.quantize != "none":
+        from cory.lora import check_quantize
+
+        check_quantize(cfg.model.lora.quantize)
     for name in [cfg.model.reference, cfg.model.trusted, *cfg.model.reference_ensemble]:
         if name:
             check_model_name(name)
@@ -699,8 +705,27 @@ class TrainingRun(Run):
         super().__init__(cfg, output_dir, **options)
         self.algorithm = make_algorithm(cfg)
         dtype = getattr(torch, cfg.model.dtype)
-        self.policy = Policy.from_pretrained(cfg.model.name, value_head=self.algorithm.needs_values, dtype=dtype)
-        reference = make_reference(cfg, dtype)
+        if cfg.model.lora.r:
+            from cory.lora import lora_policy
+
+            # The frozen base with the adapter disabled is the reference: no second copy.
+            self.policy, reference = lora_policy(cfg.model.name, cfg.model.lora, dtype, value_head=self.algorithm.needs_values)
+        else:
+            self.policy = Policy.from_pretrained(cfg.model.name, value_head=self.algorithm.needs_values, dtype=dtype)
+            reference = make_reference(cfg, dtype)
+        # accelerate's FSDP config turns on the same sharding: cory shards the policy itself, so that
+        # sampling and evaluation get the whole weights (cory.sharding). On CPUs accelerate drops its
+        # FSDP setting (it keeps DDP for MULTI_CPU), hence the look at the launcher's variable.
+        from accelerate.utils import DistributedType
+
+        self.fsdp = (cfg.train.fsdp or self.accelerator.distributed_type == DistributedType.FSDP
+                     or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
+        if self.fsdp and cfg.model.lora.r:
+            raise UsageError("FSDP runs full fine-tuning for now; leave model.lora.r=0")
+        if self.fsdp:
+            from cory.sharding import shard_policy
+
+            shard_policy(self.policy.module)
         control, fallback = make_control(cfg, reference, dtype, multi_turn=bool(cfg.env.id))
         if cfg.env.id:
             from cory.envs.batch import GymTextEnvBatch
@@ -741,7 +766,45 @@ class TrainingRun(Run):
                         "tokens_per_s/generate": n_generated / max(t_gen, 1e-9)})
         return reduce_metrics(self.accelerator, metrics)
 
+    def checkpoint(self) -> Path:
+        if self.fsdp:  # the shards first: super() writes the DONE marker
+            from cory.sharding import gather_full, release_full, save_sharded
+
+            path = self.output_dir / CHECKPOINTS / f"iter_{self.state.iteration:06d}"
+            release_full(self.learner.module)
+            save_sharded(path / "fsdp", self.learner.module, self.learner.optimizer)
+            gather_full(self.learner.module)
+        return super().checkpoint()
+
+    def _start(self, resume: bool) -> None:
+        super()._start(resume)
+        if resume and self.fsdp:
+            from cory.sharding import gather_full, load_sharded, release_full
+
+            release_full(self.learner.module)
+            load_sharded(latest_checkpoint(self.output_dir) / "fsdp", self.learner.module, self.learner.optimizer)
+            gather_full(self.learner.module)
+
     def save_final(self, evaluation: dict) -> None:
+        if self.fsdp:
+            from safetensors.torch import save_file
+
+            from cory.policy import VALUE_HEAD_FILE
+            from cory.sharding import gathered_state_dict
+
+            final = self.output_dir / "final"
+            state = gathered_state_dict(self.policy.module)
+            self.policy.model.save_pretrained(final, state_dict={k[3:]: v for k, v in state.items() if k.startswith("lm.")})
+            self.policy.tokenizer.save_pretrained(final)
+            head = {k[len("value_head."):]: v.contiguous().cpu() for k, v in state.items() if k.startswith("value_head.")}
+            if head:
+                save_file(head, str(final / VALUE_HEAD_FILE))
+            return
+        if self.cfg.model.lora.r:
+            from cory.lora import save_lora_policy
+
+            save_lora_policy(self.policy, self.output_dir / "final", self.cfg.model.name, getattr(torch, self.cfg.model.dtype))
+            return
         self.policy.save_pretrained(self.output_dir / "final")
 
 
