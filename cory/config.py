@@ -506,8 +506,6 @@ _AT_LEAST_1 = ("algo.group_size", "kl.horizon", "train.keep_checkpoints", "eval.
 _ABOVE_0 = ("algo.lr", "algo.clip_range", "generation.temperature", "kl.target", "kl.budget_lr",
             "task.reward_timeout")
 _UNIT = ("algo.gamma", "algo.turn_gamma", "algo.lam")
-GROUP_ALGORITHMS = ("grpo", "rloo")
-"""Algorithms whose advantages compare the responses of one prompt: they need algo.group_size >= 2."""
 
 
 def check_ranges(cfg: Config) -> None:
@@ -525,9 +523,6 @@ def check_ranges(cfg: Config) -> None:
         for key in keys:
             if not ok(get(key)):
                 raise ConfigError(f"bad value for config key '{key}': {get(key)!r}; {rule}")
-    if cfg.algo.name in GROUP_ALGORITHMS and cfg.algo.group_size < 2:
-        raise ConfigError(f"bad value for config key 'algo.group_size': {cfg.algo.group_size}; {cfg.algo.name} compares "
-                          "responses within a group, so it needs at least 2")
     if cfg.env.id and getattr(cfg, "cory", None) is not None and cfg.cory.enabled:
         raise ConfigError("env.id and cory.enabled cannot be combined: CORY trains on single-turn tasks, not environments")
 
