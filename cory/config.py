@@ -83,6 +83,16 @@ class GenerationConfig:
     """Nucleus sampling mass (1.0 = off)."""
     stop_strings: list[str] = field(default_factory=list)
     """A response also ends where it first contains one of these strings."""
+    backend: str = "native"
+    """Who samples rollouts: native (cory's own KV-cache loop, the reference) or vllm (vLLM's engine in this process, weights synced in memory)."""
+    vllm_dtype: str = "auto"
+    """vllm: engine dtype: auto (model.dtype; float32 on CPU for head sizes under 64, see docs) or float32, bfloat16, float16."""
+    vllm_kv_cache_gib: float = 0.25
+    """vllm: KV-cache memory budget in GiB (0 = vLLM's default sizing, gpu_memory_utilization on GPU)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vllm on GPU with vllm_kv_cache_gib=0: the share of GPU memory the engine may take."""
+    vllm_sleep: bool = True
+    """vllm on GPU: the engine sleeps (weights offloaded, KV cache freed) while the trainer trains."""
 
 
 @dataclass
@@ -244,6 +254,8 @@ CHOICES = {
     "kl.help_scope": ("token", "turn"),
     "algo.loss_aggregation": ("token-mean", "seq-mean"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "generation.backend": ("native", "vllm"),
+    "generation.vllm_dtype": ("auto", "float32", "bfloat16", "float16"),
 }
 
 
@@ -357,8 +369,26 @@ def check(cfg: Config) -> None:
         raise ConfigError("kl.help_threshold needs a pessimistic reference: set model.reference_ensemble")
     if cfg.kl.help_threshold and cfg.kl.hard_budget:
         raise ConfigError("kl.hard_budget and kl.help_threshold cannot be combined yet; pick one")
+    _check_generation_backend(cfg)
     if cfg.task.prompt_file and not Path(cfg.task.prompt_file).is_file():
         raise ConfigError(f"prompt file not found: {cfg.task.prompt_file}")
+
+
+def _check_generation_backend(cfg: Config) -> None:
+    """vLLM keys act only with generation.backend=vllm; per-token sampling controls need the native loop."""
+    g, defaults = cfg.generation, GenerationConfig()
+    if g.backend != "vllm":
+        changed = [f"generation.{k}" for k in ("vllm_dtype", "vllm_kv_cache_gib", "vllm_gpu_memory_utilization", "vllm_sleep")
+                   if getattr(g, k) != getattr(defaults, k)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} only act with generation.backend=vllm")
+        return
+    if cfg.kl.hard_budget or cfg.kl.help_threshold:
+        raise ConfigError("kl.hard_budget and kl.help_threshold steer sampling token by token; they need generation.backend=native")
+    if g.vllm_kv_cache_gib < 0:
+        raise ConfigError("bad value for config key 'generation.vllm_kv_cache_gib': must be >= 0 (0 = vLLM's default)")
+    if not 0 < g.vllm_gpu_memory_utilization <= 1:
+        raise ConfigError("bad value for config key 'generation.vllm_gpu_memory_utilization': must be in (0, 1]")
 
 
 def to_yaml(cfg: Config) -> str:
