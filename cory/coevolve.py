@@ -189,6 +189,7 @@ class CoryRun(Run):
         obs_prompts = observer_prompts(prompts, gen_p.texts, self.template, cfg.cory.observe)
         observer.activate()
         gen_o, extras_o = self._generate(observer, obs_prompts, params)
+        observer.backend.pause()  # both agents share the engine: it sleeps once both have generated
         # Both answers are judged as answers to the original prompt.
         r_p = self.task.score(prompts, gen_p.texts)
         r_o = self.task.score(prompts, gen_o.texts)

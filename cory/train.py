@@ -426,6 +426,7 @@ class TrainingRun(Run):
 
         t0 = time.perf_counter()
         rollout = self.sampler.collect(self.cfg.train.batch_size, self.state.rng, self.state.generator, group_size=self.algorithm.group_size)
+        self.backend.pause()  # vLLM on a GPU: sleep while the trainer trains
         t_gen = time.perf_counter() - t0
         n_generated = int(rollout.response_mask.sum())
         _, metrics = self.learner.step(rollout, self.state.iteration, self.state.generator)

@@ -52,6 +52,12 @@ def test_greedy_equals_native_loop(engine, policy):
     assert served.texts == native.texts
     assert torch.equal(served.finished, native.finished)
     assert (served.logprobs - native.logprobs).abs().max() < LOGPROB_TOL
+    # Stop strings end a row at the same token (kept in the response), and the text stops before it.
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop_strings=(".", " the"))
+    native = policy.generate(PROMPTS, params)
+    served = VLLMBackend(engine, policy).generate(PROMPTS, params)
+    assert torch.equal(served.response_mask, native.response_mask)
+    assert served.texts == native.texts and torch.equal(served.finished, native.finished)
 
 
 def test_sampled_logprobs_agree_with_trainer_recomputation(engine, policy):

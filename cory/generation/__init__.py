@@ -31,6 +31,9 @@ class NativeBackend:
     def mark_stale(self) -> None:
         """The trainer's weights changed; the native loop reads them directly."""
 
+    def pause(self) -> None:
+        """Generation is over for this iteration; nothing to free."""
+
     def close(self) -> None:
         """Nothing to release."""
 

@@ -218,6 +218,9 @@ class VLLMBackend:
 
     def mark_stale(self) -> None:
         self.stale = True
+
+    def pause(self) -> None:
+        """The rollout is collected: on a GPU the engine sleeps so that training has the memory."""
         self.engine.sleep()
 
     def sync(self) -> None:
