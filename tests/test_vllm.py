@@ -260,16 +260,14 @@ def test_multi_turn_bandit_run_on_vllm(tmp_path, agent_h32):
 
 
 def test_unservable_head_size_is_refused_in_one_line(tmp_path, zoo_cache):
-    from cory import zoo
+    """Refused by the pre-flight checks (UsageError: one line, exit 2, before anything is written)."""
+    from cory.train import UsageError, preflight
 
-    zoo.build("cory:micro-agent", progress=False)
-    proc = subprocess.run([sys.executable, "-m", "cory", "train", "--output-dir", str(tmp_path / "run"),
-                           "model.name=cory:micro-agent", "env.id=cory/Bandit-v0", "generation.backend=vllm",
-                           "train.iterations=1", "train.log_with=[]", "train.progress=false"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "head size 16" in last and "generation.backend=native" in last
+    cfg = load_config(None, ["model.name=cory:micro-agent", "env.id=cory/Bandit-v0", "generation.backend=vllm"])
+    with pytest.raises(UsageError) as err:
+        preflight(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "head size 16" in message and "generation.backend=native" in message
 
 
 def test_half_precision_run_on_small_heads_does_not_die(tmp_path, micro_lm, micro_rm):
