@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iteration-batch", type=int, default=16, help="prompts per whole RL iteration")
+    ap.add_argument("--no-iteration", action="store_true", help="skip the whole-iteration timing")
     ap.add_argument("--out", default=str(RESULTS / "rollout"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,8 +141,9 @@ def main() -> None:
         engine.close()
         del policy, lm
 
-    iteration = whole_iteration(folder, args, load_config, Policy, SamplingParams, VLLMBackend, VLLMEngine, EngineOptions,
-                                engine_dtype, hf_config, AutoModelForCausalLM)
+    iteration = None if args.no_iteration else whole_iteration(
+        folder, args, load_config, Policy, SamplingParams, VLLMBackend, VLLMEngine, EngineOptions, engine_dtype, hf_config,
+        AutoModelForCausalLM)
     report = {"model": args.model or "random LlamaForCausalLM, SmolLM2-135M shape", "params": n_params,
               "threads": args.threads, "max_new_tokens": args.max_new_tokens, "prompt_len": args.prompt_len,
               "repeats": args.repeats, "bandwidth_gib_s": bw, "cpu": platform.processor() or platform.machine(),
@@ -223,7 +225,9 @@ def markdown(r: dict) -> str:
     for x in r["rows"]:
         lines.append(f"| {x['dtype']} ({x['vllm_dtype']}) | {x['batch']} | {x['native_tok_s']:.0f} | {x['vllm_tok_s']:.0f} | "
                      f"{x['hf_generate_tok_s']:.0f} | {x['vllm_over_native']:.2f}x | {x['weight_read_bound_tok_s']:.0f} |")
-    it = r["iteration"]
+    it = r.get("iteration")
+    if not it:
+        return "\n".join(lines + ["", "Whole-iteration times: not measured in this run.", ""])
     lines += [
         "",
         f"Whole RL iteration (float32, {it['batch']} prompts: rollout + REINFORCE update with a frozen reference + "
