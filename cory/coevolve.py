@@ -27,7 +27,7 @@ from cory.learner import Learner, reduce_metrics
 from cory.lora import AdaptersDisabled, peft_config
 from cory.policy import Policy
 from cory.rollout import rollout_from_generation
-from cory.train import Run, UsageError, eval_params, make_control, make_reference, sampling_params
+from cory.train import Run, UsageError, eval_params, make_backend, make_control, make_reference, sampling_params
 
 CONTINUATION_TEMPLATE = 'I can make this sentence "{prompt}{reference}" more positive: {prompt}'
 """The observer's prompt for continuation tasks (the paper's IMDB template)."""
@@ -69,6 +69,8 @@ class Agent:
     policy: Policy
     learner: Learner
     adapter: str | None = None
+    backend: object = None
+    """Who generates this agent's responses (`cory.generation`); None = its policy's native loop."""
 
     def activate(self) -> None:
         """Make this agent's adapter the active one (shared-base mode); a no-op for full copies."""
@@ -114,6 +116,11 @@ class CoryRun(Run):
                      adapter=adapter_name(n) if cfg.cory.shared_base else None)
             for n in ("a", "b")
         }
+        # One engine serves both agents: full copies take turns holding it, adapters are LoRA requests.
+        backends = make_backend(cfg, self.accelerator, {n: (a.policy, a.adapter) for n, a in self.agents.items()})
+        for n, agent in self.agents.items():
+            agent.backend = backends[n]
+        self.backend = backends["a"]
         self.template = self._template(cfg)
 
     @staticmethod
@@ -173,6 +180,7 @@ class CoryRun(Run):
         obs_prompts = observer_prompts(prompts, gen_p.texts, self.template, cfg.cory.observe)
         observer.activate()
         gen_o, extras_o = self._generate(observer, obs_prompts, params)
+        observer.backend.pause()  # both agents share the engine: it sleeps once both have generated
         # Both answers are judged as answers to the original prompt.
         r_p = self.task.score(prompts, gen_p.texts)
         r_o = self.task.score(prompts, gen_o.texts)
@@ -187,6 +195,7 @@ class CoryRun(Run):
             rollout = rollout_from_generation(gen, own_prompts, collective_rewards(own, partner, c), groups)
             rollout.extras.update(extras)
             _, m = agent.learner.step(rollout, state.iteration, state.generator)
+            agent.backend.mark_stale()
             m["task_reward"] = sum(own) / len(own)
             m["collective_reward"] = m.pop("reward_mean")
             for k, v in m.items():
@@ -206,10 +215,10 @@ class CoryRun(Run):
         tensors the control records for training."""
         control, rows = self.control, list(range(len(prompts)))
         if control is None:
-            return agent.policy.generate(prompts, params, generator=self.state.generator), {}
+            return agent.backend.generate(prompts, params, generator=self.state.generator), {}
         control.reset(len(prompts))
         hook = control.hook(rows)
-        gen = agent.policy.generate(prompts, params, generator=self.state.generator, logits_hook=hook)
+        gen = agent.backend.generate(prompts, params, generator=self.state.generator, logits_hook=hook)
         extras = control.record(hook, rows, gen.response_ids.shape[1], gen.response_mask)
         return gen, {k: v.to(gen.response_ids.device) for k, v in extras.items()}
 

@@ -102,6 +102,16 @@ class GenerationConfig:
     """Nucleus sampling mass (1.0 = off)."""
     stop_strings: list[str] = field(default_factory=list)
     """A response also ends where it first contains one of these strings."""
+    backend: str = "native"
+    """Who samples rollouts: native (cory's own KV-cache loop, the reference) or vllm (vLLM's engine in this process, weights synced in memory)."""
+    vllm_dtype: str = "auto"
+    """vllm: engine dtype: auto (model.dtype; float32 on CPU for head sizes under 64, see docs) or float32, bfloat16, float16."""
+    vllm_kv_cache_gib: float = 0.25
+    """vllm: KV-cache memory budget in GiB (0 = vLLM's default sizing, gpu_memory_utilization on GPU)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vllm on GPU with vllm_kv_cache_gib=0: the share of GPU memory the engine may take."""
+    vllm_sleep: bool = True
+    """vllm on GPU: the engine sleeps (weights offloaded, KV cache freed) while the trainer trains."""
 
 
 @dataclass
@@ -285,6 +295,8 @@ CHOICES = {
     "algo.loss_aggregation": ("token-mean", "seq-mean", "constant"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "model.lora.quantize": ("none", "4bit"),
+    "generation.backend": ("native", "vllm"),
+    "generation.vllm_dtype": ("auto", "float32", "bfloat16", "float16"),
 }
 
 
@@ -491,6 +503,7 @@ def check(cfg: Config) -> None:
         raise ConfigError("with model.lora.r the reference is the frozen base (adapters disabled); leave model.reference and model.reference_ensemble empty")
     if cfg.train.fsdp and (cfg.cory.enabled or lora.r or cfg.train.mixed_precision == "fp16"):
         raise ConfigError("train.fsdp runs single-agent full fine-tuning in fp32/bf16 for now; not with cory.enabled, model.lora.r or train.mixed_precision=fp16")
+    _check_generation_backend(cfg)
     if cfg.task.prompt_file and not Path(cfg.task.prompt_file).is_file():
         raise ConfigError(f"prompt file not found: {cfg.task.prompt_file}")
     check_ranges(cfg)
@@ -525,6 +538,23 @@ def check_ranges(cfg: Config) -> None:
                 raise ConfigError(f"bad value for config key '{key}': {get(key)!r}; {rule}")
     if cfg.env.id and getattr(cfg, "cory", None) is not None and cfg.cory.enabled:
         raise ConfigError("env.id and cory.enabled cannot be combined: CORY trains on single-turn tasks, not environments")
+
+
+def _check_generation_backend(cfg: Config) -> None:
+    """vLLM keys act only with generation.backend=vllm; per-token sampling controls need the native loop."""
+    g, defaults = cfg.generation, GenerationConfig()
+    if g.backend != "vllm":
+        changed = [f"generation.{k}" for k in ("vllm_dtype", "vllm_kv_cache_gib", "vllm_gpu_memory_utilization", "vllm_sleep")
+                   if getattr(g, k) != getattr(defaults, k)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} only act with generation.backend=vllm")
+        return
+    if cfg.kl.hard_budget or cfg.kl.help_threshold:
+        raise ConfigError("kl.hard_budget and kl.help_threshold steer sampling token by token; they need generation.backend=native")
+    if g.vllm_kv_cache_gib < 0:
+        raise ConfigError("bad value for config key 'generation.vllm_kv_cache_gib': must be >= 0 (0 = vLLM's default)")
+    if not 0 < g.vllm_gpu_memory_utilization <= 1:
+        raise ConfigError("bad value for config key 'generation.vllm_gpu_memory_utilization': must be in (0, 1]")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -89,6 +89,9 @@ class Generation:
     texts: list[str]
     """Decoded responses without special tokens, cut just BEFORE the first stop string (the stop
     string itself is not included, though its tokens are in response_ids)."""
+    engine_logprobs: torch.FloatTensor | None = None
+    """[B, Lr] set when another engine (vLLM) sampled: its log-probs of the sampled tokens, the
+    behaviour log-probs the trainer's recomputation is compared with; None for the native loop."""
 
 
 @dataclass

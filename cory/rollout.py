@@ -104,7 +104,8 @@ def _pad_stack(rows: list[torch.Tensor], value: int | float, left: bool) -> torc
 
 def concat_turns(parts: list[dict], pad_id: int) -> Rollout:
     """Join per-step batches (each a dict of per-row lists/tensors) into one padded Rollout."""
-    q_rows, r_rows, lp_rows = [], [], []
+    q_rows, r_rows, lp_rows, engine_rows = [], [], [], []
+    from_engine = parts[0].get("engine_logprobs") is not None
     cols: dict[str, list] = {k: [] for k in ("scores", "finished", "episode_ids", "turn_index", "done", "group_ids", "prompts", "responses", "infos")}
     token_extras: dict[str, list] = {k: [] for k in parts[0].get("token_extras", {})}
     for p in parts:
@@ -114,6 +115,8 @@ def concat_turns(parts: list[dict], pad_id: int) -> Rollout:
             q_rows.append(p["query_ids"][i][qm])
             r_rows.append(p["response_ids"][i][rm])
             lp_rows.append(p["logprobs"][i][rm])
+            if from_engine:
+                engine_rows.append(p["engine_logprobs"][i][rm])
             for k, rows in token_extras.items():
                 rows.append(p["token_extras"][k][i][rm.cpu()])
         for k in cols:
@@ -127,6 +130,7 @@ def concat_turns(parts: list[dict], pad_id: int) -> Rollout:
         response_ids=response_ids,
         response_mask=_pad_stack([torch.ones_like(r) for r in r_rows], 0, left=False),
         logprobs=_pad_stack(lp_rows, 0.0, left=False),
+        engine_logprobs=_pad_stack(engine_rows, 0.0, left=False) if from_engine else None,
         scores=torch.tensor(cols["scores"], dtype=torch.float32),
         finished=torch.tensor(cols["finished"], dtype=torch.bool),
         episode_ids=torch.tensor(cols["episode_ids"], dtype=torch.long),
@@ -150,6 +154,7 @@ def rollout_from_generation(gen, prompts: list[str], scores: list[float], group_
         response_ids=gen.response_ids,
         response_mask=gen.response_mask,
         logprobs=gen.logprobs,
+        engine_logprobs=gen.engine_logprobs,
         scores=torch.tensor(scores, dtype=torch.float32, device=device),
         finished=gen.finished,
         episode_ids=torch.arange(n, device=device),
@@ -165,12 +170,14 @@ def rollout_from_generation(gen, prompts: list[str], scores: list[float], group_
 class Sampler:
     """Drives a batch of text environments with one policy, in lockstep, and returns a Rollout."""
 
-    def __init__(self, policy, env: TextEnvBatch, params, max_turns: int = 1000, control=None):
+    def __init__(self, policy, env: TextEnvBatch, params, max_turns: int = 1000, control=None, backend=None):
         """`control` (optional) steers sampling across an episode's turns: a hard KL budget
         (`cory.budget.EpisodeBudget`) or asking for help (`cory.ensemble.AskForHelp`). It gives each
         turn a logits hook and returns per-token tensors for training ("mix_weight",
-        "fallback_logprobs", ...), which land in the Rollout's extras."""
+        "fallback_logprobs", ...), which land in the Rollout's extras. `backend` (optional, a
+        `cory.generation` backend) generates instead of `policy.generate` (e.g. vLLM)."""
         self.policy = policy
+        self.generate = backend.generate if backend is not None else policy.generate
         self.env = env
         self.params = params
         self.max_turns = max_turns
@@ -189,7 +196,7 @@ class Sampler:
             hook = control.hook(live) if control is not None else None
             seen = control.annotate(observations, live) if control is not None else observations
             hooked = {"logits_hook": hook} if hook is not None else {}
-            gen = self.policy.generate(seen, self.params, generator=generator, **hooked)
+            gen = self.generate(seen, self.params, generator=generator, **hooked)
             next_obs, rewards, dones, infos = self.env.step(gen.texts)
             parts.append(
                 {
@@ -198,6 +205,7 @@ class Sampler:
                     "response_ids": gen.response_ids,
                     "response_mask": gen.response_mask,
                     "logprobs": gen.logprobs,
+                    "engine_logprobs": gen.engine_logprobs,
                     "scores": [float(r) for r in rewards],
                     "finished": gen.finished.tolist(),
                     "episode_ids": live,

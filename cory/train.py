@@ -219,6 +219,14 @@ def preflight(cfg: Config) -> None:
         from cory.lora import check_quantize
 
         check_quantize(cfg.model.lora.quantize)
+    if cfg.generation.backend == "vllm":
+        from cory.generation import check_backend
+        from cory.generation.vllm_engine import EngineError
+
+        try:
+            check_backend(cfg)
+        except EngineError as e:
+            raise UsageError(str(e)) from None
     for name in [cfg.model.reference, cfg.model.trusted, *cfg.model.reference_ensemble]:
         if name:
             check_model_name(name)
@@ -529,6 +537,25 @@ def eval_params(cfg: Config):
     return replace(sampling_params(cfg), temperature=cfg.eval.temperature)
 
 
+def make_backend(cfg: Config, accelerator: Accelerator, policies: dict) -> dict:
+    """Rollout backends by name for `policies` (name -> (Policy, LoRA adapter name or None)).
+    vLLM: one engine in this process serves them all (full copies take turns holding it; adapters
+    of one shared base are LoRA requests). The run closes it."""
+    from cory.generation import NativeBackend, make_engine
+    from cory.generation.vllm_engine import EngineError, VLLMBackend
+
+    if cfg.generation.backend == "native":
+        return {name: NativeBackend(policy) for name, (policy, _) in policies.items()}
+    if accelerator.num_processes > 1:
+        raise UsageError("generation.backend=vllm runs the engine in one training process; use generation.backend=native with several")
+    adapters = any(adapter for _, adapter in policies.values())
+    try:
+        engine = make_engine(cfg, cfg.model.name, lora_rank=cfg.cory.lora_r if adapters else 0)
+    except EngineError as e:
+        raise UsageError(str(e)) from None
+    return {name: VLLMBackend(engine, policy, adapter) for name, (policy, adapter) in policies.items()}
+
+
 def cpu_threads(requested: int, processes: int) -> int:
     """Torch CPU threads: the request, else OMP_NUM_THREADS, else the cores shared among processes.
 
@@ -583,6 +610,15 @@ class Run:
 
     def save_final(self, evaluation: dict) -> None:
         raise NotImplementedError
+
+    backend = None
+    """The rollout engine when it holds resources (vLLM); released by `close`."""
+
+    def close(self) -> None:
+        """Release the rollout engine (its weights and KV cache)."""
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
 
     # -- shared ------------------------------------------------------------------------------------
     @property
@@ -688,6 +724,7 @@ class Run:
             }
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         acc.wait_for_everyone()
+        self.close()  # before end_training, which tears down torch.distributed that vLLM also uses
         acc.end_training()
         return summary
 
@@ -727,15 +764,17 @@ class TrainingRun(Run):
 
             shard_policy(self.policy.module)
         control, fallback = make_control(cfg, reference, dtype, multi_turn=bool(cfg.env.id))
+        self.backend = make_backend(cfg, self.accelerator, {"policy": (self.policy, None)})["policy"]
         if cfg.env.id:
             from cory.envs.batch import GymTextEnvBatch
 
             self.task = None
             env = GymTextEnvBatch(cfg.env.id, cfg.env.pool_size or None, pool_seed=cfg.train.seed, **cfg.env.kwargs)
-            self.sampler = Sampler(self.policy, env, sampling_params(cfg), max_turns=cfg.env.max_turns, control=control)
+            self.sampler = Sampler(self.policy, env, sampling_params(cfg), max_turns=cfg.env.max_turns, control=control,
+                                   backend=self.backend)
         else:
             self.task = make_task(cfg.task)
-            self.sampler = Sampler(self.policy, TaskEnv(self.task), sampling_params(cfg), control=control)
+            self.sampler = Sampler(self.policy, TaskEnv(self.task), sampling_params(cfg), control=control, backend=self.backend)
         self.learner = Learner(self.policy, reference, self.algorithm, cfg, self.accelerator, fallback=fallback)
 
     @property
@@ -758,9 +797,11 @@ class TrainingRun(Run):
 
         t0 = time.perf_counter()
         rollout = self.sampler.collect(self.cfg.train.batch_size, self.state.rng, self.state.generator, group_size=self.algorithm.group_size)
+        self.backend.pause()  # vLLM on a GPU: sleep while the trainer trains
         t_gen = time.perf_counter() - t0
         n_generated = int(rollout.response_mask.sum())
         _, metrics = self.learner.step(rollout, self.state.iteration, self.state.generator)
+        self.backend.mark_stale()  # the engine gets the new weights before the next rollout
         self.state.iteration += 1
         metrics.update({"time/generate": t_gen, "time/iteration": time.perf_counter() - t0,
                         "tokens_per_s/generate": n_generated / max(t_gen, 1e-9)})
@@ -821,5 +862,10 @@ def train(cfg: Config, output_dir: str | Path, resume: bool = False, overwrite: 
     if getattr(cfg, "cory", None) is not None and cfg.cory.enabled:
         from cory.coevolve import CoryRun
 
-        return CoryRun(cfg, output_dir, **options).run()
-    return TrainingRun(cfg, output_dir, **options).run()
+        run = CoryRun(cfg, output_dir, **options)
+    else:
+        run = TrainingRun(cfg, output_dir, **options)
+    try:
+        return run.run()
+    finally:
+        run.close()

