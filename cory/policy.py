@@ -266,8 +266,14 @@ def sequence_logprobs(
 
     keep_mask = response_mask.bool()
     t = temperature if temperature > 0 else 1.0
-    # float32 before the softmax: bf16 log-probs are too coarse for importance ratios.
-    logp_all = torch.log_softmax(logits.float() / t, dim=-1)
+    # float32 before the softmax: bf16 log-probs are too coarse for importance ratios. Each of
+    # these [B, Lr, V] passes costs as much memory traffic as a layer at 49k vocabulary entries, so
+    # none is made that is not needed: no copy of float32 logits, no division at T = 1.
+    logits = logits.float()
+    if t != 1.0:
+        logits = logits / t
+    logp_all = torch.log_softmax(logits, dim=-1)
+    del logits
     logprobs = logp_all.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
     result = LogprobOutput(logprobs=_zero_where_masked(logprobs, keep_mask))
     if with_entropy:
@@ -276,7 +282,10 @@ def sequence_logprobs(
     if with_values:
         result.values = _zero_where_masked(values[:, -keep:-1], keep_mask)
     if with_full_logprobs:
-        result.full_logprobs = _zero_where_masked(logp_all, keep_mask.unsqueeze(-1))
+        if logp_all.requires_grad:
+            result.full_logprobs = _zero_where_masked(logp_all, keep_mask.unsqueeze(-1))
+        else:  # nothing else holds it: mask in place instead of a second [B, Lr, V] tensor
+            result.full_logprobs = logp_all.masked_fill_(~keep_mask.unsqueeze(-1), 0.0)
     return result
 
 
