@@ -6,6 +6,16 @@ prompts, is transformers' own `model.generate` with the same sampling settings.
 
     python benchmarks/throughput.py [--iterations 10] [--batch-size 32] [--max-new-tokens 16]
 Writes benchmarks/results/throughput.{json,md}.
+
+With --phases (e.g. on the real model), it instead reports, for fp32 and bf16, where a REINFORCE
+iteration's time goes (generation, reference scoring, update forward+backward, optimizer step), the
+update's model FLOP utilisation against the matmul peak of the dtype in use and decoding's ms per
+token step against the weight-read bound, with both limits measured in the same run
+(benchmarks/limits.py):
+
+    python benchmarks/throughput.py --phases --model cory:smollm2-135m-instruct --batch-size 16 \
+        --max-new-tokens 16 --iterations 3 --threads 2
+Writes benchmarks/results/throughput_<model>.{json,md}.
 """
 
 from __future__ import annotations
@@ -32,7 +42,16 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--model", default="cory:tiny-reviews")
     ap.add_argument("--reward", default="cory:tiny-sentiment")
+    ap.add_argument("--phases", action="store_true", help="time per phase, MFU and decode bound, fp32 and bf16")
+    ap.add_argument("--precisions", default="fp32,bf16", help="with --phases: fp32, bf16 or both")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--note", default="", help="with --phases: a line for the results file (machine load, ...)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.phases:
+        phases_main(args)
+        return
 
     from cory.algorithms import make_algorithm
     from cory.learner import Learner
@@ -125,6 +144,147 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "throughput.json").write_text(json.dumps(result, indent=2))
     (RESULTS / "throughput.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# -- --phases: where the time goes, against the machine's limits ---------------------------------
+class Timer:
+    """Wraps a bound method; accumulates its wall time per call into `self.times`."""
+
+    def __init__(self, owner, name: str):
+        self.inner, self.times = getattr(owner, name), []
+        setattr(owner, name, self)
+
+    def __call__(self, *a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return self.inner(*a, **kw)
+        finally:
+            self.times.append(time.perf_counter() - t0)
+
+
+def phase_run(args, precision: str, limits: dict) -> dict:
+    """REINFORCE iterations on `args.model` in one precision; times per phase, MFU, decode."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from limits import attention_flops, llama_train_flops
+
+    from cory.algorithms import make_algorithm
+    from cory.learner import Learner
+    from cory.policy import Policy
+    from cory.rollout import Sampler
+    from cory.tasks import TaskEnv, make_task
+
+    overrides = [f"model.name={args.model}", "task.reward=vader", "task.reward_on=response", "task.chat_template=true",
+                 f"train.batch_size={args.batch_size}", f"generation.max_new_tokens={args.max_new_tokens}",
+                 "train.log_with=[]", "algo.name=reinforce", "kl.exact_accounting=false"]
+    if precision == "bf16":
+        overrides.append("train.mixed_precision=bf16")
+    cfg = load_config(None, overrides)
+    accelerator = make_accelerator(cfg, Path("runs/bench-throughput"))
+    torch.manual_seed(0)
+    policy = Policy.from_pretrained(cfg.model.name)
+    reference = load_reference(cfg.model.name, torch.float32)  # as training loads it (model.dtype)
+    task = make_task(cfg.task)
+    sampler = Sampler(policy, TaskEnv(task), sampling_params(cfg))
+    learner = Learner(policy, reference, make_algorithm(cfg), cfg, accelerator)
+    t_gen, t_score, t_update = Timer(policy, "generate"), Timer(learner, "score"), Timer(learner, "update")
+    t_opt = Timer(learner.optimizer, "step")
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    rows = []
+    for it in range(args.iterations + 1):  # the first iteration warms up and is dropped
+        for t in (t_gen, t_score, t_update, t_opt):
+            t.times.clear()
+        t0 = time.perf_counter()
+        rollout = sampler.collect(cfg.train.batch_size, rng, gen)
+        learner.step(rollout, it, gen)
+        total = time.perf_counter() - t0
+        b, lq = rollout.query_ids.shape
+        lr = rollout.response_ids.shape[1]
+        flops = llama_train_flops(policy.model.config, b * (lq + lr), b * (lr + 1)) + attention_flops(policy.model.config, b, lq + lr)
+        fwd_bwd = sum(t_update.times) - sum(t_opt.times)
+        if it:
+            rows.append({"iteration_s": total, "generate_s": sum(t_gen.times), "reference_s": sum(t_score.times),
+                         "update_s": sum(t_update.times), "forward_backward_s": fwd_bwd, "optimizer_s": sum(t_opt.times),
+                         "other_s": total - sum(t_gen.times) - sum(t_score.times) - sum(t_update.times),
+                         "update_tflops": flops / fwd_bwd / 1e12, "rows": b, "query_len": lq, "response_len": lr})
+    med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
+    peak = limits["matmul_tflops_" + precision]
+    out = {k: med(k) for k in rows[0]}
+    out["update_mfu"] = out["update_tflops"] / peak
+    out.update(decode_run(args, precision, policy, limits))
+    return out
+
+
+def decode_run(args, precision: str, policy, limits: dict) -> dict:
+    """Decode ms per token step at the batch size (fixed length: EOS is masked out) against the time
+    to read every weight once at the measured bandwidth, in the dtype the weights are in."""
+    from cory.policy import Policy, SamplingParams, _eos_ids
+
+    if precision == "bf16":  # decoding runs in the weights' dtype: load them in bf16
+        policy = Policy.from_pretrained(args.model, dtype="bfloat16")
+    eos = _eos_ids(policy.tokenizer, policy.model)
+
+    def no_eos(step, logprobs):
+        return logprobs.index_fill(-1, eos, float("-inf"))
+
+    prompts = ["Write one sentence about a movie you liked."] * args.batch_size
+    times = {}
+    for n in (1, args.max_new_tokens):
+        params = SamplingParams(max_new_tokens=n, chat=True)
+        policy.generate(prompts, params, torch.Generator().manual_seed(0), logits_hook=no_eos)
+        samples = []
+        for r in range(3):
+            t0 = time.perf_counter()
+            policy.generate(prompts, params, torch.Generator().manual_seed(r), logits_hook=no_eos)
+            samples.append(time.perf_counter() - t0)
+        times[n] = statistics.median(samples)
+    step_ms = (times[args.max_new_tokens] - times[1]) / (args.max_new_tokens - 1) * 1e3
+    weight_bytes = sum(p.numel() * p.element_size() for p in policy.model.parameters())
+    bound_ms = weight_bytes / limits["read_gb_s"] / 1e9 * 1e3
+    return {"prefill_s": times[1], "decode_ms_per_step": step_ms, "weight_read_bound_ms": bound_ms,
+            "decode_vs_bound": step_ms / bound_ms, "weight_mb": weight_bytes / 1e6}
+
+
+def phases_main(args) -> None:
+    import platform
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from limits import matmul_flops, read_bandwidth
+
+    limits = {"matmul_tflops_fp32": matmul_flops(torch.float32) / 1e12,
+              "matmul_tflops_bf16": matmul_flops(torch.bfloat16) / 1e12,
+              "read_gb_s": read_bandwidth() / 1e9}
+    results = {p: phase_run(args, p, limits) for p in args.precisions.split(",")}
+    limits_after = {"matmul_tflops_fp32": matmul_flops(torch.float32) / 1e12,
+                    "matmul_tflops_bf16": matmul_flops(torch.bfloat16) / 1e12, "read_gb_s": read_bandwidth() / 1e9}
+    result = {"model": args.model, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+              "iterations_timed": args.iterations, "threads": torch.get_num_threads(), "cpu": platform.processor(),
+              "limits_before": limits, "limits_after": limits_after, "note": args.note, "precisions": results}
+    name = args.model.removeprefix("cory:").replace("/", "_")
+    lines = [f"# Where a REINFORCE iteration goes on {args.model} (batch {args.batch_size}, {args.max_new_tokens} new "
+             f"tokens, chat prompts, VADER reward, CPU, {result['threads']} threads)", ""]
+    if args.note:
+        lines += [args.note, ""]
+    lines += ["Limits measured in this run (before / after): "
+              f"fp32 matmul {limits['matmul_tflops_fp32']:.2f} / {limits_after['matmul_tflops_fp32']:.2f} TFLOP/s, "
+              f"bf16 matmul {limits['matmul_tflops_bf16']:.2f} / {limits_after['matmul_tflops_bf16']:.2f} TFLOP/s, "
+              f"memory read {limits['read_gb_s']:.1f} / {limits_after['read_gb_s']:.1f} GB/s.", "",
+              "| median per iteration | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    show = [("iteration", "iteration_s", "{:.2f} s"), ("generation (sampler)", "generate_s", "{:.2f} s"),
+            ("reference scoring", "reference_s", "{:.2f} s"), ("update: forward + backward", "forward_backward_s", "{:.2f} s"),
+            ("update: optimizer step", "optimizer_s", "{:.2f} s"), ("everything else", "other_s", "{:.2f} s"),
+            ("update TFLOP/s", "update_tflops", "{:.3f}"), ("update MFU (vs matmul peak of the dtype)", "update_mfu", "{:.0%}"),
+            ("decode ms per token step", "decode_ms_per_step", "{:.1f}"),
+            ("weight-read bound ms (weights / read bandwidth)", "weight_read_bound_ms", "{:.1f}"),
+            ("decode / bound", "decode_vs_bound", "{:.2f}x"), ("prefill (1 token) s", "prefill_s", "{:.2f}")]
+    for label, key, fmt in show:
+        lines.append(f"| {label} | " + " | ".join(fmt.format(r[key]) for r in results.values()) + " |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"throughput_{name}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"throughput_{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

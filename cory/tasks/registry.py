@@ -8,6 +8,20 @@ from cory.rewards import load_reward
 from cory.tasks.base import PromptTask, load_prompt_file
 
 
+SENTIMENT_CHAT_PROMPT = 'Continue this movie review in one sentence: "{start}"'
+"""The sentiment task's built-in prompts with task.chat_template (a user turn to an instruct model)."""
+
+ARITHMETIC_CHAT_EXAMPLE = (
+    "Question: Sam has 7 apples. A friend gave Sam 5 more. How many apples does Sam have now?\nAnswer:",
+    "7 + 5 = 12. The answer is 12.",
+)
+"""The arithmetic task's one-shot example with task.chat_template: a user turn in the task's prompt
+format and the assistant's worked answer, ending in the number the reward reads (the last one)."""
+
+CHAT_EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {"arithmetic": (ARITHMETIC_CHAT_EXAMPLE,)}
+"""Task name -> example (user, assistant) turns put before every prompt when it is rendered as chat."""
+
+
 def sentiment_task(cfg) -> PromptTask:
     """Continue a movie review; the reward is the sentiment classifier's positive logit.
 
@@ -21,6 +35,9 @@ def sentiment_task(cfg) -> PromptTask:
         train, evals = prompts, prompts[: cfg.num_eval_prompts]
     else:
         pool = reviews.prompts(cfg.num_train_prompts + cfg.num_eval_prompts, seed=2024)
+        if getattr(cfg, "chat_template", False):
+            # A chat model answers a bare review opening as a message; ask for the continuation.
+            pool = [SENTIMENT_CHAT_PROMPT.format(start=p) for p in pool]
         evals, train = pool[: cfg.num_eval_prompts], pool[cfg.num_eval_prompts :]
     reward = load_reward(cfg.reward, label=cfg.reward_label, on=cfg.reward_on, timeout=cfg.reward_timeout)
     return PromptTask("sentiment", train, evals, reward)

@@ -17,6 +17,7 @@ evaluation. Importing this package does not import torch; only building does.
 """
 
 from cory.zoo.builder import build, resolve
+from cory.zoo.gguf import ZooSourceError
 from cory.zoo.registry import (
     ZOO_FORMAT_VERSION,
     UnknownModelError,
@@ -29,6 +30,7 @@ from cory.zoo.registry import (
 __all__ = [
     "ZOO_FORMAT_VERSION",
     "UnknownModelError",
+    "ZooSourceError",
     "build",
     "cache_dir",
     "is_zoo_name",

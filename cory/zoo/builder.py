@@ -19,12 +19,22 @@ from collections.abc import Callable, Iterator
 from cory.zoo import registry
 
 
-def build(name: str, force: bool = False, progress: bool = True) -> pathlib.Path:
+def build(name: str, force: bool = False, progress: bool = True, source: str | None = None) -> pathlib.Path:
     """The built folder of zoo model ``name``, building it first if it is not cached (or
-    ``force``). Raises UnknownModelError for a name the zoo does not have."""
+    ``force``). Raises UnknownModelError for a name the zoo does not have. ``source``: a local
+    wheel or GGUF for a model converted from one (see ``cory.zoo.gguf``)."""
     entry = registry.entry(name)
+    if source and not isinstance(entry.recipe, registry.GGUFRecipe):
+        from cory.zoo.gguf import ZooSourceError
+
+        raise ZooSourceError(f"{name} is built from its recipe; a source file applies only to converted models")
 
     def write(folder: pathlib.Path) -> None:
+        if isinstance(entry.recipe, registry.GGUFRecipe):
+            from cory.zoo.gguf import write_gguf_model
+
+            write_gguf_model(entry, folder, progress, source)
+            return
         from cory.zoo.train import write_model  # torch and transformers load only to build
 
         write_model(entry, folder, progress)

