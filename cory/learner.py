@@ -111,6 +111,22 @@ def fused_adamw(params: list[torch.nn.Parameter], accelerator: Accelerator) -> d
     return {"fused": True} if ok and not sharded else {}
 
 
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing on an HF model (and a PEFT model around one), non-reentrant: correct
+    with a frozen base (LoRA), whose inputs need no gradient. transformers renamed the switch from
+    gradient_checkpointing_* to activation_checkpointing_*; either is used."""
+    if getattr(model, "is_activation_checkpointing", False) or getattr(model, "is_gradient_checkpointing", False):
+        return
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def is_checkpointing(model) -> bool:
+    return bool(getattr(model, "is_activation_checkpointing", False) or getattr(model, "is_gradient_checkpointing", False))
+
+
 class Learner:
     def __init__(self, policy: Policy, reference: torch.nn.Module, algorithm: Algorithm, cfg, accelerator: Accelerator,
                  parameters: list[torch.nn.Parameter] | None = None, fallback: torch.nn.Module | None = None):
@@ -125,9 +141,8 @@ class Learner:
         self.accelerator = accelerator
         self.reference = reference.to(accelerator.device).eval()
         params = parameters if parameters is not None else [p for p in policy.module.parameters() if p.requires_grad]
-        if cfg.train.gradient_checkpointing and not getattr(policy.model, "is_activation_checkpointing", False):
-            # Non-reentrant: correct with a frozen base (LoRA), whose inputs need no gradient.
-            policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.gradient_checkpointing:
+            enable_checkpointing(policy.model)
         fused = {} if is_sharded(policy.module) else fused_adamw(params, accelerator)
         optimizer = torch.optim.AdamW(params, lr=cfg.algo.lr, weight_decay=cfg.algo.weight_decay, **fused)
         if is_sharded(policy.module):

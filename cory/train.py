@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Callable
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -391,8 +392,9 @@ def check_finite(learners: dict) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: RunState, learners: dict, keep: int,
-                    run_id: str = "", config: dict | None = None) -> Path:
-    """accelerate state (weights, optimizers) + per-rank JSON run state; DONE marks it complete.
+                    run_id: str = "", config: dict | None = None, extra: Callable[[Path], None] | None = None) -> Path:
+    """accelerate state (weights, optimizers) + per-rank JSON run state (+ whatever `extra(path)`
+    writes, e.g. FSDP shards, on every process); DONE marks it complete.
 
     Only finite weights are saved. A checkpoint that cannot be written (a full disk) is removed and
     the run stops with RunError; the previous complete checkpoint stays.
@@ -408,6 +410,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: RunState,
     quiet.addFilter(_drop_shared_tensor_warning)
     try:
         accelerator.save_state(str(path))
+        if extra is not None:
+            extra(path)
         saved = {"run_id": run_id, **state.state_dict(), "learners": {k: v.state_dict() for k, v in learners.items()}}
         if config is not None:
             saved["config"] = config
@@ -667,7 +671,7 @@ class Run:
         self._claim()
         history = self.output_dir / HISTORY_FILE
         if self.resume:
-            ckpt = load_latest(self.accelerator, self.output_dir, self.run_id, self.state, self.learners)
+            ckpt = self.resumed_from = load_latest(self.accelerator, self.output_dir, self.run_id, self.state, self.learners)
             for learner in self.learners.values():  # a forced change of weight decay takes effect (lr is set each step)
                 for group in learner.optimizer.param_groups:
                     group["weight_decay"] = self.cfg.algo.weight_decay
@@ -690,7 +694,10 @@ class Run:
 
     def checkpoint(self) -> Path:
         return save_checkpoint(self.accelerator, self.output_dir, self.state, self.learners, self.cfg.train.keep_checkpoints,
-                               run_id=self.run_id, config=flat_config(self.cfg))
+                               run_id=self.run_id, config=flat_config(self.cfg), extra=self.save_extra)
+
+    def save_extra(self, path: Path) -> None:
+        """Files a kind of run adds to each checkpoint folder before it is marked complete."""
 
     def run(self, resume: bool | None = None) -> dict:
         """Trains to cfg.train.iterations; returns the summary (also written to summary.json)."""
@@ -819,23 +826,21 @@ class TrainingRun(Run):
                         "tokens_per_s/generate": n_generated / max(t_gen, 1e-9)})
         return reduce_metrics(self.accelerator, metrics)
 
-    def checkpoint(self) -> Path:
-        if self.fsdp:  # the shards first: super() writes the DONE marker
+    def save_extra(self, path: Path) -> None:
+        if self.fsdp:  # each process's shard, before the DONE marker
             from cory.sharding import gather_full, release_full, save_sharded
 
-            path = self.output_dir / CHECKPOINTS / f"iter_{self.state.iteration:06d}"
             release_full(self.learner.module)
             save_sharded(path / "fsdp", self.learner.module, self.learner.optimizer)
             gather_full(self.learner.module)
-        return super().checkpoint()
 
-    def _start(self, resume: bool) -> None:
+    def _start(self, resume: bool | None = None) -> None:
         super()._start(resume)
-        if resume and self.fsdp:
+        if self.resume and self.fsdp:
             from cory.sharding import gather_full, load_sharded, release_full
 
             release_full(self.learner.module)
-            load_sharded(latest_checkpoint(self.output_dir) / "fsdp", self.learner.module, self.learner.optimizer)
+            load_sharded(self.resumed_from / "fsdp", self.learner.module, self.learner.optimizer)
             gather_full(self.learner.module)
 
     def save_final(self, evaluation: dict) -> None:

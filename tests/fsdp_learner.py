@@ -31,7 +31,7 @@ def rollout(vocab: int, rows: slice) -> Rollout:
     full = Rollout(query_ids=q, query_mask=torch.ones_like(q), response_ids=r, response_mask=torch.ones_like(r),
                    logprobs=torch.zeros(n, LR), scores=torch.zeros(n), finished=torch.ones(n, dtype=torch.bool),
                    episode_ids=torch.arange(n), turn_index=torch.zeros(n, dtype=torch.long), done=torch.ones(n, dtype=torch.bool),
-                   group_ids=torch.arange(n), extras={"advantages": adv})
+                   group_ids=torch.arange(n), extras={"advantages": adv, "loss_mask": torch.ones_like(r)})
     return full.select(list(range(ROWS))[rows])
 
 

@@ -317,7 +317,7 @@ def test_batch_drives_the_sampler():
             ids = torch.ones(b, 2, dtype=torch.long)
             return SimpleNamespace(
                 query_ids=ids, query_mask=torch.ones_like(ids), response_ids=ids, response_mask=torch.ones_like(ids),
-                logprobs=torch.zeros(b, 2), finished=torch.ones(b, dtype=torch.bool),
+                logprobs=torch.zeros(b, 2), engine_logprobs=None, finished=torch.ones(b, dtype=torch.bool),
                 texts=["ACTION=4" if i % 2 else "thinking... ACTION=1" for i in range(b)],
             )
 

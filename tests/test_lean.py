@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from cory.cli import main
 from cory.config import ConfigError, load_config
 from cory.policy import sequence_logprobs
+from cory.learner import is_checkpointing
 from cory.train import TrainingRun
 
 
@@ -106,7 +107,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(tmp_path, micro_lm, micr
     plain = TrainingRun(load_config(None, micro_overrides(tmp_path, **extra)), tmp_path / "plain")
     lean = TrainingRun(load_config(None, micro_overrides(tmp_path, **extra, **{"train.gradient_checkpointing": True})),
                        tmp_path / "lean")
-    assert lean.policy.model.is_activation_checkpointing and not plain.policy.model.is_activation_checkpointing
+    assert is_checkpointing(lean.policy.model) and not is_checkpointing(plain.policy.model)
     rollout = plain.sampler.collect(8, __import__("numpy").random.default_rng(0), torch.Generator().manual_seed(0))
     # The update's forward really goes through torch's checkpoint (once per layer and micro-batch).
     lm = lean.policy.model.get_base_model() if lora else lean.policy.model

@@ -28,9 +28,10 @@ def real_overrides(model, **extra) -> list[str]:
         "train.log_with": "[]",
         "train.progress": False,
         "eval.samples_per_prompt": 1,
-        "algo.group_size": 2,
         "algo.lr": 1e-5,
     }
+    if extra.get("algo.name") in ("grpo", "rloo"):  # only group algorithms take a group size
+        base["algo.group_size"] = 2
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 

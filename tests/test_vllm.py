@@ -24,6 +24,9 @@ from cory.policy import Policy, SamplingParams
 from tests.conftest import micro_overrides
 
 LOGPROB_TOL = 1e-4
+GAP = "tis/log_ratio_abs_mean"
+"""The logged mean |log pi_trainer - log pi_engine| of the sampled tokens (the learner recomputes the
+behaviour log-probs of engine rollouts and compares)."""
 PROMPTS = ["The movie was", "I did not expect the acting to be", "This film", "What a story, the ending was so",
            "The director", "Honestly the plot", "A long and", "The cast gave"]
 
@@ -179,7 +182,7 @@ def _metrics(out):
 
 def test_training_run_syncs_weights_and_releases_the_engine(tmp_path, micro_lm, micro_rm, monkeypatch):
     """After each update the engine samples from the new weights: the trainer's recomputed
-    log-probs of the engine's samples match them (logprob_gap) in every iteration, although a
+    log-probs of the engine's samples match the engine's (GAP) in every iteration, although a
     large learning rate moves the policy; at the end the engine and its KV cache are freed."""
     import cory.generation as generation
     from cory.train import train
@@ -198,7 +201,7 @@ def test_training_run_syncs_weights_and_releases_the_engine(tmp_path, micro_lm, 
     train(cfg, tmp_path / "run")
     rows = _metrics(tmp_path / "run")
     assert len(rows) == 3
-    assert all(r["logprob_gap"] < LOGPROB_TOL for r in rows), [r["logprob_gap"] for r in rows]
+    assert all(r[GAP] < LOGPROB_TOL for r in rows), [r[GAP] for r in rows]
     gc.collect()
     assert refs and all(r() is None for r in refs)
 
@@ -212,7 +215,7 @@ def test_without_sync_the_gap_shows(tmp_path, micro_lm, micro_rm, monkeypatch):
     cfg = load_config(None, _vllm_overrides(tmp_path, **{"train.iterations": 2, "algo.lr": 3e-2}))
     train(cfg, tmp_path / "run")
     rows = _metrics(tmp_path / "run")
-    assert rows[0]["logprob_gap"] < LOGPROB_TOL and rows[1]["logprob_gap"] > 100 * LOGPROB_TOL
+    assert rows[0][GAP] < LOGPROB_TOL and rows[1][GAP] > 100 * LOGPROB_TOL
 
 
 @pytest.mark.parametrize("shared_base", [False, True])
@@ -225,7 +228,7 @@ def test_cory_run_on_vllm(tmp_path, micro_lm, micro_rm, shared_base):
     rows = _metrics(tmp_path / "run")
     assert len(rows) == 3
     for r in rows:  # both agents (full copies or adapters) sampled from their current weights
-        assert r["a/logprob_gap"] < LOGPROB_TOL and r["b/logprob_gap"] < LOGPROB_TOL, r
+        assert r["a/" + GAP] < LOGPROB_TOL and r["b/" + GAP] < LOGPROB_TOL, r
     assert (tmp_path / "run" / "final" / "config.json").exists()
 
 
@@ -256,7 +259,7 @@ def test_multi_turn_bandit_run_on_vllm(tmp_path, agent_h32):
     train(load_config(None, _vllm_overrides(tmp_path, **extra)), tmp_path / "run")
     rows = _metrics(tmp_path / "run")
     assert len(rows) == 2 and all(r["turns_per_episode"] == 4 for r in rows)
-    assert all(r["logprob_gap"] < LOGPROB_TOL for r in rows)
+    assert all(r[GAP] < LOGPROB_TOL for r in rows)
 
 
 def test_unservable_head_size_is_refused_in_one_line(tmp_path, zoo_cache):

@@ -10,7 +10,7 @@ A backend has one method the Sampler and CORY call, with `Policy.generate`'s sig
   trainer's weights (or, with LoRA, its adapters) are pushed into the engine in memory before the
   next generation. The engine's sampled log-probs become the behaviour log-probs and are also kept
   as `Generation.engine_logprobs` / `Rollout.engine_logprobs`, so that the learner can measure and
-  correct the engine/trainer mismatch (`logprob_gap`, truncated importance sampling).
+  correct the engine/trainer mismatch (`tis/log_ratio_abs_mean`, truncated importance sampling).
 """
 
 from __future__ import annotations
