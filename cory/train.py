@@ -179,7 +179,7 @@ def check_prompt_lengths(cfg: Config, prompts: list[str]) -> None:
     from transformers import AutoTokenizer
 
     from cory import zoo
-    from cory.rewards import CLASSIFIER_MAX_TOKENS, is_function_spec
+    from cory.rewards import BUILTIN_REWARDS, CLASSIFIER_MAX_TOKENS, is_function_spec
 
     def window(name: str, limit: int | None = None) -> tuple[object, int] | None:
         path = built_zoo_path(name) if zoo.is_zoo_name(name) else name
@@ -191,7 +191,8 @@ def check_prompt_lengths(cfg: Config, prompts: list[str]) -> None:
 
     new = cfg.generation.max_new_tokens
     checks = [("the policy's context", window(cfg.model.name))]
-    if cfg.task.reward_on == "prompt+response" and not cfg.env.id and not is_function_spec(cfg.task.reward):
+    if (cfg.task.reward_on == "prompt+response" and not cfg.env.id and not is_function_spec(cfg.task.reward)
+            and cfg.task.reward not in BUILTIN_REWARDS):
         checks.append(("the reward classifier's window", window(cfg.task.reward, CLASSIFIER_MAX_TOKENS)))
     for what, found in checks:
         if found is None:
@@ -208,7 +209,7 @@ def preflight(cfg: Config) -> None:
     """Everything that can be checked before a run starts, without loading weights: models, the
     environment, prompt files and a dry call of a reward function; raises UsageError/ConfigError
     (or the reward's and prompt file's own one-line errors)."""
-    from cory.rewards import RewardError, dry_run, is_function_spec, validate_spec
+    from cory.rewards import BUILTIN_REWARDS, RewardError, dry_run, is_function_spec, validate_spec
     from cory.tasks import BUILTIN_REWARD, TASKS, load_prompt_file
 
     if cfg.env.id:
@@ -242,7 +243,7 @@ def preflight(cfg: Config) -> None:
             raise UsageError(str(e).splitlines()[0]) from None
         if is_function_spec(spec):
             dry_run(spec, prompts, cfg.task.reward_timeout)
-        else:
+        elif spec not in BUILTIN_REWARDS:  # built-in rewards (vader) need no model
             check_model_name(spec, "classifier", cfg.task.reward_label)
     if cfg.task.prompt_file:
         check_prompt_lengths(cfg, load_prompt_file(cfg.task.prompt_file, cfg.task.prompt_column))
