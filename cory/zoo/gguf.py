@@ -19,7 +19,6 @@ weights are an approximation of the original bf16 checkpoint. Where a hub is rea
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -103,7 +102,6 @@ def extract_gguf(source: pathlib.Path, recipe, into: pathlib.Path) -> pathlib.Pa
 def write_gguf_model(entry, folder: pathlib.Path, progress: bool, source=None) -> None:
     """Builds a GGUF-recipe entry into the empty ``folder`` (see the module docstring)."""
     import torch
-    import transformers
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -128,19 +126,7 @@ def write_gguf_model(entry, folder: pathlib.Path, progress: bool, source=None) -
         bar.set_postfix_str("save")
         _save(model, tokenizer, recipe, folder)
         bar.update(1)
-    info = dict(
-        name=entry.name,
-        kind=recipe.kind,
-        description=entry.description,
-        recipe=dataclasses.asdict(recipe),
-        recipe_hash=registry.recipe_hash(entry.name),
-        format_version=registry.ZOO_FORMAT_VERSION,
-        params=sum(p.numel() for p in model.parameters()),
-        source=str(src),
-        gguf_sha256=digest,
-        versions={"torch": torch.__version__, "transformers": transformers.__version__},
-        build_seconds=round(time.perf_counter() - start, 2),
-    )
+    info = registry.build_info(entry, model, time.perf_counter() - start, source=str(src), gguf_sha256=digest)
     (folder / "zoo_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 

@@ -409,3 +409,25 @@ def list_models() -> list[dict]:
             }
         )
     return out
+
+
+def build_info(entry, model, build_seconds: float, **extra) -> dict:
+    """The zoo_info.json record of a built model: what it is, the recipe it came from, its size,
+    the library versions and the build time (plus `extra`, e.g. corpus statistics or a file digest)."""
+    import tokenizers
+    import torch
+    import transformers
+
+    recipe = entry.recipe
+    return dict(
+        name=entry.name,
+        kind=recipe.kind,
+        description=entry.description,
+        recipe=dataclasses.asdict(recipe),
+        recipe_hash=recipe_hash(entry.name),
+        format_version=ZOO_FORMAT_VERSION,
+        params=sum(p.numel() for p in model.parameters()),
+        **extra,
+        versions={"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
+        build_seconds=round(build_seconds, 2),
+    )

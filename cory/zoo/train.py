@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import json
 import logging
 import pathlib
@@ -16,10 +15,8 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 
-import tokenizers
 import torch
 import torch.nn.functional as F
-import transformers
 from tqdm.auto import tqdm
 from transformers import (
     LlamaConfig,
@@ -72,22 +69,7 @@ def write_model(entry: registry.ZooEntry, folder: pathlib.Path, progress: bool) 
         else:
             model, info = _build_classifier(entry, tokenizer, token_lists, labels, log, progress)
     model.save_pretrained(folder)
-    info.update(
-        name=entry.name,
-        kind=recipe.kind,
-        description=entry.description,
-        recipe=dataclasses.asdict(recipe),
-        recipe_hash=registry.recipe_hash(entry.name),
-        format_version=registry.ZOO_FORMAT_VERSION,
-        params=sum(p.numel() for p in model.parameters()),
-        corpus=corpus_stats(texts, labels, token_lists),
-        versions={
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__,
-        },
-        build_seconds=round(time.perf_counter() - start, 2),
-    )
+    info.update(registry.build_info(entry, model, time.perf_counter() - start, corpus=corpus_stats(texts, labels, token_lists)))
     log(f"built in {info['build_seconds']:.1f} s ({info['params']:,} params)")
     (folder / "build.log").write_text("\n".join(log.lines) + "\n")
     (folder / "zoo_info.json").write_text(json.dumps(info, indent=2) + "\n")
