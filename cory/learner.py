@@ -115,7 +115,7 @@ def enable_checkpointing(model) -> None:
     """Activation checkpointing on an HF model (and a PEFT model around one), non-reentrant: correct
     with a frozen base (LoRA), whose inputs need no gradient. transformers renamed the switch from
     gradient_checkpointing_* to activation_checkpointing_*; either is used."""
-    if getattr(model, "is_activation_checkpointing", False) or getattr(model, "is_gradient_checkpointing", False):
+    if is_checkpointing(model):
         return
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

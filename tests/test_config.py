@@ -57,3 +57,16 @@ def test_every_field_is_documented():
     docs = field_docs()
     missing = [k for k in valid_keys() if not docs.get(k)]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("key,value", [("vllm_dtype", "bfloat16"), ("vllm_kv_cache_gib", "1.0"),
+                                       ("vllm_gpu_memory_utilization", "0.5"), ("vllm_sleep", "false")])
+def test_vllm_keys_are_refused_without_the_vllm_backend(key, value):
+    with pytest.raises(ConfigError, match=f"generation.{key} only act with generation.backend=vllm"):
+        load_config(None, [f"generation.{key}={value}"])
+    load_config(None, ["generation.backend=vllm", f"generation.{key}={value}"])  # accepted where it acts
+
+
+def test_per_token_sampling_controls_need_the_native_loop():
+    with pytest.raises(ConfigError, match="need generation.backend=native"):
+        load_config(None, ["generation.backend=vllm", "kl.hard_budget=2.0"])
