@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -45,10 +46,14 @@ def main() -> None:
     ap.add_argument("--phases", action="store_true", help="time per phase, MFU and decode bound, fp32 and bf16")
     ap.add_argument("--precisions", default="fp32,bf16", help="with --phases: fp32, bf16 or both")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--report", default="", help="with --phases: only rewrite the report from this JSON file")
     ap.add_argument("--note", default="", help="with --phases: a line for the results file (machine load, ...)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.report:
+        write_phases(json.loads(Path(args.report).read_text()))
+        return
     if args.phases:
         phases_main(args)
         return
@@ -182,6 +187,9 @@ def phase_run(args, precision: str, limits: dict) -> dict:
     if precision == "bf16":
         overrides.append("train.mixed_precision=bf16")
     cfg = load_config(None, overrides)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # each precision gets its own accelerator
     accelerator = make_accelerator(cfg, Path("runs/bench-throughput"))
     torch.manual_seed(0)
     policy = Policy.from_pretrained(cfg.model.name)
@@ -189,7 +197,8 @@ def phase_run(args, precision: str, limits: dict) -> dict:
     task = make_task(cfg.task)
     sampler = Sampler(policy, TaskEnv(task), sampling_params(cfg))
     learner = Learner(policy, reference, make_algorithm(cfg), cfg, accelerator)
-    t_gen, t_score, t_update = Timer(policy, "generate"), Timer(learner, "score"), Timer(learner, "update")
+    # the sampler holds the bound generate method it was built with: time that one
+    t_gen, t_score, t_update = Timer(sampler, "generate"), Timer(learner, "score"), Timer(learner, "update")
     t_opt = Timer(learner.optimizer, "step")
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
     rows = []
@@ -214,6 +223,7 @@ def phase_run(args, precision: str, limits: dict) -> dict:
     out = {k: med(k) for k in rows[0]}
     out["update_mfu"] = out["update_tflops"] / peak
     out.update(decode_run(args, precision, policy, limits))
+    print(precision, json.dumps(out), flush=True)
     return out
 
 
@@ -244,7 +254,8 @@ def decode_run(args, precision: str, policy, limits: dict) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in policy.model.parameters())
     bound_ms = weight_bytes / limits["read_gb_s"] / 1e9 * 1e3
     return {"prefill_s": times[1], "decode_ms_per_step": step_ms, "weight_read_bound_ms": bound_ms,
-            "decode_vs_bound": step_ms / bound_ms, "weight_mb": weight_bytes / 1e6}
+            "decode_vs_bound": step_ms / bound_ms, "weight_mb": weight_bytes / 1e6,
+            "params": sum(p.numel() for p in policy.model.parameters())}
 
 
 def phases_main(args) -> None:
@@ -254,24 +265,45 @@ def phases_main(args) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from limits import matmul_flops, read_bandwidth
 
-    limits = {"matmul_tflops_fp32": matmul_flops(torch.float32) / 1e12,
-              "matmul_tflops_bf16": matmul_flops(torch.bfloat16) / 1e12,
-              "read_gb_s": read_bandwidth() / 1e9}
+    def limits_now() -> dict:
+        return {"matmul_tflops_fp32": matmul_flops(torch.float32) / 1e12,
+                "matmul_tflops_bf16": matmul_flops(torch.bfloat16) / 1e12, "read_gb_s": read_bandwidth() / 1e9}
+
+    limits = limits_now()
+    t0 = time.perf_counter()
     results = {p: phase_run(args, p, limits) for p in args.precisions.split(",")}
-    limits_after = {"matmul_tflops_fp32": matmul_flops(torch.float32) / 1e12,
-                    "matmul_tflops_bf16": matmul_flops(torch.bfloat16) / 1e12, "read_gb_s": read_bandwidth() / 1e9}
+    wall = time.perf_counter() - t0
     result = {"model": args.model, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
               "iterations_timed": args.iterations, "threads": torch.get_num_threads(), "cpu": platform.processor(),
-              "limits_before": limits, "limits_after": limits_after, "note": args.note, "precisions": results}
-    name = args.model.removeprefix("cory:").replace("/", "_")
-    lines = [f"# Where a REINFORCE iteration goes on {args.model} (batch {args.batch_size}, {args.max_new_tokens} new "
+              "limits_before": limits, "limits_after": limits_now(), "note": args.note, "precisions": results,
+              "load_average_end": os.getloadavg()[0], "phases_wall_s": wall}
+    write_phases(result)
+
+
+def write_phases(result: dict) -> None:
+    """Ratios against the best limit measured in the run (the higher of before / after): a
+    conservative MFU. Decoding is held against two bounds: reading every weight once per step, and
+    doing the step's matmul FLOPs (2 x parameters x batch) at the matmul peak."""
+    before, after = result["limits_before"], result["limits_after"]
+    best = {k: max(before[k], after[k]) for k in before}
+    for precision, r in result["precisions"].items():
+        peak = best["matmul_tflops_" + precision]
+        r["update_mfu"] = r["update_tflops"] / peak
+        r["weight_read_bound_ms"] = r["weight_mb"] / best["read_gb_s"]
+        r["compute_bound_ms"] = 2 * r["params"] * result["batch_size"] / (peak * 1e12) * 1e3 if "params" in r else float("nan")
+        r["decode_bound_ms"] = max(r["weight_read_bound_ms"], r["compute_bound_ms"])
+        r["decode_vs_bound"] = r["decode_ms_per_step"] / r["decode_bound_ms"]
+    results = result["precisions"]
+    name = result["model"].removeprefix("cory:").replace("/", "_")
+    lines = [f"# Where a REINFORCE iteration goes on {result['model']} (batch {result['batch_size']}, {result['max_new_tokens']} new "
              f"tokens, chat prompts, VADER reward, CPU, {result['threads']} threads)", ""]
-    if args.note:
-        lines += [args.note, ""]
-    lines += ["Limits measured in this run (before / after): "
-              f"fp32 matmul {limits['matmul_tflops_fp32']:.2f} / {limits_after['matmul_tflops_fp32']:.2f} TFLOP/s, "
-              f"bf16 matmul {limits['matmul_tflops_bf16']:.2f} / {limits_after['matmul_tflops_bf16']:.2f} TFLOP/s, "
-              f"memory read {limits['read_gb_s']:.1f} / {limits_after['read_gb_s']:.1f} GB/s.", "",
+    if result.get("note"):
+        lines += [result["note"], ""]
+    lines += ["Limits measured in this run (before / after; ratios use the higher): "
+              f"fp32 matmul {before['matmul_tflops_fp32']:.3f} / {after['matmul_tflops_fp32']:.3f} TFLOP/s, "
+              f"bf16 matmul {before['matmul_tflops_bf16']:.4f} / {after['matmul_tflops_bf16']:.4f} TFLOP/s, "
+              f"memory read {before['read_gb_s']:.1f} / {after['read_gb_s']:.1f} GB/s. "
+              f"Load average at the end: {result.get('load_average_end', float('nan')):.1f}.", "",
               "| median per iteration | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     show = [("iteration", "iteration_s", "{:.2f} s"), ("generation (sampler)", "generate_s", "{:.2f} s"),
             ("reference scoring", "reference_s", "{:.2f} s"), ("update: forward + backward", "forward_backward_s", "{:.2f} s"),
@@ -279,9 +311,10 @@ def phases_main(args) -> None:
             ("update TFLOP/s", "update_tflops", "{:.3f}"), ("update MFU (vs matmul peak of the dtype)", "update_mfu", "{:.0%}"),
             ("decode ms per token step", "decode_ms_per_step", "{:.1f}"),
             ("weight-read bound ms (weights / read bandwidth)", "weight_read_bound_ms", "{:.1f}"),
-            ("decode / bound", "decode_vs_bound", "{:.2f}x"), ("prefill (1 token) s", "prefill_s", "{:.2f}")]
+            ("compute bound ms (2 x params x batch FLOPs at the matmul peak)", "compute_bound_ms", "{:.1f}"),
+            ("decode / the larger bound", "decode_vs_bound", "{:.2f}x"), ("prefill (1 token) s", "prefill_s", "{:.2f}")]
     for label, key, fmt in show:
-        lines.append(f"| {label} | " + " | ".join(fmt.format(r[key]) for r in results.values()) + " |")
+        lines.append(f"| {label} | " + " | ".join(fmt.format(r.get(key, float("nan"))) for r in results.values()) + " |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"throughput_{name}.json").write_text(json.dumps(result, indent=2))
     (RESULTS / f"throughput_{name}.md").write_text("\n".join(lines) + "\n")
