@@ -81,6 +81,34 @@ def evaluate_model(lm, model_path: str, eval_prompts, reward, args, reference) -
     return {k: out[k] for k in ("reward_mean", "reward_std", "kl_mean", "response_length", "eos_rate", "n")}
 
 
+def hf_sampler_eval(lm, model_path: str, eval_prompts, reward, args) -> dict:
+    """The initial model's reward on the held-out prompts when sampled the way TRL samples
+    (transformers `generate`, prompts tokenized without added special tokens, left padding,
+    completions decoded without special tokens): against cory's evaluator on the same prompts, it
+    shows whether the two samplers draw from the same distribution."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.padding_side = "left"
+    prompts = [p for p in eval_prompts for _ in range(args.eval_samples)]
+    torch.manual_seed(EVAL_SEED)
+    lm.eval()
+    scores, lengths = [], []
+    for i in range(0, len(prompts), 64):
+        batch = prompts[i:i + 64]
+        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = lm.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                              max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)
+        completions = out[:, enc["input_ids"].shape[1]:]
+        texts = tok.batch_decode(completions, skip_special_tokens=True)
+        scores += reward(batch, texts)
+        lengths += (completions != tok.pad_token_id).sum(1).tolist()
+    n = len(scores)
+    mean = statistics.fmean(scores)
+    return {"reward_mean": mean, "reward_se": statistics.stdev(scores) / n ** 0.5, "response_length": statistics.fmean(lengths), "n": n}
+
+
 def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
@@ -98,7 +126,9 @@ def cory_config(args, seed: int):
         "algo.epochs=1", "algo.minibatch_size=0", "algo.micro_batch_size=0", "algo.clip_range=0.2",
         "algo.scale_rewards=true", "algo.loss_aggregation=token-mean", "algo.ent_coef=0.0",
         "algo.missing_eos_penalty=0.0",
-        f"kl.beta={args.beta}", "kl.controller=fixed", "kl.penalty=loss",
+        # TRL logs only its k3 estimate: cory's exact episode-KL accounting (one more policy
+        # forward per step) is switched off so that both do the same work.
+        f"kl.beta={args.beta}", "kl.controller=fixed", "kl.penalty=loss", "kl.exact_accounting=false",
         f"generation.max_new_tokens={args.max_new_tokens}", "generation.temperature=1.0",
         "generation.top_k=0", "generation.top_p=1.0",
         f"train.batch_size={args.prompts_per_step}", f"train.iterations={args.steps}", f"train.seed={seed}",
@@ -439,9 +469,11 @@ def markdown(result: dict) -> str:
         f"{cfg['prompts_per_step']} prompts x {cfg['group_size']} completions per optimizer step, <= {cfg['max_new_tokens']} new tokens, "
         f"temperature 1.0, lr {cfg['lr']:g} (constant), beta {cfg['beta']:g} (k3 loss term), clip 0.2, token-mean loss, "
         f"{cfg['steps']} steps x {cfg['repeats']} alternating repeats (seeds {', '.join(map(str, cfg['seeds']))}); "
-        f"reward = `{cfg['reward']}` positive logit. Train reward = mean of the last {cfg['last_k']} steps' samples; "
+        f"reward = `{cfg['reward']}`" + (" (VADER compound score)" if cfg['reward'] == "vader" else " positive logit") + f". Train reward = mean of the last {cfg['last_k']} steps' samples; "
         f"eval reward = fixed-seed evaluation of the final policy on the 64 held-out prompts x {cfg['eval_samples']} samples "
-        f"(same evaluator for both). Spread = min–max over repeats.",
+        f"(same evaluator for both). Spread = min–max over repeats. The two draw their training prompts "
+        f"independently, {cfg['prompts_per_step']} per step: train rewards differ by which prompts were drawn (a review "
+        f"opening's own sentiment counts when the reward reads prompt + response); the eval rows use the same prompts.",
         "",
         "| measure | cory | TRL | cory / TRL |",
         "|---|---|---|---|",
@@ -460,6 +492,12 @@ def markdown(result: dict) -> str:
             f"| eval reward, final policy (initial model: {result['initial_eval']['reward_mean']:.3f}) | {c['eval_reward_mean']:.3f} ({_spread(c['eval_reward_per_repeat'], f3)}) | "
             f"{t['eval_reward_mean']:.3f} ({_spread(t['eval_reward_per_repeat'], f3)}) | {rat(r['eval_reward'])} (diff {r['eval_reward_diff']:+.3f}) |")
         lines.append(f"| eval KL from the initial model (nats/sequence) | {c['eval_kl_mean']:.3f} | {t['eval_kl_mean']:.3f} | |")
+    if result.get("sampler_check"):
+        sc, ie = result["sampler_check"], result["initial_eval"]
+        se_c = ie["reward_std"] / ie["n"] ** 0.5
+        lines.append(f"| initial model on the held-out prompts: cory's sampler vs transformers `generate` sampling as TRL does "
+                     f"(± standard error) | {ie['reward_mean']:.3f} ± {se_c:.3f} | {sc['reward_mean']:.3f} ± {sc['reward_se']:.3f} | "
+                     f"(diff {ie['reward_mean'] - sc['reward_mean']:+.3f}) |")
     g = s["goal"]
     se = r.get(g["reward_measure"] + "_se")
     noise = "" if se is None else (f" ± {se:.3f} (standard error over the seed-paired repeats; "
@@ -536,6 +574,8 @@ def main() -> None:
     reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval().requires_grad_(False)
     initial_eval = evaluate_model(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), model_path,
                                   eval_prompts, reward, args, reference) if args.eval_samples else None
+    sampler_check = hf_sampler_eval(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), model_path,
+                                    eval_prompts, reward, args) if args.eval_samples else None
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="cory-vs-trl-") as tmp:
@@ -572,6 +612,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
                      "trl": trl.__version__, "python": platform.python_version()},
         "initial_eval": initial_eval,
+        "sampler_check": sampler_check,
         "summary": summarise(runs, args),
         "runs": runs,
         "profile": profile,
