@@ -1,0 +1,14 @@
+"""The two ways cory stops: a user's mistake (UsageError) and a run that cannot go on (RunError).
+
+The CLI prints either in one line on stderr: exit status 2 for a UsageError (found before any work
+starts, nothing written), 1 for a RunError (the last complete checkpoint stays).
+"""
+
+
+class UsageError(ValueError):
+    """An expected user mistake (a config key or value, a file, a model, an output directory) found
+    before any work starts; its message is one line."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (non-finite weights, a full disk); its message is one line."""
