@@ -347,12 +347,9 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "zoo": cmd_zoo, "rm": cmd_rm, 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from cory.errors import UsageError
-    from cory.rewards import RewardError
-    from cory.rewards.bradley_terry import PairDataError
-    from cory.tasks.base import TaskDataError
-    from cory.zoo import UnknownModelError
 
-    return (UsageError, UnknownModelError, RewardError, TaskDataError, PairDataError, FileNotFoundError)
+    # Unknown models, bad reward functions, prompt and preference files are UsageErrors too.
+    return (UsageError, FileNotFoundError)
 
 
 def _run_errors() -> tuple[type[BaseException], ...]:
@@ -384,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     _quiet_libraries()
+    import cory.envs  # noqa: F401  (registers the environments; provides the zoo's agent corpus, built on demand)
+
     try:
         return COMMANDS[args.command](args)
     except _expected_errors() as e:

@@ -119,7 +119,7 @@ def dry_prompts(cfg: Config) -> list[str]:
         return load_prompt_file(cfg.task.prompt_file, cfg.task.prompt_column)[:2]
     if cfg.task.name == "prompts":
         raise UsageError("task 'prompts' needs task.prompt_file")
-    from cory.zoo.corpora import reviews
+    from cory.corpora import reviews
 
     return reviews.prompts(2, seed=2024)
 

@@ -52,6 +52,7 @@ RESUMABLE_KEYS = ("train.iterations", "train.checkpoint_every", "train.keep_chec
                   "train.log_with", "train.progress", "train.num_threads")
 """Config keys that --resume may change (recorded in config_history.jsonl); others need --force."""
 
+
 def check_output_dir(output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
     """The run directory can be written and is not another run's (unless overwrite); on resume it
     holds a run with a complete checkpoint. Writes nothing."""
