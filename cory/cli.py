@@ -176,7 +176,6 @@ def _eval_env(args, cfg) -> int:
     episodes (the evaluation instances of eval.seed); optional probes on a model."""
     from pathlib import Path
 
-    import gymnasium
     import torch
 
     from cory.agents import AGENTS
@@ -185,11 +184,7 @@ def _eval_env(args, cfg) -> int:
     from cory.errors import UsageError
     from cory.preflight import check_model_name
 
-    env_id, kwargs = cfg.env.id, dict(cfg.env.kwargs)
-    try:
-        gymnasium.make(env_id, disable_env_checker=True, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"bad env.kwargs for {env_id}: {str(e).splitlines()[0]}") from None
+    env_id, kwargs = cfg.env.id, dict(cfg.env.kwargs)  # preflight made the environment with them once
     if cfg.env.eval_episodes < 1:
         raise UsageError(f"env.eval_episodes must be at least 1, got {cfg.env.eval_episodes}")
     classical = args.model in AGENTS and not Path(args.model).is_dir()
