@@ -67,9 +67,9 @@ def cell(values: list[float], fmt: str = ".2f") -> str:
 
 
 def bandit_kwargs() -> dict:
-    from cory.zoo.corpora import agent
+    from cory.envs import transcripts
 
-    return {**agent.env_kwargs(10), "sigma": 1.0}
+    return {**transcripts.env_kwargs(10), "sigma": 1.0}
 
 
 def sampling():

@@ -104,7 +104,7 @@ class Judge:
         import torch
 
         from cory.tasks import make_task
-        from cory.train import eval_params, load_reference
+        from cory.build import eval_params, load_reference
 
         self.cfg = cfg
         self.task = make_task(cfg.task)
@@ -145,7 +145,7 @@ def curves(run_dir: Path, agents: list[str]) -> dict:
 def run_ppo(overrides: list[str], beta: float, seed: int, iterations: int, batch: int, judge: Judge) -> list[dict]:
     """PPO to `iterations`, evaluated; then resumed to 2 x `iterations` (the same run continued exactly)."""
     from cory.config import load_config
-    from cory.train import train
+    from cory.api import train
 
     records, wall = [], 0.0
     with tempfile.TemporaryDirectory() as out:
@@ -162,7 +162,7 @@ def run_ppo(overrides: list[str], beta: float, seed: int, iterations: int, batch
 
 def run_cory(variant: str, overrides: list[str], beta: float, seed: int, iterations: int, batch: int, judge: Judge) -> dict:
     from cory.config import load_config
-    from cory.train import train
+    from cory.api import train
 
     cfg = load_config(None, overrides + CORY_VARIANTS[variant] + ["cory.enabled=true", f"train.iterations={iterations}"])
     with tempfile.TemporaryDirectory() as out:

@@ -25,7 +25,8 @@ RESULTS = Path(__file__).parent / "results"
 CHILD = r"""
 import json, sys, torch
 from cory.config import load_config
-from cory.train import TrainingRun, Run
+from cory.run import Run
+from cory.train import TrainingRun
 mode, model, out, iters = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 common = [f"model.name={model}", "task.reward=cory:tiny-sentiment", "train.batch_size=8", "generation.max_new_tokens=16",
           "train.log_with=[]", "train.progress=false", "algo.name=ppo", "task.num_eval_prompts=8"]

@@ -52,7 +52,7 @@ from cory.learner import Learner
 from cory.policy import Policy, sequence_logprobs
 from cory.rollout import Rollout
 from cory.algorithms import make_algorithm
-from cory.train import make_accelerator, make_reference
+from cory.build import make_accelerator, make_reference
 
 def status(key):
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec.

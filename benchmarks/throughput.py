@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from cory.config import load_config
-from cory.train import load_reference, make_accelerator, sampling_params
+from cory.build import load_reference, make_accelerator, sampling_params
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -60,7 +60,7 @@ EVAL_SEED = 1234
 # -- shared pieces ---------------------------------------------------------------------------------
 def prompt_pool(num_train: int = 2048, num_eval: int = 64) -> tuple[list[str], list[str]]:
     """The same split as cory's `sentiment` task: (train prompts, held-out eval prompts)."""
-    from cory.zoo.corpora import reviews
+    from cory.corpora import reviews
 
     pool = reviews.prompts(num_train + num_eval, seed=2024)
     return pool[num_eval:], pool[:num_eval]

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+import cory.envs  # noqa: F401  (provides the agent corpus's texts)
 from cory import zoo
 from cory.zoo import registry
 

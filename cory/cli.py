@@ -1,4 +1,4 @@
-"""The `cory` command: train, eval, zoo, report.
+"""The `cory` command: train, eval, zoo, rm, report, config, algos.
 
 Bad input (a config key, value, file, model, reward function, environment or output directory
 that cannot work) is reported in one line on stderr with exit status 2, before any work, without a
@@ -78,6 +78,12 @@ def _add_report(sub) -> None:
                    help="env runs: episodes per agent for the regret and coverage curves (default: env.eval_episodes)")
 
 
+def _add_config(sub) -> None:
+    p = sub.add_parser("config", help="print every config key with its default and what it does")
+    p.add_argument("section", nargs="?", help="only this section's keys (e.g. algo, kl, model.lora)")
+    sub.add_parser("algos", help="list the RL algorithms with the algo.* keys and defaults each brings")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cory", description="Reinforcement-learning fine-tuning of language models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -86,6 +92,7 @@ def parser() -> argparse.ArgumentParser:
     _add_zoo(sub)
     _add_rm(sub)
     _add_report(sub)
+    _add_config(sub)
     return ap
 
 
@@ -93,7 +100,10 @@ def cmd_train(args) -> int:
     from cory.config import load_config
     from cory.report import summary_text
 
-    from cory.train import UsageError, check_output_dir, check_resume_config, preflight, train
+    from cory.api import train
+    from cory.errors import UsageError
+    from cory.preflight import preflight
+    from cory.run import check_output_dir, check_resume_config
 
     cfg = load_config(args.config, args.overrides)
     if args.force and not args.resume:
@@ -117,7 +127,9 @@ def cmd_eval(args) -> int:
     from cory.evaluate import evaluate
     from cory.policy import Policy
     from cory.tasks import make_task
-    from cory.train import UsageError, check_model_name, eval_params, load_reference, preflight
+    from cory.build import eval_params, load_reference
+    from cory.errors import UsageError
+    from cory.preflight import check_model_name, preflight
 
     cfg = load_config(args.config, args.overrides)
     preflight(cfg)
@@ -164,18 +176,15 @@ def _eval_env(args, cfg) -> int:
     episodes (the evaluation instances of eval.seed); optional probes on a model."""
     from pathlib import Path
 
-    import gymnasium
     import torch
 
     from cory.agents import AGENTS
     from cory.evaluate import episode_metrics, evaluate_env, play_agent
-    from cory.train import UsageError, check_model_name, eval_params, load_reference
+    from cory.build import eval_params, load_reference
+    from cory.errors import UsageError
+    from cory.preflight import check_model_name
 
-    env_id, kwargs = cfg.env.id, dict(cfg.env.kwargs)
-    try:
-        gymnasium.make(env_id, disable_env_checker=True, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"bad env.kwargs for {env_id}: {str(e).splitlines()[0]}") from None
+    env_id, kwargs = cfg.env.id, dict(cfg.env.kwargs)  # preflight made the environment with them once
     if cfg.env.eval_episodes < 1:
         raise UsageError(f"env.eval_episodes must be at least 1, got {cfg.env.eval_episodes}")
     classical = args.model in AGENTS and not Path(args.model).is_dir()
@@ -258,7 +267,7 @@ def cmd_zoo(args) -> int:
 
 def cmd_rm(args) -> int:
     from cory.rewards.bradley_terry import RMTrainConfig, load_pairs, sentiment_pairs, train_reward_model
-    from cory.train import check_model_name
+    from cory.preflight import check_model_name
 
     if args.rm_command == "pairs":
         with open(args.out, "w", encoding="utf-8") as fh:
@@ -294,24 +303,54 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "zoo": cmd_zoo, "rm": cmd_rm, "report": cmd_report}
+def cmd_config(args) -> int:
+    """`cory config [SECTION]`: each key as `key = default` (JSON), its docstring indented below."""
+    from cory.config import describe
+
+    for key, default, doc in describe(args.section):
+        print(f"{key} = {json.dumps(default)}")
+        print(f"    {doc}")
+    return 0
+
+
+def cmd_algos(args) -> int:
+    """`cory algos`: per algorithm, its estimator and losses, the algo.* keys it alone reads, and the
+    defaults it brings; then the algo.* keys every algorithm reads."""
+    import dataclasses
+
+    from cory.algorithms import ALGORITHMS
+    from cory.config import AlgoConfig, algorithm_keys
+
+    used = algorithm_keys()
+    for name, keys in used.items():
+        a = ALGORITHMS[name]
+        value = "value head" if a.value_loss else "no value head"
+        kl = "KL in the reward" if a.kl_in_reward else "KL in the loss"
+        print(f"{name}: estimator {a.estimator}, policy loss {a.policy_loss}, {value}, {kl} (kl.penalty=auto)")
+        print(f"    keys: {', '.join(f'algo.{k}' for k in sorted(keys))}")
+        if a.defaults:
+            print(f"    defaults: {', '.join(f'{k}={json.dumps(v)}' for k, v in a.defaults.items())}")
+    specific = set().union(*used.values())
+    shared = [f"algo.{f.name}" for f in dataclasses.fields(AlgoConfig) if f.name != "name" and f.name not in specific]
+    print(f"every algorithm: {', '.join(shared)}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "zoo": cmd_zoo, "rm": cmd_rm, "report": cmd_report, "config": cmd_config,
+            "algos": cmd_algos}
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from cory.config import ConfigError
-    from cory.rewards import RewardError
-    from cory.rewards.bradley_terry import PairDataError
-    from cory.tasks.base import TaskDataError
-    from cory.train import UsageError
-    from cory.zoo import UnknownModelError
+    from cory.errors import UsageError
 
-    return (ConfigError, UsageError, UnknownModelError, RewardError, TaskDataError, PairDataError, FileNotFoundError)
+    # Unknown models, bad reward functions, prompt and preference files are UsageErrors too.
+    return (UsageError, FileNotFoundError)
 
 
 def _run_errors() -> tuple[type[BaseException], ...]:
     """Failures of a run that started (not bad input): one line, exit status 1."""
     from cory.learner import NonFiniteLossError
-    from cory.train import RunError
+    from cory.errors import RunError
 
     return (NonFiniteLossError, RunError)
 
@@ -337,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     _quiet_libraries()
+    import cory.envs  # noqa: F401  (registers the environments; provides the zoo's agent corpus, built on demand)
+
     try:
         return COMMANDS[args.command](args)
     except _expected_errors() as e:

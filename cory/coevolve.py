@@ -27,7 +27,9 @@ from cory.learner import Learner, reduce_metrics
 from cory.lora import AdaptersDisabled, peft_config
 from cory.policy import Policy
 from cory.rollout import rollout_from_generation
-from cory.train import Run, UsageError, eval_params, make_backend, make_control, make_reference, sampling_params
+from cory.build import eval_params, make_backend, make_control, make_reference, sampling_params
+from cory.errors import UsageError
+from cory.run import Run
 
 CONTINUATION_TEMPLATE = 'I can make this sentence "{prompt}{reference}" more positive: {prompt}'
 """The observer's prompt for continuation tasks (the paper's IMDB template)."""

@@ -1,9 +1,11 @@
 """Typed run configuration: dataclasses, YAML files and dotted command-line overrides.
 
 A run's configuration is one `Config` made of sections. Every field is declared here with a one-line
-docstring under it; `cory train --help-config` prints them. Values come from, in order: the defaults
-below, a YAML file (`--config FILE`), and `section.key=value` overrides on the command line.
-OmegaConf checks keys and types; `ConfigError` turns its complaints into one readable line.
+docstring under it; `cory config [SECTION]` prints them with their defaults, and `cory algos` lists
+each algorithm's own `algo.*` keys. Values come from, in order: the defaults below, the chosen
+algorithm's defaults, a YAML file (`--config FILE`), and `section.key=value` overrides on the
+command line. OmegaConf checks keys and types; its complaints, and every value check here, become a
+one-line `UsageError`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-
-class ConfigError(ValueError):
-    """A configuration problem, described in one line."""
+from cory.errors import UsageError
 
 
 @dataclass
@@ -344,6 +344,26 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
+def describe(section: str | None = None) -> list[tuple[str, Any, str]]:
+    """(dotted key, default, docstring) of every config key, or of those under `section` (`algo`,
+    `model.lora`); UsageError for a section that does not exist. Defaults are the schema's, before an
+    algorithm's own (`cory algos` shows those)."""
+    keys = valid_keys()
+    if section is not None:
+        keys = [k for k in keys if k.startswith(section + ".")]
+        if not keys:
+            sections = sorted({k.rsplit(".", 1)[0] for k in valid_keys()})
+            raise UsageError(f"unknown config section '{section}'; sections: {', '.join(sections)}")
+    docs, defaults = field_docs(), Config()
+    rows = []
+    for key in keys:
+        value = defaults
+        for name in key.split("."):
+            value = getattr(value, name)
+        rows.append((key, value, docs.get(key, "")))
+    return rows
+
+
 def _describe(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or ""
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
@@ -362,7 +382,7 @@ def _describe(err: OmegaConfBaseException) -> str:
 
 def _parse_override(item: str) -> str:
     if "=" not in item or item.startswith("="):
-        raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        raise UsageError(f"override '{item}' is not of the form section.key=value")
     return item
 
 
@@ -382,7 +402,7 @@ def _unbool(layer):
                 meant = [w for w in CHOICES.get(key, ()) if w in words]
                 if not meant:
                     choices = f"; choose one of: {', '.join(CHOICES[key])}" if key in CHOICES else "; quote it to mean the text"
-                    raise ConfigError(f"bad value for config key '{key}': YAML reads it as the boolean {value}{choices}")
+                    raise UsageError(f"bad value for config key '{key}': YAML reads it as the boolean {value}{choices}")
                 values[name] = meant[0]
     return OmegaConf.create(data)
 
@@ -390,7 +410,7 @@ def _unbool(layer):
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at `path`, then `section.key=value` overrides; checked.
 
-    Raises ConfigError with one line naming the problem.
+    Raises UsageError with one line naming the problem.
     """
     schema = OmegaConf.structured(Config)
     try:
@@ -398,13 +418,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if path:
             p = Path(path)
             if not p.is_file():
-                raise ConfigError(f"config file not found: {p}")
+                raise UsageError(f"config file not found: {p}")
             try:
                 loaded = OmegaConf.load(p)
             except Exception as e:  # YAML syntax errors come in many classes
-                raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+                raise UsageError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
             if not isinstance(loaded, type(schema)):
-                raise ConfigError(f"config file {p} must hold a mapping of sections")
+                raise UsageError(f"config file {p} must hold a mapping of sections")
             layers.append(_unbool(loaded))
         layers.append(_unbool(OmegaConf.from_dotlist([_parse_override(o) for o in overrides])))
         merged = OmegaConf.merge(*layers)
@@ -413,7 +433,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             merged = OmegaConf.merge(layers[0], OmegaConf.create(defaults), *layers[1:])
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise ConfigError(_describe(e)) from None
+        raise UsageError(_describe(e)) from None
     check(cfg)
     return cfg
 
@@ -429,37 +449,47 @@ def algorithm_defaults(name: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def algorithm_keys() -> dict[str, set[str]]:
+    """Algorithm name -> the algorithm-specific `algo.*` keys (without the section) it reads: its
+    estimator's and losses' keys. `_check_algorithm_keys` refuses the others and `cory algos` prints
+    these, so the two cannot disagree. Keys no algorithm claims act for every one."""
+    from cory.algorithms import ALGORITHMS
+
+    return {name: algorithm.keys() for name, algorithm in sorted(ALGORITHMS.items())}
+
+
 def _check_algorithm_keys(cfg: Config) -> None:
     """A key with no effect for the chosen algorithm is refused with one line (issue 10)."""
     from cory.algorithms import ALGORITHMS
 
     algo = ALGORITHMS[cfg.algo.name]
     default = AlgoConfig(**algorithm_defaults(cfg.algo.name).get("algo", {}))
+    used = algorithm_keys()
     users: dict[str, list[str]] = {}
-    for name, other in sorted(ALGORITHMS.items()):
-        for key in other.keys():
+    for name, keys in used.items():
+        for key in keys:
             users.setdefault(key, []).append(name)
-    for key in sorted(set(users) - algo.keys()):
+    for key in sorted(set(users) - used[cfg.algo.name]):
         if getattr(cfg.algo, key) != getattr(default, key):
-            raise ConfigError(f"algo.{key} has no effect for algo.name={cfg.algo.name}; it is used by: {', '.join(users[key])}")
+            raise UsageError(f"algo.{key} has no effect for algo.name={cfg.algo.name}; it is used by: {', '.join(users[key])}")
     a = cfg.algo
     if algo.estimator == "returns" and a.group_size != default.group_size and a.baseline != "loo":
-        raise ConfigError(f"algo.group_size has no effect for {cfg.algo.name} unless algo.baseline=loo")
+        raise UsageError(f"algo.group_size has no effect for {cfg.algo.name} unless algo.baseline=loo")
     if (algo.grouped or a.baseline == "loo" and algo.estimator == "returns") and a.group_size < 2:
-        raise ConfigError(f"algo.group_size must be at least 2 for {cfg.algo.name}" + (" with algo.baseline=loo" if not algo.grouped else ""))
+        raise UsageError(f"algo.group_size must be at least 2 for {cfg.algo.name}" + (" with algo.baseline=loo" if not algo.grouped else ""))
     if a.loss_constant and a.loss_aggregation != "constant":
-        raise ConfigError("algo.loss_constant has no effect unless algo.loss_aggregation=constant")
+        raise UsageError("algo.loss_constant has no effect unless algo.loss_aggregation=constant")
     if a.loss_constant < 0 or a.overlong_buffer < 0 or a.tis_cap < 0 or a.clip_range_high < 0:
-        raise ConfigError("algo.loss_constant, overlong_buffer, tis_cap and clip_range_high must be >= 0")
+        raise UsageError("algo.loss_constant, overlong_buffer, tis_cap and clip_range_high must be >= 0")
     if 0 < a.tis_cap < 1:
-        raise ConfigError("bad value for config key 'algo.tis_cap': must be >= 1 (0 = off), so that agreeing engines get weight 1")
+        raise UsageError("bad value for config key 'algo.tis_cap': must be >= 1 (0 = off), so that agreeing engines get weight 1")
     if a.dual_clip and a.dual_clip <= 1:
-        raise ConfigError("bad value for config key 'algo.dual_clip': must be > 1 (0 = off)")
+        raise UsageError("bad value for config key 'algo.dual_clip': must be > 1 (0 = off)")
     if a.overlong_buffer > cfg.generation.max_new_tokens:
-        raise ConfigError("algo.overlong_buffer must be at most generation.max_new_tokens")
+        raise UsageError("algo.overlong_buffer must be at most generation.max_new_tokens")
     kl_in_reward = algo.kl_in_reward if cfg.kl.penalty == "auto" else cfg.kl.penalty == "reward"
     if cfg.kl.estimator == "full" and not kl_in_reward:
-        raise ConfigError(f"kl.estimator=full works only with KL in the reward (kl.penalty=reward) for {cfg.algo.name}")
+        raise UsageError(f"kl.estimator=full works only with KL in the reward (kl.penalty=reward) for {cfg.algo.name}")
 
 
 def check(cfg: Config) -> None:
@@ -469,54 +499,54 @@ def check(cfg: Config) -> None:
         for name in key.split("."):
             value = getattr(value, name)
         if value not in allowed:
-            raise ConfigError(f"bad value for config key '{key}': {value!r}; choose one of: {', '.join(allowed)}")
+            raise UsageError(f"bad value for config key '{key}': {value!r}; choose one of: {', '.join(allowed)}")
     from cory.algorithms import ALGORITHMS
 
     if cfg.algo.name not in ALGORITHMS:
-        raise ConfigError(f"bad value for config key 'algo.name': {cfg.algo.name!r}; choose one of: {', '.join(sorted(ALGORITHMS))}")
+        raise UsageError(f"bad value for config key 'algo.name': {cfg.algo.name!r}; choose one of: {', '.join(sorted(ALGORITHMS))}")
     _check_algorithm_keys(cfg)
     positive = ["train.iterations", "train.batch_size", "generation.max_new_tokens", "algo.epochs", "task.num_eval_prompts"]
     for key in positive:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"bad value for config key '{key}': must be at least 1")
+            raise UsageError(f"bad value for config key '{key}': must be at least 1")
     if cfg.cory.swap_every < 1:
-        raise ConfigError("bad value for config key 'cory.swap_every': must be at least 1")
+        raise UsageError("bad value for config key 'cory.swap_every': must be at least 1")
     if cfg.generation.temperature < 0:
-        raise ConfigError("bad value for config key 'generation.temperature': must be >= 0")
+        raise UsageError("bad value for config key 'generation.temperature': must be >= 0")
     if not 0 < cfg.generation.top_p <= 1:
-        raise ConfigError("bad value for config key 'generation.top_p': must be in (0, 1]")
+        raise UsageError("bad value for config key 'generation.top_p': must be in (0, 1]")
     if cfg.algo.minibatch_size and cfg.algo.micro_batch_size and cfg.algo.minibatch_size % cfg.algo.micro_batch_size:
-        raise ConfigError("algo.minibatch_size must be a multiple of algo.micro_batch_size")
+        raise UsageError("algo.minibatch_size must be a multiple of algo.micro_batch_size")
     if cfg.kl.hard_budget < 0:
-        raise ConfigError("bad value for config key 'kl.hard_budget': must be >= 0 (0 = off)")
+        raise UsageError("bad value for config key 'kl.hard_budget': must be >= 0 (0 = off)")
     if not 0 <= cfg.kl.help_threshold < 1:
-        raise ConfigError("bad value for config key 'kl.help_threshold': must be in [0, 1) (0 = off)")
+        raise UsageError("bad value for config key 'kl.help_threshold': must be in [0, 1) (0 = off)")
     if cfg.model.reference_ensemble and len(cfg.model.reference_ensemble) < 2:
-        raise ConfigError("model.reference_ensemble needs at least 2 models")
+        raise UsageError("model.reference_ensemble needs at least 2 models")
     if cfg.model.reference_ensemble and cfg.model.reference:
-        raise ConfigError("set model.reference or model.reference_ensemble, not both")
+        raise UsageError("set model.reference or model.reference_ensemble, not both")
     if cfg.kl.help_threshold and not cfg.model.reference_ensemble:
-        raise ConfigError("kl.help_threshold needs a pessimistic reference: set model.reference_ensemble")
+        raise UsageError("kl.help_threshold needs a pessimistic reference: set model.reference_ensemble")
     if cfg.kl.help_threshold and cfg.kl.hard_budget:
-        raise ConfigError("kl.hard_budget and kl.help_threshold cannot be combined yet; pick one")
+        raise UsageError("kl.hard_budget and kl.help_threshold cannot be combined yet; pick one")
     lora = cfg.model.lora
     if lora.r < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1 or (lora.r and not lora.targets):
-        raise ConfigError("bad model.lora: r must be >= 0 (0 = off), alpha > 0, dropout in [0, 1), targets not empty")
+        raise UsageError("bad model.lora: r must be >= 0 (0 = off), alpha > 0, dropout in [0, 1), targets not empty")
     if lora.quantize != "none" and not lora.r:
-        raise ConfigError(f"model.lora.quantize={lora.quantize} quantizes the frozen base of a LoRA run: set model.lora.r too")
+        raise UsageError(f"model.lora.quantize={lora.quantize} quantizes the frozen base of a LoRA run: set model.lora.r too")
     if lora.r and cfg.cory.enabled:
-        raise ConfigError("model.lora.* is for single-agent runs; CORY's LoRA mode is cory.shared_base=true with cory.lora_r/lora_alpha/lora_targets")
+        raise UsageError("model.lora.* is for single-agent runs; CORY's LoRA mode is cory.shared_base=true with cory.lora_r/lora_alpha/lora_targets")
     if lora.r and (cfg.model.reference or cfg.model.reference_ensemble):
-        raise ConfigError("with model.lora.r the reference is the frozen base (adapters disabled); leave model.reference and model.reference_ensemble empty")
+        raise UsageError("with model.lora.r the reference is the frozen base (adapters disabled); leave model.reference and model.reference_ensemble empty")
     if cfg.train.fsdp and (cfg.cory.enabled or lora.r or cfg.train.mixed_precision == "fp16"):
-        raise ConfigError("train.fsdp runs single-agent full fine-tuning in fp32/bf16 for now; not with cory.enabled, model.lora.r or train.mixed_precision=fp16")
+        raise UsageError("train.fsdp runs single-agent full fine-tuning in fp32/bf16 for now; not with cory.enabled, model.lora.r or train.mixed_precision=fp16")
     _check_generation_backend(cfg)
     for section in ("task", "env"):
         if getattr(cfg, section).system_prompt and not getattr(cfg, section).chat_template:
-            raise ConfigError(f"{section}.system_prompt needs {section}.chat_template=true")
+            raise UsageError(f"{section}.system_prompt needs {section}.chat_template=true")
     if cfg.task.prompt_file and not Path(cfg.task.prompt_file).is_file():
-        raise ConfigError(f"prompt file not found: {cfg.task.prompt_file}")
+        raise UsageError(f"prompt file not found: {cfg.task.prompt_file}")
     check_ranges(cfg)
 
 
@@ -541,14 +571,14 @@ def check_ranges(cfg: Config) -> None:
         for g in dataclasses.fields(getattr(cfg, f.name)):
             value = getattr(getattr(cfg, f.name), g.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"bad value for config key '{f.name}.{g.name}': {value}; must be a finite number")
+                raise UsageError(f"bad value for config key '{f.name}.{g.name}': {value}; must be a finite number")
     for keys, ok, rule in ((_AT_LEAST_0, lambda v: v >= 0, "must be >= 0"), (_AT_LEAST_1, lambda v: v >= 1, "must be at least 1"),
                            (_ABOVE_0, lambda v: v > 0, "must be > 0"), (_UNIT, lambda v: 0 <= v <= 1, "must be in [0, 1]")):
         for key in keys:
             if not ok(get(key)):
-                raise ConfigError(f"bad value for config key '{key}': {get(key)!r}; {rule}")
+                raise UsageError(f"bad value for config key '{key}': {get(key)!r}; {rule}")
     if cfg.env.id and getattr(cfg, "cory", None) is not None and cfg.cory.enabled:
-        raise ConfigError("env.id and cory.enabled cannot be combined: CORY trains on single-turn tasks, not environments")
+        raise UsageError("env.id and cory.enabled cannot be combined: CORY trains on single-turn tasks, not environments")
 
 
 def _check_generation_backend(cfg: Config) -> None:
@@ -558,14 +588,14 @@ def _check_generation_backend(cfg: Config) -> None:
         changed = [f"generation.{k}" for k in ("vllm_dtype", "vllm_kv_cache_gib", "vllm_gpu_memory_utilization", "vllm_sleep")
                    if getattr(g, k) != getattr(defaults, k)]
         if changed:
-            raise ConfigError(f"{', '.join(changed)} only act with generation.backend=vllm")
+            raise UsageError(f"{', '.join(changed)} only act with generation.backend=vllm")
         return
     if cfg.kl.hard_budget or cfg.kl.help_threshold:
-        raise ConfigError("kl.hard_budget and kl.help_threshold steer sampling token by token; they need generation.backend=native")
+        raise UsageError("kl.hard_budget and kl.help_threshold steer sampling token by token; they need generation.backend=native")
     if g.vllm_kv_cache_gib < 0:
-        raise ConfigError("bad value for config key 'generation.vllm_kv_cache_gib': must be >= 0 (0 = vLLM's default)")
+        raise UsageError("bad value for config key 'generation.vllm_kv_cache_gib': must be >= 0 (0 = vLLM's default)")
     if not 0 < g.vllm_gpu_memory_utilization <= 1:
-        raise ConfigError("bad value for config key 'generation.vllm_gpu_memory_utilization': must be in (0, 1]")
+        raise UsageError("bad value for config key 'generation.vllm_gpu_memory_utilization': must be in (0, 1]")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -414,14 +414,14 @@ def check_engine(accelerator: Accelerator, cfg) -> None:
     """Refuses, in one line, what cory's update loop cannot do under DeepSpeed."""
     from accelerate.utils import DistributedType
 
-    from cory.config import ConfigError
+    from cory.errors import UsageError
 
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
     if accelerator.state.deepspeed_plugin.zero_stage == 3:
-        raise ConfigError("DeepSpeed ZeRO-3 partitions the weights, which cory's sampler and evaluation need whole: use train.fsdp=true (FSDP2) or ZeRO-2")
+        raise UsageError("DeepSpeed ZeRO-3 partitions the weights, which cory's sampler and evaluation need whole: use train.fsdp=true (FSDP2) or ZeRO-2")
     if cfg.algo.micro_batch_size and cfg.algo.micro_batch_size != cfg.algo.minibatch_size:
-        raise ConfigError("under DeepSpeed the engine steps after every backward pass: leave algo.micro_batch_size=0 (no accumulation)")
+        raise UsageError("under DeepSpeed the engine steps after every backward pass: leave algo.micro_batch_size=0 (no accumulation)")
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from cory.config import ConfigError, LoraConfig
+from cory.config import LoraConfig
+from cory.errors import UsageError
 from cory.policy import Policy
 
 ADAPTER_DIR = "adapter"
@@ -38,15 +39,15 @@ class AdaptersDisabled(torch.nn.Module):
 
 
 def check_quantize(quantize: str) -> None:
-    """Raises ConfigError (one line) where `model.lora.quantize` cannot run on this machine."""
+    """Raises UsageError (one line) where `model.lora.quantize` cannot run on this machine."""
     if quantize == "none":
         return
     if not torch.cuda.is_available():
-        raise ConfigError(f"model.lora.quantize={quantize} (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has no GPU: use model.lora.quantize=none")
+        raise UsageError(f"model.lora.quantize={quantize} (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has no GPU: use model.lora.quantize=none")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ConfigError(f"model.lora.quantize={quantize} (QLoRA) needs bitsandbytes: pip install -e '.[qlora]'") from None
+        raise UsageError(f"model.lora.quantize={quantize} (QLoRA) needs bitsandbytes: pip install -e '.[qlora]'") from None
 
 
 def peft_config(r: int, alpha: int, targets, dropout: float = 0.0):

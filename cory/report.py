@@ -143,7 +143,7 @@ def env_report(run_dir: str | Path, episodes: int | None = None) -> tuple[list[P
     from cory.evaluate import episode_metrics, play_agent, play_policy
     from cory.metrics import plot_coverage, plot_regret
     from cory.policy import Policy
-    from cory.train import eval_params
+    from cory.build import eval_params
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")

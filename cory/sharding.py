@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cory.config import ConfigError
+from cory.errors import UsageError
 
 
 def shard_policy(module: nn.Module, mesh=None) -> nn.Module:
@@ -127,7 +127,7 @@ def load_sharded(folder, module: nn.Module, optimizer: torch.optim.Optimizer) ->
     with safe_open(str(path), "pt") as fh:
         world = int(fh.metadata()["world_size"])
     if world != dist.get_world_size():
-        raise ConfigError(f"this FSDP checkpoint was written by {world} processes; resume it with {world}, not {dist.get_world_size()}")
+        raise UsageError(f"this FSDP checkpoint was written by {world} processes; resume it with {world}, not {dist.get_world_size()}")
     tensors = load_file(str(path))
     with torch.no_grad():
         for n, p in module.named_parameters():

@@ -95,15 +95,16 @@ measure() {
   (timeout 50 "$PY" - "$OUT/$name" "$@" <<'EOF' 2>&1 || echo "$name: FAILED or over 50 s") | tail -n 3 | tee -a "$SUMMARY"
 import json, statistics, sys, time
 import torch
-from cory.config import ConfigError, load_config
-from cory.train import train
+from cory.config import load_config
+from cory.errors import UsageError
+from cory.api import train
 out, overrides = sys.argv[1], sys.argv[2:]
 name = out.rsplit("/", 1)[-1]
 try:
     cfg = load_config(None, overrides)
     t0 = time.perf_counter()
     train(cfg, out)
-except ConfigError as e:
+except UsageError as e:
     print(f"{name}: refused: {e}")
     sys.exit(0)
 rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]

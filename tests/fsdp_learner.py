@@ -15,7 +15,7 @@ from cory.learner import Learner
 from cory.policy import Policy
 from cory.rollout import Rollout
 from cory.sharding import gathered_state_dict, shard_policy
-from cory.train import load_reference, make_accelerator
+from cory.build import load_reference, make_accelerator
 
 ROWS, LQ, LR = 16, 5, 7
 

@@ -14,8 +14,8 @@ from cory.cli import main
 from cory.envs.bandit import render_bandit_prompt
 from cory.envs.parsing import parse_action
 from cory.envs.prompts import PromptOptions
-from cory.metrics.probes import greedy_actions, most_frequent_actions
-from cory.zoo.corpora import agent
+from cory.envs.bandit import greedy_actions, most_frequent_actions
+from cory.envs import transcripts
 
 MICRO_AGENT = "cory:micro-agent"
 SHORT_BANDIT = "{n_arms: 10, horizon: 5, cot: false, history: 10}"
@@ -29,7 +29,7 @@ def micro_agent(zoo_cache):
 
 @pytest.fixture(scope="module")
 def decisions():
-    return agent.transcripts(3000, seed=11)
+    return transcripts.transcripts(3000, seed=11)
 
 
 def run_cli(capsys, *argv):
@@ -42,10 +42,10 @@ def run_cli(capsys, *argv):
 
 
 def test_transcripts_are_deterministic_and_a_prefix_of_longer_draws():
-    assert agent.transcripts(60, seed=3) == agent.transcripts(60, seed=3)
-    assert agent.transcripts(25, seed=3) == agent.transcripts(60, seed=3)[:25]
-    assert [t.text for t in agent.transcripts(60, seed=3)] != [t.text for t in agent.transcripts(60, seed=4)]
-    assert agent.pretraining_texts(30) == [t.text for t in agent.transcripts(30, agent.PRETRAIN_SEED)]
+    assert transcripts.transcripts(60, seed=3) == transcripts.transcripts(60, seed=3)
+    assert transcripts.transcripts(25, seed=3) == transcripts.transcripts(60, seed=3)[:25]
+    assert [t.text for t in transcripts.transcripts(60, seed=3)] != [t.text for t in transcripts.transcripts(60, seed=4)]
+    assert transcripts.pretraining_texts(30) == [t.text for t in transcripts.transcripts(30, transcripts.PRETRAIN_SEED)]
 
 
 def test_every_answer_parses_to_its_legal_action(decisions):
@@ -58,14 +58,14 @@ def test_every_answer_parses_to_its_legal_action(decisions):
 def test_bandit_prompts_are_the_environment_rendering(decisions):
     bandits = [d for d in decisions if d.env_id == "cory/Bandit-v0"]
     for d in bandits[:300]:
-        options = PromptOptions(cot=False, **agent.BANDIT_KWARGS[len(d.labels)])
-        assert render_bandit_prompt(d.labels, "button", agent.HORIZON, d.history, options) == d.prompt
+        options = PromptOptions(cot=False, **transcripts.BANDIT_KWARGS[len(d.labels)])
+        assert render_bandit_prompt(d.labels, "button", transcripts.HORIZON, d.history, options) == d.prompt
 
 
 def test_behaviours_are_mixed_and_act_on_what_the_prompt_shows(decisions):
     bandits = [d for d in decisions if d.env_id == "cory/Bandit-v0"]
     shares = collections.Counter(d.behaviour for d in bandits)
-    for name, share in agent.BEHAVIOURS.items():
+    for name, share in transcripts.BEHAVIOURS.items():
         assert shares[name] / len(bandits) == pytest.approx(share, abs=0.06)
     arms = collections.Counter(len(d.labels) for d in bandits)
     assert set(arms) == {5, 10, 20} and arms[10] > arms[5] + arms[20]
@@ -73,7 +73,7 @@ def test_behaviours_are_mixed_and_act_on_what_the_prompt_shows(decisions):
     assert 0.05 < len(games) / len(decisions) < 0.4 and {d.behaviour for d in games} == {"random", "minimax"}
     checked = collections.Counter()
     for d in bandits:
-        kwargs = agent.BANDIT_KWARGS[len(d.labels)]
+        kwargs = transcripts.BANDIT_KWARGS[len(d.labels)]
         shown = list(d.history) if kwargs["summary"] else list(d.history[-kwargs["history"]:])
         if not shown:
             continue
@@ -86,17 +86,17 @@ def test_behaviours_are_mixed_and_act_on_what_the_prompt_shows(decisions):
 
 
 def test_heldout_decisions_are_not_pretraining_texts():
-    seen = set(agent.pretraining_texts(agent.PRETRAIN_SIZE))
-    held = agent.heldout_transcripts(200)
+    seen = set(transcripts.pretraining_texts(transcripts.PRETRAIN_SIZE))
+    held = transcripts.heldout_transcripts(200)
     assert len(held) == 200 and not seen & {d.text for d in held}
-    assert agent.heldout_texts(50) == [d.text for d in held[:50]]
+    assert transcripts.heldout_texts(50) == [d.text for d in held[:50]]
 
 
 def test_decisions_fit_the_models_positions(micro_agent):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(micro_agent)
-    texts = [d.text for d in agent.transcripts(1500, seed=5)]
+    texts = [d.text for d in transcripts.transcripts(1500, seed=5)]
     lengths = [len(ids) + 1 for ids in tokenizer(texts)["input_ids"]]  # + <eos>
     assert max(lengths) <= zoo.registry.AGENT_ROW
 
@@ -166,7 +166,7 @@ def test_action_scores_are_the_models_log_likelihoods(micro_agent):
     from cory.policy import Policy
 
     policy = Policy.from_pretrained(str(micro_agent))
-    prompt = agent.heldout_transcripts(1)[0].prompt
+    prompt = transcripts.heldout_transcripts(1)[0].prompt
     texts = ["\nACTION=blue", "\nACTION=green", "\nACTION=not-an-arm"]
     scores = action_scorer(policy, batch_size=2)(prompt, texts)
     tok = policy.tokenizer
@@ -184,7 +184,7 @@ def test_probes_on_a_model_return_sensible_shapes(micro_agent):
     from cory.policy import Policy
 
     policy = Policy.from_pretrained(str(micro_agent))
-    kwargs = agent.env_kwargs(10)
+    kwargs = transcripts.env_kwargs(10)
     summary, results = frequency_bias_probe(policy, 8, seed=0, env_kwargs=kwargs)
     assert len(results) == 8 and summary["probes"] == 8
     for r in results:

@@ -10,8 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cory.tasks.registry import arithmetic_task
-from cory.zoo import corpora, registry
-from cory.zoo.corpora import arithmetic
+from cory import corpora
+from cory.zoo import registry
+from cory.corpora import arithmetic
 
 MICRO_ARITH = "cory:micro-arith"
 

@@ -5,10 +5,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from cory.config import ConfigError, load_config
+from cory.config import load_config
+
+from cory.errors import UsageError
 from cory.coevolve import CHAT_TEMPLATE, observer_prompts
 from cory.policy import Policy, SamplingParams
-from cory.train import eval_params, sampling_params
+from cory.build import eval_params, sampling_params
 
 @pytest.fixture(scope="module")
 def chat_policy(smollm2):
@@ -66,7 +68,7 @@ def test_chat_generation_stops_at_the_end_of_turn_token_and_plain_does_not(chat_
 def test_system_prompt_without_chat_is_refused():
     with pytest.raises(ValueError, match="chat=True"):
         SamplingParams(system_prompt="be nice")
-    with pytest.raises(ConfigError, match="task.chat_template"):
+    with pytest.raises(UsageError, match="task.chat_template"):
         load_config(overrides=["task.system_prompt=be nice"])
 
 

@@ -1,6 +1,12 @@
+import dataclasses
+import json
+
 import pytest
 
-from cory.config import Config, ConfigError, field_docs, load_config, valid_keys
+from cory.cli import main
+from cory.config import (CHOICES, AlgoConfig, Config, KLConfig, LoraConfig, algorithm_defaults, check, field_docs, load_config,
+                         valid_keys)
+from cory.errors import UsageError
 
 
 def test_defaults_load_and_are_typed():
@@ -17,39 +23,39 @@ def test_yaml_then_overrides_win(tmp_path):
 
 
 def test_unknown_key_names_the_key_and_lists_valid_ones():
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UsageError) as e:
         load_config(None, ["train.iteratons=3"])
     msg = str(e.value)
     assert "train.iteratons" in msg and "iterations" in msg and "\n" not in msg
 
 
 def test_unknown_section():
-    with pytest.raises(ConfigError, match="unknown config section 'trian'"):
+    with pytest.raises(UsageError, match="unknown config section 'trian'"):
         load_config(None, ["trian.iterations=3"])
 
 
 def test_wrong_type_is_one_line():
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UsageError) as e:
         load_config(None, ["train.iterations=many"])
     assert "train.iterations" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_bad_choice_lists_choices():
-    with pytest.raises(ConfigError, match="k1, k2, k3, full"):
+    with pytest.raises(UsageError, match="k1, k2, k3, full"):
         load_config(None, ["kl.estimator=k9"])
-    with pytest.raises(ConfigError, match="reinforce"):
+    with pytest.raises(UsageError, match="reinforce"):
         load_config(None, ["algo.name=nope"])
 
 
 def test_missing_config_file(tmp_path):
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(UsageError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
 
 
 def test_yaml_with_unknown_key(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("algo:\n  learning_rate: 0.1\n")
-    with pytest.raises(ConfigError, match="algo.learning_rate.*valid keys in 'algo'.*lr"):
+    with pytest.raises(UsageError, match="algo.learning_rate.*valid keys in 'algo'.*lr"):
         load_config(f)
 
 
@@ -62,11 +68,105 @@ def test_every_field_is_documented():
 @pytest.mark.parametrize("key,value", [("vllm_dtype", "bfloat16"), ("vllm_kv_cache_gib", "1.0"),
                                        ("vllm_gpu_memory_utilization", "0.5"), ("vllm_sleep", "false")])
 def test_vllm_keys_are_refused_without_the_vllm_backend(key, value):
-    with pytest.raises(ConfigError, match=f"generation.{key} only act with generation.backend=vllm"):
+    with pytest.raises(UsageError, match=f"generation.{key} only act with generation.backend=vllm"):
         load_config(None, [f"generation.{key}={value}"])
     load_config(None, ["generation.backend=vllm", f"generation.{key}={value}"])  # accepted where it acts
 
 
 def test_per_token_sampling_controls_need_the_native_loop():
-    with pytest.raises(ConfigError, match="need generation.backend=native"):
+    with pytest.raises(UsageError, match="need generation.backend=native"):
         load_config(None, ["generation.backend=vllm", "kl.hard_budget=2.0"])
+
+
+def _config_keys_and_defaults(obj, prefix: str) -> dict:
+    """Walks the dataclasses themselves: dotted key -> default value."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_config_keys_and_defaults(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def _printed_keys(text: str) -> dict:
+    """`cory config` output -> {key: (default, doc)}: `key = JSON` lines, each followed by its doc."""
+    lines = text.splitlines()
+    assert len(lines) % 2 == 0
+    out = {}
+    for head, doc in zip(lines[::2], lines[1::2]):
+        key, value = head.split(" = ", 1)
+        assert doc.startswith("    ")
+        out[key] = (json.loads(value), doc.strip())
+    return out
+
+
+def test_cory_config_prints_every_key_with_its_default_and_docstring(capsys):
+    assert main(["config"]) == 0
+    printed = _printed_keys(capsys.readouterr().out)
+    expected = _config_keys_and_defaults(Config(), "")
+    assert set(printed) == set(expected)
+    assert {k: v for k, (v, _) in printed.items()} == expected
+    docs = field_docs()
+    assert all(doc and doc == docs[k] for k, (_, doc) in printed.items())
+
+
+def test_cory_config_filters_by_section_and_refuses_an_unknown_one(capsys):
+    assert main(["config", "kl"]) == 0
+    kl = _printed_keys(capsys.readouterr().out)
+    assert set(kl) == {f"kl.{f.name}" for f in dataclasses.fields(KLConfig)}
+    assert main(["config", "model.lora"]) == 0
+    assert set(_printed_keys(capsys.readouterr().out)) == {f"model.lora.{f.name}" for f in dataclasses.fields(LoraConfig)}
+    assert main(["config", "kll"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1 and "unknown config section 'kll'" in out.err
+
+
+def _refused(name: str, key: str) -> bool:
+    """Whether the config check refuses algo.<key> (set away from its default) for algorithm `name`
+    as having no effect; REINFORCE's group size is tried again with the leave-one-out baseline."""
+    cfg, algo = Config(), AlgoConfig(name=name)
+    for k, v in algorithm_defaults(name).get("algo", {}).items():
+        setattr(algo, k, v)
+    default = getattr(algo, key)
+    if isinstance(default, bool):
+        value = not default
+    elif isinstance(default, str):
+        value = next(c for c in CHOICES[f"algo.{key}"] if c != default)
+    else:
+        value = default + (1 if isinstance(default, int) else 0.5)
+    for baseline in (algo.baseline, "loo"):
+        cfg.algo = dataclasses.replace(algo, **{"baseline": baseline, key: value})
+        try:
+            check(cfg)
+            return False
+        except UsageError as e:
+            msg = str(e)
+            if not (msg.startswith(f"algo.{key} has no effect for") and name in msg):
+                return False  # refused for another reason: the no-effect check let it through
+            if "unless algo.baseline=loo" not in msg:
+                return True
+    return True
+
+
+def test_cory_algos_shows_exactly_the_keys_the_refusal_check_accepts(capsys):
+    from cory.algorithms import ALGORITHMS
+
+    assert main(["algos"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    shown, name = {}, None
+    for line in out:
+        if not line.startswith(" ") and ": estimator " in line:
+            name = line.split(":")[0]
+        elif line.startswith("    keys: "):
+            shown[name] = {k.strip() for k in line[len("    keys: "):].split(",")}
+    shared = {k.strip() for k in out[-1].removeprefix("every algorithm: ").split(",")}
+    assert out[-1].startswith("every algorithm: ")
+    keys = [f.name for f in dataclasses.fields(AlgoConfig) if f.name != "name"]
+    refused = {name: {k for k in keys if _refused(name, k)} for name in ALGORITHMS}
+    specific = set().union(*refused.values())
+    assert set(shown) == set(ALGORITHMS)
+    for name in ALGORITHMS:
+        assert shown[name] == {f"algo.{k}" for k in specific - refused[name]}, name
+    assert shared == {f"algo.{k}" for k in keys if k not in specific}

@@ -113,7 +113,8 @@ def test_accelerate_configs_parse_and_deepspeed_limits_are_refused():
     from accelerate.commands.config.config_args import ClusterConfig
     from accelerate.utils import DistributedType
 
-    from cory.config import ConfigError, load_config
+    from cory.config import load_config
+    from cory.errors import UsageError
     from cory.learner import check_engine
 
     folder = REPO / "examples" / "accelerate"
@@ -126,7 +127,7 @@ def test_accelerate_configs_parse_and_deepspeed_limits_are_refused():
                                state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
 
     check_engine(engine(2), load_config(None, []))
-    with pytest.raises(ConfigError, match="ZeRO-3"):
+    with pytest.raises(UsageError, match="ZeRO-3"):
         check_engine(engine(3), load_config(None, []))
-    with pytest.raises(ConfigError, match="micro_batch_size=0"):
+    with pytest.raises(UsageError, match="micro_batch_size=0"):
         check_engine(engine(2), load_config(None, ["algo.minibatch_size=8", "algo.micro_batch_size=4"]))

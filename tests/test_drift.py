@@ -53,7 +53,7 @@ def test_exact_per_token_kl_matches_a_direct_computation(tmp_path, micro_lm):
     from cory.algorithms import make_algorithm
     from cory.learner import Learner
     from cory.policy import Policy, SamplingParams, sequence_logprobs
-    from cory.train import make_accelerator
+    from cory.build import make_accelerator
 
     cfg = load_config(None, micro_overrides(tmp_path))
     policy = Policy.from_pretrained(str(micro_lm))
@@ -97,7 +97,7 @@ def test_hard_budget_holds_over_multi_turn_episodes_and_training_uses_the_sample
     from cory.learner import Learner
     from cory.policy import Policy, SamplingParams
     from cory.rollout import Sampler
-    from cory.train import make_accelerator
+    from cory.build import make_accelerator
 
     budget = 1.5
     cfg = load_config(None, micro_overrides(tmp_path, **{"algo.name": "ppo", "kl.hard_budget": budget}))
@@ -175,7 +175,7 @@ def test_budget_controller_holds_the_episode_kl_not_the_turn_kl(tmp_path, micro_
     from cory.learner import Learner
     from cory.policy import Policy, SamplingParams
     from cory.rollout import Sampler
-    from cory.train import make_accelerator
+    from cory.build import make_accelerator
 
     cfg = load_config(None, micro_overrides(tmp_path, **{"kl.controller": "budget", "kl.budget": 0.0, "kl.beta": 0.0,
                                                          "kl.budget_lr": 0.1, "kl.estimator": "k3"}))

@@ -10,7 +10,8 @@ from conftest import micro_overrides
 from safetensors.torch import load_file
 
 from cory.cli import main
-from cory.config import ConfigError, load_config
+from cory.config import load_config
+from cory.errors import UsageError
 from cory.policy import sequence_logprobs
 from cory.learner import is_checkpointing
 from cory.train import TrainingRun
@@ -58,13 +59,13 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base(tmp_path, micro
 
 
 def test_lora_config_mistakes_are_one_line_errors():
-    with pytest.raises(ConfigError, match="set model.lora.r"):
+    with pytest.raises(UsageError, match="set model.lora.r"):
         load_config(None, ["model.lora.quantize=4bit"])
-    with pytest.raises(ConfigError, match="cory.shared_base"):
+    with pytest.raises(UsageError, match="cory.shared_base"):
         load_config(None, ["model.lora.r=8", "cory.enabled=true"])
-    with pytest.raises(ConfigError, match="reference is the frozen base"):
+    with pytest.raises(UsageError, match="reference is the frozen base"):
         load_config(None, ["model.lora.r=8", "model.reference=cory:tiny-reviews"])
-    with pytest.raises(ConfigError, match="model.lora.quantize"):
+    with pytest.raises(UsageError, match="model.lora.quantize"):
         load_config(None, ["model.lora.r=8", "model.lora.quantize=8bit"])
 
 

@@ -17,7 +17,8 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
 from cory.algorithms import ALGORITHMS, make_algorithm
-from cory.config import ConfigError, load_config
+from cory.config import load_config
+from cory.errors import UsageError
 from cory.learner import Learner
 from cory.policy import Policy, sequence_logprobs
 from cory.rollout import Rollout
@@ -203,7 +204,7 @@ def test_reinforce_loo_samples_groups_and_refuses_groups_of_one():
     cfg = load_config(None, ["algo.name=reinforce", "algo.baseline=loo", "algo.group_size=4"])
     assert make_algorithm(cfg).group_size == 4
     assert make_algorithm(load_config(None, ["algo.name=reinforce", "algo.baseline=mean"])).group_size == 1
-    with pytest.raises(ConfigError, match="group_size"):
+    with pytest.raises(UsageError, match="group_size"):
         load_config(None, ["algo.name=reinforce", "algo.baseline=loo", "algo.group_size=1"])
 
 
@@ -212,7 +213,7 @@ def test_reinforce_loo_samples_groups_and_refuses_groups_of_one():
                                       ("reinforce", "clip_range=0.1"), ("ppo", "scale_rewards=false"),
                                       ("rloo", "vf_coef=0.5"), ("reinforce", "dynamic_sampling=true")])
 def test_a_key_with_no_effect_is_refused_with_one_line(algo, key):
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UsageError) as err:
         load_config(None, [f"algo.name={algo}", f"algo.{key}"])
     msg = str(err.value)
     assert "\n" not in msg and f"algo.{key.split('=')[0]}" in msg and "used by" in msg

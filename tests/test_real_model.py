@@ -42,8 +42,8 @@ def test_arithmetic_chat_prompt_gets_a_worked_answer_the_parser_reads(smollm2):
     from cory.config import load_config
     from cory.policy import Policy
     from cory.tasks import make_task
-    from cory.train import eval_params
-    from cory.zoo.corpora.arithmetic import last_number
+    from cory.build import eval_params
+    from cory.corpora.arithmetic import last_number
 
     cfg = load_config(overrides=["task.name=arithmetic", "task.chat_template=true", "task.num_train_prompts=4",
                                  "task.num_eval_prompts=2", "generation.max_new_tokens=40", "eval.temperature=0"])

@@ -242,7 +242,7 @@ def test_kill_9_at_random_moments_then_resume_ends_bit_identical(tmp_path, micro
     import time
 
     from conftest import REPO
-    from cory.train import latest_checkpoint
+    from cory.run import latest_checkpoint
 
     overrides = micro_overrides(tmp_path, **{"train.iterations": 3, "train.checkpoint_every": 1, "train.keep_checkpoints": 2})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}

@@ -185,7 +185,7 @@ def test_training_run_syncs_weights_and_releases_the_engine(tmp_path, micro_lm, 
     log-probs of the engine's samples match the engine's (GAP) in every iteration, although a
     large learning rate moves the policy; at the end the engine and its KV cache are freed."""
     import cory.generation as generation
-    from cory.train import train
+    from cory.api import train
 
     refs = []
     make_engine = generation.make_engine
@@ -209,7 +209,7 @@ def test_training_run_syncs_weights_and_releases_the_engine(tmp_path, micro_lm, 
 def test_without_sync_the_gap_shows(tmp_path, micro_lm, micro_rm, monkeypatch):
     """The check above can fail: an engine left on the initial weights shows a large gap."""
     from cory.generation import vllm_engine
-    from cory.train import train
+    from cory.api import train
 
     monkeypatch.setattr(vllm_engine.VLLMBackend, "mark_stale", lambda self: None)
     cfg = load_config(None, _vllm_overrides(tmp_path, **{"train.iterations": 2, "algo.lr": 3e-2}))
@@ -220,7 +220,7 @@ def test_without_sync_the_gap_shows(tmp_path, micro_lm, micro_rm, monkeypatch):
 
 @pytest.mark.parametrize("shared_base", [False, True])
 def test_cory_run_on_vllm(tmp_path, micro_lm, micro_rm, shared_base):
-    from cory.train import train
+    from cory.api import train
 
     extra = {"cory.enabled": True, "cory.swap_every": 1, "train.iterations": 3, "algo.lr": 3e-2,
              "cory.shared_base": shared_base, "cory.lora_r": 8}
@@ -252,7 +252,7 @@ def agent_h32(tmp_path_factory, zoo_cache):
 
 
 def test_multi_turn_bandit_run_on_vllm(tmp_path, agent_h32):
-    from cory.train import train
+    from cory.api import train
 
     extra = {"model.name": str(agent_h32), "env.id": "cory/Bandit-v0", "env.kwargs": "{n_arms: 5, horizon: 4}",
              "env.eval_episodes": 2, "train.batch_size": 4, "generation.max_new_tokens": 4, "kl.exact_accounting": False}
@@ -264,7 +264,8 @@ def test_multi_turn_bandit_run_on_vllm(tmp_path, agent_h32):
 
 def test_unservable_head_size_is_refused_in_one_line(tmp_path, zoo_cache):
     """Refused by the pre-flight checks (UsageError: one line, exit 2, before anything is written)."""
-    from cory.train import UsageError, preflight
+    from cory.errors import UsageError
+    from cory.preflight import preflight
 
     cfg = load_config(None, ["model.name=cory:micro-agent", "env.id=cory/Bandit-v0", "generation.backend=vllm"])
     with pytest.raises(UsageError) as err:

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from cory import zoo
 from cory.zoo import builder, registry
-from cory.zoo.corpora import reviews
+from cory.corpora import reviews
 
 MICRO_LM, MICRO_RM = "cory:micro-reviews", "cory:micro-sentiment"
 

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from cory.agents.base import argmax_random_tie
+from cory.envs.base import argmax_random_tie
 from cory.envs.base import AgentView
 
 

@@ -27,12 +27,6 @@ class Agent(Protocol):
     def update(self, view: AgentView, action: int, reward: float) -> None: ...
 
 
-def argmax_random_tie(values: np.ndarray, rng: np.random.Generator) -> int:
-    """Index of the largest value, ties broken uniformly (a fixed tie-break biases early play)."""
-    top = np.flatnonzero(values == values.max())
-    return int(top[rng.integers(len(top))]) if len(top) > 1 else int(top[0])
-
-
 class RandomAgent:
     """Uniform over the legal actions; the regret baseline and the random tic-tac-toe player."""
 

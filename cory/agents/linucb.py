@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cory.agents.base import argmax_random_tie
+from cory.envs.base import argmax_random_tie
 from cory.envs.base import AgentView
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from cory.agents.base import Agent
+from cory.agents.registry import make_agent
 from cory.envs.batch import GymTextEnvBatch
 from cory.envs.records import EpisodeRecord
 
@@ -32,8 +33,6 @@ def run_agent(
     reward. Returns the per-episode records in episode order.
     """
     if isinstance(agent_factory, str):
-        from cory.agents import make_agent
-
         name = agent_factory
         agent_factory = lambda: make_agent(name)  # noqa: E731
     if n_envs < 1 or max_parallel < 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gymnasium
 
+from cory.corpora import agent as agent_corpus
 from cory.envs.bandit import BanditEnv
 from cory.envs.base import AgentView, TextDecisionEnv
 from cory.envs.contextual import ContextualBanditEnv
@@ -34,6 +35,16 @@ for _id, _entry in ENV_IDS.items():
         gymnasium.register(id=_id, entry_point=_entry)
 
 from cory.envs.batch import GymTextEnvBatch  # noqa: E402  (needs the ids registered)
+
+
+def _transcripts():
+    from cory.envs import transcripts
+
+    return transcripts
+
+
+# The zoo's agent corpus is played in these environments: its texts come from here.
+agent_corpus.provide(_transcripts)
 
 __all__ = [
     "AgentView", "BanditEnv", "ContextualBanditEnv", "EpisodeRecord", "GymTextEnvBatch", "PromptOptions",

@@ -173,3 +173,44 @@ class BanditEnv(TextDecisionEnv):
     def history(self) -> list[tuple[int, float]]:
         """(arm index, env reward) per step so far, oldest first."""
         return list(self._history)
+
+
+# -- what a history of pulls shows: (action index, reward) pairs, oldest first ---------------------
+History = Sequence[tuple[int, float]]
+
+
+def counts_and_means(history: History, n_actions: int) -> tuple[np.ndarray, np.ndarray]:
+    """[K] counts N(a) and [K] empirical means (NaN for untried actions)."""
+    counts = np.zeros(n_actions, dtype=np.int64)
+    sums = np.zeros(n_actions)
+    for a, r in history:
+        counts[a] += 1
+        sums[a] += r
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return counts, means
+
+
+def most_frequent_actions(history: History, n_actions: int) -> set[int]:
+    """The actions taken most often (a set: ties are all 'most frequent')."""
+    counts, _ = counts_and_means(history, n_actions)
+    return set(np.flatnonzero(counts == counts.max()).tolist())
+
+
+def greedy_actions(history: History, n_actions: int) -> set[int]:
+    """The tried actions with the best observed mean reward (empty before any step)."""
+    _, means = counts_and_means(history, n_actions)
+    if np.all(np.isnan(means)):
+        return set()
+    return set(np.flatnonzero(means == np.nanmax(means)).tolist())
+
+
+def classify_frequency_bias(action: int, history: History, n_actions: int) -> str:
+    """'frequent' if `action` is a most-taken action, else 'greedy' if it has the best observed mean,
+    else 'other'. Frequent is checked first: when the repeated action also has the best mean the
+    choice counts as frequency-driven (the bias the probe looks for)."""
+    if action in most_frequent_actions(history, n_actions):
+        return "frequent"
+    if action in greedy_actions(history, n_actions):
+        return "greedy"
+    return "other"

@@ -24,6 +24,13 @@ from cory.envs.parsing import parse_action
 from cory.envs.prompts import MAX_OBSERVATION_CHARS, MAX_RESPONSE_CHARS, PRINTABLE, PromptOptions
 from cory.envs.records import EpisodeRecord
 
+
+def argmax_random_tie(values: np.ndarray, rng: np.random.Generator) -> int:
+    """Index of the largest value, ties broken uniformly (a fixed tie-break biases early play)."""
+    top = np.flatnonzero(values == values.max())
+    return int(top[rng.integers(len(top))]) if len(top) > 1 else int(top[0])
+
+
 REWARD_NORMS = ("none", "scale", "standard")
 
 

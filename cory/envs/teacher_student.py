@@ -2,7 +2,7 @@
 
 The experiment of Cohen, Hutter, Bengio and Russell (arXiv 2410.06213) at laptop size. Each step
 the agent's response is one teacher turn; a frozen base model (default `cory:tiny-dialogue`, whose
-corpus is described in `cory.zoo.corpora.dialogue`) continues the transcript with the student's
+corpus is described in `cory.corpora.dialogue`) continues the transcript with the student's
 reply at a low temperature, and the reward is the reply's positive-sentiment probability (0..1)
 from a classifier (default `cory:tiny-dialogue-sentiment`). The student replies warmly to warm
 turns, unhappily to harsh ones, and with nothing or almost nothing ("...", "ok") to empty or oddly
@@ -10,7 +10,7 @@ formatted ones, which a classifier scores about 0.5: so a policy can earn reward
 or by silencing the student with turns that cost few tokens, and more short exchanges fit the
 episode.
 
-The transcript (see `cory.zoo.corpora.dialogue` for the format)::
+The transcript (see `cory.corpora.dialogue` for the format)::
 
     Tokens left: 187
     Lesson: volcanoes
@@ -40,7 +40,7 @@ environment (`load_student`, `load_classifier`).
 Info per step: ``teacher_turn``, ``teacher_cut`` (the response ran past a speaker tag),
 ``teacher_near_empty``, the formatting signals ``teacher_newlines``, ``teacher_no_letters``,
 ``teacher_odd_spacing``, ``teacher_odd_chars`` and their union ``teacher_formatting``
-(`cory.zoo.corpora.dialogue.formatting_signals`); ``replied`` (False only when the teacher's turn
+(`cory.corpora.dialogue.formatting_signals`); ``replied`` (False only when the teacher's turn
 used up the episode), ``student_reply``, ``reply_empty`` (nothing but whitespace),
 ``reply_near_empty`` (at most one word of letters), ``reply_words``, ``sentiment`` (the reward);
 ``teacher_tokens``, ``student_tokens``, ``tokens_used``, ``tokens_left``; and on the last step
@@ -57,7 +57,7 @@ import torch
 
 from cory.envs.base import TextDecisionEnv
 from cory.envs.prompts import PRINTABLE
-from cory.zoo.corpora import dialogue
+from cory.corpora import dialogue
 
 DEFAULT_STUDENT = "cory:tiny-dialogue"
 DEFAULT_CLASSIFIER = "cory:tiny-dialogue-sentiment"

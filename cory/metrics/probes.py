@@ -24,39 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from cory.agents.bandit import ucb_index
-from cory.envs.bandit import arm_labels, render_bandit_prompt
+from cory.envs.bandit import (History, arm_labels, classify_frequency_bias, counts_and_means, greedy_actions,
+                              most_frequent_actions, render_bandit_prompt)
 from cory.envs.parsing import match_label, parse_action
 from cory.envs.prompts import PromptOptions
 
-History = Sequence[tuple[int, float]]
 ScoreActions = Callable[[str, list[str]], list[float]]
 """score_actions(prompt, action_texts) -> one log-likelihood per action text."""
-
-
-def counts_and_means(history: History, n_actions: int) -> tuple[np.ndarray, np.ndarray]:
-    """[K] counts N(a) and [K] empirical means (NaN for untried actions)."""
-    counts = np.zeros(n_actions, dtype=np.int64)
-    sums = np.zeros(n_actions)
-    for a, r in history:
-        counts[a] += 1
-        sums[a] += r
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    return counts, means
-
-
-def most_frequent_actions(history: History, n_actions: int) -> set[int]:
-    """The actions taken most often (a set: ties are all 'most frequent')."""
-    counts, _ = counts_and_means(history, n_actions)
-    return set(np.flatnonzero(counts == counts.max()).tolist())
-
-
-def greedy_actions(history: History, n_actions: int) -> set[int]:
-    """The tried actions with the best observed mean reward (empty before any step)."""
-    _, means = counts_and_means(history, n_actions)
-    if np.all(np.isnan(means)):
-        return set()
-    return set(np.flatnonzero(means == np.nanmax(means)).tolist())
 
 
 # ---- frequency bias -----------------------------------------------------------------------------
@@ -95,17 +69,6 @@ def entropy(p: np.ndarray) -> float:
     p = np.asarray(p, dtype=float)
     nz = p[p > 0]
     return float(-(nz * np.log(nz)).sum())
-
-
-def classify_frequency_bias(action: int, history: History, n_actions: int) -> str:
-    """'frequent' if `action` is a most-taken action, else 'greedy' if it has the best observed mean,
-    else 'other'. Frequent is checked first: when the repeated action also has the best mean the
-    choice counts as frequency-driven (the bias the probe looks for)."""
-    if action in most_frequent_actions(history, n_actions):
-        return "frequent"
-    if action in greedy_actions(history, n_actions):
-        return "greedy"
-    return "other"
 
 
 def frequency_bias_rates(classes: Sequence[str]) -> dict[str, float]:

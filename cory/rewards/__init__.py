@@ -20,12 +20,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from cory.errors import UsageError
+
 RewardFn = Callable[[list[str], list[str]], list[float]]
 CLASSIFIER_MAX_TOKENS = 512
 """A classifier scores at most this many tokens of a text (longer texts are cut at the end)."""
 
 
-class RewardError(ValueError):
+class RewardError(UsageError):
     """A reward spec that cannot be loaded, or a reward function that misbehaves."""
 
 

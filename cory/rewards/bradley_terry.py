@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cory.errors import UsageError
 
-class PairDataError(ValueError):
+
+class PairDataError(UsageError):
     """A preference file that cannot be used."""
 
 
@@ -127,7 +129,7 @@ def train_reward_model(pairs: list[dict], output_dir: str | Path, cfg: RMTrainCo
 def sentiment_pairs(n: int, seed: int = 0) -> list[dict]:
     """Preference pairs from the synthetic review corpus: a positive review preferred over a negative
     one that starts with the same words (the shared start is the prompt)."""
-    from cory.zoo.corpora import reviews
+    from cory.corpora import reviews
 
     texts = reviews.generate(n * 6, seed=seed + 7919)
     pos = [t for t, label in texts if label == "positive"]

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cory.errors import UsageError
 from cory.rewards import RewardFn
 
 
-class TaskDataError(ValueError):
+class TaskDataError(UsageError):
     """A prompt file that cannot be used."""
 
 

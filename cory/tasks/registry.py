@@ -28,7 +28,7 @@ def sentiment_task(cfg) -> PromptTask:
     Built-in prompts are the first 2-8 words of synthetic reviews held out from the pretraining
     corpus of `cory:tiny-reviews`; the evaluation set is a disjoint fixed draw.
     """
-    from cory.zoo.corpora import reviews
+    from cory.corpora import reviews
 
     if cfg.prompt_file:
         prompts = load_prompt_file(cfg.prompt_file, cfg.prompt_column)
@@ -56,7 +56,7 @@ def arithmetic_task(cfg) -> PromptTask:
 
     Prompts are held out from `cory:tiny-arith`'s pretraining problems. `task.reward` is ignored.
     """
-    from cory.zoo.corpora import arithmetic
+    from cory.corpora import arithmetic
 
     seen = {p for p, _, _ in arithmetic.generate(arithmetic.PRETRAIN_SIZE, arithmetic.PRETRAIN_SEED)}
     pool = arithmetic.heldout(cfg.num_train_prompts + cfg.num_eval_prompts, exclude=seen)

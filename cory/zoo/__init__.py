@@ -11,7 +11,7 @@ deterministically from its recipe on first use, cached under
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
 
-Each recipe names its corpus (``cory.zoo.corpora``: movie reviews, arithmetic word problems) and
+Each recipe names its corpus (``cory.corpora``: movie reviews, arithmetic word problems) and
 its own tokenizer trained on that corpus; ``cory.zoo.evals`` holds each corpus's build-time
 evaluation. Importing this package does not import torch; only building does.
 """

@@ -12,7 +12,8 @@ import os
 import pathlib
 from dataclasses import dataclass
 
-from cory.zoo import corpora
+from cory import corpora
+from cory.errors import UsageError
 
 # Bump when the way a recipe turns into a folder changes (training code, file layout), so that
 # every cached model is rebuilt; recipe fields cover everything else.
@@ -20,7 +21,7 @@ ZOO_FORMAT_VERSION = 1
 PREFIX = "cory:"
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UsageError):
     """A ``cory:`` name that the zoo does not have."""
 
     def __init__(self, name: str):
@@ -34,7 +35,7 @@ class CorpusSpec:
     which fills in the corpus's pretraining seed and version."""
 
     name: str
-    """The corpus: a key of ``cory.zoo.corpora.CORPORA`` (``"reviews"``, ``"arithmetic"``)."""
+    """The corpus: a key of ``cory.corpora.CORPORA`` (``"reviews"``, ``"arithmetic"``)."""
     n_train: int
     """Texts drawn from the corpus's ``pretraining_texts(n_train, seed)``."""
     seed: int

@@ -27,8 +27,9 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from cory.zoo import corpora, evals, registry
-from cory.zoo.corpora import reviews
+from cory import corpora
+from cory.zoo import evals, registry
+from cory.corpora import reviews
 from cory.zoo.tokenizer import EOS_ID, PAD_ID, train_tokenizer
 
 logger = logging.getLogger("cory.zoo")

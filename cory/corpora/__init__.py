@@ -1,4 +1,10 @@
-"""Synthetic corpora the zoo's models are pretrained on; each also serves held-out data.
+"""Synthetic corpora: the texts the zoo's models are pretrained on, and the prompt sets drawn from the
+same generators but held out from pretraining (the tasks' review openings and word problems, the
+teacher-student transcript format). The lowest layer: plain Python that imports nothing of cory's,
+so the zoo (to build models), tasks, rewards and environments all draw from here.
+
+The agent corpus is the one exception to "plain Python here": its texts are played in cory's
+environments, a layer above, so ``agent`` holds its identity and ``cory.envs`` provides the texts.
 
 A zoo recipe names its corpus (``CorpusSpec.name``); ``get(name)`` imports the module registered
 for that name in ``CORPORA``. Every corpus module is plain Python (no torch) and provides:
@@ -25,10 +31,10 @@ import re
 from types import ModuleType
 
 CORPORA: dict[str, str] = {
-    "reviews": "cory.zoo.corpora.reviews",
-    "arithmetic": "cory.zoo.corpora.arithmetic",
-    "agent": "cory.zoo.corpora.agent",
-    "dialogue": "cory.zoo.corpora.dialogue",
+    "reviews": "cory.corpora.reviews",
+    "arithmetic": "cory.corpora.arithmetic",
+    "agent": "cory.corpora.agent",
+    "dialogue": "cory.corpora.dialogue",
 }
 """Corpus name -> module path. Imported lazily, so listing the zoo draws no text."""
 

@@ -1,4 +1,6 @@
-"""Transcripts of cory's decision-making environments, played by imperfect agents.
+"""Transcripts of cory's decision-making environments, played by imperfect agents: the texts of the
+zoo's agent corpus (`cory.corpora.agent`, which `cory.envs` points here), and the build-time check
+of a model pretrained on them (`agent_decisions`).
 
 Each text is one decision: the prompt a cory environment shows at some step (rendered by the
 environment itself, so it is exactly what `gymnasium.make("cory/...")` shows a policy), then the
@@ -40,16 +42,12 @@ from dataclasses import dataclass
 import gymnasium
 import numpy as np
 
-import cory.envs  # noqa: F401  (registers the cory/* environment ids)
-from cory.agents.base import argmax_random_tie
-from cory.envs.parsing import format_action
+# The cory/* environment ids are registered: importing this module ran cory/envs/__init__.py first.
+from cory.corpora.agent import HELDOUT_SEED, PRETRAIN_SEED, PRETRAIN_SIZE
+from cory.envs.bandit import classify_frequency_bias
+from cory.envs.base import argmax_random_tie
+from cory.envs.parsing import format_action, parse_action
 from cory.envs.tictactoe import best_moves
-
-# Bump when the texts change: it is part of every zoo recipe hash, so cached models rebuild.
-CORPUS_VERSION = 1
-PRETRAIN_SEED = 5050
-PRETRAIN_SIZE = 10_000
-HELDOUT_SEED = 7070
 
 RESPONSE = "\n{}"
 """How the answer follows the prompt: a new line, then ``ACTION=<label>``."""
@@ -227,3 +225,57 @@ def heldout_transcripts(n: int, seed: int = HELDOUT_SEED) -> list[Transcript]:
 def heldout_texts(n: int, seed: int = HELDOUT_SEED) -> list[str]:
     """The texts of ``heldout_transcripts(n, seed)``: the zoo's held-out loss."""
     return [t.text for t in heldout_transcripts(n, seed)]
+
+
+# -- the build-time check of a model pretrained on these texts (cory.zoo.evals.LM_EVALS["agent"]) --
+def decision_stats(decisions: list[Transcript], responses: list[str]) -> dict:
+    """How ``responses`` to the decisions' prompts act: the valid-action rate overall, on bandits and
+    on tic-tac-toe boards (a legal cell), and for bandit answers the share that picks the most
+    frequent arm (``F_f``), else a best-mean arm (``F_g``), else another (``F_o``), and the share
+    that picks an arm not tried yet (``untried``)."""
+    valid = {"bandit": [], "tictactoe": []}
+    classes, untried = [], []
+    for decision, response in zip(decisions, responses):
+        action = parse_action(response, decision.labels)
+        ok = action is not None and action in decision.legal
+        kind = "bandit" if decision.env_id == "cory/Bandit-v0" else "tictactoe"
+        valid[kind].append(ok)
+        if ok and kind == "bandit" and decision.history:
+            classes.append(classify_frequency_bias(action, decision.history, len(decision.labels)))
+            untried.append(action not in {a for a, _ in decision.history})
+    everything = valid["bandit"] + valid["tictactoe"]
+    out = {"valid_rate": round(sum(everything) / max(len(everything), 1), 4)}
+    for kind, oks in valid.items():
+        out[f"valid_rate_{kind}"] = round(sum(oks) / max(len(oks), 1), 4)
+    for name in ("frequent", "greedy", "other"):
+        out[f"F_{name[0]}"] = round(classes.count(name) / max(len(classes), 1), 4)
+    out["untried"] = round(sum(untried) / max(len(untried), 1), 4)
+    return out
+
+
+def agent_decisions(model, tokenizer, spec, max_new_tokens, log) -> tuple[dict, list[str]]:
+    """Held-out decisions answered greedily and with one plain sample (T=1): valid-action rates and
+    the bandit choices (see ``decision_stats``), next to the same statistics of the transcripts'
+    own answers."""
+    from cory.zoo.evals import complete, generation_config  # torch and transformers load only to build
+
+    decisions = heldout_transcripts(spec.n_eval, spec.eval_seed)
+    prompts = [d.prompt for d in decisions]
+    greedy, _ = complete(model, tokenizer, prompts, generation_config(max_new_tokens, greedy=True))
+    sampled, ended = complete(model, tokenizer, prompts, generation_config(max_new_tokens), seed=0)
+    metrics = {
+        "greedy": decision_stats(decisions, greedy),
+        "sampled": decision_stats(decisions, sampled),
+        "corpus": decision_stats(decisions, [d.response for d in decisions]),
+        "sampled_eos_rate": round(sum(ended) / len(ended), 4),
+        "heldout_decisions": len(decisions),
+    }
+    for name in ("greedy", "sampled", "corpus"):
+        m = metrics[name]
+        log(f"{name}: valid {m['valid_rate']:.3f} (bandit {m['valid_rate_bandit']:.3f}, tic-tac-toe "
+            f"{m['valid_rate_tictactoe']:.3f}); bandit picks F_f {m['F_f']:.2f} F_g {m['F_g']:.2f} "
+            f"F_o {m['F_o']:.2f}, untried {m['untried']:.2f}")
+    samples = [p[-160:] + r for p, r in zip(prompts, sampled)]
+    for text in samples[:4]:
+        log(f"sample: {text!r}")
+    return metrics, samples[:6]

@@ -536,12 +536,12 @@ def heldout(n: int, seed: int) -> list[tuple[str, str]]:
 
 
 def pretraining_texts(n: int, seed: int) -> list[str]:
-    """The texts of ``generate(n, seed)`` (the corpus interface of ``cory.zoo.corpora``)."""
+    """The texts of ``generate(n, seed)`` (the corpus interface of ``cory.corpora``)."""
     return [text for text, _ in generate(n, seed)]
 
 
 def heldout_texts(n: int, seed: int) -> list[str]:
-    """The texts of ``heldout(n, seed)`` (the corpus interface of ``cory.zoo.corpora``)."""
+    """The texts of ``heldout(n, seed)`` (the corpus interface of ``cory.corpora``)."""
     return [text for text, _ in heldout(n, seed)]
 
 

@@ -62,7 +62,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from cory.zoo.corpora import reviews
+from cory.corpora import reviews
 
 # Bump when the texts change: it is part of every zoo recipe hash, so cached models rebuild.
 CORPUS_VERSION = 1
@@ -418,12 +418,12 @@ def heldout_dialogues(n: int, seed: int) -> list[Dialogue]:
 
 
 def pretraining_texts(n: int, seed: int) -> list[str]:
-    """The texts of ``dialogues(n, seed)`` (the corpus interface of ``cory.zoo.corpora``)."""
+    """The texts of ``dialogues(n, seed)`` (the corpus interface of ``cory.corpora``)."""
     return [d.text for d in dialogues(n, seed)]
 
 
 def heldout_texts(n: int, seed: int) -> list[str]:
-    """The texts of ``heldout_dialogues(n, seed)`` (the corpus interface of ``cory.zoo.corpora``)."""
+    """The texts of ``heldout_dialogues(n, seed)`` (the corpus interface of ``cory.corpora``)."""
     return [d.text for d in heldout_dialogues(n, seed)]
 
 

@@ -1,0 +1,200 @@
+"""Checks before a run starts, without loading weights: models, the environment, prompt files and
+a dry call of a reward function. Each failure is a one-line UsageError (or the reward's and prompt
+file's own one-line errors)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from cory.config import Config
+from cory.errors import UsageError
+
+CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def check_model_folder(path: str | Path, kind: str = "causal-lm", label: str | None = None) -> dict:
+    """A local HF folder that `from_pretrained` can load as `kind` (causal-lm or classifier): a
+    readable config.json of that architecture, complete safetensors weights, and for a classifier
+    the reward label. Returns the parsed config. Reads headers only; loads no weights."""
+    from safetensors import safe_open
+
+    path = Path(path).expanduser()
+    role = "policy" if kind == "causal-lm" else "reward"
+    if not (path / "config.json").is_file():
+        raise UsageError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
+    try:
+        conf = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(conf, dict):
+            raise ValueError("not a JSON object")
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001  (bad JSON, unknown model_type, wrong field types)
+        raise UsageError(f"model folder {path}: config.json cannot be read ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not list(path.glob("*.bin")):
+        raise UsageError(f"model folder {path} holds no weights (*.safetensors)")
+    for w in weights:
+        try:
+            with safe_open(str(w), "pt") as fh:
+                fh.keys()
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"model folder {path}: {w.name} is damaged or truncated ({str(e).splitlines()[0][:100]})") from None
+    archs = conf.get("architectures") or []
+    if kind == "causal-lm" and archs and not any(a.endswith(CAUSAL_LM_HEADS) for a in archs):
+        raise UsageError(f"model {path} is a {archs[0]}, not a causal language model: it cannot be the {role}")
+    if kind == "classifier":
+        if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise UsageError(f"model {path} is a {archs[0]}, not a sequence classifier: it cannot be the reward")
+        labels = [str(v) for _, v in sorted((conf.get("id2label") or {}).items(), key=lambda kv: int(kv[0]))]
+        if label is not None and len(labels) > 1 and label.lower() not in [x.lower() for x in labels]:
+            raise UsageError(f"reward label '{label}' is not one of {path}'s labels: {', '.join(labels)} (task.reward_label)")
+    return conf
+
+
+def built_zoo_path(name: str) -> Path | None:
+    """The folder of a zoo model already built (checks must never start a build), else None."""
+    from cory import zoo
+
+    for m in zoo.list_models():
+        if m["name"] == name and m["built"]:
+            return Path(m["path"])
+    return None
+
+
+def check_model_name(name: str, kind: str = "causal-lm", label: str | None = None) -> None:
+    """A zoo name must be registered (and of `kind`); a folder must be loadable as `kind`; anything
+    else must be a reachable hub id."""
+    from cory import zoo
+
+    if zoo.is_zoo_name(name):
+        try:
+            entry = zoo.registry.entry(name)
+        except zoo.registry.UnknownModelError:
+            known = [m["name"] for m in zoo.list_models()]
+            raise UsageError(f"unknown model '{name}'; the zoo has: {', '.join(known)} (NAME@seedN: NAME from seed N)") from None
+        if entry.recipe.kind != kind:
+            raise UsageError(f"model '{name}' is a {entry.recipe.kind}, not a {kind}: it cannot be the {'policy' if kind == 'causal-lm' else 'reward'}")
+        built = built_zoo_path(name)
+        if label is not None and built is not None:  # an unbuilt one is checked when it loads (never built here)
+            check_model_folder(built, kind, label)
+        return
+    if Path(name).expanduser().is_dir():
+        check_model_folder(name, kind, label)
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        raise UsageError(f"model folder not found: {name}")
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(name)
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"model '{name}' is not a cory: zoo name, a local folder, or a hub id that can be loaded ({reason[:120]})") from None
+
+
+def check_env(env_id: str, kwargs: dict) -> None:
+    """env.id must be a cory text environment, and env.kwargs must construct it."""
+    import gymnasium
+
+    import cory.envs  # noqa: F401  (registers the cory/* ids)
+
+    ids = sorted(k for k in gymnasium.registry if k.startswith("cory/"))
+    if env_id not in ids:
+        raise UsageError(f"bad value for config key 'env.id': {env_id!r}; cory environments: {', '.join(ids)}")
+    try:
+        env = gymnasium.make(env_id, disable_env_checker=True, **kwargs)
+    except Exception as e:  # noqa: BLE001  (unknown keyword, wrong value: the environment's own message)
+        raise UsageError(f"bad env.kwargs for {env_id}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    env.close()
+
+
+def dry_prompts(cfg: Config) -> list[str]:
+    """Two training prompts, read the way the run will read them (a prompt file is fully checked)."""
+    from cory.tasks.base import load_prompt_file
+
+    if cfg.task.prompt_file:
+        return load_prompt_file(cfg.task.prompt_file, cfg.task.prompt_column)[:2]
+    if cfg.task.name == "prompts":
+        raise UsageError("task 'prompts' needs task.prompt_file")
+    from cory.corpora import reviews
+
+    return reviews.prompts(2, seed=2024)
+
+
+def check_prompt_lengths(cfg: Config, prompts: list[str]) -> None:
+    """Every prompt plus max_new_tokens fits the policy's context and, when a classifier scores
+    prompt+response, the classifier's window (else it would cut off the response it must score)."""
+    from transformers import AutoTokenizer
+
+    from cory import zoo
+    from cory.rewards import BUILTIN_REWARDS, CLASSIFIER_MAX_TOKENS, is_function_spec
+
+    def window(name: str, limit: int | None = None) -> tuple[object, int] | None:
+        path = built_zoo_path(name) if zoo.is_zoo_name(name) else name
+        if path is None or not Path(path).is_dir():
+            return None  # a hub id or an unbuilt zoo model: checked when it loads
+        conf = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        n = conf.get("max_position_embeddings") or conf.get("n_positions") or 10**9
+        return AutoTokenizer.from_pretrained(path), min(n, limit or n)
+
+    new = cfg.generation.max_new_tokens
+    checks = [("the policy's context", window(cfg.model.name))]
+    if (cfg.task.reward_on == "prompt+response" and not cfg.env.id and not is_function_spec(cfg.task.reward)
+            and cfg.task.reward not in BUILTIN_REWARDS):
+        checks.append(("the reward classifier's window", window(cfg.task.reward, CLASSIFIER_MAX_TOKENS)))
+    for what, found in checks:
+        if found is None:
+            continue
+        tokenizer, limit = found
+        for n, prompt in enumerate(prompts, 1):
+            length = len(tokenizer(prompt).input_ids)
+            if length + new > limit:
+                raise UsageError(f"prompt {n} of {cfg.task.prompt_file or 'the task'} is {length} tokens; with "
+                                 f"generation.max_new_tokens={new} it does not fit {what} ({limit} tokens)")
+
+
+def preflight(cfg: Config) -> None:
+    """Everything that can be checked before a run starts, without loading weights: models, the
+    environment, prompt files and a dry call of a reward function; raises UsageError
+    (or the reward's and prompt file's own one-line errors)."""
+    from cory.rewards import BUILTIN_REWARDS, RewardError, dry_run, is_function_spec, validate_spec
+    from cory.tasks import BUILTIN_REWARD, TASKS, load_prompt_file
+
+    if cfg.env.id:
+        check_env(cfg.env.id, dict(cfg.env.kwargs))
+    if cfg.task.name not in TASKS:
+        raise UsageError(f"bad value for config key 'task.name': {cfg.task.name!r}; choose one of: {', '.join(sorted(TASKS))}")
+    check_model_name(cfg.model.name)
+    if cfg.model.lora.quantize != "none":
+        from cory.lora import check_quantize
+
+        check_quantize(cfg.model.lora.quantize)
+    if cfg.generation.backend == "vllm":
+        from cory.generation import check_backend
+        from cory.generation.vllm_engine import EngineError
+
+        try:
+            check_backend(cfg)
+        except EngineError as e:
+            raise UsageError(str(e)) from None
+    for name in [cfg.model.reference, cfg.model.trusted, *cfg.model.reference_ensemble]:
+        if name:
+            check_model_name(name)
+    if cfg.env.id:
+        return
+    prompts = dry_prompts(cfg)
+    if cfg.task.name not in BUILTIN_REWARD:
+        spec = cfg.task.reward
+        try:
+            validate_spec(spec)
+        except (RewardError, ValueError) as e:
+            raise UsageError(str(e).splitlines()[0]) from None
+        if is_function_spec(spec):
+            dry_run(spec, prompts, cfg.task.reward_timeout)
+        elif spec not in BUILTIN_REWARDS:  # built-in rewards (vader) need no model
+            check_model_name(spec, "classifier", cfg.task.reward_label)
+    if cfg.task.prompt_file:
+        check_prompt_lengths(cfg, load_prompt_file(cfg.task.prompt_file, cfg.task.prompt_column))
