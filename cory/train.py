@@ -532,11 +532,9 @@ def make_control(cfg: Config, reference: torch.nn.Module, dtype, multi_turn: boo
 def sampling_params(cfg: Config):
     from cory.policy import SamplingParams
 
-    g = cfg.generation
     source = cfg.env if cfg.env.id else cfg.task  # the prompts' chat rendering
-    return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                          stop_strings=tuple(g.stop_strings), chat=source.chat_template, system_prompt=source.system_prompt,
-                          chat_examples=_chat_examples(cfg))
+    return SamplingParams.from_config(cfg.generation, chat=source.chat_template, system_prompt=source.system_prompt,
+                                      chat_examples=_chat_examples(cfg))
 
 
 def _chat_examples(cfg: Config) -> tuple:
