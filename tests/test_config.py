@@ -70,3 +70,21 @@ def test_vllm_keys_are_refused_without_the_vllm_backend(key, value):
 def test_per_token_sampling_controls_need_the_native_loop():
     with pytest.raises(ConfigError, match="need generation.backend=native"):
         load_config(None, ["generation.backend=vllm", "kl.hard_budget=2.0"])
+
+
+def test_sampling_params_are_the_generation_sections_sampling_keys_with_its_defaults_and_check():
+    from cory.config import SAMPLING_KEYS, GenerationConfig
+    from cory.policy import SamplingParams
+
+    defaults, params = GenerationConfig(), SamplingParams()
+    assert all(getattr(params, k) == type(getattr(params, k))(getattr(defaults, k)) for k in SAMPLING_KEYS)
+    cfg = load_config(None, ["generation.max_new_tokens=7", "generation.top_k=3", "generation.stop_strings=[x]"])
+    built = SamplingParams.from_config(cfg.generation)
+    assert (built.max_new_tokens, built.top_k, built.stop_strings) == (7, 3, ("x",))
+    # One check, two error types: a config key in one line, a ValueError for SamplingParams.
+    with pytest.raises(ConfigError, match="'generation.stop_strings'.*empty string"):
+        load_config(None, ['generation.stop_strings=[""]'])
+    with pytest.raises(ValueError, match="stop_strings must not contain the empty string"):
+        SamplingParams(stop_strings=[""])
+    with pytest.raises(ConfigError, match="'generation.top_p': 1.5; must be in"):
+        load_config(None, ["generation.top_p=1.5"])
