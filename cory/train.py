@@ -506,7 +506,7 @@ def make_reference(cfg: Config, dtype) -> torch.nn.Module:
     """The frozen reference: model.reference (default the initial model) or, with
     model.reference_ensemble, the pessimistic ensemble of those models."""
     if cfg.model.reference_ensemble:
-        from cory.ensemble import EnsembleReference
+        from cory.drift.ensemble import EnsembleReference
 
         members = [load_reference(name, dtype) for name in cfg.model.reference_ensemble]
         return EnsembleReference(members, temperature=cfg.generation.temperature)
@@ -518,11 +518,11 @@ def make_control(cfg: Config, reference: torch.nn.Module, dtype, multi_turn: boo
     help (kl.help_threshold); (None, None) when neither is on."""
     temperature = cfg.generation.temperature or 1.0
     if cfg.kl.hard_budget > 0:
-        from cory.budget import EpisodeBudget
+        from cory.drift.budget import EpisodeBudget
 
         return EpisodeBudget(reference, cfg.kl.hard_budget, temperature, note=cfg.kl.budget_note and multi_turn), None
     if cfg.kl.help_threshold > 0:
-        from cory.ensemble import AskForHelp
+        from cory.drift.help import AskForHelp
 
         trusted = load_reference(cfg.model.trusted or cfg.model.reference_ensemble[0], dtype)
         return AskForHelp(reference, trusted, cfg.kl.help_threshold, cfg.kl.help_scope, temperature), trusted
