@@ -68,8 +68,9 @@ def run_one(condition: str, budget: float, seed: int, iterations: int, episodes:
     import numpy as np
     import torch
 
+    from cory.advantages import episode_sums
     from cory.config import load_config
-    from cory.learner import episode_kl_metrics, episode_sums
+    from cory.learner import episode_kl_metrics
     from cory.train import TrainingRun
 
     cfg = load_config(None, overrides(condition, budget, seed, max(iterations, 1), episodes, max_tokens))
@@ -90,7 +91,7 @@ def run_one(condition: str, budget: float, seed: int, iterations: int, episodes:
         transcripts = [info["transcript"] for info in scored.infos if "transcript" in info]
         help_mass = scored.extras.get("help_mass")
         mask = scored.response_mask.float()
-    returns = episode_sums(scored, scored.scores)
+    returns = episode_sums(scored.scores.float(), scored.episode_ids)
     return {
         "condition": condition, "budget": budget, "seed": seed, "max_tokens": max_tokens, "wall_s": wall,
         "reward": float(returns.mean()),

@@ -196,20 +196,28 @@ def loo_baseline(returns: torch.Tensor, group_ids: torch.Tensor | None = None, t
 
 
 def episode_totals(per_row: torch.Tensor, episode_ids: torch.Tensor) -> torch.Tensor:
-    """[B] the sum of a per-row quantity [B] over all rows (turns) of each row's episode."""
+    """[B] the sum of a per-row quantity [B] over all rows (turns) of each row's episode.
+
+    The one per-episode sum of cory: estimators, the loss mask, training metrics and evaluation
+    all use it (directly, or per episode through `episode_sums`)."""
     return _same(episode_ids).to(per_row.dtype) @ per_row
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Normalise masked entries of x to unit variance (and zero mean unless shift_mean is False)."""
+def episode_sums(per_row: torch.Tensor, episode_ids: torch.Tensor) -> torch.Tensor:
+    """[episodes] the sum of a per-row quantity [B] over each episode's rows, one value per episode
+    (in the order of the episodes' first rows). Not for the meta device (the shape depends on the ids)."""
+    same = _same(episode_ids)
+    first = ~torch.tril(same, diagonal=-1).any(-1)
+    return episode_totals(per_row, episode_ids)[first]
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise masked entries of x to zero mean and unit variance."""
     m = mask.to(x.dtype)
     n = m.sum().clamp_min(1.0)
     mean = (x * m).sum() / n
     var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp_min(1.0)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * m
+    return (x - mean) * torch.rsqrt(var + eps) * m
 
 
 # -- the registry ------------------------------------------------------------------------------------

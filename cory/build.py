@@ -25,7 +25,7 @@ def make_reference(cfg: Config, dtype) -> torch.nn.Module:
     """The frozen reference: model.reference (default the initial model) or, with
     model.reference_ensemble, the pessimistic ensemble of those models."""
     if cfg.model.reference_ensemble:
-        from cory.ensemble import EnsembleReference
+        from cory.drift.ensemble import EnsembleReference
 
         members = [load_reference(name, dtype) for name in cfg.model.reference_ensemble]
         return EnsembleReference(members, temperature=cfg.generation.temperature)
@@ -37,11 +37,11 @@ def make_control(cfg: Config, reference: torch.nn.Module, dtype, multi_turn: boo
     help (kl.help_threshold); (None, None) when neither is on."""
     temperature = cfg.generation.temperature or 1.0
     if cfg.kl.hard_budget > 0:
-        from cory.budget import EpisodeBudget
+        from cory.drift.budget import EpisodeBudget
 
         return EpisodeBudget(reference, cfg.kl.hard_budget, temperature, note=cfg.kl.budget_note and multi_turn), None
     if cfg.kl.help_threshold > 0:
-        from cory.ensemble import AskForHelp
+        from cory.drift.help import AskForHelp
 
         trusted = load_reference(cfg.model.trusted or cfg.model.reference_ensemble[0], dtype)
         return AskForHelp(reference, trusted, cfg.kl.help_threshold, cfg.kl.help_scope, temperature), trusted
@@ -51,11 +51,9 @@ def make_control(cfg: Config, reference: torch.nn.Module, dtype, multi_turn: boo
 def sampling_params(cfg: Config):
     from cory.policy import SamplingParams
 
-    g = cfg.generation
     source = cfg.env if cfg.env.id else cfg.task  # the prompts' chat rendering
-    return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                          stop_strings=tuple(g.stop_strings), chat=source.chat_template, system_prompt=source.system_prompt,
-                          chat_examples=_chat_examples(cfg))
+    return SamplingParams.from_config(cfg.generation, chat=source.chat_template, system_prompt=source.system_prompt,
+                                      chat_examples=_chat_examples(cfg))
 
 
 def _chat_examples(cfg: Config) -> tuple:

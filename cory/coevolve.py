@@ -3,7 +3,10 @@
 Two agents start from the same model. Each iteration the *pioneer* answers the prompt alone; the
 *observer* answers a prompt that also holds the pioneer's answer. Each agent is rewarded with its
 own task reward plus `c` times its partner's (c = 1: the paper's cooperative sum), and each is
-updated by its own Learner — so any registered algorithm runs inside CORY unchanged. Every
+updated by its own Learner — so any registered algorithm runs inside CORY unchanged. The two
+answers are the two turns of a `PioneerObserverEnv` episode, played by the ordinary `Sampler`
+(the pioneer generates the first turn, the observer the second), which applies the run's sampling
+control and the group replication exactly as in single-agent runs. Every
 `swap_every` iterations the roles are exchanged; the agents keep their optimizer and KL-controller
 state across exchanges (the original code rebuilt its trainers at each swap, resetting them).
 
@@ -17,19 +20,22 @@ from __future__ import annotations
 import copy
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cory.config import Config
+from cory.drift.control import EachTurnAnEpisode
 from cory.learner import Learner, reduce_metrics
 from cory.lora import AdaptersDisabled, peft_config
 from cory.policy import Policy
-from cory.rollout import rollout_from_generation
 from cory.build import eval_params, make_backend, make_control, make_reference, sampling_params
 from cory.errors import UsageError
+from cory.rollout import Rollout, Sampler
 from cory.run import Run
+from cory.tasks.base import TaskEnv
 
 CONTINUATION_TEMPLATE = 'I can make this sentence "{prompt}{reference}" more positive: {prompt}'
 """The observer's prompt for continuation tasks (the paper's IMDB template)."""
@@ -68,6 +74,39 @@ def collective_rewards(own: list[float], partner: list[float], coef: float) -> l
     return [a + coef * b for a, b in zip(own, partner)]
 
 
+class PioneerObserverEnv:
+    """CORY's iteration as a two-turn text environment (the Sampler's protocol, `cory.rollout`).
+
+    Turn 1: the observation is the task's prompt and the pioneer answers it. Turn 2: the observation
+    is the observer's prompt built from the prompt and the pioneer's answer (`observer_prompts`), and
+    the observer answers it; the episode ends. Both answers are then scored as answers to the
+    original prompt; `task_scores` holds (pioneer's, observer's) for the run to share out."""
+
+    def __init__(self, task, template: str, observe: bool = True):
+        self.prompts_env = TaskEnv(task)
+        self.task, self.template, self.observe = task, template, observe
+        self.pioneer_texts: list[str] | None = None
+        self.task_scores: tuple[list[float], list[float]] | None = None
+
+    def reset(self, n: int, rng: np.random.Generator, group_size: int = 1) -> list[str]:
+        self.pioneer_texts, self.task_scores = None, None
+        return self.prompts_env.reset(n, rng, group_size)
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.prompts_env.prompts
+
+    def step(self, responses: list[str]) -> tuple[list[str], list[float], list[bool], list[dict]]:
+        n = len(responses)
+        if self.pioneer_texts is None:
+            self.pioneer_texts = list(responses)
+            observations = observer_prompts(self.prompts, self.pioneer_texts, self.template, self.observe)
+            return observations, [0.0] * n, [False] * n, [{} for _ in range(n)]
+        # Both answers are judged as answers to the original prompt.
+        self.task_scores = (self.task.score(self.prompts, self.pioneer_texts), self.task.score(self.prompts, responses))
+        return [""] * n, list(self.task_scores[1]), [True] * n, [{} for _ in range(n)]
+
+
 def adapter_name(agent: str) -> str:
     return f"agent_{agent}"
 
@@ -80,6 +119,11 @@ class Agent:
     adapter: str | None = None
     backend: object = None
     """Who generates this agent's responses (`cory.generation`); None = its policy's native loop."""
+
+    def generate(self, prompts: list[str], params, generator=None, **hook):
+        """The Sampler's backend for this agent's turn: its adapter made active, then its backend."""
+        self.activate()
+        return self.backend.generate(prompts, params, generator=generator, **hook)
 
     def activate(self) -> None:
         """Make this agent's adapter the active one (shared-base mode); a no-op for full copies."""
@@ -119,7 +163,8 @@ class CoryRun(Run):
             params = {n: None for n in ("a", "b")}
         # One sampling control (hard budget or asking for help) serves both agents: each of their
         # responses is its own episode with its own budget.
-        self.control, fallback = make_control(cfg, reference, dtype, multi_turn=False)
+        control, fallback = make_control(cfg, reference, dtype, multi_turn=False)
+        self.control = EachTurnAnEpisode(control) if control is not None else None
         self.agents = {
             n: Agent(n, policies[n], Learner(policies[n], reference, algorithms[n], cfg, self.accelerator, params[n], fallback=fallback),
                      adapter=adapter_name(n) if cfg.cory.shared_base else None)
@@ -131,6 +176,7 @@ class CoryRun(Run):
             agent.backend = backends[n]
         self.backend = backends["a"]
         self.template = self._template(cfg)
+        self.env = PioneerObserverEnv(self.task, self.template, cfg.cory.observe)
 
     @staticmethod
     def _shared_base(cfg: Config, dtype, needs_values: bool):
@@ -182,30 +228,17 @@ class CoryRun(Run):
         cfg, state = self.cfg, self.state
         t0 = time.perf_counter()
         pioneer, observer = self.roles(state.iteration)
-        params = sampling_params(cfg)
-        base = self.task.sample_prompts(cfg.train.batch_size, state.rng)
-        prompts = [p for p in base for _ in range(self.group_size)]
-        groups = [i // self.group_size for i in range(len(prompts))]
-        pioneer.activate()
-        gen_p, extras_p = self._generate(pioneer, prompts, params)
-        obs_prompts = observer_prompts(prompts, gen_p.texts, self.template, cfg.cory.observe)
-        observer.activate()
-        gen_o, extras_o = self._generate(observer, obs_prompts, params)
+        sampler = Sampler(pioneer.policy, self.env, sampling_params(cfg), max_turns=2, control=self.control,
+                          backend=[pioneer, observer])
+        rollout = sampler.collect(cfg.train.batch_size, state.rng, state.generator, group_size=self.group_size)
         observer.backend.pause()  # both agents share the engine: it sleeps once both have generated
-        # Both answers are judged as answers to the original prompt.
-        r_p = self.task.score(prompts, gen_p.texts)
-        r_o = self.task.score(prompts, gen_o.texts)
+        r_p, r_o = self.env.task_scores
         c = cfg.cory.partner_coef
         t_gen = time.perf_counter() - t0
         metrics: dict[str, float] = {}
-        for role, agent, gen, extras, own_prompts, own, partner in (
-            ("pioneer", pioneer, gen_p, extras_p, prompts, r_p, r_o),
-            ("observer", observer, gen_o, extras_o, obs_prompts, r_o, r_p),
-        ):
+        for role, agent, turn, own, partner in (("pioneer", pioneer, 0, r_p, r_o), ("observer", observer, 1, r_o, r_p)):
             agent.activate()
-            rollout = rollout_from_generation(gen, own_prompts, collective_rewards(own, partner, c), groups)
-            rollout.extras.update(extras)
-            _, m = agent.learner.step(rollout, state.iteration, state.generator)
+            _, m = agent.learner.step(own_turn(rollout, turn, collective_rewards(own, partner, c)), state.iteration, state.generator)
             agent.backend.mark_stale()
             m["task_reward"] = sum(own) / len(own)
             m["collective_reward"] = m.pop("reward_mean")
@@ -217,21 +250,9 @@ class CoryRun(Run):
         metrics["reward_mean"] = (metrics["pioneer/task_reward"] + metrics["observer/task_reward"]) / 2
         metrics["kl_mean"] = (metrics["pioneer/kl_mean"] + metrics["observer/kl_mean"]) / 2
         metrics["time/generate"] = t_gen
-        metrics["tokens_per_s/generate"] = float(gen_p.response_mask.sum() + gen_o.response_mask.sum()) / max(t_gen, 1e-9)
+        metrics["tokens_per_s/generate"] = float(rollout.response_mask.sum()) / max(t_gen, 1e-9)
         metrics["time/iteration"] = time.perf_counter() - t0
         return reduce_metrics(self.accelerator, metrics)
-
-    def _generate(self, agent: Agent, prompts: list[str], params) -> tuple:
-        """The agent's responses, under the run's sampling control if it has one, and the per-token
-        tensors the control records for training."""
-        control, rows = self.control, list(range(len(prompts)))
-        if control is None:
-            return agent.backend.generate(prompts, params, generator=self.state.generator), {}
-        control.reset(len(prompts))
-        hook = control.hook(rows)
-        gen = agent.backend.generate(prompts, params, generator=self.state.generator, logits_hook=hook)
-        extras = control.record(hook, rows, gen.response_ids.shape[1], gen.response_mask)
-        return gen, {k: v.to(gen.response_ids.device) for k, v in extras.items()}
 
     # -- evaluation and saving ----------------------------------------------------------------------
     def evaluate_all(self) -> dict:
@@ -264,6 +285,17 @@ class CoryRun(Run):
         shutil.rmtree(final, ignore_errors=True)
         shutil.copytree(agents_dir / best, final)
         (final / "CORY_AGENT").write_text(f"{best}\n")
+
+
+def own_turn(rollout: Rollout, turn: int, rewards: list[float]) -> Rollout:
+    """One agent's rows of a pioneer/observer rollout as its own single-turn episodes: the rows of
+    `turn`, without padding the other agent's rows needed, rewarded with `rewards` (the sum with the
+    partner's score), each row one finished episode."""
+    rows = (rollout.turn_index == turn).nonzero()[:, 0]
+    mine = rollout.select(rows).compact()
+    n = len(mine)
+    return replace(mine, scores=torch.tensor(rewards, dtype=torch.float32), turn_index=torch.zeros(n, dtype=torch.long),
+                   done=torch.ones(n, dtype=torch.bool))
 
 
 def save_standalone(agent: Agent, folder: Path) -> None:

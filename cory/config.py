@@ -100,6 +100,9 @@ class EnvConfig:
 
 @dataclass
 class GenerationConfig:
+    """How rollouts are sampled. The sampling keys (`SAMPLING_KEYS`) are what `cory.policy.SamplingParams`
+    carries to generation, with these defaults and `sampling_problem` as their one check."""
+
     max_new_tokens: int = 16
     """Most tokens in one response."""
     temperature: float = 1.0
@@ -120,6 +123,26 @@ class GenerationConfig:
     """vllm on GPU with vllm_kv_cache_gib=0: the share of GPU memory the engine may take."""
     vllm_sleep: bool = True
     """vllm on GPU: the engine sleeps (weights offloaded, KV cache freed) while the trainer trains."""
+
+
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "stop_strings")
+"""The generation keys that shape the sampled distribution (the rest choose and size the engine)."""
+
+
+def sampling_problem(max_new_tokens: int, temperature: float, top_k: int, top_p: float, stop_strings) -> tuple[str, Any, str] | None:
+    """(key, value, rule) of the first sampling setting out of range, or None: the one check of the
+    sampling keys, for `generation.*` in a config and for every `SamplingParams`. (A config's
+    generation.temperature must also be > 0: training takes log-probs at it; evaluation may be greedy.)"""
+    for key, value, ok, rule in (
+        ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "must be at least 1"),
+        ("temperature", temperature, temperature >= 0, "must be >= 0 (0 = greedy)"),
+        ("top_k", top_k, top_k >= 0, "must be >= 0 (0 = off)"),
+        ("top_p", top_p, 0 < top_p <= 1, "must be in (0, 1] (1 = off)"),
+        ("stop_strings", list(stop_strings), "" not in stop_strings, "must not contain the empty string"),
+    ):
+        if not ok:
+            return key, value, rule
+    return None
 
 
 @dataclass
@@ -505,17 +528,17 @@ def check(cfg: Config) -> None:
     if cfg.algo.name not in ALGORITHMS:
         raise UsageError(f"bad value for config key 'algo.name': {cfg.algo.name!r}; choose one of: {', '.join(sorted(ALGORITHMS))}")
     _check_algorithm_keys(cfg)
-    positive = ["train.iterations", "train.batch_size", "generation.max_new_tokens", "algo.epochs", "task.num_eval_prompts"]
+    problem = sampling_problem(*(getattr(cfg.generation, k) for k in SAMPLING_KEYS))
+    if problem:
+        key, value, rule = problem
+        raise UsageError(f"bad value for config key 'generation.{key}': {value!r}; {rule}")
+    positive = ["train.iterations", "train.batch_size", "algo.epochs", "task.num_eval_prompts"]
     for key in positive:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise UsageError(f"bad value for config key '{key}': must be at least 1")
     if cfg.cory.swap_every < 1:
         raise UsageError("bad value for config key 'cory.swap_every': must be at least 1")
-    if cfg.generation.temperature < 0:
-        raise UsageError("bad value for config key 'generation.temperature': must be >= 0")
-    if not 0 < cfg.generation.top_p <= 1:
-        raise UsageError("bad value for config key 'generation.top_p': must be in (0, 1]")
     if cfg.algo.minibatch_size and cfg.algo.micro_batch_size and cfg.algo.minibatch_size % cfg.algo.micro_batch_size:
         raise UsageError("algo.minibatch_size must be a multiple of algo.micro_batch_size")
     if cfg.kl.hard_budget < 0:
@@ -553,7 +576,7 @@ def check(cfg: Config) -> None:
 # -- value ranges (issue 13): every number a user sets is checked, one line naming the key ---------
 _AT_LEAST_0 = ("algo.weight_decay", "algo.max_grad_norm", "algo.value_clip", "algo.vf_coef", "algo.warmup_iterations",
                "algo.minibatch_size", "algo.micro_batch_size", "kl.beta", "eval.temperature", "eval.seed", "train.seed",
-               "train.checkpoint_every", "train.eval_every", "train.num_threads", "generation.top_k", "env.pool_size",
+               "train.checkpoint_every", "train.eval_every", "train.num_threads", "env.pool_size",
                "kl.hard_budget", "kl.budget")
 _AT_LEAST_1 = ("algo.group_size", "kl.horizon", "train.keep_checkpoints", "eval.samples_per_prompt", "task.num_train_prompts",
                "env.eval_episodes", "env.max_turns", "cory.lora_r", "cory.lora_alpha")

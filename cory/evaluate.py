@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from cory.advantages import episode_sums
 from cory.kl import masked_sum
 from cory.policy import Policy, SamplingParams, sequence_logprobs
 
@@ -135,8 +136,6 @@ def evaluate_env(
     """Plays `n_episodes` episodes of a text environment (instances from an evaluation pool seeded by
     `seed`, disjoint from training's) and reports returns, regret, coverage, valid-action rate,
     outcomes for games, and the mean episode KL to the reference."""
-    import numpy as np
-
     records, rollout = play_policy(policy, env_id, env_kwargs, n_episodes, params, seed, max_turns)
     out = episode_metrics(records)
     out["response_length"] = rollout.response_mask.sum(-1).float().mean().item()
@@ -146,9 +145,6 @@ def evaluate_env(
         ref = sequence_logprobs(reference, rollout.query_ids.to(dev), rollout.query_mask.to(dev), rollout.response_ids.to(dev),
                                 rollout.response_mask.to(dev), temperature=params.temperature or 1.0)
         per_turn = masked_sum(rollout.logprobs.to(dev) - ref.logprobs, rollout.response_mask.to(dev))
-        totals: dict[int, float] = {}
-        for e, k in zip(rollout.episode_ids.tolist(), per_turn.tolist()):
-            totals[e] = totals.get(e, 0.0) + k
-        out["kl_mean"] = float(np.mean(list(totals.values())))
+        out["kl_mean"] = float(episode_sums(per_turn.double().cpu(), rollout.episode_ids).mean())
     out["samples"] = [{"prompt": p[-300:], "response": r} for p, r in list(zip(rollout.prompts, rollout.responses))[:3]]
     return out

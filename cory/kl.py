@@ -5,8 +5,8 @@ KL[q || p] at that position; with log r = log p(x) - log q(x) (Schulman, 2020):
     k1 = -log r              unbiased, high variance, can be negative
     k2 = (log r)^2 / 2       biased, low variance
     k3 = (r - 1) - log r     unbiased, never negative
-    full = sum_x q(x) (log q(x) - log p(x)), exact, needs the whole distributions.
-Summed over a response's tokens they give the sequence (episode) KL.
+Summed over a response's tokens they give the sequence (episode) KL. The exact KL over whole
+distributions (`kl.estimator=full`) is `cory.drift.exact.kl_exact`, computed while scoring.
 """
 
 from __future__ import annotations
@@ -33,20 +33,11 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.expm1(log_ratio) - log_ratio
 
 
-def kl_full(full_logp: torch.Tensor, full_ref_logp: torch.Tensor) -> torch.Tensor:
-    """[B, L] exact per-position KL[q || p] from whole log-distributions [B, L, V]."""
-    return (full_logp.exp() * (full_logp - full_ref_logp)).sum(-1)
-
-
 ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
-def per_token_kl(estimator: str, logp, ref_logp, full_logp=None, full_ref_logp=None) -> torch.Tensor:
-    """[B, L] per-token KL by the named estimator; `full` needs the whole log-distributions."""
-    if estimator == "full":
-        if full_logp is None or full_ref_logp is None:
-            raise ValueError("the 'full' KL estimator needs full log-distributions")
-        return kl_full(full_logp, full_ref_logp)
+def per_token_kl(estimator: str, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """[B, L] per-token KL of the sampled tokens by the named estimator (k1, k2, k3)."""
     return ESTIMATORS[estimator](logp, ref_logp)
 
 

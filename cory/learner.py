@@ -18,11 +18,10 @@ import time
 import torch
 from accelerate import Accelerator
 
-from cory.advantages import ESTIMATORS, episode_totals, group_normalized
+from cory.advantages import ESTIMATORS, episode_sums, episode_totals, group_normalized
 from cory.algorithms.base import Algorithm
-from cory.budget import mixed_token_logprobs, mixture_logprobs
-from cory.ensemble import EnsembleReference, kl_to_semi, pessimistic_full
-from cory.kl import kl_full, kl_k1, kl_k3, make_controller, masked_mean, masked_sum, per_token_kl
+from cory.drift.exact import kl_exact, mixture_logprobs
+from cory.kl import kl_k1, kl_k3, make_controller, masked_mean, masked_sum, per_token_kl
 from cory.losses import aggregate_weights, loss_counts, objective
 from cory.policy import Policy, sequence_logprobs
 from cory.rollout import Rollout
@@ -222,19 +221,23 @@ class Learner:
             return out
         ref_full = ref.full_logprobs.float()
         sampled = cur.full_logprobs.float()
-        if "mix_weight" in rollout.extras:
+        control = rollout.control
+        if control is not None:
             # The token was drawn from w q + (1 - w) f: f is the reference (hard budget) or the
             # trusted policy (asking for help).
             fallback = ref_full
-            if self.fallback is not None:
+            if not control.fallback_is_reference:
+                if self.fallback is None:
+                    raise ValueError("tokens written by a trusted model need the Learner's `fallback` model")
                 with self.accelerator.autocast():
                     fallback = sequence_logprobs(self.fallback, *args, temperature=self.temperature,
                                                  with_full_logprobs=True).full_logprobs.float()
-            sampled = mixture_logprobs(sampled, fallback, rollout.extras["mix_weight"][rows])
-        out["kl_exact"] = kl_full(sampled, ref_full)
-        if isinstance(self.reference, EnsembleReference):
-            log_semi, help_mass = pessimistic_full(self.reference, *args)
-            out["kl_semi"] = kl_to_semi(sampled, log_semi)
+            sampled = mixture_logprobs(sampled, fallback, control.mix_weight[rows])
+        out["kl_exact"] = kl_exact(sampled, ref_full)
+        pessimistic_full = getattr(self.reference, "pessimistic_full", None)
+        if pessimistic_full is not None:  # a pessimistic ensemble (cory.drift.ensemble)
+            log_semi, help_mass = pessimistic_full(*args)
+            out["kl_semi"] = kl_exact(sampled, log_semi)
             out["help_mass"] = help_mass
         return out
 
@@ -320,9 +323,9 @@ class Learner:
                             self.module, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
                             temperature=self.temperature, with_values=self.algorithm.needs_values, with_entropy=True,
                         )
-                        if "mix_weight" in mb.extras:  # train on the distribution actually sampled
-                            out.logprobs = mixed_token_logprobs(out.logprobs, mb.extras["fallback_logprobs"],
-                                                                mb.extras["mix_weight"]) * mb.response_mask
+                        if mb.control is not None:  # train on the distribution actually sampled
+                            out.logprobs = mixture_logprobs(out.logprobs, mb.control.fallback_logprobs,
+                                                            mb.control.mix_weight) * mb.response_mask
                         weights = aggregate_weights(mb.extras["loss_mask"], a.loss_aggregation, counts, constant)
                         loss, info = objective(self.algorithm, a, out, mb, weights, self.controller.beta, kl_estimator)
                     if first_step:
@@ -394,7 +397,7 @@ class Learner:
             if name in rollout.extras:
                 metrics[name] = float(rollout.extras[name])
         # The controllers hold the KL of whole episodes (all turns of one), not of single turns.
-        episode_kl = episode_sums(rollout, masked_sum(kl, mask))
+        episode_kl = episode_sums(masked_sum(kl, mask).float(), rollout.episode_ids)
         metrics.update(rollout_metrics(rollout))
         if rollout.values is not None and "returns" in rollout.extras:
             metrics["value/explained_variance"] = explained_variance(rollout.values, rollout.extras["returns"], mask)
@@ -430,8 +433,8 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     kl = rollout.extras["kl"]
     lengths = mask.sum(-1)
     # Per episode: the sum over its turns (a single-turn task has one turn per episode).
-    scores = episode_sums(rollout, rollout.scores)
-    seq_kl = episode_sums(rollout, masked_sum(kl, mask))
+    scores = episode_sums(rollout.scores.float(), rollout.episode_ids)
+    seq_kl = episode_sums(masked_sum(kl, mask).float(), rollout.episode_ids)
     n_episodes = len(scores)
     out = {
         "reward_mean": scores.mean().item(),
@@ -444,21 +447,15 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         "truncated_rate": (~rollout.finished).float().mean().item(),
     }
     out.update(episode_kl_metrics(rollout))
-    extras = rollout.extras
-    if "help" in extras:
-        out["help_rate"] = masked_mean(extras["help"].float(), mask).item()
-    if "help_mass" in extras:
-        out["help_mass_mean"] = masked_mean(extras["help_mass"], mask).item()
-    if "mix_weight" in extras and "help" not in extras:
-        out["budget/mixed_token_rate"] = masked_mean((extras["mix_weight"] < 1).float(), mask).item()
-        out["budget/reference_token_rate"] = masked_mean((extras["mix_weight"] < 1e-3).float(), mask).item()
+    control = rollout.control
+    if control is not None and control.help is not None:
+        out["help_rate"] = masked_mean(control.help.float(), mask).item()
+    if "help_mass" in rollout.extras:
+        out["help_mass_mean"] = masked_mean(rollout.extras["help_mass"], mask).item()
+    if control is not None and control.fallback_is_reference:
+        out["budget/mixed_token_rate"] = masked_mean((control.mix_weight < 1).float(), mask).item()
+        out["budget/reference_token_rate"] = masked_mean((control.mix_weight < 1e-3).float(), mask).item()
     return out
-
-
-def episode_sums(rollout: Rollout, per_turn: torch.Tensor) -> torch.Tensor:
-    """[episodes] the sum of a per-turn quantity [B] over each episode's turns."""
-    n_episodes = int(rollout.episode_ids.max()) + 1
-    return torch.zeros(n_episodes, device=per_turn.device).index_add_(0, rollout.episode_ids, per_turn.float())
 
 
 EPISODE_KL_PERCENTILES = (50, 90, 99)
@@ -476,7 +473,7 @@ def episode_kl_metrics(rollout: Rollout) -> dict[str, float]:
         per_token["semi"] = rollout.extras["kl_semi"]
     out = {}
     for name, kl in per_token.items():
-        totals = episode_sums(rollout, masked_sum(kl.float(), mask))
+        totals = episode_sums(masked_sum(kl.float(), mask), rollout.episode_ids)
         out[f"episode_kl/{name}_mean"] = totals.mean().item()
         out[f"episode_kl/{name}_max"] = totals.max().item()
         if name in ("exact", "semi"):

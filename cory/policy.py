@@ -22,6 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from cory.config import SAMPLING_KEYS, GenerationConfig, sampling_problem
+
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 LogitsHook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -39,17 +41,24 @@ hook runs a second model in lockstep (e.g. the reference, for a hard KL budget).
 # --------------------------------------------------------------------------------------------------
 
 
+_GENERATION = GenerationConfig()
+
+
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 32
+    """What generation needs: the `generation` config section's sampling keys (`SAMPLING_KEYS`, with
+    that section's defaults and its one check, `sampling_problem`) and how prompts are rendered
+    (chat), which comes from the task or environment section. Runs build it with `from_config`."""
+
+    max_new_tokens: int = _GENERATION.max_new_tokens
     """Upper bound on response length; rows that reach it end with `finished=False`."""
-    temperature: float = 1.0
+    temperature: float = _GENERATION.temperature
     """Softmax temperature; 0 means greedy (argmax), and its logprobs are then taken at T=1."""
-    top_k: int = 0
+    top_k: int = _GENERATION.top_k
     """Sample only among the k most likely tokens; 0 turns it off."""
-    top_p: float = 1.0
+    top_p: float = _GENERATION.top_p
     """Nucleus sampling: the smallest set of tokens with mass >= top_p; 1.0 turns it off."""
-    stop_strings: tuple[str, ...] = ()
+    stop_strings: tuple[str, ...] = tuple(_GENERATION.stop_strings)
     """A row stops once its decoded response contains any of these. EOS always stops a row."""
     chat: bool = False
     """Render each prompt as a user turn with the tokenizer's chat template (plus the assistant's
@@ -60,22 +69,21 @@ class SamplingParams:
     """With `chat`: example (user, assistant) turns put before each prompt (few-shot in chat form)."""
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if isinstance(self.stop_strings, str):  # a bare string would be iterated char by char
             self.stop_strings = (self.stop_strings,)
         self.stop_strings = tuple(self.stop_strings)
-        if any(s == "" for s in self.stop_strings):
-            raise ValueError("stop_strings must not contain the empty string")
+        problem = sampling_problem(*(getattr(self, k) for k in SAMPLING_KEYS))
+        if problem:
+            key, value, rule = problem
+            raise ValueError(f"{key} {rule}, got {value!r}")
         if (self.system_prompt or self.chat_examples) and not self.chat:
             raise ValueError("system_prompt and chat_examples need chat=True (they are chat turns)")
         self.chat_examples = tuple(tuple(e) for e in self.chat_examples)
+
+    @classmethod
+    def from_config(cls, generation: GenerationConfig, **rendering) -> "SamplingParams":
+        """The sampling keys of a `generation` section, plus `chat`, `system_prompt`, `chat_examples`."""
+        return cls(**{k: getattr(generation, k) for k in SAMPLING_KEYS}, **rendering)
 
 
 @dataclass

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from cory.drift.control import ControlOutput
+
 
 class TextEnvBatch(Protocol):
     def reset(self, n: int, rng: np.random.Generator, group_size: int = 1) -> list[str]: ...
@@ -52,10 +54,14 @@ class Rollout:
     """[B, Lr] behaviour log-probs from a different sampling engine (e.g. vLLM); None for cory's own
     loop. When set, the learner recomputes `logprobs` with the trainer and corrects the mismatch by
     truncated importance sampling (algo.tis_cap)."""
+    control: ControlOutput | None = None
+    """What a sampling control (hard budget, asking for help) recorded per response token: the
+    distribution each token was actually drawn from. None when sampling was not steered."""
     # Filled by the learner before the update:
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    """The learner's per-row and per-token working values (kl, advantages, returns, loss_mask, ...)."""
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -71,6 +77,8 @@ class Rollout:
                 updates[f.name] = value[idx_t]
             elif isinstance(value, list) and len(value) == len(self):
                 updates[f.name] = [value[i] for i in idx_l]
+            elif isinstance(value, ControlOutput):
+                updates[f.name] = value.select(idx_t)
             elif f.name == "extras":
                 updates[f.name] = {
                     k: v[idx_t] if isinstance(v, torch.Tensor) and v.shape[:1] == (len(self),) else v
@@ -78,16 +86,28 @@ class Rollout:
                 }
         return replace(self, **updates)
 
+    def compact(self) -> "Rollout":
+        """The same rows without padding columns that none of them uses (query columns on the left,
+        response columns on the right): what a batch generated for these rows alone would hold."""
+        if self.extras:
+            raise ValueError("compact() is for sampled rollouts, before the learner adds extras")
+        lq = int(self.query_mask.sum(-1).max()) if len(self) else 0
+        lr = int(self.response_mask.sum(-1).max()) if len(self) else 0
+        q, r = slice(self.query_ids.shape[1] - lq, None), slice(0, lr)
+        token = {"query_ids": q, "query_mask": q, "response_ids": r, "response_mask": r, "logprobs": r,
+                 "engine_logprobs": r, "ref_logprobs": r, "values": r}
+        updates = {k: getattr(self, k)[:, cols] for k, cols in token.items() if getattr(self, k) is not None}
+        if self.control is not None:
+            updates["control"] = self.control.select_columns(r)
+        return replace(self, **updates)
+
     def to(self, device) -> "Rollout":
         return replace(
             self,
             **{f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)},
+            control=self.control.to(device) if self.control is not None else None,
             extras={k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.extras.items()},
         )
-
-    @property
-    def response_lengths(self) -> torch.Tensor:
-        return self.response_mask.sum(-1)
 
 
 def _pad_stack(rows: list[torch.Tensor], value: int | float, left: bool) -> torch.Tensor:
@@ -107,7 +127,6 @@ def concat_turns(parts: list[dict], pad_id: int) -> Rollout:
     q_rows, r_rows, lp_rows, engine_rows = [], [], [], []
     from_engine = parts[0].get("engine_logprobs") is not None
     cols: dict[str, list] = {k: [] for k in ("scores", "finished", "episode_ids", "turn_index", "done", "group_ids", "prompts", "responses", "infos")}
-    token_extras: dict[str, list] = {k: [] for k in parts[0].get("token_extras", {})}
     for p in parts:
         for i in range(len(p["prompts"])):
             qm = p["query_mask"][i].bool()
@@ -117,13 +136,12 @@ def concat_turns(parts: list[dict], pad_id: int) -> Rollout:
             lp_rows.append(p["logprobs"][i][rm])
             if from_engine:
                 engine_rows.append(p["engine_logprobs"][i][rm])
-            for k, rows in token_extras.items():
-                rows.append(p["token_extras"][k][i][rm.cpu()])
         for k in cols:
             cols[k].extend(p[k])
     query_ids = _pad_stack(q_rows, pad_id, left=True)
     response_ids = _pad_stack(r_rows, pad_id, left=False)
-    extras = {k: _pad_stack(rows, 0.0, left=False) for k, rows in token_extras.items()}
+    controls = [p["control"] for p in parts if p.get("control") is not None]
+    control = ControlOutput.concat(controls, [p["response_mask"] for p in parts]) if controls else None
     return Rollout(
         query_ids=query_ids,
         query_mask=_pad_stack([torch.ones_like(r) for r in q_rows], 0, left=True),
@@ -140,11 +158,11 @@ def concat_turns(parts: list[dict], pad_id: int) -> Rollout:
         prompts=cols["prompts"],
         responses=cols["responses"],
         infos=cols["infos"],
-        extras=extras,
+        control=control,
     )
 
 
-def rollout_from_generation(gen, prompts: list[str], scores: list[float], group_ids: list[int] | None = None) -> Rollout:
+def rollout_from_generation(gen, prompts: list[str], scores: list[float]) -> Rollout:
     """A single-turn Rollout (one episode per row) straight from a batched Generation."""
     n = len(prompts)
     device = gen.response_ids.device
@@ -160,7 +178,7 @@ def rollout_from_generation(gen, prompts: list[str], scores: list[float], group_
         episode_ids=torch.arange(n, device=device),
         turn_index=torch.zeros(n, dtype=torch.long, device=device),
         done=torch.ones(n, dtype=torch.bool, device=device),
-        group_ids=torch.tensor(group_ids if group_ids is not None else list(range(n)), dtype=torch.long, device=device),
+        group_ids=torch.arange(n, device=device),
         prompts=list(prompts),
         responses=list(gen.texts),
         infos=[{} for _ in range(n)],
@@ -171,13 +189,15 @@ class Sampler:
     """Drives a batch of text environments with one policy, in lockstep, and returns a Rollout."""
 
     def __init__(self, policy, env: TextEnvBatch, params, max_turns: int = 1000, control=None, backend=None):
-        """`control` (optional) steers sampling across an episode's turns: a hard KL budget
-        (`cory.budget.EpisodeBudget`) or asking for help (`cory.ensemble.AskForHelp`). It gives each
-        turn a logits hook and returns per-token tensors for training ("mix_weight",
-        "fallback_logprobs", ...), which land in the Rollout's extras. `backend` (optional, a
-        `cory.generation` backend) generates instead of `policy.generate` (e.g. vLLM)."""
+        """`control` (optional, `cory.drift.control.SamplingControl`) steers sampling across an
+        episode's turns: a hard KL budget (`cory.drift.budget.EpisodeBudget`) or asking for help
+        (`cory.drift.help.AskForHelp`). It gives each turn a logits hook and returns a
+        `ControlOutput`, which lands in `Rollout.control`. `backend` (optional, a `cory.generation`
+        backend) generates instead of `policy.generate` (e.g. vLLM); a list of backends gives each
+        turn index its own (CORY: the pioneer's, then the observer's)."""
         self.policy = policy
-        self.generate = backend.generate if backend is not None else policy.generate
+        backends = backend if isinstance(backend, (list, tuple)) else [backend]
+        self.generators = [b.generate if b is not None else policy.generate for b in backends]
         self.env = env
         self.params = params
         self.max_turns = max_turns
@@ -196,7 +216,8 @@ class Sampler:
             hook = control.hook(live) if control is not None else None
             seen = control.annotate(observations, live) if control is not None else observations
             hooked = {"logits_hook": hook} if hook is not None else {}
-            gen = self.generate(seen, self.params, generator=generator, **hooked)
+            generate = self.generators[turn] if len(self.generators) > 1 else self.generators[0]
+            gen = generate(seen, self.params, generator=generator, **hooked)
             next_obs, rewards, dones, infos = self.env.step(gen.texts)
             parts.append(
                 {
@@ -215,7 +236,7 @@ class Sampler:
                     "prompts": list(seen),
                     "responses": list(gen.texts),
                     "infos": list(infos),
-                    "token_extras": control.record(hook, live, gen.response_ids.shape[1], gen.response_mask) if control is not None else {},
+                    "control": control.record(hook, live, gen.response_ids.shape[1], gen.response_mask) if control is not None else None,
                 }
             )
             keep = [j for j, d in enumerate(dones) if not d]

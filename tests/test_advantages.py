@@ -2,7 +2,7 @@
 
 import torch
 
-from cory.advantages import gae, group_normalized, loo_baseline, mc_baseline, rewards_to_go, whiten
+from cory.advantages import episode_sums, episode_totals, gae, group_normalized, loo_baseline, mc_baseline, rewards_to_go, whiten
 
 
 def test_gae_single_turn_by_hand():
@@ -149,3 +149,11 @@ def test_group_estimator_counts_each_episode_once_in_the_group_statistics():
     ep, turn, group = torch.tensor([0, 0, 0, 1]), torch.tensor([0, 1, 2, 0]), torch.zeros(4, dtype=torch.long)
     a, _ = ESTIMATORS["group"].fn(r, m, None, ep, turn, group, AlgoConfig(scale_rewards=False))
     assert torch.allclose(a[:, 0], torch.tensor([1.0, 1.0, 1.0, -1.0]))
+
+
+def test_per_episode_sums_by_hand():
+    # Episode 7 has turns in rows 0 and 2, episode 3 in rows 1 and 3, episode 5 one turn.
+    per_row = torch.tensor([1.0, 10.0, 2.0, 20.0, 100.0])
+    ids = torch.tensor([7, 3, 7, 3, 5])
+    assert episode_totals(per_row, ids).tolist() == [3.0, 30.0, 3.0, 30.0, 100.0]
+    assert episode_sums(per_row, ids).tolist() == [3.0, 30.0, 100.0]  # in the order of first rows

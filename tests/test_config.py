@@ -170,3 +170,21 @@ def test_cory_algos_shows_exactly_the_keys_the_refusal_check_accepts(capsys):
     for name in ALGORITHMS:
         assert shown[name] == {f"algo.{k}" for k in specific - refused[name]}, name
     assert shared == {f"algo.{k}" for k in keys if k not in specific}
+
+
+def test_sampling_params_are_the_generation_sections_sampling_keys_with_its_defaults_and_check():
+    from cory.config import SAMPLING_KEYS, GenerationConfig
+    from cory.policy import SamplingParams
+
+    defaults, params = GenerationConfig(), SamplingParams()
+    assert all(getattr(params, k) == type(getattr(params, k))(getattr(defaults, k)) for k in SAMPLING_KEYS)
+    cfg = load_config(None, ["generation.max_new_tokens=7", "generation.top_k=3", "generation.stop_strings=[x]"])
+    built = SamplingParams.from_config(cfg.generation)
+    assert (built.max_new_tokens, built.top_k, built.stop_strings) == (7, 3, ("x",))
+    # One check, two error types: a config key in one line, a ValueError for SamplingParams.
+    with pytest.raises(UsageError, match="'generation.stop_strings'.*empty string"):
+        load_config(None, ['generation.stop_strings=[""]'])
+    with pytest.raises(ValueError, match="stop_strings must not contain the empty string"):
+        SamplingParams(stop_strings=[""])
+    with pytest.raises(UsageError, match="'generation.top_p': 1.5; must be in"):
+        load_config(None, ["generation.top_p=1.5"])

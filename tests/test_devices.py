@@ -14,6 +14,7 @@ from cory import advantages as adv
 from cory import losses
 from cory.algorithms import ALGORITHMS
 from cory.config import AlgoConfig
+from cory.drift.exact import kl_exact, mixture_logprobs
 from cory.kl import ESTIMATORS as KL_ESTIMATORS
 from cory.learner import overlong_penalty, shaped_rewards, tis_weights
 
@@ -67,6 +68,11 @@ def compute(device) -> dict:
         out[f"loss_{name}"] = loss.fn(x["logprobs"], x["old"], out["est_group"], a, **extra)[0]
     for name, kl in KL_ESTIMATORS.items():
         out[f"kl_{name}"] = kl(x["logprobs"], x["ref"])
+    full_q = torch.log_softmax(torch.stack([r, v, x["ref"]], -1), -1)  # [B, L, 3] distributions
+    full_p = torch.log_softmax(torch.stack([v, r, x["old"]], -1), -1)
+    out["kl_exact"] = kl_exact(full_q, full_p)
+    out["mixture_full"] = mixture_logprobs(full_q, full_p, m * 0.5)
+    out["mixture_tokens"] = mixture_logprobs(x["logprobs"], x["ref"], m * 0.5)
     fwd = SimpleNamespace(logprobs=x["logprobs"], entropy=x["entropy"], values=v)
     mb = SimpleNamespace(logprobs=x["old"], ref_logprobs=x["ref"], values=v,
                          extras={"loss_mask": m, "advantages": out["est_gae"], "returns": r, "tis_weight": out["tis"]})

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import micro_overrides
-from cory.budget import EpisodeBudget, mixed_token_logprobs
+from cory.drift.budget import EpisodeBudget
 from cory.cli import main
 from cory.config import load_config
 from cory.learner import episode_kl_metrics
@@ -72,18 +72,6 @@ def test_exact_per_token_kl_matches_a_direct_computation(tmp_path, micro_lm):
     by_hand = (q.exp() * (q - p)).sum(-1) * gen.response_mask
     assert torch.allclose(scored.extras["kl_exact"], by_hand, atol=1e-5)
     assert (scored.extras["kl_exact"][gen.response_mask.bool()] > 0).all()
-
-
-def test_mixed_token_logprobs_are_those_of_the_sampled_mixture():
-    logq = torch.log(torch.tensor([[0.7, 0.2]]))
-    logf = torch.log(torch.tensor([[0.1, 0.5]]))
-    w = torch.tensor([[0.25, 1.0]])
-    got = mixed_token_logprobs(logq, logf, w).exp()
-    assert torch.allclose(got, torch.tensor([[0.25 * 0.7 + 0.75 * 0.1, 0.2]]))
-    # Where the reference wrote (w = 0) the policy gets no gradient.
-    logq = logq.clone().requires_grad_(True)
-    mixed_token_logprobs(logq, logf, torch.tensor([[0.0, 1.0]])).sum().backward()
-    assert logq.grad[0, 0] == 0 and logq.grad[0, 1] == 1
 
 
 def test_hard_budget_holds_over_multi_turn_episodes_and_training_uses_the_sampled_mixture(tmp_path, micro_lm):
