@@ -1,6 +1,7 @@
 """Data-parallel training as 2 CPU processes (gloo): both ranks end with identical parameters."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -8,10 +9,17 @@ from pathlib import Path
 from conftest import REPO, micro_overrides
 
 
+def free_port() -> str:
+    """A port nobody listens on now: two test runs on one machine must not collide on a fixed one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def test_two_processes_stay_identical(tmp_path, micro_lm, micro_rm):
     out = tmp_path / "dist"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            str(REPO / "tests" / "dist_train.py"), str(out)] + micro_overrides(tmp_path, **{"train.iterations": 3})
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -37,7 +45,7 @@ def test_two_processes_give_the_gradient_of_one_on_the_whole_batch(tmp_path, mic
 
     overrides = ["algo.name=grpo", "algo.ent_coef=0.01", "kl.beta=0.1", "algo.micro_batch_size=3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            str(REPO / "tests" / "dist_objective.py"), str(tmp_path), str(micro_lm)] + overrides
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -55,7 +63,7 @@ def test_fsdp_learner_two_processes_match_one(tmp_path, micro_lm):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
     script = str(REPO / "tests" / "fsdp_learner.py")
-    fsdp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29536",
+    fsdp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
             script, str(tmp_path), "fsdp", str(micro_lm)]
     for cmd in (fsdp, [sys.executable, script, str(tmp_path), "single", str(micro_lm)]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -80,7 +88,7 @@ def test_fsdp_run_two_processes_agree_and_resume_exactly(tmp_path, micro_lm, mic
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
 
     def launch(out, iterations, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                str(REPO / "tests" / "dist_train.py"), str(out), *extra] + micro_overrides(
             tmp_path, **{"train.fsdp": True, "train.checkpoint_every": 1, "train.iterations": iterations, "algo.lr": 1e-3})
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
