@@ -13,6 +13,8 @@ Padding convention, used everywhere in cory:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import inspect
 import os
@@ -371,7 +373,19 @@ class Policy:
     def __init__(self, model: nn.Module, tokenizer: Any, value_head: bool = False):
         self.module = PolicyModel(model, value_head=value_head)
         self.tokenizer = tokenizer
+        self.prefix_store: PrefixStore | None = None
         _prepare_tokenizer(tokenizer)
+
+    @contextlib.contextmanager
+    def frozen_prefix(self):
+        """A block in which the weights do not change: sampling with `shared_prefix` (and the probes'
+        action scores) keeps the KV cache of the last shared prefix and, on the next call, runs only
+        what differs from it (e.g. an episode's steps share their instructions). Dropped on exit."""
+        self.prefix_store = PrefixStore()
+        try:
+            yield self
+        finally:
+            self.prefix_store = None
 
     # ---- construction and persistence --------------------------------------------------------
 
@@ -540,6 +554,7 @@ class Policy:
                 eos_ids=eos_ids.to(query_ids.device),
                 pad_id=self.tokenizer.pad_token_id,
                 decode=self._decode,
+                prefix_store=getattr(self, "prefix_store", None),
             )
         finally:
             lm.train(was_training)
@@ -592,6 +607,7 @@ def _sample_loop(
     eos_ids: torch.Tensor,
     pad_id: int,
     decode: Callable[[list[list[int]]], list[str]],
+    prefix_store: PrefixStore | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefill, then one cached forward per new token.
 
@@ -625,9 +641,7 @@ def _sample_loop(
             laid[row, :prefix] = shared
             attention[row, start:lq] = 1
         positions = position_ids_from_mask(attention[:, :lq])
-        head = _lm_forward(lm, shared[None], attention[:1, :prefix], positions[:1, :prefix], logits_to_keep=1,
-                           use_cache=True)
-        cache = head.past_key_values
+        cache = _prefix_cache(lm, shared.tolist(), prefix_store, device)
         cache.batch_repeat_interleave(batch)
         out = _lm_forward(lm, laid[:, prefix:], attention[:, :lq], positions[:, prefix:], logits_to_keep=1,
                           use_cache=True, past_key_values=cache)
@@ -675,6 +689,40 @@ def _sample_loop(
         logits = out.logits[:, -1]
 
     return out_ids[:, :steps], out_mask[:, :steps], out_logprobs[:, :steps], done
+
+
+class PrefixStore:
+    """The KV cache (batch 1) of the last prompt prefix run, kept across calls by `Policy.frozen_prefix`."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.cache = None
+
+
+def _prefix_cache(lm: nn.Module, tokens: list[int], store: PrefixStore | None, device: torch.device):
+    """The KV cache (batch 1) of `tokens` (None when empty). With a store, the longest part it shares
+    with the store's last prefix is copied from there and only the rest is run; the store then holds
+    `tokens`. The store must only live while the weights do not change."""
+    if not tokens:
+        return None
+    have, cache = 0, None
+    if store is not None and store.cache is not None:
+        for a, b in zip(store.tokens, tokens):
+            if a != b:
+                break
+            have += 1
+        if have:
+            cache = copy.deepcopy(store.cache)
+            if have < len(store.tokens):
+                cache.crop(have - len(store.tokens))  # a negative count removes that many trailing tokens
+    if have < len(tokens):
+        ids = torch.tensor([tokens[have:]], dtype=torch.long, device=device)
+        attention = torch.ones((1, len(tokens)), dtype=torch.long, device=device)
+        positions = torch.arange(have, len(tokens), device=device)[None]
+        cache = _lm_forward(lm, ids, attention, positions, logits_to_keep=1, use_cache=True, past_key_values=cache).past_key_values
+    if store is not None:
+        store.tokens, store.cache = list(tokens), copy.deepcopy(cache)
+    return cache
 
 
 def _shared_prefix_length(query_ids: torch.Tensor, query_mask: torch.Tensor, minimum: int = 16) -> int:

@@ -130,3 +130,24 @@ def test_action_scores_in_chat_form_are_the_log_likelihoods_of_the_rendered_answ
             logits = chat_policy.model(input_ids=torch.tensor([prompt_ids + text_ids])).logits[0, :-1]
         logp = torch.log_softmax(logits.float(), -1)
         assert score == pytest.approx(sum(logp[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(text_ids)), abs=1e-4)
+
+
+def test_a_frozen_prefix_is_reused_across_calls_and_changes_nothing(chat_policy):
+    """Inside `frozen_prefix`, later calls run only what differs from the last shared prefix (here the
+    step count and history differ); samples and action scores equal the plain ones."""
+    params = SamplingParams(max_new_tokens=4, chat=True, system_prompt="Answer briefly.", shared_prefix=True)
+    calls = [[f"Pick blue or red, ACTION=X. So far {n} steps. " + t for t in ("Step=1 red", "Step=1 blue 1.0")] for n in (1, 2, 3)]
+    plain = [chat_policy.generate(p, params, torch.Generator().manual_seed(i)) for i, p in enumerate(calls)]
+    with chat_policy.frozen_prefix():
+        reused = [chat_policy.generate(p, params, torch.Generator().manual_seed(i)) for i, p in enumerate(calls)]
+        assert len(chat_policy.prefix_store.tokens) > 16
+    assert chat_policy.prefix_store is None
+    for a, b in zip(plain, reused):
+        assert torch.equal(a.response_ids, b.response_ids) and torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    from cory.metrics.model_probes import action_scorer
+
+    texts = ["ACTION=blue", "ACTION=red"]
+    want = [x for p in calls for x in action_scorer(chat_policy, params=params)(p[0], texts)]
+    with chat_policy.frozen_prefix():
+        got = [x for p in calls for x in action_scorer(chat_policy, params=params)(p[0], texts)]
+    assert got == pytest.approx(want, abs=1e-4)

@@ -27,7 +27,7 @@ from cory.metrics.probes import (
     run_frequency_bias_probe,
     run_knowing_doing_probe,
 )
-from cory.policy import Policy, SamplingParams, _lm_forward, position_ids_from_mask
+from cory.policy import Policy, SamplingParams, _lm_forward, _prefix_cache, position_ids_from_mask
 
 PROBES = ("frequency", "knowing-doing")
 ACTION_TEMPLATE = "\nACTION={}"
@@ -37,7 +37,8 @@ ACTION_TEMPLATE = "\nACTION={}"
 def action_scorer(policy: Policy, batch_size: int = 64, params: SamplingParams | None = None) -> ScoreActions:
     """score_actions(prompt, texts) -> the model's summed log-probability of each text right after the
     prompt (at temperature 1). The prompt is run once and its KV cache is shared by the texts, which
-    are scored `batch_size` at a time. `params` renders the prompt as sampling would (chat template,
+    are scored `batch_size` at a time (inside `policy.frozen_prefix()`, successive prompts also
+    share the cache of their common beginning). `params` renders the prompt as sampling would (chat template,
     system and example turns)."""
     tokenizer = policy.tokenizer
     params = params or SamplingParams()
@@ -49,7 +50,9 @@ def action_scorer(policy: Policy, batch_size: int = 64, params: SamplingParams |
             raise ValueError("an action text has no tokens")
         query_ids, query_mask = policy.encode_prompts([prompt], params.chat, params.system_prompt, params.chat_examples)
         lm, lq, device = policy.model, query_ids.shape[1], query_ids.device
-        head = _lm_forward(lm, query_ids, query_mask, position_ids_from_mask(query_mask), logits_to_keep=1, use_cache=True)
+        cache = _prefix_cache(lm, query_ids[0, :-1].tolist(), getattr(policy, "prefix_store", None), device)
+        head = _lm_forward(lm, query_ids[:, -1:], query_mask, torch.tensor([[lq - 1]], device=device), logits_to_keep=1,
+                           use_cache=True, past_key_values=cache)
         first = torch.log_softmax(head.logits[0, -1].float(), dim=-1)  # [V]: the first token of every text
         scores: list[float] = []
         for start in range(0, len(texts), batch_size):
