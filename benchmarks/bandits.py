@@ -399,6 +399,10 @@ def real_bandit_row(records, example_label: int | None = None) -> dict:
     row["regret_ci"] = episode_interval(records, lambda r: r.total_regret)[1]
     row["coverage_ci"] = episode_interval(records, lambda r: coverage(r.executed, r.n_actions)[-1])[1]
     row["valid_ci"] = episode_interval(records, lambda r: r.valid_rate)[1]
+    # Invalid answers execute a random arm, which counts in `coverage`; this counts only the arms the
+    # agent named itself.
+    own = [len({a for a in r.actions if a is not None}) / r.n_actions for r in records]
+    row["own_coverage"], row["own_coverage_ci"] = interval(own)
     if example_label is not None:
         answered = [a for r in records for a in r.actions if a is not None]
         row["example_label_rate"] = sum(a == example_label for a in answered) / len(answered) if answered else float("nan")
@@ -573,15 +577,20 @@ def bandit_stage(policy, args, log) -> dict:
     from cory.evaluate import episode_metrics, play_agent, play_policy
     from cory.policy import Policy
 
+    from dataclasses import replace
+
     t0, c0 = time.perf_counter(), time.process_time()
     seed = args.seeds[0]
     kw = real_env_kwargs(args.train_arms, "button", False, args.train_horizon, args.history)
     params = real_params(BANDIT, kw, args.answer_tokens)
+    sampled = replace(params, temperature=1.0)  # as training samples its rollouts
     with policy.frozen_prefix():
         before_records, _ = play_policy(policy, BANDIT, kw, args.episodes, params, seed)
+        before_sampled, _ = play_policy(policy, BANDIT, kw, args.episodes, sampled, seed)
     runs = {"random": real_bandit_row(play_agent("random", BANDIT, kw, args.episodes, seed)),
             "UCB1": real_bandit_row(play_agent("ucb1", BANDIT, kw, args.episodes, seed)),
-            "before": real_bandit_row(before_records, example_label=2)}
+            "before": real_bandit_row(before_records, example_label=2),
+            "before_t1": real_bandit_row(before_sampled, example_label=2)}
     log(f"bandit before: regret {runs['before']['regret']:.2f}, coverage {runs['before']['coverage']:.2f}, "
         f"valid {runs['before']['valid_rate']:.3f}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -594,7 +603,9 @@ def bandit_stage(policy, args, log) -> dict:
         trained = Policy.from_pretrained(str(Path(tmp) / "run" / "final"))
         with trained.frozen_prefix():
             after_records, _ = play_policy(trained, BANDIT, kw, args.episodes, params, seed)
+            after_sampled, _ = play_policy(trained, BANDIT, kw, args.episodes, sampled, seed)
     runs["after"] = real_bandit_row(after_records, example_label=2)
+    runs["after_t1"] = real_bandit_row(after_sampled, example_label=2)
     keys = ("regret_mean", "coverage_final", "valid_rate", "env_return_mean")
     # Shaped rewards differ (the bonus and normalisation act in training only): compare the
     # environment's own quantities.
@@ -704,7 +715,8 @@ def real_report(data: dict, stem: str) -> list[Path]:
         plt.close(fig)
     if fine:
         s = fine["settings"]
-        names = {"random": "random", "UCB1": "UCB1", "before": "SmolLM2 before", "after": "SmolLM2 fine-tuned"}
+        names = {"random": "random", "UCB1": "UCB1", "before": "SmolLM2 before", "after": "SmolLM2 fine-tuned",
+                 "before_t1": "SmolLM2 before, T=1", "after_t1": "SmolLM2 fine-tuned, T=1"}
         title = f"{s['episodes']} bandits, {s['train_arms']} arms"
         for key, ylabel in (("regret", "cumulative regret"), ("coverage", "coverage C_t")):
             curves = {names[k]: np.asarray(r[f"{key}_curves"]) for k, r in fine["runs"].items()}
@@ -716,8 +728,10 @@ def real_report(data: dict, stem: str) -> list[Path]:
         "Every prompt is a user turn of the model's chat template after one example turn: the environment's own "
         "prompt for a fixed 3-step history, answered `ACTION=<the best arm of that history>` (with one sentence of "
         "reasoning first when the prompt asks for chain of thought). Without it the model answered in the `ACTION=` "
-        "format in none of 16 trial turns (with a system prompt stating the format too). `copies example` is the "
-        "share of valid answers naming the example's arm. Evaluation is greedy (temperature 0, as in the paper); "
+        "format in none of 24 trial turns (8 with the chat template alone, 16 with a system prompt stating the format "
+        "too). `copies example` is the share of valid answers naming the example's arm. An invalid answer executes a "
+        "random arm, which counts in `coverage`: where answers are often invalid (the continuous variant), coverage "
+        "comes from that fallback, not from the model. Evaluation is greedy (temperature 0, as in the paper); "
         "intervals are 95% t-intervals over episodes of one evaluation seed.", "",
     ]
     if probes:
@@ -775,12 +789,17 @@ def real_report(data: dict, stem: str) -> list[Path]:
                   f"{', '.join(f'{k}={v}' for k, v in s['train'].items() if k != 'model.lora.targets')}, LoRA on layers "
                   f"{REAL_LORA_LAYERS[0]}-{REAL_LORA_LAYERS[-1]} of 30 (the backward pass stops there), environment "
                   f"{s['env']} plus the -5 invalid-action penalty. Evaluated on {s['episodes']} held-out bandits.", "",
-                  f"| agent | regret at step {s['train_horizon']} | coverage at step {s['train_horizon']} | valid actions | copies example |",
-                  "|---|---|---|---|---|"]
-        for name in ("random", "UCB1", "before", "after"):
+                  f"| agent | regret at step {s['train_horizon']} | coverage at step {s['train_horizon']} | arms it named | valid actions "
+                  "| copies example |",
+                  "|---|---|---|---|---|---|"]
+        for name in ("random", "UCB1", "before", "after", "before_t1", "after_t1"):
+            if name not in r:
+                continue
             row = r[name]
-            label = {"before": "SmolLM2, before", "after": "SmolLM2, fine-tuned"}.get(name, name)
+            label = {"before": "SmolLM2, before (greedy)", "after": "SmolLM2, fine-tuned (greedy)",
+                     "before_t1": "SmolLM2, before (temperature 1)", "after_t1": "SmolLM2, fine-tuned (temperature 1)"}.get(name, name)
             lines.append(f"| {label} | {ci_cell(row['regret'], row['regret_ci'])} | {ci_cell(row['coverage'], row['coverage_ci'])} | "
+                         f"{ci_cell(row.get('own_coverage', nan), row.get('own_coverage_ci', nan))} | "
                          f"{ci_cell(row['valid_rate'], row['valid_ci'], '.3f')} | {row.get('example_label_rate', nan):.2f} |")
         gain = r["after"]["coverage"] - r["before"]["coverage"]
         goals["regret_down"] = {"goal": "after < before", "measured": r["after"]["regret"] - r["before"]["regret"],
