@@ -53,12 +53,15 @@ def sampling_params(cfg: Config):
 
     source = cfg.env if cfg.env.id else cfg.task  # the prompts' chat rendering
     return SamplingParams.from_config(cfg.generation, chat=source.chat_template, system_prompt=source.system_prompt,
-                                      chat_examples=_chat_examples(cfg))
+                                      chat_examples=_chat_examples(cfg), shared_prefix=cfg.generation.shared_prefix)
 
 
 def _chat_examples(cfg: Config) -> tuple:
-    """A built-in task's example chat turns (the arithmetic one-shot) when its prompts are chat."""
-    if cfg.env.id or not cfg.task.chat_template:
+    """The environment's example chat turns, or a built-in task's (the arithmetic one-shot) when its
+    prompts are chat."""
+    if cfg.env.id:
+        return tuple(tuple(e) for e in cfg.env.chat_examples)
+    if not cfg.task.chat_template:
         return ()
     from cory.tasks.registry import CHAT_EXAMPLES
 

@@ -96,6 +96,8 @@ class EnvConfig:
     """Show each observation to the model as a user turn of its tokenizer's chat template; responses end at the end-of-turn token."""
     system_prompt: str = ""
     """With chat_template: a system turn before each observation (empty = none)."""
+    chat_examples: list[list[str]] = field(default_factory=list)
+    """With chat_template: example [user, assistant] turns before each observation (e.g. a one-shot answer in the ACTION=X format)."""
 
 
 @dataclass
@@ -113,6 +115,8 @@ class GenerationConfig:
     """Nucleus sampling mass (1.0 = off)."""
     stop_strings: list[str] = field(default_factory=list)
     """A response also ends where it first contains one of these strings."""
+    shared_prefix: bool = False
+    """native: run the prompt prefix shared by a batch (instructions, system and example turns) once and reuse its KV cache (float rounding aside, the same samples)."""
     backend: str = "native"
     """Who samples rollouts: native (cory's own KV-cache loop, the reference) or vllm (vLLM's engine in this process, weights synced in memory)."""
     vllm_dtype: str = "auto"
@@ -568,6 +572,10 @@ def check(cfg: Config) -> None:
     for section in ("task", "env"):
         if getattr(cfg, section).system_prompt and not getattr(cfg, section).chat_template:
             raise UsageError(f"{section}.system_prompt needs {section}.chat_template=true")
+    if cfg.env.chat_examples and not cfg.env.chat_template:
+        raise UsageError("env.chat_examples needs env.chat_template=true")
+    if any(not isinstance(e, (list, tuple)) or len(e) != 2 or not all(isinstance(x, str) for x in e) for e in cfg.env.chat_examples):
+        raise UsageError("env.chat_examples must be a list of [user, assistant] pairs of strings")
     if cfg.task.prompt_file and not Path(cfg.task.prompt_file).is_file():
         raise UsageError(f"prompt file not found: {cfg.task.prompt_file}")
     check_ranges(cfg)
@@ -613,6 +621,8 @@ def _check_generation_backend(cfg: Config) -> None:
         if changed:
             raise UsageError(f"{', '.join(changed)} only act with generation.backend=vllm")
         return
+    if g.shared_prefix:
+        raise UsageError("generation.shared_prefix is for the native loop; vLLM caches shared prefixes itself")
     if cfg.kl.hard_budget or cfg.kl.help_threshold:
         raise UsageError("kl.hard_budget and kl.help_threshold steer sampling token by token; they need generation.backend=native")
     if g.vllm_kv_cache_gib < 0:

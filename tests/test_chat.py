@@ -87,3 +87,69 @@ def test_cory_observer_prompt_in_chat_form_holds_the_prompt_and_the_pioneer_answ
     [prompt] = observer_prompts(["What is 2 + 3?"], ["It is 6."], "chat")
     assert prompt == CHAT_TEMPLATE.format(prompt="What is 2 + 3?", reference="It is 6.")
     assert prompt.startswith("What is 2 + 3?") and "It is 6." in prompt
+
+
+def test_shared_prefix_prefill_samples_what_the_plain_prefill_samples(chat_policy):
+    """The prefix every prompt shares (system and example turns, instructions) is run once; rows of
+    different lengths then sample the same tokens with the same log-probs as from a full prefill."""
+    prompts = ["Pick one of the buttons blue or red and answer ACTION=X. " + tail
+               for tail in ("Step=1 Action=red Reward=0.40", "go", "Step=1 Action=blue Reward=1.00\nStep=2 Action=red Reward=-0.2")]
+    base = SamplingParams(max_new_tokens=6, chat=True, system_prompt="Answer briefly.", chat_examples=(("hi", "ACTION=red"),))
+    shared = SamplingParams(**{**base.__dict__, "shared_prefix": True})
+    plain = chat_policy.generate(prompts, base, torch.Generator().manual_seed(1))
+    cached = chat_policy.generate(prompts, shared, torch.Generator().manual_seed(1))
+    assert torch.equal(plain.query_ids, cached.query_ids) and torch.equal(plain.query_mask, cached.query_mask)
+    assert torch.equal(plain.response_ids, cached.response_ids)
+    assert torch.allclose(plain.logprobs, cached.logprobs, atol=1e-5)
+    assert not torch.equal(plain.logprobs, torch.zeros_like(plain.logprobs))
+
+
+def test_env_chat_examples_reach_sampling_and_need_the_chat_template(tmp_path):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"env": {"id": "cory/Bandit-v0", "chat_template": True,
+                                            "chat_examples": [["Which one?\nSay ACTION=X.", "ACTION=red"]]}}))
+    assert sampling_params(load_config(path)).chat_examples == (("Which one?\nSay ACTION=X.", "ACTION=red"),)
+    with pytest.raises(UsageError, match="env.chat_template"):
+        load_config(overrides=["env.id=cory/Bandit-v0", "env.chat_examples=[[a,b]]"])
+    with pytest.raises(UsageError, match="pairs"):
+        load_config(overrides=["env.id=cory/Bandit-v0", "env.chat_template=true", "env.chat_examples=[[a]]"])
+    with pytest.raises(UsageError, match="shared_prefix"):
+        load_config(overrides=["generation.shared_prefix=true", "generation.backend=vllm"])
+
+
+def test_action_scores_in_chat_form_are_the_log_likelihoods_of_the_rendered_answer(chat_policy):
+    from cory.metrics.model_probes import action_scorer
+
+    params = SamplingParams(chat=True, system_prompt="Answer briefly.")
+    texts = ["ACTION=blue", "ACTION=red", "ACTION=light-green"]
+    scores = action_scorer(chat_policy, batch_size=2, params=params)("Which button?", texts)
+    [prompt_ids] = chat_policy.render_chat(["Which button?"], "Answer briefly.")
+    for text, score in zip(texts, scores):
+        text_ids = chat_policy.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = chat_policy.model(input_ids=torch.tensor([prompt_ids + text_ids])).logits[0, :-1]
+        logp = torch.log_softmax(logits.float(), -1)
+        assert score == pytest.approx(sum(logp[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(text_ids)), abs=1e-4)
+
+
+def test_a_frozen_prefix_is_reused_across_calls_and_changes_nothing(chat_policy):
+    """Inside `frozen_prefix`, later calls run only what differs from the last shared prefix (here the
+    step count and history differ); samples and action scores equal the plain ones."""
+    params = SamplingParams(max_new_tokens=4, chat=True, system_prompt="Answer briefly.", shared_prefix=True)
+    calls = [[f"Pick blue or red, ACTION=X. So far {n} steps. " + t for t in ("Step=1 red", "Step=1 blue 1.0")] for n in (1, 2, 3)]
+    plain = [chat_policy.generate(p, params, torch.Generator().manual_seed(i)) for i, p in enumerate(calls)]
+    with chat_policy.frozen_prefix():
+        reused = [chat_policy.generate(p, params, torch.Generator().manual_seed(i)) for i, p in enumerate(calls)]
+        assert len(chat_policy.prefix_store.tokens) > 16
+    assert chat_policy.prefix_store is None
+    for a, b in zip(plain, reused):
+        assert torch.equal(a.response_ids, b.response_ids) and torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    from cory.metrics.model_probes import action_scorer
+
+    texts = ["ACTION=blue", "ACTION=red"]
+    want = [x for p in calls for x in action_scorer(chat_policy, params=params)(p[0], texts)]
+    with chat_policy.frozen_prefix():
+        got = [x for p in calls for x in action_scorer(chat_policy, params=params)(p[0], texts)]
+    assert got == pytest.approx(want, abs=1e-4)
