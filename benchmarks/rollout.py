@@ -169,6 +169,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     out.with_suffix(".md").write_text(markdown(report))
+    out.with_suffix(".partial.json").unlink(missing_ok=True)  # the complete results replace it
     print(markdown(report))
 
 
