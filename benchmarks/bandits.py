@@ -28,9 +28,15 @@ random on the same held-out bandits, and the training run's initial evaluation c
 fresh one. Stage `ttt`: PPO (value head + GAE) on tic-tac-toe against a random opponent. Stages can
 run in separate invocations; each merges its results into the report.
 
-    python benchmarks/bandits.py --model real [--stages probes bandit ttt] [--iterations 6] [--quick]
+    python benchmarks/bandits.py --model real [--stages probes bandit ttt report] [--iterations 6] [--quick]
 Writes benchmarks/results/bandits_real.{json,md}, bandits_real_{coverage,frequency}.png and
-bandits_real_ft_{regret,coverage}.png (--quick: bandits_real_quick.*).
+bandits_real_ft_{regret,coverage}.png (--quick: bandits_real_quick.*). The committed report came from
+
+    python benchmarks/bandits.py --model real --fresh --stages probes --cot 0
+    python benchmarks/bandits.py --model real --stages probes --cot 1 --arms 10 20 --variants button --kd-arms
+    python benchmarks/bandits.py --model real --stages bandit --iterations 3
+    python benchmarks/bandits.py --model real --stages report
+(53 minutes of one thread in all on a loaded 2-core machine; the tic-tac-toe stage did not fit).
 """
 
 from __future__ import annotations
