@@ -46,7 +46,8 @@ def evaluate(
             ref = sequence_logprobs(reference, *args, temperature=temperature, with_full_logprobs=exact_kl)
             kls += masked_sum(gen.logprobs.to(dev) - ref.logprobs, mask.to(dev)).tolist()
             if exact_kl:
-                cur = sequence_logprobs(policy.module, *args, temperature=temperature, with_full_logprobs=True)
+                # The bare LM: a prepared module may carry a mixed-precision forward; the reference has none.
+                cur = sequence_logprobs(policy.model, *args, temperature=temperature, with_full_logprobs=True)
                 exact += masked_sum(kl_full(cur.full_logprobs.float(), ref.full_logprobs.float()), mask.to(dev)).tolist()
     r = torch.tensor(rewards)
     out = {
