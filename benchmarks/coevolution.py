@@ -30,7 +30,8 @@ Markdown and the plots from the JSON.
 - arithmetic: the word problems as chat turns after the task's one-shot example, the observer's
   prompt holding the pioneer's answer as the paper's `Reference:` line before `Answer:`, reward 1
   if the response's last number is right.
-Both methods train LoRA adapters (r 16) in bf16 autocast: PPO one adapter on the frozen base, CORY
+Both methods train LoRA adapters (r 16) in float32 (bf16 autocast is ~10x slower on a CPU without
+bf16 instructions, such as this AVX2 machine): PPO one adapter on the frozen base, CORY
 two adapters on one shared frozen base; the frozen base is every run's reference. The KL in the
 training penalty (`kl.estimator=full`), in the curves and in the final evaluation is the exact
 episode KL (the full-vocabulary sum along the sampled answers, `kl.exact_accounting`). Sanity checks
@@ -40,9 +41,10 @@ from the bare evaluation prompts) evaluated fresh matches the run's own final ev
 exact episode KL is logged at every iteration and is 0 at the first (the adapters start at zero).
 Results are written after every seed, so an interrupted run keeps the seeds it finished.
 
-    python benchmarks/coevolution.py --model real --tasks sentiment --threads 1     (about 60 minutes)
-    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1    (about 40 minutes)
-    python benchmarks/coevolution.py --model real --quick                           (a smoke run)
+    python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds 0 1
+        (about 37 minutes per seed-pair on one loaded core: what the committed results ran)
+    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1   (not run yet)
+    python benchmarks/coevolution.py --model real --quick                          (a smoke run)
 Writes benchmarks/results/cory_real.{json,md} and cory_real_<task>_{curves,frontier}.png.
 """
 
