@@ -698,6 +698,9 @@ def verdicts(task: str, result: dict) -> list[str]:
     init = result["initial"]
     budgets = (("ppo", "equal iterations"), ("ppo-2x", "equal generated samples"))
     out = [f"### Report: do the paper's claims hold on {task}?", ""]
+    if len(s["seeds"]) < 2:
+        out += [("With one seed there is no interval, and every rule below needs one: no claim can be established from "
+                 "these runs, whichever way the differences point; \"does not hold\" below means \"not shown\"."), ""]
 
     # (a) similar task reward with lower KL, at the main beta.
     parts, holds = [], []
@@ -803,7 +806,22 @@ def ablations(result: dict) -> list[str]:
                      + fmt(interval([r["agents"]["a"]["kl"] - r["agents"]["b"]["kl"] for r in fixed])))
     lines.append(f"in CORY, the observer's training task reward minus the pioneer's over the last {last} iterations "
                  + fmt(interval([role_gap(r, last) for r in cory.values()])))
-    return [f"Ablations at beta = {beta} (differences paired by seed): " + "; ".join(lines) + ".", ""]
+    out = [f"Ablations at beta = {beta} (differences paired by seed): " + "; ".join(lines) + ".", ""]
+    swap = swap_every(result["settings"])
+    if result["settings"]["iterations"] <= swap and runs_of(result, "cory-no-exchange", beta):
+        out += [(f"**Caveat:** the runs are {result['settings']['iterations']} iterations long and roles are exchanged every "
+                 f"{swap} (cory.swap_every), so no exchange happened: CORY without exchange is the same run as CORY (its "
+                 "figures are identical), and agent a was the pioneer throughout in both. The exchange ablation needs runs "
+                 "longer than cory.swap_every (or cory.swap_every=1)."), ""]
+    return out
+
+
+def swap_every(settings: dict) -> int:
+    """cory.swap_every as the runs had it (the last override, else the default)."""
+    from cory.config import CoryConfig
+
+    values = [o.split("=", 1)[1] for o in settings["overrides"] if o.startswith("cory.swap_every=")]
+    return int(values[-1]) if values else CoryConfig.swap_every
 
 
 def overall(holds: list[bool], budgets) -> str:
