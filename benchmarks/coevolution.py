@@ -22,11 +22,36 @@ Writes benchmarks/results/cory.{json,md} and benchmarks/results/cory_<task>_{cur
 a task's results replace that task's earlier ones and keep the others. --quick (two iterations on a
 tiny batch, two betas, one seed) writes to a temporary folder instead; --report only rewrites the
 Markdown and the plots from the JSON.
+
+`--model real` runs the same comparison on the pretrained `cory:smollm2-135m-instruct` (REAL_TASKS):
+- sentiment: openings of the zoo's movie reviews continued as plain text, reward VADER of prompt +
+  response, the observer prompted with the paper's template
+  `I can make this sentence "<query + pioneer>" more positive: <query>`;
+- arithmetic: the word problems as chat turns after the task's one-shot example, the observer's
+  prompt holding the pioneer's answer as the paper's `Reference:` line before `Answer:`, reward 1
+  if the response's last number is right.
+Both methods train LoRA adapters (r 16) in float32 (bf16 autocast is ~10x slower on a CPU without
+bf16 instructions, such as this AVX2 machine): PPO one adapter on the frozen base, CORY
+two adapters on one shared frozen base; the frozen base is every run's reference. The KL in the
+training penalty (`kl.estimator=full`), in the curves and in the final evaluation is the exact
+episode KL (the full-vocabulary sum along the sampled answers, `kl.exact_accounting`). Sanity checks
+stop the script where they fail: every run's own evaluation at iteration 0 equals this script's
+fresh evaluation of the initial model (reward and KL 0); each saved model (each CORY agent alone,
+from the bare evaluation prompts) evaluated fresh matches the run's own final evaluation; the
+exact episode KL is logged at every iteration and is 0 at the first (the adapters start at zero).
+Results are written after every seed, so an interrupted run keeps the seeds it finished.
+
+    python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds 0 1
+        (about 37 minutes per seed-pair on one loaded core: what the committed results ran)
+    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1   (not run yet)
+    python benchmarks/coevolution.py --model real --quick                          (a smoke run)
+Writes benchmarks/results/cory_real.{json,md} and cory_real_<task>_{curves,frontier}.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import math
@@ -67,6 +92,49 @@ COMMON = ["algo.name=ppo", "algo.epochs=2", "algo.minibatch_size=16", "kl.contro
           "task.num_eval_prompts=64", "eval.samples_per_prompt=2", "train.log_with=[]", "train.progress=false"]
 QUICK = ["train.batch_size=8", "task.num_eval_prompts=8"]
 CORY_VARIANTS = {"cory": [], "cory-no-exchange": ["cory.exchange=false"], "cory-no-observe": ["cory.observe=false"]}
+# The pretrained model (--model real). Sized to the time this machine had (see the docstring); the
+# paper ran 100 iterations of 256 (IMDB) or 32 (GSM8K) prompts on 0.8B-7B models.
+REAL_MODEL = "cory:smollm2-135m-instruct"
+REAL_TASKS = {
+    "sentiment": {
+        "overrides": [f"model.name={REAL_MODEL}", "task.name=sentiment", "task.reward=vader", "task.reward_on=prompt+response",
+                      "cory.observer_template=continuation", "generation.max_new_tokens=12", "algo.lr=5e-4",
+                      "train.batch_size=8", "task.num_eval_prompts=16"],
+        "iterations": 3,
+        "betas": [0.01, 0.05, 0.2],
+        "main_beta": 0.05,
+    },
+    "arithmetic": {
+        "overrides": [f"model.name={REAL_MODEL}", "task.name=arithmetic", "task.chat_template=true",
+                      "cory.observer_template=qa", "generation.max_new_tokens=24", "algo.lr=5e-4",
+                      "train.batch_size=8", "task.num_eval_prompts=16"],
+        "iterations": 3,
+        "betas": [0.003, 0.01, 0.03],
+        "main_beta": 0.01,
+    },
+}
+REAL_COMMON = ["algo.name=ppo", "algo.epochs=2", "algo.minibatch_size=8", "kl.controller=fixed", "kl.estimator=full",
+               "kl.exact_accounting=true", "generation.temperature=1.0", "eval.temperature=1.0",
+               "eval.samples_per_prompt=2", "train.log_with=[]", "train.progress=false"]
+REAL_QUICK = ["train.batch_size=4", "task.num_eval_prompts=4", "generation.max_new_tokens=8", "cory.swap_every=1"]
+LORA = {"single": ["model.lora.r=16", "model.lora.alpha=32"], "pair": ["cory.shared_base=true", "cory.lora_r=16", "cory.lora_alpha=32"]}
+MODES = {
+    "tiny": {"tasks": TASKS, "common": COMMON, "quick": QUICK, "single": [], "pair": [], "exact": False, "name": "cory",
+             "about": ("Against the paper's setup: embedded models of about 1.2M parameters instead of GPT2-Large / Llama-2-7b; a fixed "
+                       "KL coefficient (the frontier's beta) instead of the adaptive controller; the k1 estimator instead of the exact "
+                       "KL; the same learning rate for PPO and CORY; far fewer iterations; role exchange every 5 iterations and "
+                       "optimizer and controller states kept across exchanges, as in cory.")},
+    "real": {"tasks": REAL_TASKS, "common": REAL_COMMON, "quick": REAL_QUICK, "exact": True, "name": "cory_real", **LORA,
+             "about": ("Model: the pretrained SmolLM2-135M-Instruct (`cory:smollm2-135m-instruct`), LoRA r 16 (alpha 32) on every "
+                       "linear layer, float32 (this AVX2 CPU has no bf16 instructions: bf16 autocast made a PPO update ~10x slower), one CPU thread. Against the paper's setup: a 135M model instead of GPT2-Large "
+                       "(774M) / Llama-2-7b; VADER instead of the IMDB classifier; synthetic reviews and word problems instead of "
+                       "IMDB and GSM8K; a fixed KL coefficient (the frontier's beta) instead of the adaptive controller; the same "
+                       "learning rate for PPO and CORY; far fewer iterations and prompts per iteration (each task's settings below) "
+                       "than the paper's 100 iterations of 256 (IMDB) / 32 (GSM8K) prompts; 2 PPO epochs of minibatches of 8 "
+                       "instead of 4 epochs of the whole batch; 12-24 new tokens; role exchange every "
+                       "5 iterations with optimizer and controller states kept across exchanges, as in cory. The KL (training "
+                       "penalty, curves, final figures) is the exact episode KL.")},
+}
 METHODS = {
     "ppo": "PPO, equal iterations",
     "ppo-2x": "PPO, equal samples (2x iterations)",
@@ -98,113 +166,301 @@ def distinct_share(text: str) -> float:
 
 # -- runs ---------------------------------------------------------------------------------------------
 class Judge:
-    """A task's fixed evaluation: the task, its frozen reference and the evaluation settings."""
+    """A task's fixed evaluation: the task, its frozen reference and the evaluation settings. With
+    `exact`, the KL reported is the exact episode KL (`evaluate(exact_kl=True)`), else the sampled
+    k1 sum."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, exact: bool = False):
         import torch
 
         from cory.tasks import make_task
         from cory.build import eval_params, load_reference
 
-        self.cfg = cfg
+        self.cfg, self.exact = cfg, exact
         self.task = make_task(cfg.task)
         self.reference = load_reference(cfg.model.name, torch.float32)
         self.params = eval_params(cfg)
 
-    def __call__(self, model: str | Path, beta: float) -> dict:
-        """Final figures of one model answering alone, with every sample's text."""
+    def __call__(self, model, beta: float) -> dict:
+        """Final figures of one model (a folder, a zoo name or a loaded Policy) answering alone."""
         from cory.evaluate import evaluate
         from cory.policy import Policy
 
         cfg = self.cfg
+        policy = model if isinstance(model, Policy) else Policy.from_pretrained(model)
         # One sample per row, every row returned: the same draws as the run's own final evaluation.
         prompts = [p for p in self.task.eval_prompts for _ in range(cfg.eval.samples_per_prompt)]
-        res = evaluate(Policy.from_pretrained(model), prompts, self.task.reward, self.params, 1, cfg.eval.seed,
-                       reference=self.reference, num_samples_shown=len(prompts))
+        res = evaluate(policy, prompts, self.task.reward, self.params, 1, cfg.eval.seed,
+                       reference=self.reference, num_samples_shown=len(prompts), exact_kl=self.exact)
         texts = [s["response"] for s in res["samples"]]
-        return {"reward": res["reward_mean"], "kl": res["kl_mean"], "combined": res["reward_mean"] - beta * res["kl_mean"],
-                "repeat_share": statistics.fmean(map(repeats_word, texts)), "distinct": statistics.fmean(map(distinct_share, texts)),
-                "missing_eos": 1.0 - res["eos_rate"], "length": res["response_length"], "n": res["n"],
-                "examples": res["samples"][:4]}
+        kl = res["kl_exact_mean"] if self.exact else res["kl_mean"]
+        out = {"reward": res["reward_mean"], "kl": kl, "combined": res["reward_mean"] - beta * kl,
+               "repeat_share": statistics.fmean(map(repeats_word, texts)), "distinct": statistics.fmean(map(distinct_share, texts)),
+               "missing_eos": 1.0 - res["eos_rate"], "length": res["response_length"], "n": res["n"],
+               "examples": res["samples"][:4]}
+        if self.exact:
+            out["kl_k1"] = res["kl_mean"]
+        return out
 
 
-def curves(run_dir: Path, agents: list[str]) -> dict:
+def curves(run_dir: Path, agents: list[str], kl_key: str = "kl_mean") -> dict:
     """Per-iteration training figures per agent (own task reward, episode KL, share cut without EOS)."""
     from cory.report import read_jsonl
 
     rows = read_jsonl(run_dir / "metrics.jsonl")
     if agents == ["policy"]:
-        return {"policy": {"reward": [r["reward_mean"] for r in rows], "kl": [r["kl_mean"] for r in rows],
+        return {"policy": {"reward": [r["reward_mean"] for r in rows], "kl": [r[kl_key] for r in rows],
                            "missing_eos": [r["truncated_rate"] for r in rows]}}
-    out = {n: {"reward": [r[f"{n}/task_reward"] for r in rows], "kl": [r[f"{n}/kl_mean"] for r in rows],
+    out = {n: {"reward": [r[f"{n}/task_reward"] for r in rows], "kl": [r[f"{n}/{kl_key}"] for r in rows],
                "missing_eos": [r[f"{n}/truncated_rate"] for r in rows]} for n in agents}
     out["pioneer_is_a"] = [r["pioneer_is_a"] for r in rows]
     return out
 
 
-def run_ppo(overrides: list[str], beta: float, seed: int, iterations: int, batch: int, judge: Judge) -> list[dict]:
-    """PPO to `iterations`, evaluated; then resumed to 2 x `iterations` (the same run continued exactly)."""
+EXACT_KL = "episode_kl/exact_mean"
+"""The metrics.jsonl key of the mean exact episode KL over an iteration's samples (kl.exact_accounting)."""
+
+
+class SanityError(RuntimeError):
+    """A check of the experiment's own plumbing failed: the figures would not mean what they say."""
+
+
+def judged(base):
+    """`base` (TrainingRun or CoryRun) whose evaluations are the Judge's, on the models in memory
+    (the real mode: no evaluation is done twice, nothing is written that is not read).
+
+    - At iteration 0 the run evaluates the initial model itself only where `live_initial` is set;
+      otherwise its row is `initial`, the Judge's fresh evaluation of the initial model, which the
+      live runs are checked against (`check_run`).
+    - Evaluation rows hold the Judge's figures per agent under `agents` (CORY: each agent activated
+      and answering alone from the evaluation prompts), plus the flat numbers the run logs.
+    - The final model is written only where `save` is set, checkpoints only where `keep_checkpoint`
+      is (PPO's first phase, which the equal-samples phase resumes).
+    """
+
+    class Judged(base):
+        judge: Judge
+        beta = 0.0
+        initial: dict | None = None
+        live_initial = True
+        save = False
+        keep_checkpoint = True
+
+        def evaluate_all(self) -> dict:
+            if self.state.iteration == 0 and not self.live_initial:
+                agents = {n: {**self.initial, "combined": self.initial["reward"]} for n in self.agent_names()}
+            else:
+                agents = {}
+                for n in self.agent_names():
+                    policy = self.policy if n == "policy" else self.agents[n].policy
+                    if n != "policy":
+                        self.agents[n].activate()
+                    agents[n] = self.judge(policy, self.beta)
+            flat = {f"{'' if n == 'policy' else n + '/'}{k}_mean": a[k] for n, a in agents.items() for k in ("reward", "kl")}
+            flat["reward_mean"] = statistics.fmean(a["reward"] for a in agents.values())
+            flat["best_agent"] = max(agents, key=lambda n: agents[n]["reward"])
+            return {**flat, "agents": agents, "live": self.state.iteration > 0 or self.live_initial}
+
+        def agent_names(self) -> list[str]:
+            return ["policy"] if not hasattr(self, "agents") else list(self.agents)
+
+        def save_final(self, evaluation: dict) -> None:
+            if self.save:
+                super().save_final(evaluation)
+
+        def checkpoint(self):
+            if self.keep_checkpoint:
+                return super().checkpoint()
+            return None
+
+    Judged.__name__ = f"Judged{base.__name__}"
+    return Judged
+
+
+def train_judged(cfg, out: Path, judge: Judge, beta: float, initial: dict, resume: bool = False, **flags) -> list[dict]:
+    """Trains like `cory.api.train` with the evaluations of `judged`; returns the eval rows."""
+    from cory.coevolve import CoryRun
+    from cory.report import read_jsonl
+    from cory.run import check_output_dir
+    from cory.train import TrainingRun
+
+    check_output_dir(out, resume)
+    run = judged(CoryRun if cfg.cory.enabled else TrainingRun)(cfg, out, resume=resume)
+    run.judge, run.beta, run.initial = judge, beta, initial
+    for k, v in flags.items():
+        setattr(run, k, v)
+    try:
+        run.run()
+    finally:
+        run.close()
+    return read_jsonl(out / "eval.jsonl")
+
+
+def check_run(run_dir: Path, rows: list[dict], initial: dict, eval_prompts: list[str], judge: Judge | None = None,
+              saved: dict[str, Path] | None = None) -> dict:
+    """The real mode's checks on one finished run (raises SanityError); returns the largest gaps.
+
+    - Where the run evaluated the initial model itself (`live`), it equals the Judge's fresh
+      evaluation of the initial model loaded from its folder: reward to 1e-6, exact KL 0.
+    - Every evaluated sample answers a bare evaluation prompt (CORY's agents answer alone).
+    - Where models were saved (`saved`: agent -> folder, CORY's agents merged into standalone
+      models), the Judge's fresh evaluation of each folder matches the run's own final evaluation
+      (within 0.1: a merged copy may flip a sample where rounding differs).
+    - The exact episode KL is logged at every iteration, finite, and 0 at the first (the adapters
+      start at zero, so the policy is the reference).
+    """
+    from cory.report import read_jsonl
+
+    gaps = {"initial_reward": 0.0, "final_reward": 0.0, "first_exact_kl": 0.0, "live_initial": 0, "saved": 0}
+    first, last = rows[0], rows[-1]
+    if first["iteration"] == 0 and first["live"]:
+        for agent, a in first["agents"].items():
+            gap = abs(a["reward"] - initial["reward"])
+            if gap > 1e-6 or abs(a["kl"]) > 1e-6:
+                raise SanityError(f"{run_dir}: the run's initial evaluation of {agent} (reward {a['reward']}, KL {a['kl']}) "
+                                  f"differs from a fresh evaluation of the initial model (reward {initial['reward']}, KL 0)")
+            gaps["initial_reward"] = max(gaps["initial_reward"], gap)
+            gaps["live_initial"] += 1
+    alone = set(eval_prompts)
+    for row in rows:
+        for a in row["agents"].values():
+            strays = [e["prompt"] for e in a["examples"] if e["prompt"] not in alone]
+            if strays:
+                raise SanityError(f"{run_dir}: an evaluation answered a prompt that is not a bare evaluation prompt: {strays[0]!r}")
+    for agent, folder in (saved or {}).items():
+        fresh = judge(folder, 0.0)["reward"]
+        gap = abs(last["agents"][agent]["reward"] - fresh)
+        if gap > 0.1:
+            raise SanityError(f"{run_dir}: the run's final evaluation of {agent} (reward {last['agents'][agent]['reward']}) differs "
+                              f"from its saved model's, evaluated fresh ({fresh})")
+        gaps["final_reward"] = max(gaps["final_reward"], gap)
+        gaps["saved"] += 1
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    keys = [EXACT_KL] if "policy" in last["agents"] else [f"{a}/{EXACT_KL}" for a in last["agents"]]
+    for r in metrics:
+        for k in keys:
+            if k not in r or not math.isfinite(r[k]):
+                raise SanityError(f"{run_dir}: iteration {r['iteration']} logs no finite exact episode KL ({k})")
+    if metrics[0]["iteration"] == 1:
+        gaps["first_exact_kl"] = max(abs(metrics[0][k]) for k in keys)
+        if gaps["first_exact_kl"] > 1e-4:
+            raise SanityError(f"{run_dir}: exact episode KL {gaps['first_exact_kl']} at the first iteration, where the policy "
+                              "is the reference")
+    return gaps
+
+
+def run_ppo(overrides: list[str], beta: float, seed: int, iterations: int, batch: int, judge: Judge,
+            initial: dict | None = None, checked: bool = False) -> list[dict]:
+    """PPO to `iterations`, evaluated; then resumed to 2 x `iterations` (the same run continued exactly).
+    With `initial` (the real mode) the run evaluates through `judged` and is checked by `check_run`;
+    `checked` adds the live initial evaluation and the saved model's fresh evaluation."""
     from cory.config import load_config
     from cory.api import train
 
     records, wall = [], 0.0
+    kl_key = EXACT_KL if judge.exact else "kl_mean"
     with tempfile.TemporaryDirectory() as out:
         for method, its in (("ppo", iterations), ("ppo-2x", 2 * iterations)):
             cfg = load_config(None, overrides + [f"train.iterations={its}"])
             t0 = time.perf_counter()
-            train(cfg, out, resume=method == "ppo-2x")
-            wall += time.perf_counter() - t0
-            records.append({"method": method, "beta": beta, "seed": seed, "iterations": its, "samples": its * batch,
-                            "wall_s": wall, "agents": {"policy": judge(Path(out) / "final", beta)},
-                            "curves": curves(Path(out), ["policy"])})
+            second = method == "ppo-2x"
+            if initial is None:
+                train(cfg, out, resume=second)
+                wall += time.perf_counter() - t0
+                agents = {"policy": judge(Path(out) / "final", beta)}
+            else:
+                rows = train_judged(cfg, Path(out), judge, beta, initial, resume=second, live_initial=checked,
+                                    save=checked and second, keep_checkpoint=not second)
+                wall += time.perf_counter() - t0
+                agents = rows[-1]["agents"]
+            record = {"method": method, "beta": beta, "seed": seed, "iterations": its, "samples": its * batch,
+                      "wall_s": wall, "agents": agents, "curves": curves(Path(out), ["policy"], kl_key)}
+            if initial is not None:
+                saved = {"policy": Path(out) / "final"} if checked and second else None
+                record["checks"] = check_run(Path(out), rows, initial, judge.task.eval_prompts, judge, saved)
+            records.append(record)
     return records
 
 
-def run_cory(variant: str, overrides: list[str], beta: float, seed: int, iterations: int, batch: int, judge: Judge) -> dict:
+def run_cory(variant: str, overrides: list[str], beta: float, seed: int, iterations: int, batch: int, judge: Judge,
+             initial: dict | None = None, checked: bool = False) -> dict:
     from cory.config import load_config
     from cory.api import train
 
     cfg = load_config(None, overrides + CORY_VARIANTS[variant] + ["cory.enabled=true", f"train.iterations={iterations}"])
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        train(cfg, out)
-        wall = time.perf_counter() - t0
-        agents = {n: judge(Path(out) / "agents" / n, beta) for n in ("a", "b")}
-        return {"method": variant, "beta": beta, "seed": seed, "iterations": iterations, "samples": 2 * iterations * batch,
-                "wall_s": wall, "agents": agents, "curves": curves(Path(out), ["a", "b"])}
+        if initial is None:
+            train(cfg, out)
+            wall = time.perf_counter() - t0
+            agents = {n: judge(Path(out) / "agents" / n, beta) for n in ("a", "b")}
+        else:
+            rows = train_judged(cfg, Path(out), judge, beta, initial, live_initial=checked, save=checked, keep_checkpoint=False)
+            wall = time.perf_counter() - t0
+            agents = rows[-1]["agents"]
+        record = {"method": variant, "beta": beta, "seed": seed, "iterations": iterations, "samples": 2 * iterations * batch,
+                  "wall_s": wall, "agents": agents, "curves": curves(Path(out), ["a", "b"], EXACT_KL if judge.exact else "kl_mean")}
+        if initial is not None:
+            saved = {n: Path(out) / "agents" / n for n in ("a", "b")} if checked else None
+            record["checks"] = check_run(Path(out), rows, initial, judge.task.eval_prompts, judge, saved)
+        return record
 
 
-def run_task(task: str, seeds: list[int], quick: bool) -> dict:
+def run_task(task: str, seeds: list[int], quick: bool, mode: dict | None = None, threads: int = 0, on_seed=None,
+             iterations: int = 0) -> dict:
+    """Every run of a task; `on_seed(result)` is called with the result so far after each seed."""
     from cory.config import load_config
 
-    spec = TASKS[task]
-    iterations = 2 if quick else spec["iterations"]
-    betas = sorted({spec["betas"][0], spec["main_beta"]}) if quick else spec["betas"]
-    base = COMMON + spec["overrides"] + (QUICK if quick else [])
+    mode = mode or MODES["tiny"]
+    real = mode["exact"]
+    spec = mode["tasks"][task]
+    iterations = iterations or (2 if quick else spec["iterations"])
+    if quick and real:
+        betas = [spec["main_beta"]]
+    else:
+        betas = sorted({spec["betas"][0], spec["main_beta"]}) if quick else spec["betas"]
+    base = mode["common"] + spec["overrides"] + (mode["quick"] if quick else []) + ([f"train.num_threads={threads}"] if threads else [])
     cfg = load_config(None, base)
     batch = cfg.train.batch_size
-    judge = Judge(cfg)
+    judge = Judge(cfg, exact=real)
     t_start = time.perf_counter()
     initial = judge(cfg.model.name, 0.0)
+    # k1 compares the sampler's KV-cache log-probs with one full forward: equal up to rounding.
+    if real and (abs(initial["kl"]) > 1e-6 or abs(initial["kl_k1"]) > 1e-4):
+        raise SanityError(f"the initial model's KL to itself is {initial['kl']} (exact), {initial['kl_k1']} (k1), not 0")
+    print(f"{task}: initial model reward {initial['reward']:.3f}, repeats {initial['repeat_share']:.3f}, "
+          f"no-EOS {initial['missing_eos']:.3f}, length {initial['length']:.1f} ({time.perf_counter() - t_start:.0f} s)", flush=True)
     records = []
 
     def show(r: dict) -> None:
         cells = ", ".join(f"{n}: reward {a['reward']:.3f} KL {a['kl']:.2f} repeats {a['repeat_share']:.2f} "
                           f"no-EOS {a['missing_eos']:.2f}" for n, a in r["agents"].items())
-        print(f"{task} {r['method']:<16} beta {r['beta']:<6} seed {r['seed']}: {cells} ({r['wall_s']:.0f} s)", flush=True)
+        clock = f"; {datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}, {(time.perf_counter() - t_start) / 60:.1f} min in" if real else ""
+        print(f"{task} {r['method']:<16} beta {r['beta']:<6} seed {r['seed']}: {cells} ({r['wall_s']:.0f} s{clock})", flush=True)
 
+    def settings(done: list[int]) -> dict:
+        return {"overrides": base, "iterations": iterations, "batch_size": batch, "betas": betas,
+                "main_beta": spec["main_beta"], "seeds": done, "quick": quick,
+                **({"single_overrides": mode["single"], "cory_overrides": mode["pair"]} if real else {})}
+
+    done = []
     for seed in seeds:
         for beta in betas:
             overrides = base + [f"kl.beta={beta}", f"train.seed={seed}"]
-            new = run_ppo(overrides, beta, seed, iterations, batch, judge)
-            variants = list(CORY_VARIANTS) if beta == spec["main_beta"] else ["cory"]
-            new += [run_cory(v, overrides, beta, seed, iterations, batch, judge) for v in variants]
+            # Real mode: each seed's first PPO and first CORY run are checked in full (check_run).
+            check, checked = (initial, beta == betas[0]) if real else (None, False)
+            new = run_ppo(overrides + mode["single"], beta, seed, iterations, batch, judge, check, checked)
             for r in new:
                 show(r)
+            variants = list(CORY_VARIANTS) if beta == spec["main_beta"] else ["cory"]
+            for v in variants:
+                new.append(run_cory(v, overrides + mode["pair"], beta, seed, iterations, batch, judge, check, checked and v == "cory"))
+                show(new[-1])
             records += new
-    settings = {"overrides": base, "iterations": iterations, "batch_size": batch, "betas": betas,
-                "main_beta": spec["main_beta"], "seeds": seeds, "quick": quick}
-    return {"settings": settings, "wall_s": time.perf_counter() - t_start, "initial": initial, "runs": records}
+        done.append(seed)
+        if on_seed is not None:
+            on_seed({"settings": settings(done), "wall_s": time.perf_counter() - t_start, "initial": initial, "runs": records})
+    return {"settings": settings(done), "wall_s": time.perf_counter() - t_start, "initial": initial, "runs": records}
 
 
 # -- aggregation ----------------------------------------------------------------------------------------
@@ -364,8 +620,10 @@ def task_report(task: str, result: dict, png_prefix: str) -> list[str]:
     lines = [f"## {task}", "",
              (f"Settings: {its} iterations (PPO also resumed to {2 * its}), {s['batch_size']} prompts per iteration, "
              f"KL coefficients {betas} (main comparison and ablations at {beta}), seeds {s['seeds']}; "
-             f"overrides `{' '.join(s['overrides'])}`. Wall time of the whole task: {result['wall_s'] / 60:.1f} min "
-             "(one thread)."), "",
+             f"overrides `{' '.join(s['overrides'])}`"
+             + (f"; PPO adds `{' '.join(s['single_overrides'])}`, CORY `{' '.join(s['cory_overrides'])}`" if "single_overrides" in s else "")
+             + f". Wall time of the whole task: {result['wall_s'] / 60:.1f} min (one thread)."), "",
+             *checks_note(result),
              f"### Final evaluation at beta = {beta}", "",
              ("Fixed prompt set, each agent answering alone; mean ± 95% interval over seeds. Combined = reward - beta x KL. "
              "Repeats: share of responses with a word twice or more in a row; distinct: mean share of distinct words; "
@@ -415,6 +673,25 @@ def task_report(task: str, result: dict, png_prefix: str) -> list[str]:
     return lines + [""] + verdicts(task, result)
 
 
+def checks_note(result: dict) -> list[str]:
+    """The real mode's sanity checks (check_run), as they passed: every run reached the report."""
+    checked = [r["checks"] for r in result["runs"] if "checks" in r]
+    if not checked:
+        return []
+    worst = {k: max(c[k] for c in checked) for k in ("initial_reward", "final_reward", "first_exact_kl")}
+    live, saved = sum(c["live_initial"] for c in checked), sum(c["saved"] for c in checked)
+    return [(f"Sanity checks (the script stops on a failure), all passed: {live} runs' own evaluations of the initial model "
+             f"(each seed's first PPO run and both agents of its first CORY run) equal this script's fresh evaluation of the "
+             f"initial model loaded from its folder (largest reward gap {worst['initial_reward']:.1e}, KL 0; the initial "
+             f"model's exact KL to itself {result['initial']['kl']:.1e}); the other runs' rows for iteration 0 are that fresh "
+             f"evaluation. {saved} saved models (each seed's first PPO run at 2x iterations, and both agents of its first CORY "
+             f"run merged into standalone models) evaluated fresh from their folders match their runs' own final evaluations "
+             f"(largest reward gap {worst['final_reward']:.3f}, tolerance 0.1). Every evaluation answered bare evaluation "
+             f"prompts (CORY's agents alone). The exact episode KL is logged at every iteration of every run and is "
+             f"{worst['first_exact_kl']:.1e} at most at the first (the adapters start at zero). The KL in this report is that "
+             "exact episode KL (training: the run's `episode_kl/exact_mean`; final: `evaluate(exact_kl=True)`)."), ""]
+
+
 def verdicts(task: str, result: dict) -> list[str]:
     """The paper's claims (a), (b), (c) judged on this task's numbers."""
     s = result["settings"]
@@ -422,6 +699,9 @@ def verdicts(task: str, result: dict) -> list[str]:
     init = result["initial"]
     budgets = (("ppo", "equal iterations"), ("ppo-2x", "equal generated samples"))
     out = [f"### Report: do the paper's claims hold on {task}?", ""]
+    if len(s["seeds"]) < 2:
+        out += [("With one seed there is no interval, and every rule below needs one: no claim can be established from "
+                 "these runs, whichever way the differences point; \"does not hold\" below means \"not shown\"."), ""]
 
     # (a) similar task reward with lower KL, at the main beta.
     parts, holds = [], []
@@ -480,6 +760,24 @@ def verdicts(task: str, result: dict) -> list[str]:
                "both have intervals above zero while CORY's rise does not"
                + (": " + "; ".join(found) + "." if found else "; no measure at any beta and budget meets it."))
     out.append("")
+
+    # (d) without role exchange, the fixed observer's KL stays below the fixed pioneer's.
+    fixed = runs_of(result, "cory-no-exchange", beta)
+    if fixed:
+        cory = runs_of(result, "cory", beta)
+        gap = interval([r["agents"]["a"]["kl"] - r["agents"]["b"]["kl"] for r in fixed.values()])
+        vs_cory = interval([fixed[sd]["agents"]["b"]["kl"] - value(cory[sd], "kl") for sd in sorted(fixed.keys() & cory.keys())])
+        last = max(1, s["iterations"] // 3)
+        train_gap = interval([statistics.fmean(r["curves"]["a"]["kl"][-last:]) - statistics.fmean(r["curves"]["b"]["kl"][-last:])
+                              for r in fixed.values()])
+        out.append(f"**(d) Without role exchange, the observer's KL stays low (below the pioneer's): "
+                   f"{'holds' if significance(gap) > 0 else 'does not hold'}.** At beta = {beta}, each agent answering alone: "
+                   f"fixed pioneer's KL {fmt(over_seeds(result, 'cory-no-exchange', beta, 'kl', 'a'))}, fixed observer's "
+                   f"{fmt(over_seeds(result, 'cory-no-exchange', beta, 'kl', 'b'))}, pioneer - observer {fmt(gap)}; the fixed "
+                   f"observer's KL minus CORY's (mean of its agents) {fmt(vs_cory)}. In training (each on its own prompts, last "
+                   f"{last} iterations), pioneer - observer {fmt(train_gap)}. Rule: holds where the pioneer - observer interval "
+                   "(alone) lies above zero.")
+        out.append("")
     return out + ablations(result)
 
 
@@ -509,7 +807,22 @@ def ablations(result: dict) -> list[str]:
                      + fmt(interval([r["agents"]["a"]["kl"] - r["agents"]["b"]["kl"] for r in fixed])))
     lines.append(f"in CORY, the observer's training task reward minus the pioneer's over the last {last} iterations "
                  + fmt(interval([role_gap(r, last) for r in cory.values()])))
-    return [f"Ablations at beta = {beta} (differences paired by seed): " + "; ".join(lines) + ".", ""]
+    out = [f"Ablations at beta = {beta} (differences paired by seed): " + "; ".join(lines) + ".", ""]
+    swap = swap_every(result["settings"])
+    if result["settings"]["iterations"] <= swap and runs_of(result, "cory-no-exchange", beta):
+        out += [(f"**Caveat:** the runs are {result['settings']['iterations']} iterations long and roles are exchanged every "
+                 f"{swap} (cory.swap_every), so no exchange happened: CORY without exchange is the same run as CORY (its "
+                 "figures are identical), and agent a was the pioneer throughout in both. The exchange ablation needs runs "
+                 "longer than cory.swap_every (or cory.swap_every=1)."), ""]
+    return out
+
+
+def swap_every(settings: dict) -> int:
+    """cory.swap_every as the runs had it (the last override, else the default)."""
+    from cory.config import CoryConfig
+
+    values = [o.split("=", 1)[1] for o in settings["overrides"] if o.startswith("cory.swap_every=")]
+    return int(values[-1]) if values else CoryConfig.swap_every
 
 
 def overall(holds: list[bool], budgets) -> str:
@@ -520,39 +833,56 @@ def overall(holds: list[bool], budgets) -> str:
     return "does not hold"
 
 
-def write(results: dict, out_dir: Path) -> None:
+def write(results: dict, out_dir: Path, mode: dict | None = None, quiet: bool = False) -> None:
+    mode = mode or MODES["tiny"]
+    name = mode["name"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["# CORY-PPO against single-agent PPO", "",
-             ("`python benchmarks/coevolution.py` (see its docstring for what runs). CORY's figures are the mean of its two agents, "
+    command = "python benchmarks/coevolution.py" + (" --model real" if mode["exact"] else "")
+    title = "# CORY-PPO against single-agent PPO" + (" on SmolLM2-135M-Instruct" if mode["exact"] else "")
+    lines = [title, "",
+             (f"`{command}` (see its docstring for what runs). CORY's figures are the mean of its two agents, "
              "each answering alone from the prompt, unless a row names an agent. Intervals: 95% t-intervals over seeds."), "",
-             ("Against the paper's setup: embedded models of about 1.2M parameters instead of GPT2-Large / Llama-2-7b; a fixed "
-              "KL coefficient (the frontier's beta) instead of the adaptive controller; the k1 estimator instead of the exact "
-              "KL; the same learning rate for PPO and CORY; far fewer iterations; role exchange every 5 iterations and "
-              "optimizer and controller states kept across exchanges, as in cory."), ""]
+             mode["about"], ""]
     for task, result in results.items():
-        prefix = f"cory_{task}"
+        prefix = f"{name}_{task}"
         plot_curves(task, result, out_dir / f"{prefix}_curves.png")
         plot_frontier(task, result, out_dir / f"{prefix}_frontier.png")
         lines += task_report(task, result, prefix)
-    (out_dir / "cory.json").write_text(json.dumps(results, indent=1))
-    (out_dir / "cory.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (out_dir / f"{name}.md").write_text("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--model", choices=list(MODES), default="tiny",
+                    help="tiny: the embedded 1M-parameter models (cory.*); real: SmolLM2-135M-Instruct (cory_real.*)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 2 iterations of 8 prompts, 2 betas, one seed")
-    ap.add_argument("--report", action="store_true", help="only rewrite cory.md and the plots from cory.json")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: OMP_NUM_THREADS, else all cores)")
+    ap.add_argument("--iterations", type=int, default=0, help="iterations per run (0: the task's setting)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: 2 iterations of a tiny batch, one seed (tiny: 2 betas; real: the main beta, 8 new tokens)")
+    ap.add_argument("--report", action="store_true", help="only rewrite the Markdown and the plots from the JSON")
     args = ap.parse_args()
+    mode = MODES[args.model]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     seeds = args.seeds if args.seeds is not None else [0] if args.quick else [0, 1, 2]
     out_dir = Path(tempfile.mkdtemp(prefix="cory_quick_")) if args.quick else RESULTS
-    saved = out_dir / "cory.json"
+    saved = out_dir / f"{mode['name']}.json"
     results = json.loads(saved.read_text()) if saved.exists() else {}
     for task in [] if args.report else args.tasks:
-        results[task] = run_task(task, seeds, args.quick)
-    write(results, out_dir)
+
+        def partial(result: dict, task: str = task) -> None:
+            write({**results, task: result}, out_dir, mode, quiet=True)
+
+        results[task] = run_task(task, seeds, args.quick, mode, args.threads, on_seed=partial if mode["exact"] else None,
+                                 iterations=args.iterations)
+    write(results, out_dir, mode)
     print(f"written to {out_dir}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from cory.advantages import episode_sums
+from cory.drift.exact import kl_exact
 from cory.kl import masked_sum
 from cory.policy import Policy, SamplingParams, sequence_logprobs
 
@@ -20,15 +21,18 @@ def evaluate(
     reference: torch.nn.Module | None = None,
     batch_size: int = 64,
     num_samples_shown: int = 3,
+    exact_kl: bool = False,
 ) -> dict:
     """Mean reward over `samples_per_prompt` sampled answers to each prompt, with a fixed seed.
 
     With a reference model, also the mean sequence KL (sum over tokens of log q - log p of the
-    sampled tokens, at the sampling temperature) of the policy's answers from it.
+    sampled tokens, at the sampling temperature) of the policy's answers from it; with `exact_kl`,
+    also `kl_exact_mean`: the exact episode KL along the same answers (sum over their tokens of the
+    full-vocabulary KL[q || p] at each position, as `kl.exact_accounting` logs it in training).
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-    rewards, kls, lengths, finished, texts = [], [], [], [], []
+    rewards, kls, exact, lengths, finished, texts = [], [], [], [], [], []
     temperature = params.temperature or 1.0
     for i in range(0, len(all_prompts), batch_size):
         chunk = all_prompts[i : i + batch_size]
@@ -40,8 +44,13 @@ def evaluate(
         texts += gen.texts
         if reference is not None:
             dev = next(reference.parameters()).device
-            ref = sequence_logprobs(reference, gen.query_ids.to(dev), gen.query_mask.to(dev), gen.response_ids.to(dev), mask.to(dev), temperature=temperature)
+            args = (gen.query_ids.to(dev), gen.query_mask.to(dev), gen.response_ids.to(dev), mask.to(dev))
+            ref = sequence_logprobs(reference, *args, temperature=temperature, with_full_logprobs=exact_kl)
             kls += masked_sum(gen.logprobs.to(dev) - ref.logprobs, mask.to(dev)).tolist()
+            if exact_kl:
+                # The bare LM: a prepared module may carry a mixed-precision forward; the reference has none.
+                cur = sequence_logprobs(policy.model, *args, temperature=temperature, with_full_logprobs=True)
+                exact += masked_sum(kl_exact(cur.full_logprobs.float(), ref.full_logprobs.float()), mask.to(dev)).tolist()
     r = torch.tensor(rewards)
     out = {
         "reward_mean": r.mean().item(),
@@ -53,6 +62,8 @@ def evaluate(
     }
     if reference is not None:
         out["kl_mean"] = sum(kls) / len(kls)
+        if exact_kl:
+            out["kl_exact_mean"] = sum(exact) / len(exact)
     return out
 
 

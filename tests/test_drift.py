@@ -74,6 +74,38 @@ def test_exact_per_token_kl_matches_a_direct_computation(tmp_path, micro_lm):
     assert (scored.extras["kl_exact"][gen.response_mask.bool()] > 0).all()
 
 
+def test_evaluation_exact_kl_is_the_training_accounting_on_the_same_answers(tmp_path, micro_lm):
+    """evaluate(exact_kl=True) sums the same per-token exact KL as Learner.score, over the answers
+    it samples with its fixed seed; the initial model against itself is exactly 0."""
+    from cory.algorithms import make_algorithm
+    from cory.evaluate import evaluate
+    from cory.learner import Learner
+    from cory.policy import Policy, SamplingParams
+    from cory.rollout import rollout_from_generation
+    from cory.build import make_accelerator
+
+    cfg = load_config(None, micro_overrides(tmp_path))
+    reference = AutoModelForCausalLM.from_pretrained(micro_lm).eval().requires_grad_(False)
+    prompts, params = ["The film", "A quiet drama is", "It is"], SamplingParams(max_new_tokens=6)
+
+    def zero(ps, rs):
+        return [0.0] * len(ps)
+
+    initial = evaluate(Policy.from_pretrained(str(micro_lm)), prompts, zero, params, 1, 7, reference=reference, exact_kl=True)
+    assert initial["kl_exact_mean"] == pytest.approx(0.0, abs=1e-7)
+    policy = Policy.from_pretrained(str(micro_lm))
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    res = evaluate(policy, prompts, zero, params, 1, 7, reference=reference, exact_kl=True)
+    gen = policy.generate(prompts, params, generator=torch.Generator().manual_seed(7))
+    learner = Learner(policy, reference, make_algorithm(cfg), cfg, make_accelerator(cfg, tmp_path))
+    scored = learner.score(rollout_from_generation(gen, prompts, [0.0] * len(prompts)))
+    by_training = scored.extras["kl_exact"].sum(-1).mean().item()
+    assert by_training > 0
+    assert res["kl_exact_mean"] == pytest.approx(by_training, rel=1e-5)
+
+
 def test_hard_budget_holds_over_multi_turn_episodes_and_training_uses_the_sampled_mixture(tmp_path, micro_lm):
     """A policy far from its reference plays 3-turn bandit episodes under a 1.5-nat episode budget:
     the exact episode KL recomputed by the learner never exceeds it, the budget runs out (the agent
