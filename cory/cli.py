@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -388,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"cory {args.command}: error: {msg}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`cory config | head`): not an error of cory's. Point stdout at
+        # /dev/null so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"cory {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -188,3 +188,16 @@ def test_sampling_params_are_the_generation_sections_sampling_keys_with_its_defa
         SamplingParams(stop_strings=[""])
     with pytest.raises(UsageError, match="'generation.top_p': 1.5; must be in"):
         load_config(None, ["generation.top_p=1.5"])
+
+
+def test_cory_config_into_a_closed_pipe_exits_quietly():
+    """`cory config | head -1`: the reader leaves after one line; cory stops without a traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "cory", "config"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"model.name = ")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
