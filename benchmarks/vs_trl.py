@@ -92,7 +92,6 @@ def hf_sampler_eval(lm, model_path: str, eval_prompts, reward, args) -> dict:
     tok.padding_side = "left"
     prompts = [p for p in eval_prompts for _ in range(args.eval_samples)]
     torch.manual_seed(EVAL_SEED)
-    lm.eval()
     scores, lengths = [], []
     for i in range(0, len(prompts), 64):
         batch = prompts[i:i + 64]
@@ -574,8 +573,8 @@ def main() -> None:
     reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval().requires_grad_(False)
     initial_eval = evaluate_model(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), model_path,
                                   eval_prompts, reward, args, reference) if args.eval_samples else None
-    sampler_check = hf_sampler_eval(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), model_path,
-                                    eval_prompts, reward, args) if args.eval_samples else None
+    # the frozen reference is the initial model: sample it the way TRL does (no second load)
+    sampler_check = hf_sampler_eval(reference, model_path, eval_prompts, reward, args) if args.eval_samples else None
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="cory-vs-trl-") as tmp:
