@@ -1,5 +1,7 @@
 """CORY's schedule: observer prompts, summed rewards, role exchange, optimizer state, algorithms."""
 
+import filecmp
+
 import pytest
 import torch
 
@@ -89,7 +91,9 @@ def test_cory_runs_every_algorithm(tmp_path, micro_lm, micro_rm, algo):
         extra["algo.group_size"] = 2
     assert main(["train", "--output-dir", str(out)] + micro_overrides(tmp_path, **extra)) == 0
     assert (out / "agents" / "a" / "model.safetensors").exists() and (out / "agents" / "b" / "model.safetensors").exists()
-    assert (out / "final" / "CORY_AGENT").read_text().strip() in {"a", "b"}
+    best = (out / "final" / "CORY_AGENT").read_text().strip()
+    assert best in {"a", "b"}
+    assert filecmp.cmp(out / "final" / "model.safetensors", out / "agents" / best / "model.safetensors", shallow=False)
 
 
 def test_shared_base_adapters_train_separately_and_reference_stays(tmp_path, micro_lm, micro_rm):
