@@ -1,6 +1,7 @@
 """Physical limits of this machine, measured in the run that compares against them.
 
-- matmul peak: the median FLOP/s of square matmuls (fp32 and bf16) at the thread count in use;
+- matmul peak: the median FLOP/s of square matmuls (fp32 and bf16) at the thread count in use, in
+  the fastest of the layouts a linear layer's forward and backward use;
 - memory read bandwidth: the median bytes/s of summing a tensor much larger than the caches.
 
 Used by benchmarks/throughput.py (MFU of the update, decode against the weight-read bound).
@@ -14,19 +15,42 @@ import time
 import torch
 
 
-def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 7) -> float:
-    """Median FLOP/s of an [n, n] @ [n, n] matmul in `dtype` (2 n^3 FLOPs each)."""
+LAYOUTS = {
+    # x @ W.T: every linear layer's forward (F.linear) and the weight gradient's transposed twin
+    "nt": lambda a, b: torch.nn.functional.linear(a, b),
+    # x.T @ W: the weight gradient (grad_out.T @ input)
+    "tn": lambda a, b: a.t() @ b,
+    # x @ W: the input gradient in the backward (grad_out @ weight)
+    "nn": lambda a, b: a @ b,
+}
+
+
+def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 7, layouts: tuple[str, ...] = ("nt", "tn")) -> float:
+    """Median FLOP/s of an [n, n] x [n, n] product (2 n^3 FLOPs) in `dtype`, the best of `layouts`.
+
+    The layout matters where a dtype has no optimised kernel: torch 2.13 on an AVX2-only CPU runs
+    bf16 `x @ W.T` at about a quarter of fp32's speed but bf16 `x @ W` about 100x slower still.
+    The peak is what the fastest layout reaches; `matmul_layouts` reports each one.
+    """
+    return max(matmul_layouts(dtype, n, repeats, layouts).values())
+
+
+def matmul_layouts(dtype: torch.dtype, n: int = 2048, repeats: int = 7, layouts: tuple[str, ...] = ("nt", "tn", "nn")) -> dict:
+    """Median FLOP/s of each layout in `layouts` (see LAYOUTS); a layout whose first call takes more
+    than a second is timed once more only."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    t0 = time.perf_counter()
-    a @ b  # warm-up: thread pool, kernels selection (AMX tiles for bf16)
-    if time.perf_counter() - t0 > 1.0:  # a dtype without a fast kernel here: fewer repeats
-        repeats = 3
-    times = []
-    for _ in range(repeats):
+    out = {}
+    for name in layouts:
+        f = LAYOUTS[name]
         t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+        f(a, b)  # warm-up: thread pool, kernel selection
+        times = []
+        for _ in range(repeats if time.perf_counter() - t0 < 1.0 else 1):
+            t0 = time.perf_counter()
+            f(a, b)
+            times.append(time.perf_counter() - t0)
+        out[name] = 2 * n**3 / statistics.median(times)
+    return out
 
 
 def read_bandwidth(mbytes: int = 512, repeats: int = 7) -> float:

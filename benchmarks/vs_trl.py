@@ -396,9 +396,10 @@ def summarise(runs: list[dict], args) -> dict:
         per_rep = [med([s["time_s"] for s in r["steps"]]) for r in rs]
         last = [statistics.fmean([s["reward"] for s in r["steps"][-args.last_k:]]) for r in rs]
         first = [statistics.fmean([s["reward"] for s in r["steps"][: args.last_k]]) for r in rs]
+        later = [s["time_s"] for r in rs for s in r["steps"][1:]]  # empty with --steps 1
         d = {
             "step_s_median": med(all_times), "step_s_median_per_repeat": per_rep,
-            "step_s_median_excl_first": med([s["time_s"] for r in rs for s in r["steps"][1:]]),
+            "step_s_median_excl_first": med(later) if later else float("nan"),
             "train_reward_first_k_per_repeat": first, "train_reward_last_k_per_repeat": last,
             "train_reward_last_k_mean": statistics.fmean(last), "train_s_per_repeat": [r["train_s"] for r in rs],
             "setup_s_per_repeat": [r["setup_s"] for r in rs],

@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from cory.config import Config
-from cory.errors import UsageError
+from cory.errors import UsageError, warn
 
 
 def load_reference(name: str, dtype) -> torch.nn.Module:
@@ -107,8 +107,18 @@ def cpu_threads(requested: int, processes: int) -> int:
     return max(1, (os.cpu_count() or 1) // processes)
 
 
+def cpu_has_bf16_kernels() -> bool:
+    """Whether torch has fast bf16 matmul kernels on this CPU (AVX-512-BF16 or AMX, through oneDNN)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def make_accelerator(cfg: Config, output_dir: Path) -> Accelerator:
     trackers = list(cfg.train.log_with) or None
+    if cfg.train.mixed_precision == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16_kernels():
+        # Measured on an AVX2-only CPU (benchmarks/results/throughput_smollm2-135m-instruct_small.md):
+        # bf16 x @ W.T runs at a quarter of fp32's speed and the backward's x @ W about 100x slower.
+        warn("train.mixed_precision=bf16 on a CPU without bf16 matmul kernels (no AVX-512-BF16 or AMX): "
+             "training will be many times slower than with train.mixed_precision=no")
     # cpu=True where there is no GPU: accelerate then sets up multi-process CPU training (gloo) when
     # started by torchrun or `accelerate launch`, instead of silently running each rank alone.
     return Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers, project_dir=str(output_dir),

@@ -25,7 +25,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from typing import Callable
@@ -40,7 +39,7 @@ from accelerate.utils import set_seed
 
 from cory.build import cpu_threads, make_accelerator
 from cory.config import Config, to_flat_dict, to_yaml
-from cory.errors import RunError, UsageError
+from cory.errors import RunError, UsageError, warn
 
 CHECKPOINTS = "checkpoints"
 RUN_FILE = "run.json"
@@ -248,10 +247,6 @@ def load_checkpoint(accelerator: Accelerator, path: Path, state: RunState, learn
     state.load_state_dict(saved)
     for name, learner in learners.items():
         learner.load_state_dict(saved["learners"][name])
-
-
-def warn(message: str) -> None:
-    print(f"cory: warning: {message}", file=sys.stderr)
 
 
 def load_latest(accelerator: Accelerator, output_dir: Path, run_id: str, state: RunState, learners: dict) -> Path:

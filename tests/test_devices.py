@@ -104,3 +104,19 @@ def test_multi_turn_estimators_against_a_loop_over_turns():
         for t in range(n):
             own = sum(0.9 ** (s - t) * float(r[first, s]) for s in range(t, n))
             assert got[first, t] == pytest.approx(own + 0.9 ** (n - t) * 0.5 * float(g1), abs=1e-12)
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_bf16_on_a_cpu_without_bf16_kernels_warns(tmp_path, capsys, monkeypatch, kernels):
+    from accelerate.state import AcceleratorState
+
+    from cory import build
+    from cory.config import load_config
+
+    monkeypatch.setattr(build, "cpu_has_bf16_kernels", lambda: kernels)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    build.make_accelerator(load_config(None, ["train.mixed_precision=bf16", "train.log_with=[]"]), tmp_path)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    err = capsys.readouterr().err
+    assert ("without bf16 matmul kernels" in err) is (not kernels)
