@@ -201,10 +201,10 @@ def phase_run(args, precision: str, limits: dict) -> dict:
     policy = Policy.from_pretrained(cfg.model.name)
     reference = load_reference(cfg.model.name, torch.float32)  # as training loads it (model.dtype)
     task = make_task(cfg.task)
+    t_gen = Timer(policy, "generate")  # before the Sampler, which keeps the bound method it is given
     sampler = Sampler(policy, TaskEnv(task), sampling_params(cfg))
     learner = Learner(policy, reference, make_algorithm(cfg), cfg, accelerator)
-    # the sampler holds the bound generate method it was built with: time that one
-    t_gen, t_score, t_update = Timer(sampler, "generate"), Timer(learner, "score"), Timer(learner, "update")
+    t_score, t_update = Timer(learner, "score"), Timer(learner, "update")
     t_opt = Timer(learner.optimizer, "step")
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
     rows = []

@@ -114,6 +114,12 @@ def cpu_has_bf16_kernels() -> bool:
 
 def make_accelerator(cfg: Config, output_dir: Path) -> Accelerator:
     trackers = list(cfg.train.log_with) or None
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision", cfg.train.mixed_precision) != cfg.train.mixed_precision:
+        # An earlier run in this process (the Python API, a notebook) chose another precision; the
+        # process group and device (accelerate's PartialState) stay.
+        AcceleratorState._reset_state()
     if cfg.train.mixed_precision == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16_kernels():
         # Measured on an AVX2-only CPU (benchmarks/results/throughput_smollm2-135m-instruct_small.md):
         # bf16 x @ W.T runs at a quarter of fp32's speed and the backward's x @ W about 100x slower.

@@ -211,7 +211,7 @@ class AlgoConfig:
     overlong_filter: bool = False
     """Leave responses cut at max_new_tokens without EOS out of the loss (DAPO's overlong filtering)."""
     tis_cap: float = 2.0
-    """Rollouts from another engine (rollout.engine_logprobs): weight tokens by min(pi_train_old / pi_engine, tis_cap) (0 = no weighting)."""
+    """Rollouts from another engine (generation.backend=vllm) or precision (train.mixed_precision over float32 weights): weight tokens by min(pi_train_old / pi_engine, tis_cap) (0 = no weighting)."""
 
 
 @dataclass

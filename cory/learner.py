@@ -153,6 +153,11 @@ class Learner:
             check_engine(accelerator, cfg)
             self.module, self.optimizer = accelerator.prepare(policy.module, optimizer)
         self.controller = make_controller(cfg.kl)
+        # Mixed precision over float32 weights: generation ran in float32, the update runs under
+        # autocast, and the two log-probs of one token differ by half-precision rounding (~0.03 nats
+        # in bf16 on SmolLM2-135M), enough to clip PPO's ratio at the first step. The old policy's
+        # log-probs are then recomputed under autocast, as for another engine's samples.
+        self.recompute_old = accelerator.mixed_precision in ("bf16", "fp16") and any(p.dtype == torch.float32 for p in params)
         self.temperature = cfg.generation.temperature or 1.0
         self.score_moments = RunningMoments()
         self.skipped_in_a_row = 0
@@ -165,11 +170,14 @@ class Learner:
         """Adds reference log-probs, values (if the algorithm needs them), per-token KL and, with
         `kl.exact_accounting`, the exact per-token KL of the distribution each token was sampled from.
 
-        The policy itself is only run here when values or whole distributions need it: the
-        behaviour log-probs come from generation, and entropy is measured in the update's first
-        forward. Whole distributions are handled in row chunks, so memory stays bounded.
+        The policy itself is only run here when values or whole distributions need it, or when
+        generation's log-probs are not the trainer's (another engine, or mixed precision over
+        float32 weights: then they are recomputed here); otherwise the behaviour log-probs come
+        from generation. Entropy is measured in the update's first forward. Whole distributions are handled in row chunks, so memory stays bounded.
         """
         rollout = rollout.to(self.accelerator.device)
+        if rollout.engine_logprobs is None and self.recompute_old:
+            rollout.engine_logprobs = rollout.logprobs  # the sampling precision's log-probs
         estimator = self.cfg.kl.estimator
         whole = estimator == "full" or self.cfg.kl.exact_accounting
         pieces: dict[str, list[torch.Tensor]] = {}
@@ -179,9 +187,12 @@ class Learner:
         joined = {name: torch.cat(values) for name, values in pieces.items()}
         mask = rollout.response_mask
         if rollout.engine_logprobs is not None:
-            # Another engine sampled: the trainer's own log-probs are the old policy's, and tokens
-            # are weighted by the truncated ratio pi_train_old / pi_engine.
-            rollout.logprobs = joined["current"] * mask
+            # Another engine (or precision) sampled: the trainer's own log-probs are the old policy's,
+            # and tokens are weighted by the truncated ratio pi_train_old / pi_engine.
+            current = joined["current"]
+            if rollout.control is not None:  # the token came from the mixture with the fallback
+                current = mixture_logprobs(current, rollout.control.fallback_logprobs, rollout.control.mix_weight)
+            rollout.logprobs = current * mask
             rollout.extras.update(tis_weights(rollout.logprobs, rollout.engine_logprobs.to(rollout.logprobs.dtype), mask, self.cfg.algo.tis_cap))
         rollout.ref_logprobs = joined["ref"]
         rollout.values = joined.get("values")

@@ -143,3 +143,15 @@ def test_bf16_weights_train_checkpoint_and_resume_exactly(tmp_path, micro_lm, mi
         assert torch.equal(a[k], b[k]), k
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(abs(r["logprob_gap"]) < 1e-2 for r in rows)
+
+
+def test_mixed_precision_recomputes_the_old_log_probs_under_autocast(tmp_path, micro_lm, micro_rm):
+    """float32 weights sample in float32; the update runs under bf16 autocast. The old policy's
+    log-probs are the trainer's own under autocast, so PPO's first ratio is 1 (logprob_gap ~ 0),
+    and the float32 / bf16 gap is measured (tis/*) and corrected like another engine's."""
+    out = tmp_path / "run"
+    assert main(["train", "--output-dir", str(out)] + micro_overrides(
+        tmp_path, **{"train.mixed_precision": "bf16", "algo.name": "ppo", "train.iterations": 1})) == 0
+    [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert row["logprob_gap"] < 1e-3
+    assert row["tis/log_ratio_abs_mean"] > 1e-3  # bf16 rounding: the gap the recomputation removes
