@@ -30,7 +30,7 @@ Markdown and the plots from the JSON.
 - arithmetic: the word problems as chat turns after the task's one-shot example, the observer's
   prompt holding the pioneer's answer as the paper's `Reference:` line before `Answer:`, reward 1
   if the response's last number is right.
-Both methods train LoRA adapters (r 16) in float32 (bf16 autocast is ~10x slower on a CPU without
+Both methods train LoRA adapters (r 16) in float32 (bf16 autocast is ~20x slower on a CPU without
 bf16 instructions, such as this AVX2 machine): PPO one adapter on the frozen base, CORY
 two adapters on one shared frozen base; the frozen base is every run's reference. The KL in the
 training penalty (`kl.estimator=full`), in the curves and in the final evaluation is the exact
@@ -43,7 +43,8 @@ Results are written after every seed, so an interrupted run keeps the seeds it f
 
     python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds 0 1
         (about 37 minutes per seed-pair on one loaded core: what the committed results ran)
-    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1   (not run yet)
+    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 2 --seeds 0 1
+        (what the committed arithmetic results ran, on a quiet machine)
     python benchmarks/coevolution.py --model real --quick                          (a smoke run)
 Writes benchmarks/results/cory_real.{json,md} and cory_real_<task>_{curves,frontier}.png.
 """
@@ -107,7 +108,9 @@ REAL_TASKS = {
     "arithmetic": {
         "overrides": [f"model.name={REAL_MODEL}", "task.name=arithmetic", "task.chat_template=true",
                       "cory.observer_template=qa", "generation.max_new_tokens=24", "algo.lr=5e-4",
-                      "train.batch_size=8", "task.num_eval_prompts=16"],
+                      "train.batch_size=8", "task.num_eval_prompts=16",
+                      # roles exchange within the 3 iterations, so that the no-exchange ablation differs
+                      "cory.swap_every=1"],
         "iterations": 3,
         "betas": [0.003, 0.01, 0.03],
         "main_beta": 0.01,
@@ -126,13 +129,13 @@ MODES = {
                        "optimizer and controller states kept across exchanges, as in cory.")},
     "real": {"tasks": REAL_TASKS, "common": REAL_COMMON, "quick": REAL_QUICK, "exact": True, "name": "cory_real", **LORA,
              "about": ("Model: the pretrained SmolLM2-135M-Instruct (`cory:smollm2-135m-instruct`), LoRA r 16 (alpha 32) on every "
-                       "linear layer, float32 (this AVX2 CPU has no bf16 instructions: bf16 autocast made a PPO update ~10x slower), one CPU thread. Against the paper's setup: a 135M model instead of GPT2-Large "
+                       "linear layer, float32 (this AVX2 CPU has no bf16 matmul kernels: bf16 autocast made the update ~20x slower, benchmarks/results/throughput_smollm2-135m-instruct_small.md), the CPU threads of each task's `train.num_threads`. Against the paper's setup: a 135M model instead of GPT2-Large "
                        "(774M) / Llama-2-7b; VADER instead of the IMDB classifier; synthetic reviews and word problems instead of "
                        "IMDB and GSM8K; a fixed KL coefficient (the frontier's beta) instead of the adaptive controller; the same "
                        "learning rate for PPO and CORY; far fewer iterations and prompts per iteration (each task's settings below) "
                        "than the paper's 100 iterations of 256 (IMDB) / 32 (GSM8K) prompts; 2 PPO epochs of minibatches of 8 "
                        "instead of 4 epochs of the whole batch; 12-24 new tokens; role exchange every "
-                       "5 iterations with optimizer and controller states kept across exchanges, as in cory. The KL (training "
+                       "`cory.swap_every` iterations (5 unless a task's overrides say otherwise) with optimizer and controller states kept across exchanges, as in cory. The KL (training "
                        "penalty, curves, final figures) is the exact episode KL.")},
 }
 METHODS = {
