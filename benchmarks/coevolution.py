@@ -43,8 +43,10 @@ Results are written after every seed, so an interrupted run keeps the seeds it f
 
     python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds 0 1
         (about 37 minutes per seed-pair on one loaded core: what the committed results ran)
-    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 2 --seeds 0 1
-        (what the committed arithmetic results ran, on a quiet machine)
+    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --seeds 0 --out /tmp/a0 &
+    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --seeds 1 --out /tmp/a1
+    python benchmarks/coevolution.py --model real --merge /tmp/a0/cory_real.json /tmp/a1/cory_real.json
+        (what the committed arithmetic results ran: one seed per core, side by side, then merged)
     python benchmarks/coevolution.py --model real --quick                          (a smoke run)
 Writes benchmarks/results/cory_real.{json,md} and cory_real_<task>_{curves,frontier}.png.
 """
@@ -616,6 +618,14 @@ def plot_frontier(task: str, result: dict, path: Path) -> None:
 
 
 # -- report ---------------------------------------------------------------------------------------------
+def wall_note(result: dict) -> str:
+    """How the task's wall time was spent: CPU threads per process, and processes run side by side."""
+    threads = [o.split("=", 1)[1] for o in result["settings"]["overrides"] if o.startswith("train.num_threads=")]
+    note = f"{threads[-1]} CPU thread(s)" if threads else "torch's default CPU threads"
+    parts = result.get("parts", 1)
+    return note + (f" per process, {parts} processes side by side, one seed each" if parts > 1 else "")
+
+
 def task_report(task: str, result: dict, png_prefix: str) -> list[str]:
     s = result["settings"]
     beta, betas, its = s["main_beta"], s["betas"], s["iterations"]
@@ -625,7 +635,7 @@ def task_report(task: str, result: dict, png_prefix: str) -> list[str]:
              f"KL coefficients {betas} (main comparison and ablations at {beta}), seeds {s['seeds']}; "
              f"overrides `{' '.join(s['overrides'])}`"
              + (f"; PPO adds `{' '.join(s['single_overrides'])}`, CORY `{' '.join(s['cory_overrides'])}`" if "single_overrides" in s else "")
-             + f". Wall time of the whole task: {result['wall_s'] / 60:.1f} min (one thread)."), "",
+             + f". Wall time of the whole task: {result['wall_s'] / 60:.1f} min ({wall_note(result)})."), "",
              *checks_note(result),
              f"### Final evaluation at beta = {beta}", "",
              ("Fixed prompt set, each agent answering alone; mean ± 95% interval over seeds. Combined = reward - beta x KL. "
@@ -868,6 +878,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 2 iterations of a tiny batch, one seed (tiny: 2 betas; real: the main beta, 8 new tokens)")
     ap.add_argument("--report", action="store_true", help="only rewrite the Markdown and the plots from the JSON")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON, Markdown and plots (default benchmarks/results)")
+    ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                    help="combine these result files' seeds (runs with equal settings, e.g. one seed per process) into --out")
     args = ap.parse_args()
     mode = MODES[args.model]
     if args.threads:
@@ -875,9 +888,14 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     seeds = args.seeds if args.seeds is not None else [0] if args.quick else [0, 1, 2]
-    out_dir = Path(tempfile.mkdtemp(prefix="cory_quick_")) if args.quick else RESULTS
+    out_dir = Path(tempfile.mkdtemp(prefix="cory_quick_")) if args.quick else Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     saved = out_dir / f"{mode['name']}.json"
     results = json.loads(saved.read_text()) if saved.exists() else {}
+    if args.merge:
+        for task, merged in merge_seeds([json.loads(Path(f).read_text()) for f in args.merge]).items():
+            results[task] = merged
+        args.report = True
     for task in [] if args.report else args.tasks:
 
         def partial(result: dict, task: str = task) -> None:
@@ -887,6 +905,29 @@ def main() -> None:
                                  iterations=args.iterations)
     write(results, out_dir, mode)
     print(f"written to {out_dir}")
+
+
+def merge_seeds(parts: list[dict]) -> dict:
+    """Per task, the runs of several result files whose settings differ only in their seeds (e.g. one
+    seed per process, run side by side): seeds and runs joined, the wall time the longest part's (the
+    parts ran at the same time). Stops where settings or the initial model's evaluation differ."""
+    out = {}
+    for task in sorted({t for p in parts for t in p}):
+        pieces = [p[task] for p in parts if task in p]
+        first = pieces[0]
+        same = lambda r: {k: v for k, v in r["settings"].items() if k != "seeds"}  # noqa: E731
+        for other in pieces[1:]:
+            if same(other) != same(first):
+                raise SystemExit(f"--merge: {task}: the parts' settings differ")
+            if other["initial"]["reward"] != first["initial"]["reward"]:
+                raise SystemExit(f"--merge: {task}: the parts' initial evaluations differ")
+        seeds = [s for p in pieces for s in p["settings"]["seeds"]]
+        if len(set(seeds)) != len(seeds):
+            raise SystemExit(f"--merge: {task}: a seed is in more than one part")
+        out[task] = {"settings": {**first["settings"], "seeds": sorted(seeds)}, "initial": first["initial"],
+                     "wall_s": max(p["wall_s"] for p in pieces), "parts": len(pieces),
+                     "runs": [r for p in pieces for r in p["runs"]]}
+    return out
 
 
 if __name__ == "__main__":

@@ -21,9 +21,11 @@ Writes benchmarks/results/rollout.{json,md}.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -99,6 +101,7 @@ def main() -> None:
     from cory.policy import Policy, SamplingParams
 
     tmp = Path(tempfile.mkdtemp(prefix="cory-rollout-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the 540 MB random model, also when a run stops early
     folder = Path(zoo.resolve(args.model)) if args.model else random_smollm2_folder(tmp)
     hf_config = AutoConfig.from_pretrained(folder)
     g = torch.Generator().manual_seed(0)

@@ -253,7 +253,7 @@ class TrainConfig:
     seed: int = 0
     """Seed for model-independent randomness: prompt order, sampling, initialisation of heads."""
     mixed_precision: str = "no"
-    """accelerate mixed precision: no, bf16 or fp16."""
+    """accelerate mixed precision: no, bf16 or fp16. Over float32 weights the trainer recomputes the sampled tokens' log-probs under autocast (algo.tis_cap); on a CPU without bf16 kernels bf16 is slower than no (a warning says so)."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every this many iterations (0 = only at the end)."""
     keep_checkpoints: int = 2
