@@ -43,8 +43,8 @@ Results are written after every seed, so an interrupted run keeps the seeds it f
 
     python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds 0 1
         (about 37 minutes per seed-pair on one loaded core: what the committed results ran)
-    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --seeds 0 --out /tmp/a0 &
-    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --seeds 1 --out /tmp/a1
+    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --iterations 2 --seeds 0 --out /tmp/a0 &
+    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --iterations 2 --seeds 1 --out /tmp/a1
     python benchmarks/coevolution.py --model real --merge /tmp/a0/cory_real.json /tmp/a1/cory_real.json
         (what the committed arithmetic results ran: one seed per core, side by side, then merged)
     python benchmarks/coevolution.py --model real --quick                          (a smoke run)
@@ -111,7 +111,7 @@ REAL_TASKS = {
         "overrides": [f"model.name={REAL_MODEL}", "task.name=arithmetic", "task.chat_template=true",
                       "cory.observer_template=qa", "generation.max_new_tokens=24", "algo.lr=5e-4",
                       "train.batch_size=8", "task.num_eval_prompts=16",
-                      # roles exchange within the 3 iterations, so that the no-exchange ablation differs
+                      # roles exchange within a short run, so that the no-exchange ablation differs from CORY
                       "cory.swap_every=1"],
         "iterations": 3,
         "betas": [0.003, 0.01, 0.03],
