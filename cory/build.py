@@ -122,7 +122,7 @@ def make_accelerator(cfg: Config, output_dir: Path) -> Accelerator:
         AcceleratorState._reset_state()
     if cfg.train.mixed_precision == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16_kernels():
         # Measured on an AVX2-only CPU (benchmarks/results/throughput_smollm2-135m-instruct_small.md):
-        # bf16 x @ W.T runs at a quarter of fp32's speed and the backward's x @ W about 100x slower.
+        # bf16 x @ W.T runs at a quarter of fp32's speed, the backward's x @ W 200x slower than fp32.
         warn("train.mixed_precision=bf16 on a CPU without bf16 matmul kernels (no AVX-512-BF16 or AMX): "
              "training will be many times slower than with train.mixed_precision=no")
     # cpu=True where there is no GPU: accelerate then sets up multi-process CPU training (gloo) when

@@ -173,7 +173,8 @@ class Learner:
         The policy itself is only run here when values or whole distributions need it, or when
         generation's log-probs are not the trainer's (another engine, or mixed precision over
         float32 weights: then they are recomputed here); otherwise the behaviour log-probs come
-        from generation. Entropy is measured in the update's first forward. Whole distributions are handled in row chunks, so memory stays bounded.
+        from generation. Entropy is measured in the update's first forward. Whole distributions are
+        handled in row chunks, so memory stays bounded.
         """
         rollout = rollout.to(self.accelerator.device)
         if rollout.engine_logprobs is None and self.recompute_old:
