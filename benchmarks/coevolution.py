@@ -46,7 +46,9 @@ Results are written after every seed, so an interrupted run keeps the seeds it f
     python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --iterations 2 --seeds 0 --out /tmp/a0 &
     python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --iterations 2 --seeds 1 --out /tmp/a1
     python benchmarks/coevolution.py --model real --merge /tmp/a0/cory_real.json /tmp/a1/cory_real.json
-        (what the committed arithmetic results ran: one seed per core, side by side, then merged)
+        (one seed per core, side by side, then merged. Not run to the end yet: measured at one
+        thread per process, a PPO run plus its resumption took 7.5 min and a CORY run over 7 min, so
+        a seed of arithmetic takes about an hour; the committed results hold sentiment only)
     python benchmarks/coevolution.py --model real --quick                          (a smoke run)
 Writes benchmarks/results/cory_real.{json,md} and cory_real_<task>_{curves,frontier}.png.
 """
