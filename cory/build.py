@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from cory.config import Config
 from cory.errors import UsageError, warn
@@ -114,8 +115,6 @@ def cpu_has_bf16_kernels() -> bool:
 
 def make_accelerator(cfg: Config, output_dir: Path) -> Accelerator:
     trackers = list(cfg.train.log_with) or None
-    from accelerate.state import AcceleratorState
-
     if AcceleratorState._shared_state.get("_mixed_precision", cfg.train.mixed_precision) != cfg.train.mixed_precision:
         # An earlier run in this process (the Python API, a notebook) chose another precision; the
         # process group and device (accelerate's PartialState) stay.

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from cory.config import Config
+from cory.config import AlgoConfig, Config
 from cory.errors import UsageError
 
 CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
@@ -156,6 +156,15 @@ def check_prompt_lengths(cfg: Config, prompts: list[str]) -> None:
                                  f"generation.max_new_tokens={new} it does not fit {what} ({limit} tokens)")
 
 
+def check_tis_cap(cfg: Config) -> None:
+    """algo.tis_cap weights tokens that another engine or precision sampled; where the trainer
+    itself sampled (the native loop, no mixed precision) a changed value would do nothing."""
+    if (cfg.algo.tis_cap != AlgoConfig().tis_cap and cfg.generation.backend != "vllm"
+            and cfg.train.mixed_precision == "no"):
+        raise UsageError("algo.tis_cap only acts on tokens sampled by another engine or precision "
+                         "(generation.backend=vllm or train.mixed_precision); here the trainer samples them itself")
+
+
 def preflight(cfg: Config) -> None:
     """Everything that can be checked before a run starts, without loading weights: models, the
     environment, prompt files and a dry call of a reward function; raises UsageError
@@ -165,6 +174,7 @@ def preflight(cfg: Config) -> None:
 
     if cfg.env.id:
         check_env(cfg.env.id, dict(cfg.env.kwargs))
+    check_tis_cap(cfg)
     if cfg.task.name not in TASKS:
         raise UsageError(f"bad value for config key 'task.name': {cfg.task.name!r}; choose one of: {', '.join(sorted(TASKS))}")
     check_model_name(cfg.model.name)

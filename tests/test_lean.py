@@ -155,3 +155,38 @@ def test_mixed_precision_recomputes_the_old_log_probs_under_autocast(tmp_path, m
     [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["logprob_gap"] < 1e-3
     assert row["tis/log_ratio_abs_mean"] > 1e-3  # bf16 rounding: the gap the recomputation removes
+
+
+@pytest.mark.parametrize("cap", [0.0, 2.0])
+def test_mixed_precision_old_log_probs_are_the_trainers_and_tis_cap_weights_them(tmp_path, micro_lm, cap):
+    from transformers import AutoModelForCausalLM
+
+    from cory.algorithms import make_algorithm
+    from cory.build import make_accelerator
+    from cory.learner import Learner
+    from cory.policy import Policy, SamplingParams
+    from cory.rollout import rollout_from_generation
+
+    make_accelerator(load_config(None, micro_overrides(tmp_path)), tmp_path)  # an earlier run in this process, no mixed precision
+    cfg = load_config(None, micro_overrides(tmp_path, **{"train.mixed_precision": "bf16", "algo.tis_cap": cap}))
+    accelerator = make_accelerator(cfg, tmp_path)
+    policy = Policy.from_pretrained(str(micro_lm))
+    reference = AutoModelForCausalLM.from_pretrained(micro_lm).eval().requires_grad_(False)
+    learner = Learner(policy, reference, make_algorithm(cfg), cfg, accelerator)
+    prompts = ["The film", "A quiet drama is"]
+    gen = policy.generate(prompts, SamplingParams(max_new_tokens=6), generator=torch.Generator().manual_seed(0))
+    sampled, mask = gen.logprobs.clone(), gen.response_mask.bool()
+    scored = learner.score(rollout_from_generation(gen, prompts, [0.0, 0.0]))
+    with torch.no_grad(), accelerator.autocast():
+        own = sequence_logprobs(learner.module, gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask).logprobs
+    assert torch.allclose(scored.logprobs[mask], own[mask].float(), atol=1e-6)  # old = the trainer's, under autocast
+    assert not torch.allclose(scored.logprobs[mask], sampled[mask], atol=1e-3)  # not float32 sampling's
+    weight = scored.extras["tis_weight"][mask]
+    expected = torch.ones_like(weight) if cap == 0 else (scored.logprobs[mask] - sampled[mask]).exp().clamp(max=cap)
+    assert torch.allclose(weight, expected, atol=1e-6)
+
+
+def test_tis_cap_is_refused_where_the_trainer_samples_itself(tmp_path, micro_lm, micro_rm):
+    out = tmp_path / "run"
+    assert main(["train", "--output-dir", str(out)] + micro_overrides(tmp_path, **{"algo.tis_cap": 3})) == 2
+    assert not out.exists()
