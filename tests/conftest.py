@@ -5,6 +5,7 @@ reuse a folder across sessions while developing)."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,8 +26,16 @@ if TEST_DEVICE == "cpu":
 from cory.zoo import registry as _registry  # noqa: E402  (imports no torch)
 
 _MACHINE_CACHE = os.environ.get("CORY_REAL_MODEL_CACHE") or str(_registry.cache_dir())
+_OWN_CACHE = not os.environ.get("CORY_TEST_CACHE")
 _CACHE = os.environ.get("CORY_TEST_CACHE") or tempfile.mkdtemp(prefix="cory-test-cache-")
 os.environ["CORY_CACHE"] = _CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session cache is removed at the end unless the user named it (CORY_TEST_CACHE)."""
+    if _OWN_CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)
+
 
 REPO = Path(__file__).resolve().parents[1]
 
