@@ -41,14 +41,22 @@ from the bare evaluation prompts) evaluated fresh matches the run's own final ev
 exact episode KL is logged at every iteration and is 0 at the first (the adapters start at zero).
 Results are written after every seed, so an interrupted run keeps the seeds it finished.
 
-    python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds 0 1
-        (about 37 minutes per seed-pair on one loaded core: what the committed results ran)
-    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --iterations 2 --seeds 0 --out /tmp/a0 &
-    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --iterations 2 --seeds 1 --out /tmp/a1
-    python benchmarks/coevolution.py --model real --merge /tmp/a0/cory_real.json /tmp/a1/cory_real.json
-        (one seed per core, side by side, then merged. Not run to the end yet: measured at one
-        thread per process, a PPO run plus its resumption took 7.5 min and a CORY run over 7 min, so
-        a seed of arithmetic takes about an hour; the committed results hold sentiment only)
+Before any training, `--observer-check` asks whether the untrained model, as CORY's observer, uses
+the pioneer's answer at all (and, on arithmetic, a correct worked answer): see `observer_check`.
+
+The committed report came from (sentiment: one seed per process, one thread each, at most two
+processes on the two cores at a time, beside the bandit benchmark; then merged):
+    python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds 0 --out /tmp/s0
+    python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds 1 --out /tmp/s1
+    python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds 2 --out /tmp/s2
+    python benchmarks/coevolution.py --model real --merge /tmp/s0/cory_real.json /tmp/s1/cory_real.json /tmp/s2/cory_real.json
+    python benchmarks/coevolution.py --model real --observer-check --tasks arithmetic sentiment --threads 1
+(about 34-40 minutes per sentiment seed at one thread on a loaded machine; the observer check about
+5 minutes, 9 loaded). Arithmetic training runs are not in the report: measured at one thread per
+process, a PPO run plus its resumption took 7.5 min and a CORY run over 7 min at 24 new tokens, so a
+seed takes about an hour, and the observer check shows why they could not test CORY's mechanism at
+this scale (the untrained model gains nothing from its own pioneer's answers). The same commands
+with `--tasks arithmetic` run them.
     python benchmarks/coevolution.py --model real --quick                          (a smoke run)
 Writes benchmarks/results/cory_real.{json,md} and cory_real_<task>_{curves,frontier}.png.
 """
@@ -103,15 +111,17 @@ REAL_MODEL = "cory:smollm2-135m-instruct"
 REAL_TASKS = {
     "sentiment": {
         "overrides": [f"model.name={REAL_MODEL}", "task.name=sentiment", "task.reward=vader", "task.reward_on=prompt+response",
-                      "cory.observer_template=continuation", "generation.max_new_tokens=12", "algo.lr=5e-4",
-                      "train.batch_size=8", "task.num_eval_prompts=16"],
-        "iterations": 3,
+                      "cory.observer_template=continuation", "generation.max_new_tokens=12", "algo.lr=1e-3",
+                      "train.batch_size=8", "task.num_eval_prompts=32",
+                      # roles exchange twice within a run, so that the no-exchange ablation differs from CORY
+                      "cory.swap_every=2"],
+        "iterations": 5,
         "betas": [0.01, 0.05, 0.2],
         "main_beta": 0.05,
     },
     "arithmetic": {
         "overrides": [f"model.name={REAL_MODEL}", "task.name=arithmetic", "task.chat_template=true",
-                      "cory.observer_template=qa", "generation.max_new_tokens=24", "algo.lr=5e-4",
+                      "cory.observer_template=qa", "generation.max_new_tokens=48", "algo.lr=5e-4",
                       "train.batch_size=8", "task.num_eval_prompts=16",
                       # roles exchange within a short run, so that the no-exchange ablation differs from CORY
                       "cory.swap_every=1"],
@@ -138,7 +148,7 @@ MODES = {
                        "IMDB and GSM8K; a fixed KL coefficient (the frontier's beta) instead of the adaptive controller; the same "
                        "learning rate for PPO and CORY; far fewer iterations and prompts per iteration (each task's settings below) "
                        "than the paper's 100 iterations of 256 (IMDB) / 32 (GSM8K) prompts; 2 PPO epochs of minibatches of 8 "
-                       "instead of 4 epochs of the whole batch; 12-24 new tokens; role exchange every "
+                       "instead of 4 epochs of the whole batch; 12 (sentiment) or 48 (arithmetic) new tokens; role exchange every "
                        "`cory.swap_every` iterations (5 unless a task's overrides say otherwise) with optimizer and controller states kept across exchanges, as in cory. The KL (training "
                        "penalty, curves, final figures) is the exact episode KL.")},
 }
@@ -470,6 +480,90 @@ def run_task(task: str, seeds: list[int], quick: bool, mode: dict | None = None,
     return {"settings": settings(done), "wall_s": time.perf_counter() - t_start, "initial": initial, "runs": records}
 
 
+def observer_check(task: str, threads: int = 0, samples: int = 4) -> dict:
+    """Before any training: does the initial model, as CORY's observer, use the pioneer's answer?
+
+    For every evaluation prompt (x `samples`), at the task's evaluation temperature: the initial model
+    answers the prompt (the pioneer); answers it again blind (an independent second sample); answers
+    as the observer of that pioneer answer (the task's observer template, as CORY's runs render it);
+    and on arithmetic also as the observer of the correct worked answer (an oracle reference: the
+    most a reference could give). Every answer is scored as an answer to the original prompt.
+    `copies`: arithmetic, the observer's last number equals its reference's; sentiment, the share of
+    the observer's words found in the pioneer's answer (the blind sample's share is the baseline)."""
+    import torch
+
+    from cory.build import eval_params
+    from cory.config import load_config
+    from cory.coevolve import observer_prompts
+    from cory.corpora import arithmetic
+    from cory.policy import Policy
+    from cory.tasks import make_task
+
+    spec = REAL_TASKS[task]
+    cfg = load_config(None, REAL_COMMON + spec["overrides"])
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    template = next(o.split("=", 1)[1] for o in spec["overrides"] if o.startswith("cory.observer_template="))
+    judge_task = make_task(cfg.task)
+    params = eval_params(cfg)
+    policy = Policy.from_pretrained(cfg.model.name)
+    prompts = [p for p in judge_task.eval_prompts for _ in range(samples)]
+    gen = torch.Generator().manual_seed(cfg.eval.seed)
+    answer = lambda ps: policy.generate(ps, params, generator=gen).texts  # noqa: E731
+    pioneer = answer(prompts)
+    arms = {"blind": answer(prompts), "observer of the pioneer": answer(observer_prompts(prompts, pioneer, template))}
+    refs = {"observer of the pioneer": pioneer, "blind": pioneer}
+    if task == "arithmetic":
+        worked = {q.prompt: q.answer for q in arithmetic.heldout_problems(cfg.task.num_train_prompts + cfg.task.num_eval_prompts)}
+        oracle = [worked[p] for p in prompts]
+        arms["observer of the correct answer"] = answer(observer_prompts(prompts, oracle, template))
+        refs["observer of the correct answer"] = oracle
+
+    def copies(text: str, ref: str) -> float:
+        if task == "arithmetic":
+            a, b = arithmetic.last_number(text), arithmetic.last_number(ref)
+            return float(a is not None and a == b)
+        mine, theirs = words(text), set(words(ref))
+        return sum(w in theirs for w in mine) / len(mine) if mine else 0.0
+
+    base = judge_task.score(prompts, pioneer)
+    out = {"task": task, "template": template, "n": len(prompts), "samples_per_prompt": samples,
+           "pioneer": {"reward": interval(base)}, "arms": {}}
+    for name, texts in arms.items():
+        scores = judge_task.score(prompts, texts)
+        blind = judge_task.score(prompts, arms["blind"])
+        out["arms"][name] = {
+            "reward": interval(scores),
+            "minus_blind": interval([a - b for a, b in zip(scores, blind)]) if name != "blind" else None,
+            "copies": interval([copies(t, r) for t, r in zip(texts, refs[name])]),
+            "examples": [{"prompt": p, "reference": r, "response": t} for p, r, t in list(zip(prompts, refs[name], texts))[:3]],
+        }
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def observer_lines(check: dict) -> list[str]:
+    copies = ("the observer's last number equals its reference's (blind: equals the pioneer's)" if check["task"] == "arithmetic"
+              else "share of the answer's words found in the pioneer's answer")
+    lines = ["### Before training: does the initial model read the pioneer's answer?", "",
+             (f"{check['n']} answers per row ({check['samples_per_prompt']} per evaluation prompt), the untrained model at the "
+              f"evaluation temperature; the observer's prompt is the `{check['template']}` template of CORY's runs; every answer "
+              f"is scored against the original prompt. Copies: {copies}. Differences paired by prompt, 95% intervals. "
+              f"{check['wall_s']:.0f} s."), "",
+             "| answer | reward | minus blind | copies |", "|---|---|---|---|",
+             f"| pioneer (from the prompt) | {fmt(tuple(check['pioneer']['reward']))} | | |"]
+    for name, a in check["arms"].items():
+        diff = fmt(tuple(a["minus_blind"])) if a["minus_blind"] else ""
+        lines.append(f"| {name} | {fmt(tuple(a['reward']))} | {diff} | {fmt(tuple(a['copies']))} |")
+    lines.append("")
+    for name, a in check["arms"].items():
+        ex = a["examples"][0]
+        flat = lambda t: " ".join(t.split())  # noqa: E731  (one line per example)
+        lines.append(f"- {name}: `{flat(ex['prompt'])[-60:]}` with reference `{flat(ex['reference'])[:60]}` -> `{flat(ex['response'])[:80]}`")
+    return lines + [""]
+
+
 # -- aggregation ----------------------------------------------------------------------------------------
 def value(record: dict, key: str) -> float:
     """A run's final figure; for CORY the mean over its two agents, each answering alone."""
@@ -620,12 +714,15 @@ def plot_frontier(task: str, result: dict, path: Path) -> None:
 
 
 # -- report ---------------------------------------------------------------------------------------------
-def wall_note(result: dict) -> str:
-    """How the task's wall time was spent: CPU threads per process, and processes run side by side."""
+def task_time(result: dict) -> str:
+    """How long the task took: the wall time of one process, or of each seed's process (merged parts)."""
     threads = [o.split("=", 1)[1] for o in result["settings"]["overrides"] if o.startswith("train.num_threads=")]
     note = f"{threads[-1]} CPU thread(s)" if threads else "torch's default CPU threads"
-    parts = result.get("parts", 1)
-    return note + (f" per process, {parts} processes side by side, one seed each" if parts > 1 else "")
+    walls = result.get("part_wall_s", [])
+    if result.get("parts", 1) == 1 or not walls:
+        return f"Wall time of the whole task: {result['wall_s'] / 60:.1f} min ({note})."
+    return (f"Time: {sum(walls) / 60:.1f} min of {len(walls)} processes in all, one seed each at {note} "
+            f"({', '.join(f'{w / 60:.1f}' for w in walls)} min), at most two at a time on the two cores.")
 
 
 def task_report(task: str, result: dict, png_prefix: str) -> list[str]:
@@ -637,7 +734,7 @@ def task_report(task: str, result: dict, png_prefix: str) -> list[str]:
              f"KL coefficients {betas} (main comparison and ablations at {beta}), seeds {s['seeds']}; "
              f"overrides `{' '.join(s['overrides'])}`"
              + (f"; PPO adds `{' '.join(s['single_overrides'])}`, CORY `{' '.join(s['cory_overrides'])}`" if "single_overrides" in s else "")
-             + f". Wall time of the whole task: {result['wall_s'] / 60:.1f} min ({wall_note(result)})."), "",
+             + f". {task_time(result)}"), "",
              *checks_note(result),
              f"### Final evaluation at beta = {beta}", "",
              ("Fixed prompt set, each agent answering alone; mean ± 95% interval over seeds. Combined = reward - beta x KL. "
@@ -717,6 +814,15 @@ def verdicts(task: str, result: dict) -> list[str]:
     if len(s["seeds"]) < 2:
         out += [("With one seed there is no interval, and every rule below needs one: no claim can be established from "
                  "these runs, whichever way the differences point; \"does not hold\" below means \"not shown\"."), ""]
+    # Did anything learn? Each method's final reward minus the initial model's, over seeds.
+    gains = {m: interval([value(r, "reward") - init["reward"] for r in runs_of(result, m, beta).values()])
+             for m in ("ppo", "ppo-2x", "cory") if runs_of(result, m, beta)}
+    rose = [METHODS[m] for m, g in gains.items() if significance(g) > 0]
+    out += [(f"**Learning at beta = {beta}** (final reward minus the initial model's, over seeds): "
+             + "; ".join(f"{METHODS[m]} {fmt(g)}" for m, g in gains.items()) + ". "
+             + (f"Significant for {', '.join(rose)}." if rose else
+                "No method's reward rose significantly in this budget: the claims below compare models that drifted "
+                "(KL) more than they learned, and a KL difference mostly counts the updates each model received.")), ""]
 
     # (a) similar task reward with lower KL, at the main beta.
     parts, holds = [], []
@@ -860,9 +966,15 @@ def write(results: dict, out_dir: Path, mode: dict | None = None, quiet: bool = 
              mode["about"], ""]
     for task, result in results.items():
         prefix = f"{name}_{task}"
+        check = observer_lines(result["observer_check"]) if "observer_check" in result else []
+        if "runs" not in result:  # only the before-training check was run
+            lines += [f"## {task}", "", *check, ("No training runs of this task are in this report: they take about an hour per "
+                                                 "seed on this machine (the script's docstring says why they were not run)."), ""]
+            continue
         plot_curves(task, result, out_dir / f"{prefix}_curves.png")
         plot_frontier(task, result, out_dir / f"{prefix}_frontier.png")
-        lines += task_report(task, result, prefix)
+        report = task_report(task, result, prefix)
+        lines += report[:2] + check + report[2:]
     (out_dir / f"{name}.json").write_text(json.dumps(results, indent=1))
     (out_dir / f"{name}.md").write_text("\n".join(lines))
     if not quiet:
@@ -881,6 +993,8 @@ def main() -> None:
                     help="a smoke run: 2 iterations of a tiny batch, one seed (tiny: 2 betas; real: the main beta, 8 new tokens)")
     ap.add_argument("--report", action="store_true", help="only rewrite the Markdown and the plots from the JSON")
     ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON, Markdown and plots (default benchmarks/results)")
+    ap.add_argument("--observer-check", action="store_true",
+                    help="--model real: only the before-training check of the observer (kept in the report beside the task's runs)")
     ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
                     help="combine these result files' seeds (runs with equal settings, e.g. one seed per process) into --out")
     args = ap.parse_args()
@@ -894,28 +1008,42 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = out_dir / f"{mode['name']}.json"
     results = json.loads(saved.read_text()) if saved.exists() else {}
+    def keep_check(task: str, result: dict) -> dict:
+        """A task's new result keeps the task's before-training observer check."""
+        old = results.get(task, {})
+        return {**result, "observer_check": old["observer_check"]} if "observer_check" in old else result
+
     if args.merge:
         for task, merged in merge_seeds([json.loads(Path(f).read_text()) for f in args.merge]).items():
-            results[task] = merged
+            results[task] = keep_check(task, merged)
+        args.report = True
+    if args.observer_check:
+        if not mode["exact"]:
+            raise SystemExit("--observer-check needs --model real")
+        for task in args.tasks:
+            results[task] = {**results.get(task, {}), "observer_check": observer_check(task, args.threads)}
+            write(results, out_dir, mode, quiet=True)
         args.report = True
     for task in [] if args.report else args.tasks:
 
         def partial(result: dict, task: str = task) -> None:
-            write({**results, task: result}, out_dir, mode, quiet=True)
+            write({**results, task: keep_check(task, result)}, out_dir, mode, quiet=True)
 
-        results[task] = run_task(task, seeds, args.quick, mode, args.threads, on_seed=partial if mode["exact"] else None,
-                                 iterations=args.iterations)
+        results[task] = keep_check(task, run_task(task, seeds, args.quick, mode, args.threads,
+                                                  on_seed=partial if mode["exact"] else None, iterations=args.iterations))
     write(results, out_dir, mode)
     print(f"written to {out_dir}")
 
 
 def merge_seeds(parts: list[dict]) -> dict:
     """Per task, the runs of several result files whose settings differ only in their seeds (e.g. one
-    seed per process, run side by side): seeds and runs joined, the wall time the longest part's (the
-    parts ran at the same time). Stops where settings or the initial model's evaluation differ."""
+    seed per process, run side by side): seeds and runs joined, the wall time the longest part's and
+    each part's. Stops where settings or the initial model's evaluation differ."""
     out = {}
     for task in sorted({t for p in parts for t in p}):
-        pieces = [p[task] for p in parts if task in p]
+        pieces = [p[task] for p in parts if "runs" in p.get(task, {})]
+        if not pieces:
+            continue
         first = pieces[0]
         same = lambda r: {k: v for k, v in r["settings"].items() if k != "seeds"}  # noqa: E731
         for other in pieces[1:]:
@@ -928,6 +1056,7 @@ def merge_seeds(parts: list[dict]) -> dict:
             raise SystemExit(f"--merge: {task}: a seed is in more than one part")
         out[task] = {"settings": {**first["settings"], "seeds": sorted(seeds)}, "initial": first["initial"],
                      "wall_s": max(p["wall_s"] for p in pieces), "parts": len(pieces),
+                     "part_wall_s": [p["wall_s"] for p in pieces],
                      "runs": [r for p in pieces for r in p["runs"]]}
     return out
 
