@@ -34,9 +34,12 @@ bandits_real_ft_{regret,coverage}.png (--quick: bandits_real_quick.*). The commi
 
     python benchmarks/bandits.py --model real --fresh --stages probes --cot 0
     python benchmarks/bandits.py --model real --stages probes --cot 1 --arms 10 20 --variants button --kd-arms
-    python benchmarks/bandits.py --model real --stages bandit --iterations 3
+    python benchmarks/bandits.py --model real --stages ttt --ttt-iterations 10 --ttt-batch 8 --games 32
+    python benchmarks/bandits.py --model real --stages bandit --iterations 6
     python benchmarks/bandits.py --model real --stages report
-(53 minutes of one thread in all on a loaded 2-core machine; the tic-tac-toe stage did not fit).
+(the probes 29 minutes of one thread on a loaded machine; the tic-tac-toe and bandit stages ran side
+by side with other benchmarks, at one thread each on the two cores: their wall and CPU times are in
+the report).
 """
 
 from __future__ import annotations
@@ -465,13 +468,13 @@ REAL_LORA_TARGETS = [f"layers.{i}.{m}" for i in REAL_LORA_LAYERS
                      for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
 REAL_BANDIT_TRAIN = {
-    "env.pool_size": 512, "algo.name": "reinforce", "algo.baseline": "mean", "algo.gamma": 0.5, "algo.lr": 5e-4,
+    "env.pool_size": 512, "algo.name": "reinforce", "algo.baseline": "mean", "algo.gamma": 0.5, "algo.lr": 1e-3,
     "kl.beta": 0.05, "kl.exact_accounting": False, "model.lora.r": 16, "model.lora.alpha": 32,
     "model.lora.targets": REAL_LORA_TARGETS,
 }
 REAL_BANDIT_ENV = {"exploration_bonus": 1.0, "reward_norm": "standard"}
 REAL_TTT_TRAIN = {
-    "algo.name": "ppo", "algo.gamma": 1.0, "algo.lr": 5e-4, "kl.beta": 0.05, "kl.exact_accounting": False,
+    "algo.name": "ppo", "algo.gamma": 1.0, "algo.lr": 1e-3, "kl.beta": 0.05, "kl.exact_accounting": False,
     "model.lora.r": 16, "model.lora.alpha": 32, "model.lora.targets": REAL_LORA_TARGETS,
 }
 
@@ -495,6 +498,12 @@ def main_real(args) -> None:
     path = RESULTS / f"{stem}.json"
     data = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
     data.update({"model": REAL_MODEL, "paper": PAPER})
+    fresh = args.fresh
+
+    def save(stages: dict) -> None:
+        nonlocal data, fresh
+        data, fresh = write_real(stages, stem, data, fresh), False
+
     if set(args.stages) - {"report"}:
         policy = Policy.from_pretrained(REAL_MODEL)
         log(f"loaded {REAL_MODEL}")
@@ -508,19 +517,48 @@ def main_real(args) -> None:
             new["wall_s"] += old["wall_s"]
             new["cpu_s"] += old["cpu_s"]
         new["cells"].sort(key=lambda c: (c["cot"], c["n_arms"], c["variant"]))
-        data["probes"] = new
-        write_real(data, stem)
+        save({"probes": new})
     if "bandit" in args.stages:
-        data["bandit"] = bandit_stage(policy, args, log)
-        write_real(data, stem)
+        save({"bandit": bandit_stage(policy, args, log)})
     if "ttt" in args.stages:
-        data["tictactoe"] = ttt_stage(policy, args, log)
-        write_real(data, stem)
+        save({"tictactoe": ttt_stage(policy, args, log)})
     log("wrote " + ", ".join(str(p) for p in real_report(data, stem)))
 
 
-def write_real(data: dict, stem: str) -> None:
-    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2))
+def plot_ttt_training(training: dict, path: Path) -> Path:
+    """Tic-tac-toe fine-tuning: training return and KL per iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    its = range(1, len(training["train_reward"]) + 1)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(its, training["train_reward"], "o-")
+    a.set_xlabel("iteration")
+    a.set_ylabel("mean training return per game")
+    a.set_title("return (invalid-move penalty included)")
+    b.plot(its, training["train_kl"], "o-", color="C1")
+    b.set_xlabel("iteration")
+    b.set_ylabel("KL to the initial model")
+    b.set_title("drift")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.suptitle("SmolLM2-135M-Instruct, PPO (value head + GAE) on tic-tac-toe against random")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_real(stages: dict, stem: str, data: dict, fresh: bool = False) -> dict:
+    """Writes `stages` into the report's JSON as it is on disk now (another invocation may have written
+    other stages since this one started; `fresh`: as `data` has it) and returns the merged data."""
+    path = RESULTS / f"{stem}.json"
+    on_disk = json.loads(path.read_text()) if path.exists() else {}
+    merged = {**data, **({} if fresh else on_disk), **stages}
+    path.write_text(json.dumps(merged, indent=2))
+    return merged
 
 
 def stage_settings(args, keys) -> dict:
@@ -808,10 +846,12 @@ def real_report(data: dict, stem: str) -> list[Path]:
             lines.append(f"| {label} | {ci_cell(row['regret'], row['regret_ci'])} | {ci_cell(row['coverage'], row['coverage_ci'])} | "
                          f"{ci_cell(row.get('own_coverage', nan), row.get('own_coverage_ci', nan))} | "
                          f"{ci_cell(row['valid_rate'], row['valid_ci'], '.3f')} | {row.get('example_label_rate', nan):.2f} |")
-        gain = r["after"]["coverage"] - r["before"]["coverage"]
-        goals["regret_down"] = {"goal": "after < before", "measured": r["after"]["regret"] - r["before"]["regret"],
+        # Coverage counts the random arm an invalid answer executes; the goal is about the arms the model
+        # itself chose, so it is judged on those (greedy, as evaluated).
+        gain = r["after"]["own_coverage"] - r["before"]["own_coverage"]
+        goals["regret_down"] = {"goal": "after < before (greedy)", "measured": r["after"]["regret"] - r["before"]["regret"],
                                 "met": r["after"]["regret"] < r["before"]["regret"]}
-        goals["coverage_gain"] = {"goal": ">= 12 points", "measured": gain, "met": gain >= 0.12}
+        goals["coverage_gain"] = {"goal": ">= 12 points of the arms it named (greedy)", "measured": gain, "met": gain >= 0.12}
         t = fine["training"]
         lines += ["", f"Fine-tuning took {t['wall_s']:.0f} s (median iteration {statistics.median(t['iteration_s']):.0f} s; "
                   f"the stage with its evaluations {fine['wall_s']:.0f} s); training reward per iteration "
@@ -830,9 +870,16 @@ def real_report(data: dict, stem: str) -> list[Path]:
             label = {"before": "SmolLM2, before", "after": "SmolLM2, fine-tuned"}.get(name, "random agent")
             lines.append(f"| {label} | {ci_cell(row['env_return_mean'], row['return_ci'], '.3f')} | {row['win_rate']:.2f} | "
                          f"{row['draw_rate']:.2f} | {row['loss_rate']:.2f} | {row['valid_rate']:.3f} |")
-        goals["ttt_return"] = {"goal": ">= 0.75", "measured": ttt["after"]["env_return_mean"],
+        goals["ttt_return"] = {"goal": ">= 0.75 (paper: 0.15 -> 0.75)", "measured": ttt["after"]["env_return_mean"],
                                "met": ttt["after"]["env_return_mean"] >= 0.75}
-        lines.append(f"\nTic-tac-toe took {ttt['wall_s']:.0f} s.")
+        t = ttt["training"]
+        lines += ["", f"Training return per iteration (the -5 invalid-move penalty included): "
+                  f"{', '.join(f'{x:.2f}' for x in t['train_reward'])}; KL to the initial model per iteration "
+                  f"{', '.join(f'{x:.2f}' for x in t['train_kl'])}.", "",
+                  f"![tic-tac-toe training]({stem}_ttt_training.png)", "",
+                  f"Tic-tac-toe took {ttt['wall_s']:.0f} s of wall time ({ttt.get('cpu_s', nan):.0f} s of CPU time at one thread; "
+                  f"fine-tuning {t['wall_s']:.0f} s, median iteration {statistics.median(t['iteration_s']):.0f} s)."]
+        written.append(plot_ttt_training(t, RESULTS / f"{stem}_ttt_training.png"))
     if goals:
         lines += ["", "| paper anchor | target | measured | met |", "|---|---|---|---|"]
         for key, g in goals.items():
@@ -849,10 +896,11 @@ def real_report(data: dict, stem: str) -> list[Path]:
         lines.append("- Tic-tac-toe fine-tuning (stage `ttt`) did not fit in the hour and was not run; "
                      "`--stages ttt` runs it.")
     total = sum(data[k]["wall_s"] for k in ("probes", "bandit", "tictactoe") if data.get(k))
-    lines += ["", f"Wall time of the stages {total:.0f} s, one thread (load average {os.getloadavg()[0]:.1f} when this "
-              "report was written)."]
+    cpu = sum(data[k].get("cpu_s", nan) for k in ("probes", "bandit", "tictactoe") if data.get(k))
+    lines += ["", f"Wall time of the stages {total:.0f} s, {cpu:.0f} s of CPU time, one thread each (load average "
+              f"{os.getloadavg()[0]:.1f} when this report was written)."]
     data["goals"] = goals
-    write_real(data, stem)
+    write_real({"goals": goals}, stem, data)
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return [*written, RESULTS / f"{stem}.md"]
