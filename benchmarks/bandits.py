@@ -892,7 +892,12 @@ def real_report(data: dict, stem: str) -> list[Path]:
               "- Fine-tuning: 5 arms and horizon 10 (paper 10/20 arms, horizon 50), a few iterations of 4 episodes, one "
               "training seed, LoRA on the top 4 layers instead of full fine-tuning, REINFORCE with the Monte-Carlo "
               "baseline instead of PPO."]
-    if not ttt:
+    if ttt:
+        s = ttt["settings"]
+        lines.append(f"- Tic-tac-toe: {s['ttt_iterations']} iterations of {s['ttt_batch']} games, one training seed, LoRA on the "
+                     f"top 4 layers, {s['games']} greedy evaluation games; an invalid move plays a random empty cell (and "
+                     "costs -5 in training), so an agent that is always invalid plays like the random agent.")
+    else:
         lines.append("- Tic-tac-toe fine-tuning (stage `ttt`) did not fit in the hour and was not run; "
                      "`--stages ttt` runs it.")
     total = sum(data[k]["wall_s"] for k in ("probes", "bandit", "tictactoe") if data.get(k))
