@@ -21,7 +21,7 @@ import torch
 from cory.config import load_config
 from cory.generation.vllm_engine import EngineOptions, VLLMBackend, VLLMEngine, engine_dtype
 from cory.policy import Policy, SamplingParams
-from tests.conftest import micro_overrides
+from conftest import micro_overrides
 
 LOGPROB_TOL = 1e-4
 GAP = "tis/log_ratio_abs_mean"
