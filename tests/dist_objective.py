@@ -17,3 +17,7 @@ if __name__ == "__main__":
     learner.step(rollout.select(list(range(4 * rank, 4 * rank + 4))))
     if rank == 0:
         torch.save(grads[0], out / "grad.pt")
+    # An orderly teardown: a rank that exits with gloo's threads still running can abort
+    # ("terminate called without an active exception", SIGABRT) and fail the launch.
+    learner.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
