@@ -904,7 +904,6 @@ def real_report(data: dict, stem: str) -> list[Path]:
     cpu = sum(data[k].get("cpu_s", nan) for k in ("probes", "bandit", "tictactoe") if data.get(k))
     lines += ["", f"Wall time of the stages {total:.0f} s, {cpu:.0f} s of CPU time, one thread each (load average "
               f"{os.getloadavg()[0]:.1f} when this report was written)."]
-    data["goals"] = goals
     write_real({"goals": goals}, stem, data)
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

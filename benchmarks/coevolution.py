@@ -530,9 +530,9 @@ def observer_check(task: str, threads: int = 0, samples: int = 4) -> dict:
     base = judge_task.score(prompts, pioneer)
     out = {"task": task, "template": template, "n": len(prompts), "samples_per_prompt": samples,
            "pioneer": {"reward": interval(base)}, "arms": {}}
+    blind = judge_task.score(prompts, arms["blind"])
     for name, texts in arms.items():
         scores = judge_task.score(prompts, texts)
-        blind = judge_task.score(prompts, arms["blind"])
         out["arms"][name] = {
             "reward": interval(scores),
             "minus_blind": interval([a - b for a, b in zip(scores, blind)]) if name != "blind" else None,
@@ -719,7 +719,7 @@ def task_time(result: dict) -> str:
     threads = [o.split("=", 1)[1] for o in result["settings"]["overrides"] if o.startswith("train.num_threads=")]
     note = f"{threads[-1]} CPU thread(s)" if threads else "torch's default CPU threads"
     walls = result.get("part_wall_s", [])
-    if result.get("parts", 1) == 1 or not walls:
+    if len(walls) < 2:
         return f"Wall time of the whole task: {result['wall_s'] / 60:.1f} min ({note})."
     return (f"Time: {sum(walls) / 60:.1f} min of {len(walls)} processes in all, one seed each at {note} "
             f"({', '.join(f'{w / 60:.1f}' for w in walls)} min), at most two at a time on the two cores.")
@@ -1008,6 +1008,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = out_dir / f"{mode['name']}.json"
     results = json.loads(saved.read_text()) if saved.exists() else {}
+
     def keep_check(task: str, result: dict) -> dict:
         """A task's new result keeps the task's before-training observer check."""
         old = results.get(task, {})
@@ -1055,8 +1056,7 @@ def merge_seeds(parts: list[dict]) -> dict:
         if len(set(seeds)) != len(seeds):
             raise SystemExit(f"--merge: {task}: a seed is in more than one part")
         out[task] = {"settings": {**first["settings"], "seeds": sorted(seeds)}, "initial": first["initial"],
-                     "wall_s": max(p["wall_s"] for p in pieces), "parts": len(pieces),
-                     "part_wall_s": [p["wall_s"] for p in pieces],
+                     "wall_s": max(p["wall_s"] for p in pieces), "part_wall_s": [p["wall_s"] for p in pieces],
                      "runs": [r for p in pieces for r in p["runs"]]}
     return out
 
