@@ -16,9 +16,17 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
+def launch_env(tmp_path: Path) -> dict:
+    """The launched processes' environment: one thread each, the repository importable, and their
+    temporary files (torchrun leaves a torchelastic_* folder per launch) under the test's own folder."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "TMPDIR": str(tmp)}
+
+
 def test_two_processes_stay_identical(tmp_path, micro_lm, micro_rm):
     out = tmp_path / "dist"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    env = launch_env(tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            str(REPO / "tests" / "dist_train.py"), str(out)] + micro_overrides(tmp_path, **{"train.iterations": 3})
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -44,7 +52,7 @@ def test_two_processes_give_the_gradient_of_one_on_the_whole_batch(tmp_path, mic
     from test_objective import learner_gradient, rel
 
     overrides = ["algo.name=grpo", "algo.ent_coef=0.01", "kl.beta=0.1", "algo.micro_batch_size=3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    env = launch_env(tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            str(REPO / "tests" / "dist_objective.py"), str(tmp_path), str(micro_lm)] + overrides
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -61,7 +69,7 @@ def test_fsdp_learner_two_processes_match_one(tmp_path, micro_lm):
     import torch
     from safetensors.torch import load_file
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    env = launch_env(tmp_path)
     script = str(REPO / "tests" / "fsdp_learner.py")
     fsdp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
             script, str(tmp_path), "fsdp", str(micro_lm)]
@@ -85,7 +93,7 @@ def test_fsdp_run_two_processes_agree_and_resume_exactly(tmp_path, micro_lm, mic
     import torch
     from safetensors.torch import load_file
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    env = launch_env(tmp_path)
 
     def launch(out, iterations, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
