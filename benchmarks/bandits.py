@@ -399,9 +399,7 @@ def episode_interval(records, key) -> tuple[float, float]:
 
 
 def real_bandit_row(records, example_label: int | None = None) -> dict:
-    from cory.metrics import coverage
-
-    from cory.metrics import coverage_curves, regret_curves
+    from cory.metrics import coverage, coverage_curves, regret_curves
 
     row = bandit_row(records)
     row["regret_curves"], row["coverage_curves"] = regret_curves(records).tolist(), coverage_curves(records).tolist()
