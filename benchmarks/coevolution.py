@@ -44,19 +44,23 @@ Results are written after every seed, so an interrupted run keeps the seeds it f
 Before any training, `--observer-check` asks whether the untrained model, as CORY's observer, uses
 the pioneer's answer at all (and, on arithmetic, a correct worked answer): see `observer_check`.
 
-The committed report came from (sentiment: one seed per process, one thread each, at most two
-processes on the two cores at a time, beside the bandit benchmark; then merged):
+The committed report came from (one seed per process, one thread each, then merged; sentiment: at
+most two processes on the two cores at a time, beside the bandit benchmark; arithmetic: three at a
+time):
     python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds 0 --out /tmp/s0
     python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds 1 --out /tmp/s1
     python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds 2 --out /tmp/s2
     python benchmarks/coevolution.py --model real --merge /tmp/s0/cory_real.json /tmp/s1/cory_real.json /tmp/s2/cory_real.json
+    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --seeds 0 --out /tmp/a0
+    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --seeds 1 --out /tmp/a1
+    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --seeds 2 --out /tmp/a2
+    python benchmarks/coevolution.py --model real --merge /tmp/a0/cory_real.json /tmp/a1/cory_real.json /tmp/a2/cory_real.json
     python benchmarks/coevolution.py --model real --observer-check --tasks arithmetic sentiment --threads 1
-(about 34-40 minutes per sentiment seed at one thread on a loaded machine; the observer check about
-5 minutes, 9 loaded). Arithmetic training runs are not in the report: measured at one thread per
-process, a PPO run plus its resumption took 7.5 min and a CORY run over 7 min at 24 new tokens, so a
-seed takes about an hour, and the observer check shows why they could not test CORY's mechanism at
-this scale (the untrained model gains nothing from its own pioneer's answers). The same commands
-with `--tasks arithmetic` run them.
+(about 34-40 minutes per sentiment seed at one thread on a loaded machine; about 121 minutes per
+arithmetic seed, three processes sharing the two cores; the observer check about 5 minutes, 9
+loaded). On arithmetic the update dominates: each prompt carries the one-shot example in the chat
+template, and a PPO iteration of 8 prompts took 24 s to generate and 81-89 s to update (three
+processes on two cores).
     python benchmarks/coevolution.py --model real --quick                          (a smoke run)
 Writes benchmarks/results/cory_real.{json,md} and cory_real_<task>_{curves,frontier}.png.
 """
@@ -722,7 +726,8 @@ def task_time(result: dict) -> str:
     if len(walls) < 2:
         return f"Wall time of the whole task: {result['wall_s'] / 60:.1f} min ({note})."
     return (f"Time: {sum(walls) / 60:.1f} min of {len(walls)} processes in all, one seed each at {note} "
-            f"({', '.join(f'{w / 60:.1f}' for w in walls)} min), at most two at a time on the two cores.")
+            f"({', '.join(f'{w / 60:.1f}' for w in walls)} min), side by side on the two cores (the script's docstring "
+            "says how many at a time).")
 
 
 def task_report(task: str, result: dict, png_prefix: str) -> list[str]:
@@ -818,11 +823,20 @@ def verdicts(task: str, result: dict) -> list[str]:
     gains = {m: interval([value(r, "reward") - init["reward"] for r in runs_of(result, m, beta).values()])
              for m in ("ppo", "ppo-2x", "cory") if runs_of(result, m, beta)}
     rose = [METHODS[m] for m, g in gains.items() if significance(g) > 0]
+    fell = [METHODS[m] for m, g in gains.items() if significance(g) < 0]
+    # The initial figure is one draw of the fixed evaluation set; with 0/1 rewards (arithmetic) the
+    # answers' scores follow from the mean and their number, and so does the draw's own interval.
+    n = init.get("n", 0)
+    right = round(init["reward"] * n)
+    spread = (f" The initial model's figure is itself one draw of {n} answers scored 0 or 1: "
+              f"{fmt(interval([1.0] * right + [0.0] * (n - right)))}, so a gain or loss within that can be the draw."
+              if task == "arithmetic" and n > 1 else "")
     out += [(f"**Learning at beta = {beta}** (final reward minus the initial model's, over seeds): "
              + "; ".join(f"{METHODS[m]} {fmt(g)}" for m, g in gains.items()) + ". "
              + (f"Significant for {', '.join(rose)}." if rose else
                 "No method's reward rose significantly in this budget: the claims below compare models that drifted "
-                "(KL) more than they learned, and a KL difference mostly counts the updates each model received.")), ""]
+                "(KL) more than they learned, and a KL difference mostly counts the updates each model received.")
+             + (f" Fell significantly: {', '.join(fell)}." if fell else "") + spread), ""]
 
     # (a) similar task reward with lower KL, at the main beta.
     parts, holds = [], []
