@@ -148,7 +148,8 @@ def cmd_eval(args) -> int:
     policy = Policy.from_pretrained(args.model)
     task = make_task(cfg.task)
     reference = load_reference(args.reference, torch.float32) if args.reference else None
-    result = evaluate(policy, task.eval_prompts, task.reward, eval_params(cfg), cfg.eval.samples_per_prompt, cfg.eval.seed, reference=reference)
+    result = evaluate(policy, task.eval_prompts, task.reward, eval_params(cfg), cfg.eval.samples_per_prompt, cfg.eval.seed,
+                      reference=reference, shared_prefix=cfg.train.shared_prefix)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -213,7 +214,8 @@ def _eval_env(args, cfg) -> int:
         policy = Policy.from_pretrained(args.model)
         reference = load_reference(args.reference, torch.float32) if args.reference else None
         result = {"agent": args.model, **evaluate_env(policy, env_id, kwargs, n, eval_params(cfg), seed=seed,
-                                                     reference=reference, max_turns=cfg.env.max_turns)}
+                                                     reference=reference, max_turns=cfg.env.max_turns,
+                                                     shared_prefix=cfg.train.shared_prefix)}
         result.update(_run_probes(policy, args.probe, args.probes, seed, kwargs))
     result = {"env": env_id, "env_kwargs": kwargs, "seed": seed, **result}
     if args.json:

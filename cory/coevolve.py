@@ -266,7 +266,8 @@ class CoryRun(Run):
         for n, agent in self.agents.items():
             agent.activate()
             res = evaluate(agent.policy, self.task.eval_prompts, self.task.reward, eval_params(cfg),
-                           cfg.eval.samples_per_prompt, cfg.eval.seed, reference=agent.learner.reference)
+                           cfg.eval.samples_per_prompt, cfg.eval.seed, reference=agent.learner.reference,
+                           shared_prefix=cfg.train.shared_prefix)
             per_agent[n] = res
             for k, v in res.items():
                 if isinstance(v, (int, float)):

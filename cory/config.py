@@ -270,6 +270,8 @@ class TrainConfig:
     """Shard the policy's weights, gradients and optimizer state over the processes with torch FSDP2 (CPU/gloo or GPUs; see cory.sharding)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of storing them (less memory, ~1/3 more compute)."""
+    shared_prefix: bool = False
+    """Score, update and evaluate the KL with the prompt prefix a batch's rows share (a chat template's system and example turns; at least 16 tokens) run once and its keys and values repeated for every row, gradients included: the same log-probs and gradients up to float rounding, (B - 1) x prefix tokens less forward and backward. One process; not with train.gradient_checkpointing."""
 
 
 @dataclass
@@ -568,6 +570,9 @@ def check(cfg: Config) -> None:
         raise UsageError("with model.lora.r the reference is the frozen base (adapters disabled); leave model.reference and model.reference_ensemble empty")
     if cfg.train.fsdp and (cfg.cory.enabled or lora.r or cfg.train.mixed_precision == "fp16"):
         raise UsageError("train.fsdp runs single-agent full fine-tuning in fp32/bf16 for now; not with cory.enabled, model.lora.r or train.mixed_precision=fp16")
+    if cfg.train.shared_prefix and cfg.train.gradient_checkpointing:
+        raise UsageError("train.shared_prefix continues each row from the prefix's KV cache, which gradient checkpointing drops: "
+                         "use one of train.shared_prefix and train.gradient_checkpointing")
     _check_generation_backend(cfg)
     for section in ("task", "env"):
         if getattr(cfg, section).system_prompt and not getattr(cfg, section).chat_template:

@@ -22,6 +22,7 @@ def evaluate(
     batch_size: int = 64,
     num_samples_shown: int = 3,
     exact_kl: bool = False,
+    shared_prefix: bool = False,
 ) -> dict:
     """Mean reward over `samples_per_prompt` sampled answers to each prompt, with a fixed seed.
 
@@ -29,6 +30,7 @@ def evaluate(
     sampled tokens, at the sampling temperature) of the policy's answers from it; with `exact_kl`,
     also `kl_exact_mean`: the exact episode KL along the same answers (sum over their tokens of the
     full-vocabulary KL[q || p] at each position, as `kl.exact_accounting` logs it in training).
+    `shared_prefix`: those KL passes run the prompts' shared prefix once (`sequence_logprobs`).
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
@@ -45,11 +47,13 @@ def evaluate(
         if reference is not None:
             dev = next(reference.parameters()).device
             args = (gen.query_ids.to(dev), gen.query_mask.to(dev), gen.response_ids.to(dev), mask.to(dev))
-            ref = sequence_logprobs(reference, *args, temperature=temperature, with_full_logprobs=exact_kl)
+            ref = sequence_logprobs(reference, *args, temperature=temperature, with_full_logprobs=exact_kl,
+                                    shared_prefix=shared_prefix)
             kls += masked_sum(gen.logprobs.to(dev) - ref.logprobs, mask.to(dev)).tolist()
             if exact_kl:
                 # The bare LM: a prepared module may carry a mixed-precision forward; the reference has none.
-                cur = sequence_logprobs(policy.model, *args, temperature=temperature, with_full_logprobs=True)
+                cur = sequence_logprobs(policy.model, *args, temperature=temperature, with_full_logprobs=True,
+                                        shared_prefix=shared_prefix)
                 exact += masked_sum(kl_exact(cur.full_logprobs.float(), ref.full_logprobs.float()), mask.to(dev)).tolist()
     r = torch.tensor(rewards)
     out = {
@@ -143,6 +147,7 @@ def evaluate_env(
     seed: int = 1234,
     reference: torch.nn.Module | None = None,
     max_turns: int = 100,
+    shared_prefix: bool = False,
 ) -> dict:
     """Plays `n_episodes` episodes of a text environment (instances from an evaluation pool seeded by
     `seed`, disjoint from training's) and reports returns, regret, coverage, valid-action rate,
@@ -154,7 +159,7 @@ def evaluate_env(
     if reference is not None:
         dev = next(reference.parameters()).device
         ref = sequence_logprobs(reference, rollout.query_ids.to(dev), rollout.query_mask.to(dev), rollout.response_ids.to(dev),
-                                rollout.response_mask.to(dev), temperature=params.temperature or 1.0)
+                                rollout.response_mask.to(dev), temperature=params.temperature or 1.0, shared_prefix=shared_prefix)
         per_turn = masked_sum(rollout.logprobs.to(dev) - ref.logprobs, rollout.response_mask.to(dev))
         out["kl_mean"] = float(episode_sums(per_turn.double().cpu(), rollout.episode_ids).mean())
     out["samples"] = [{"prompt": p[-300:], "response": r} for p, r in list(zip(rollout.prompts, rollout.responses))[:3]]

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from cory.advantages import ESTIMATORS, episode_sums, episode_totals, group_normalized
 from cory.algorithms.base import Algorithm
 from cory.drift.exact import kl_exact, mixture_logprobs
+from cory.errors import UsageError
 from cory.kl import kl_k1, kl_k3, make_controller, masked_mean, masked_sum, per_token_kl
 from cory.losses import aggregate_weights, loss_counts, objective
 from cory.policy import Policy, sequence_logprobs
@@ -140,6 +141,9 @@ class Learner:
         self.accelerator = accelerator
         self.reference = reference.to(accelerator.device).eval()
         params = parameters if parameters is not None else [p for p in policy.module.parameters() if p.requires_grad]
+        if cfg.train.shared_prefix and accelerator.num_processes > 1:
+            raise UsageError("train.shared_prefix runs on one process (its prefix pass runs outside the DDP/FSDP wrapper): "
+                             "drop it when launching several")
         if cfg.train.gradient_checkpointing:
             enable_checkpointing(policy.model)
         fused = {} if is_sharded(policy.module) else fused_adamw(params, accelerator)
@@ -159,6 +163,7 @@ class Learner:
         # log-probs are then recomputed under autocast, as for another engine's samples.
         self.recompute_old = accelerator.mixed_precision in ("bf16", "fp16") and any(p.dtype == torch.float32 for p in params)
         self.temperature = cfg.generation.temperature or 1.0
+        self.shared_prefix = cfg.train.shared_prefix
         self.score_moments = RunningMoments()
         self.skipped_in_a_row = 0
         penalty = cfg.kl.penalty
@@ -219,10 +224,11 @@ class Learner:
         args = tuple(t[rows] for t in (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask))
         out: dict[str, torch.Tensor] = {}
         with self.accelerator.autocast():
-            ref = sequence_logprobs(self.reference, *args, temperature=self.temperature, with_full_logprobs=whole)
+            ref = sequence_logprobs(self.reference, *args, temperature=self.temperature, with_full_logprobs=whole,
+                                    shared_prefix=self.shared_prefix)
             cur = None
             if self.algorithm.needs_values or whole or rollout.engine_logprobs is not None:
-                cur = sequence_logprobs(self.module, *args, temperature=self.temperature,
+                cur = sequence_logprobs(self.module, *args, temperature=self.temperature, shared_prefix=self.shared_prefix,
                                         with_values=self.algorithm.needs_values, with_full_logprobs=whole)
         out["ref"] = ref.logprobs.float()
         if cur is not None:
@@ -242,8 +248,8 @@ class Learner:
                 if self.fallback is None:
                     raise ValueError("tokens written by a trusted model need the Learner's `fallback` model")
                 with self.accelerator.autocast():
-                    fallback = sequence_logprobs(self.fallback, *args, temperature=self.temperature,
-                                                 with_full_logprobs=True).full_logprobs.float()
+                    fallback = sequence_logprobs(self.fallback, *args, temperature=self.temperature, with_full_logprobs=True,
+                                                 shared_prefix=self.shared_prefix).full_logprobs.float()
             sampled = mixture_logprobs(sampled, fallback, control.mix_weight[rows])
         out["kl_exact"] = kl_exact(sampled, ref_full)
         pessimistic_full = getattr(self.reference, "pessimistic_full", None)
@@ -334,6 +340,7 @@ class Learner:
                         out = sequence_logprobs(
                             self.module, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
                             temperature=self.temperature, with_values=self.algorithm.needs_values, with_entropy=True,
+                            shared_prefix=self.shared_prefix,
                         )
                         if mb.control is not None:  # train on the distribution actually sampled
                             out.logprobs = mixture_logprobs(out.logprobs, mb.control.fallback_logprobs,
@@ -428,8 +435,6 @@ class Learner:
 def check_engine(accelerator: Accelerator, cfg) -> None:
     """Refuses, in one line, what cory's update loop cannot do under DeepSpeed."""
     from accelerate.utils import DistributedType
-
-    from cory.errors import UsageError
 
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return

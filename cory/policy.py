@@ -166,18 +166,21 @@ class PolicyModel(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        past_key_values=None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """input_ids, attention_mask, position_ids: [B, L].
 
         Returns (logits [B, L, V], values [B, L] float32 or None without a value head).
         `logits_to_keep=k > 0` returns only the last k positions of both ([B, k, V], [B, k]), which
-        saves the [B, L, V] logits of a long prompt nobody needs.
+        saves the [B, L, V] logits of a long prompt nobody needs. `past_key_values`: the KV cache of
+        columns before `input_ids` (a shared prompt prefix); `attention_mask` then spans both.
         """
         with_hidden = self.value_head is not None
-        # use_cache=False: HF models default to building a KV cache, which training never reads.
+        # Without a cache to extend, use_cache=False: HF models default to building one, which
+        # training never reads.
         out = _lm_forward(
             self.lm, input_ids, attention_mask, position_ids, logits_to_keep, with_hidden,
-            use_cache=False,
+            use_cache=past_key_values is not None, past_key_values=past_key_values,
         )
         logits = out.logits
         if logits_to_keep:
@@ -244,6 +247,7 @@ def sequence_logprobs(
     with_entropy: bool = False,
     with_values: bool = False,
     with_full_logprobs: bool = False,
+    shared_prefix: bool = False,
 ) -> LogprobOutput:
     """Per-token log-probs of responses given queries, in one forward pass.
 
@@ -255,6 +259,11 @@ def sequence_logprobs(
     predicted by the output at column Lq-1+t, so logits, entropy and values are all read from
     columns Lq-1 .. Lq+Lr-2: `values[:, t]` is the value of the state BEFORE response token t.
     temperature 0 (greedy sampling) is scored at T=1, as `Policy.generate` records it.
+    `shared_prefix`: the leading query tokens that every row shares (a chat template's system and
+    example turns; at least 16) run once, batch 1, and their keys and values are repeated for every
+    row, gradients included; equal to the full pass up to float rounding, it saves (B - 1) x prefix
+    tokens of forward and backward. For a `PolicyModel` or an HF causal LM (with or without
+    adapters); other modules run the full pass.
     Returns a `LogprobOutput`; every masked position is 0.
     """
     if temperature < 0:
@@ -269,16 +278,24 @@ def sequence_logprobs(
         t.to(device) for t in (query_ids, query_mask, response_ids, response_mask)
     )
     lr = response_ids.shape[1]
+    prefix = _shared_prefix_length(query_ids, query_mask) if shared_prefix and _takes_cache(inner) else 0
+    cache = None
+    if prefix:
+        query_ids, query_mask, shared = _lay_out_prefix(query_ids, query_mask, prefix)
+        cache = _prefix_cache(inner.lm if is_policy else model, shared.tolist(), None, device)
+        cache.batch_repeat_interleave(query_ids.shape[0])
     input_ids = torch.cat([query_ids, response_ids], dim=1)
     attention_mask = torch.cat([query_mask, response_mask], dim=1).long()
     position_ids = position_ids_from_mask(attention_mask)
+    input_ids, position_ids = input_ids[:, prefix:], position_ids[:, prefix:]  # the prefix is in the cache
 
     # Keep Lr+1 trailing positions: the last one predicts past the response and is dropped.
     keep = lr + 1
     if is_policy:
-        logits, values = model(input_ids, attention_mask, position_ids, logits_to_keep=keep)
+        logits, values = model(input_ids, attention_mask, position_ids, logits_to_keep=keep, past_key_values=cache)
     else:
-        out = _lm_forward(model, input_ids, attention_mask, position_ids, keep, use_cache=False)
+        out = _lm_forward(model, input_ids, attention_mask, position_ids, keep, use_cache=cache is not None,
+                          past_key_values=cache)
         logits, values = out.logits[:, -keep:], None
     logits = logits[:, :-1]  # [B, Lr, V]
 
@@ -637,17 +654,8 @@ def _sample_loop(
 
     prefix = _shared_prefix_length(query_ids, query_mask) if params.shared_prefix else 0
     if prefix:
-        # Re-lay each row as [shared prefix | left padding | own suffix] (same width, same real
-        # tokens, same positions): the prefix is run once and its cache repeated for every row.
-        attention[:, :lq] = 0
-        attention[:, :prefix] = 1
-        laid = query_ids.clone()
-        shared = query_ids[0, lq - int(query_mask[0].sum()):][:prefix]
-        for row in range(batch):
-            start = lq - int(query_mask[row].sum()) + prefix  # where the row's own tokens begin
-            laid[row, :start] = pad_id
-            laid[row, :prefix] = shared
-            attention[row, start:lq] = 1
+        # The prefix is run once and its cache repeated for every row.
+        laid, attention[:, :lq], shared = _lay_out_prefix(query_ids, query_mask, prefix, pad_id)
         positions = position_ids_from_mask(attention[:, :lq])
         cache = _prefix_cache(lm, shared.tolist(), prefix_store, device)
         cache.batch_repeat_interleave(batch)
@@ -746,6 +754,33 @@ def _shared_prefix_length(query_ids: torch.Tensor, query_mask: torch.Tensor, min
     while common < limit and all(r[common] == first[common] for r in rows):
         common += 1
     return common if common >= minimum else 0
+
+
+def _lay_out_prefix(query_ids: torch.Tensor, query_mask: torch.Tensor, prefix: int,
+                    pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A left-padded batch whose rows share their first `prefix` real tokens, re-laid as [shared
+    prefix | left padding | own tokens] (same width, same real tokens at the same positions, so
+    `position_ids_from_mask` gives every token its old position): (ids [B, Lq], mask [B, Lq],
+    the shared tokens [prefix])."""
+    lq = query_ids.shape[1]
+    lengths = query_mask.long().sum(-1)
+    shared = query_ids[0, lq - int(lengths[0]):][:prefix]
+    columns = torch.arange(lq, device=query_ids.device)[None]
+    own = columns >= (lq - lengths + prefix)[:, None]  # where each row's own tokens lie
+    mask = (own | (columns < prefix)).to(query_mask.dtype)
+    ids = torch.where(own, query_ids, torch.full_like(query_ids, pad_id))
+    ids[:, :prefix] = shared
+    return ids, mask, shared
+
+
+def _takes_cache(module: nn.Module) -> bool:
+    """Whether `module`'s forward can continue from a KV cache: a PolicyModel, an HF causal LM,
+    or either behind a PEFT wrapper (or cory.lora's AdaptersDisabled, which holds one)."""
+    if isinstance(module, PolicyModel):
+        return True
+    inner = getattr(module, "peft_model", module)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return _forward_has_param(type(inner), "past_key_values")
 
 
 def _stop_window(stop_strings: tuple[str, ...]) -> int:

@@ -73,9 +73,11 @@ class TrainingRun(Run):
         cfg = self.cfg
         if cfg.env.id:
             return evaluate_env(self.policy, cfg.env.id, cfg.env.kwargs, cfg.env.eval_episodes, eval_params(cfg),
-                                seed=cfg.eval.seed, reference=self.learner.reference, max_turns=cfg.env.max_turns)
+                                seed=cfg.eval.seed, reference=self.learner.reference, max_turns=cfg.env.max_turns,
+                                shared_prefix=cfg.train.shared_prefix)
         return evaluate(self.policy, self.task.eval_prompts, self.task.reward, eval_params(cfg),
-                        cfg.eval.samples_per_prompt, cfg.eval.seed, reference=self.learner.reference)
+                        cfg.eval.samples_per_prompt, cfg.eval.seed, reference=self.learner.reference,
+                        shared_prefix=cfg.train.shared_prefix)
 
     def iterate(self) -> dict:
         """One rollout and one learner step; returns the iteration's metrics (mean over processes)."""

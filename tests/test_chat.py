@@ -153,3 +153,65 @@ def test_a_frozen_prefix_is_reused_across_calls_and_changes_nothing(chat_policy)
     with chat_policy.frozen_prefix():
         got = [x for p in calls for x in action_scorer(chat_policy, params=params)(p[0], texts)]
     assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_scoring_with_the_shared_prefix_run_once_equals_the_full_pass_and_its_gradients(smollm2):
+    """`sequence_logprobs(shared_prefix=True)` runs the system and example turns once for the batch:
+    log-probs, entropy, values, whole distributions and the gradients of LoRA weights, value head and
+    trunk equal the full pass's; the LM sees (B - 1) x prefix fewer tokens; the frozen base seen
+    through AdaptersDisabled (the LoRA reference) gives the same distributions both ways."""
+    from peft import get_peft_model
+
+    from cory.lora import AdaptersDisabled, peft_config
+    from cory.policy import _shared_prefix_length, sequence_logprobs
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    policy = Policy(LlamaForCausalLM(config), tokenizer, value_head=True)
+    torch.nn.init.normal_(policy.module.value_head.weight, std=0.3)
+    policy.model = get_peft_model(policy.model, peft_config(4, 8, ["q_proj", "v_proj", "down_proj"]))
+    for name, p in policy.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)  # adapters that change the output
+        if "embed_tokens" in name:
+            p.requires_grad_(True)  # the trunk too: its gradient gathers over every row's use of the prefix
+    policy.module.train()
+    query_ids, query_mask = policy.encode_prompts(["What is 2 + 3?", "Name a colour.", "Count to three, slowly please."],
+                                                  True, "Answer briefly.", (("hi", "Hello."),))
+    prefix = _shared_prefix_length(query_ids, query_mask)
+    assert prefix >= 16
+    response_ids = torch.randint(0, len(tokenizer), (3, 5), generator=torch.Generator().manual_seed(0))
+    response_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    weights = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    seen = []
+    hook = policy.model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+
+    def run(shared: bool):
+        policy.module.zero_grad(set_to_none=True)
+        seen.clear()
+        out = sequence_logprobs(policy.module, query_ids, query_mask, response_ids, response_mask, temperature=0.7,
+                                with_entropy=True, with_values=True, with_full_logprobs=True, shared_prefix=shared)
+        ((out.logprobs * weights).sum() + out.values.pow(2).sum() + out.entropy.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in policy.module.named_parameters() if p.grad is not None}
+        return out, grads, sum(seen)
+
+    (full, full_grads, full_tokens), (cached, cached_grads, cached_tokens) = run(False), run(True)
+    hook.remove()
+    assert full_tokens - cached_tokens == 2 * prefix
+    for name in ("logprobs", "entropy", "values", "full_logprobs"):
+        assert torch.allclose(getattr(full, name), getattr(cached, name), atol=1e-5), name
+    assert full_grads.keys() == cached_grads.keys() and any("lora_B" in n for n in full_grads)
+    assert any("embed_tokens" in n for n in full_grads) and any("value_head" in n for n in full_grads)
+    for name, grad in full_grads.items():
+        assert grad.abs().sum() > 0, name
+        # float rounding only: summed over every row's use of the prefix, entries differ by ~1e-7 of the largest
+        assert (grad - cached_grads[name]).abs().max() <= 1e-5 * grad.abs().max(), name
+    reference = AdaptersDisabled(policy.model)
+    with torch.no_grad():
+        ref = [sequence_logprobs(reference, query_ids, query_mask, response_ids, response_mask, with_full_logprobs=True,
+                                 shared_prefix=s).full_logprobs for s in (False, True)]
+        adapted = sequence_logprobs(policy.model, query_ids, query_mask, response_ids, response_mask, with_full_logprobs=True)
+    assert torch.allclose(ref[0], ref[1], atol=1e-5) and not torch.allclose(ref[0], adapted.full_logprobs, atol=1e-3)

@@ -273,3 +273,37 @@ def test_kill_9_at_random_moments_then_resume_ends_bit_identical(tmp_path, micro
             kills += 1
     a, b = load_file(straight / "final" / "model.safetensors"), load_file(killed / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shared_prefix_training_acts_and_ends_where_the_full_passes_end(tmp_path, monkeypatch, micro_lm, micro_rm):
+    """train.shared_prefix: with prompts sharing a long instruction, every scoring, update and
+    evaluation pass runs the prefix once (counted), and the run's figures and final weights equal
+    the full passes' up to float rounding; refused with gradient checkpointing, in one line."""
+    import cory.policy
+
+    path = tmp_path / "prompts.jsonl"
+    lead = "Write one more sentence of this movie review, in the same voice, and keep it short: "
+    path.write_text("".join(json.dumps({"prompt": lead + s}) + "\n" for s in ("the film was", "i loved the", "a dull", "the cast")))
+    calls = []
+    lay_out = cory.policy._lay_out_prefix
+    monkeypatch.setattr(cory.policy, "_lay_out_prefix", lambda *a, **k: calls.append(1) or lay_out(*a, **k))
+    runs = {}
+    for shared in (False, True):
+        calls.clear()
+        out = tmp_path / f"run-{shared}"
+        train_cli(out, tmp_path, "algo.name=ppo", "algo.epochs=2", "algo.minibatch_size=4", "train.iterations=1", f"task.prompt_file={path}",
+                  "task.num_eval_prompts=4", f"train.shared_prefix={shared}")
+        runs[shared] = (out, len(calls))
+    assert runs[False][1] == 0
+    # reference and policy scoring, 2 epochs x 2 minibatches; per evaluation (2): the reference
+    assert runs[True][1] == 2 + 2 * 2 + 2
+    plain, cached = ([json.loads(r) for r in (runs[s][0] / "metrics.jsonl").read_text().splitlines()] for s in (False, True))
+    for a, b in zip(plain, cached):
+        for key in ("reward_mean", "kl_mean", "loss/policy", "loss/value", "entropy", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    a, b = (load_file(runs[s][0] / "final" / "model.safetensors") for s in (False, True))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    argv = micro_overrides(tmp_path, **{"train.shared_prefix": "true", "train.gradient_checkpointing": "true"})
+    assert main(["train", "--output-dir", str(tmp_path / "refused")] + argv) == 2
+    assert not (tmp_path / "refused").exists()
