@@ -53,6 +53,17 @@ def matmul_layouts(dtype: torch.dtype, n: int = 2048, repeats: int = 7, layouts:
     return out
 
 
+def median_time(fn, repeats: int) -> tuple[float, object]:
+    """(median seconds of `repeats` calls of `fn` after one warm-up call, the last call's result)."""
+    fn()
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
 def read_bandwidth(mbytes: int = 512, repeats: int = 7) -> float:
     """Median bytes/s of reading a float32 tensor of `mbytes` MB once (a sum)."""
     x = torch.ones(mbytes * 2**20 // 4)
