@@ -44,23 +44,20 @@ Results are written after every seed, so an interrupted run keeps the seeds it f
 Before any training, `--observer-check` asks whether the untrained model, as CORY's observer, uses
 the pioneer's answer at all (and, on arithmetic, a correct worked answer): see `observer_check`.
 
-The committed report came from (one seed per process, one thread each, then merged; sentiment: at
-most two processes on the two cores at a time, beside the bandit benchmark; arithmetic: three at a
-time):
-    python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds 0 --out /tmp/s0
-    python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds 1 --out /tmp/s1
-    python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds 2 --out /tmp/s2
-    python benchmarks/coevolution.py --model real --merge /tmp/s0/cory_real.json /tmp/s1/cory_real.json /tmp/s2/cory_real.json
-    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --seeds 0 --out /tmp/a0
-    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --seeds 1 --out /tmp/a1
-    python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --seeds 2 --out /tmp/a2
-    python benchmarks/coevolution.py --model real --merge /tmp/a0/cory_real.json /tmp/a1/cory_real.json /tmp/a2/cory_real.json
+The committed report came from (one seed per process, one thread each, the three processes at once
+on the two cores, then merged with --together, which reports the longest part as the task's time):
+    for s in 0 1 2; do python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds $s --out /tmp/s$s & done; wait
+    python benchmarks/coevolution.py --model real --merge /tmp/s0/cory_real.json /tmp/s1/cory_real.json /tmp/s2/cory_real.json --together
+    for s in 0 1 2; do python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --seeds $s --out /tmp/a$s & done; wait
+    python benchmarks/coevolution.py --model real --merge /tmp/a0/cory_real.json /tmp/a1/cory_real.json /tmp/a2/cory_real.json --together
     python benchmarks/coevolution.py --model real --observer-check --tasks arithmetic sentiment --threads 1
-(about 34-40 minutes per sentiment seed at one thread on a loaded machine; about 121 minutes per
-arithmetic seed, three processes sharing the two cores; the observer check about 5 minutes, 9
-loaded). On arithmetic the update dominates: each prompt carries the one-shot example in the chat
-template, and a PPO iteration of 8 prompts took 24 s to generate and 81-89 s to update (three
-processes on two cores).
+(sentiment: about 40 minutes; arithmetic: see its report's time line; the observer check about 5
+minutes). Arithmetic's prompts carry the system turn and the one-shot example of the chat template:
+they share their first ~80 tokens, which `generation.shared_prefix` and `train.shared_prefix` run
+once per batch (one PPO iteration of 8 prompts, 48 new tokens, one thread, four processes sharing
+the two cores: update 91 s before, 52 s after, generation 24 s and 20 s;
+benchmarks/results/shared_prefix.md measures the passes alone). With 3 iterations and 48 new tokens,
+before those switches, the three seeds took 121-123 minutes.
     python benchmarks/coevolution.py --model real --quick                          (a smoke run)
 Writes benchmarks/results/cory_real.{json,md} and cory_real_<task>_{curves,frontier}.png.
 """
@@ -125,11 +122,14 @@ REAL_TASKS = {
     },
     "arithmetic": {
         "overrides": [f"model.name={REAL_MODEL}", "task.name=arithmetic", "task.chat_template=true",
-                      "cory.observer_template=qa", "generation.max_new_tokens=48", "algo.lr=5e-4",
+                      "cory.observer_template=qa", "generation.max_new_tokens=40", "algo.lr=5e-4",
+                      # the system and one-shot turns every prompt shares run once per batch
+                      "generation.shared_prefix=true", "train.shared_prefix=true",
                       "train.batch_size=8", "task.num_eval_prompts=16",
                       # roles exchange within a short run, so that the no-exchange ablation differs from CORY
                       "cory.swap_every=1"],
-        "iterations": 3,
+        # 2 iterations and 40 new tokens: what fits the 60 minutes of the 3 seeds on the two cores
+        "iterations": 2,
         "betas": [0.003, 0.01, 0.03],
         "main_beta": 0.01,
     },
@@ -152,7 +152,7 @@ MODES = {
                        "IMDB and GSM8K; a fixed KL coefficient (the frontier's beta) instead of the adaptive controller; the same "
                        "learning rate for PPO and CORY; far fewer iterations and prompts per iteration (each task's settings below) "
                        "than the paper's 100 iterations of 256 (IMDB) / 32 (GSM8K) prompts; 2 PPO epochs of minibatches of 8 "
-                       "instead of 4 epochs of the whole batch; 12 (sentiment) or 48 (arithmetic) new tokens; role exchange every "
+                       "instead of 4 epochs of the whole batch; 12 (sentiment) or 40 (arithmetic) new tokens; role exchange every "
                        "`cory.swap_every` iterations (5 unless a task's overrides say otherwise) with optimizer and controller states kept across exchanges, as in cory. The KL (training "
                        "penalty, curves, final figures) is the exact episode KL.")},
 }
@@ -211,8 +211,8 @@ class Judge:
         policy = model if isinstance(model, Policy) else Policy.from_pretrained(model)
         # One sample per row, every row returned: the same draws as the run's own final evaluation.
         prompts = [p for p in self.task.eval_prompts for _ in range(cfg.eval.samples_per_prompt)]
-        res = evaluate(policy, prompts, self.task.reward, self.params, 1, cfg.eval.seed,
-                       reference=self.reference, num_samples_shown=len(prompts), exact_kl=self.exact)
+        res = evaluate(policy, prompts, self.task.reward, self.params, 1, cfg.eval.seed, reference=self.reference,
+                       num_samples_shown=len(prompts), exact_kl=self.exact, shared_prefix=cfg.train.shared_prefix)
         texts = [s["response"] for s in res["samples"]]
         kl = res["kl_exact_mean"] if self.exact else res["kl_mean"]
         out = {"reward": res["reward_mean"], "kl": kl, "combined": res["reward_mean"] - beta * kl,
@@ -725,9 +725,12 @@ def task_time(result: dict) -> str:
     walls = result.get("part_wall_s", [])
     if len(walls) < 2:
         return f"Wall time of the whole task: {result['wall_s'] / 60:.1f} min ({note})."
+    parts = ", ".join(f"{w / 60:.1f}" for w in walls)
+    if result.get("together"):
+        return (f"Time: {max(walls) / 60:.1f} min of wall time on this machine's two cores: the {len(walls)} seeds' processes "
+                f"ran at once, one seed each at {note} ({parts} min).")
     return (f"Time: {sum(walls) / 60:.1f} min of {len(walls)} processes in all, one seed each at {note} "
-            f"({', '.join(f'{w / 60:.1f}' for w in walls)} min), side by side on the two cores (the script's docstring "
-            "says how many at a time).")
+            f"({parts} min), side by side on the two cores (the script's docstring says how many at a time).")
 
 
 def task_report(task: str, result: dict, png_prefix: str) -> list[str]:
@@ -1011,7 +1014,11 @@ def main() -> None:
                     help="--model real: only the before-training check of the observer (kept in the report beside the task's runs)")
     ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
                     help="combine these result files' seeds (runs with equal settings, e.g. one seed per process) into --out")
+    ap.add_argument("--together", action="store_true",
+                    help="with --merge: the parts' processes ran at once, so the longest part is the task's wall time")
     args = ap.parse_args()
+    if args.together and not args.merge:
+        raise SystemExit("--together describes merged parts: give --merge too")
     mode = MODES[args.model]
     if args.threads:
         import torch
@@ -1030,7 +1037,7 @@ def main() -> None:
 
     if args.merge:
         for task, merged in merge_seeds([json.loads(Path(f).read_text()) for f in args.merge]).items():
-            results[task] = keep_check(task, merged)
+            results[task] = keep_check(task, {**merged, "together": args.together})
         args.report = True
     if args.observer_check:
         if not mode["exact"]:
