@@ -51,8 +51,8 @@ on the two cores, then merged with --together, which reports the longest part as
     for s in 0 1 2; do python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --seeds $s --out /tmp/a$s & done; wait
     python benchmarks/coevolution.py --model real --merge /tmp/a0/cory_real.json /tmp/a1/cory_real.json /tmp/a2/cory_real.json --together
     python benchmarks/coevolution.py --model real --observer-check --tasks arithmetic sentiment --threads 1
-(sentiment: about 40 minutes; arithmetic: see its report's time line; the observer check about 5
-minutes). Arithmetic's prompts carry the system turn and the one-shot example of the chat template:
+(sentiment: 40 minutes, arithmetic: 54 minutes, each the three seeds at once on two cores; the
+observer check: 4 minutes for arithmetic, about 5 for sentiment). Arithmetic's prompts carry the system turn and the one-shot example of the chat template:
 they share their first ~80 tokens, which `generation.shared_prefix` and `train.shared_prefix` run
 once per batch (one PPO iteration of 8 prompts, 48 new tokens, one thread, four processes sharing
 the two cores: update 91 s before, 52 s after, generation 24 s and 20 s;
