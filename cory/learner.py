@@ -134,6 +134,9 @@ class Learner:
         shared-base mode does); `parameters` defaults to every trainable parameter of the policy.
         `fallback`: the frozen model that writes tokens the agent defers (asking for help); tokens
         mixed under a hard budget fall back on the reference."""
+        if cfg.train.shared_prefix and accelerator.num_processes > 1:
+            raise UsageError("train.shared_prefix runs on one process (its prefix pass runs outside the DDP/FSDP wrapper): "
+                             "drop it when launching several")
         self.policy = policy
         self.fallback = fallback.to(accelerator.device).eval() if fallback is not None else None
         self.algorithm = algorithm
@@ -141,9 +144,6 @@ class Learner:
         self.accelerator = accelerator
         self.reference = reference.to(accelerator.device).eval()
         params = parameters if parameters is not None else [p for p in policy.module.parameters() if p.requires_grad]
-        if cfg.train.shared_prefix and accelerator.num_processes > 1:
-            raise UsageError("train.shared_prefix runs on one process (its prefix pass runs outside the DDP/FSDP wrapper): "
-                             "drop it when launching several")
         if cfg.train.gradient_checkpointing:
             enable_checkpointing(policy.model)
         fused = {} if is_sharded(policy.module) else fused_adamw(params, accelerator)

@@ -655,7 +655,8 @@ def _sample_loop(
     prefix = _shared_prefix_length(query_ids, query_mask) if params.shared_prefix else 0
     if prefix:
         # The prefix is run once and its cache repeated for every row.
-        laid, attention[:, :lq], shared = _lay_out_prefix(query_ids, query_mask, prefix, pad_id)
+        laid, laid_mask, shared = _lay_out_prefix(query_ids, query_mask, prefix, pad_id)
+        attention[:, :lq] = laid_mask
         positions = position_ids_from_mask(attention[:, :lq])
         cache = _prefix_cache(lm, shared.tolist(), prefix_store, device)
         cache.batch_repeat_interleave(batch)

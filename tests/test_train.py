@@ -278,7 +278,7 @@ def test_kill_9_at_random_moments_then_resume_ends_bit_identical(tmp_path, micro
 def test_shared_prefix_training_acts_and_ends_where_the_full_passes_end(tmp_path, monkeypatch, micro_lm, micro_rm):
     """train.shared_prefix: with prompts sharing a long instruction, every scoring, update and
     evaluation pass runs the prefix once (counted), and the run's figures and final weights equal
-    the full passes' up to float rounding; refused with gradient checkpointing, in one line."""
+    the full passes' up to float rounding; refused in one line with gradient checkpointing and with several processes."""
     import cory.policy
 
     path = tmp_path / "prompts.jsonl"
@@ -304,6 +304,14 @@ def test_shared_prefix_training_acts_and_ends_where_the_full_passes_end(tmp_path
     a, b = (load_file(runs[s][0] / "final" / "model.safetensors") for s in (False, True))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+    from types import SimpleNamespace
+
+    from cory.config import load_config
+    from cory.errors import UsageError
+    from cory.learner import Learner
+
+    with pytest.raises(UsageError, match="one process"):  # several processes (DDP/FSDP): refused before any work
+        Learner(None, None, None, load_config(overrides=["train.shared_prefix=true"]), SimpleNamespace(num_processes=2))
     argv = micro_overrides(tmp_path, **{"train.shared_prefix": "true", "train.gradient_checkpointing": "true"})
     assert main(["train", "--output-dir", str(tmp_path / "refused")] + argv) == 2
     assert not (tmp_path / "refused").exists()
