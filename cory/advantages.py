@@ -17,6 +17,7 @@ all applied once upstream) and returns (advantages [B, L], returns [B, L] or Non
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -225,7 +226,8 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
 class Estimator:
     fn: Callable
     keys: tuple[str, ...]
-    """The `algo.*` keys the estimator reads (others refuse to be set for algorithms that use it)."""
+    """The `algo.*` keys the estimator reads (its keyword-only parameters, plus group_size for the
+    grouped ones); others refuse to be set for algorithms that use it."""
     grouped: bool
     """Needs several samples per prompt (algo.group_size)."""
 
@@ -233,51 +235,56 @@ class Estimator:
 ESTIMATORS: dict[str, Estimator] = {}
 
 
-def register_estimator(name: str, keys: tuple[str, ...] = (), grouped: bool = False):
+def register_estimator(name: str, grouped: bool = False, also_reads: tuple[str, ...] = ()):
+    """grouped: needs algo.group_size samples per prompt; also_reads: keys read outside the
+    function (a baseline that samples groups)."""
+
     def deco(fn):
-        ESTIMATORS[name] = Estimator(fn, keys, grouped)
+        settings = tuple(p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        ESTIMATORS[name] = Estimator(fn, settings + (("group_size",) if grouped else ()) + also_reads, grouped)
         return fn
 
     return deco
 
 
 # Every estimator: (rewards [B, L], mask [B, L], values [B, L] | None, episode_ids [B], turn_index [B],
-# group_ids [B], algo config) -> (advantages [B, L], returns [B, L] | None).
+# group_ids [B], *, its settings) -> (advantages [B, L], returns [B, L] | None).
 
 
-@register_estimator("returns", keys=("gamma", "turn_gamma", "baseline", "group_size"))
-def reinforce_advantages(rewards, mask, values, episode_ids, turn_index, group_ids, a):
+@register_estimator("returns", also_reads=("group_size",))
+def reinforce_advantages(rewards, mask, values, episode_ids, turn_index, group_ids, *, gamma, turn_gamma, baseline):
     """A_t = G_t - b: rewards-to-go minus no baseline, the batch mean return of turns at the same
-    turn index, or the leave-one-out mean of the other samples of the same prompt at that turn."""
-    returns = rewards_to_go(rewards, mask, a.gamma, episode_ids, turn_index, a.turn_gamma)
+    turn index, or the leave-one-out mean of the other samples of the same prompt at that turn
+    (baseline=loo samples algo.group_size answers per prompt)."""
+    returns = rewards_to_go(rewards, mask, gamma, episode_ids, turn_index, turn_gamma)
     first = returns[:, 0]
-    if a.baseline == "none":
-        baseline = torch.zeros_like(first)
-    elif a.baseline == "mean":
-        baseline = mc_baseline(first, turn_index)
+    if baseline == "none":
+        b = torch.zeros_like(first)
+    elif baseline == "mean":
+        b = mc_baseline(first, turn_index)
     else:
-        baseline = loo_baseline(first, group_ids, turn_index)
-    return (returns - baseline[:, None]) * mask, returns
+        b = loo_baseline(first, group_ids, turn_index)
+    return (returns - b[:, None]) * mask, returns
 
 
-@register_estimator("gae", keys=("gamma", "turn_gamma", "lam", "whiten_advantages"))
-def gae_advantages(rewards, mask, values, episode_ids, turn_index, group_ids, a):
+@register_estimator("gae")
+def gae_advantages(rewards, mask, values, episode_ids, turn_index, group_ids, *, gamma, turn_gamma, lam, whiten_advantages):
     """GAE(gamma, lam) against the value head's predictions; whitened over the rollout if asked."""
-    adv, returns = gae(rewards, values, mask, a.gamma, a.lam, episode_ids, turn_index, a.turn_gamma)
-    return (whiten(adv, mask) if a.whiten_advantages else adv), returns
+    adv, returns = gae(rewards, values, mask, gamma, lam, episode_ids, turn_index, turn_gamma)
+    return (whiten(adv, mask) if whiten_advantages else adv), returns
 
 
-@register_estimator("group", keys=("group_size", "scale_rewards"), grouped=True)
-def group_advantages(rewards, mask, values, episode_ids, turn_index, group_ids, a):
+@register_estimator("group", grouped=True)
+def group_advantages(rewards, mask, values, episode_ids, turn_index, group_ids, *, scale_rewards):
     """GRPO: R = the episode's total shaped reward; A = (R - group mean) / group std (std optional).
     Every token of every turn of an episode gets the episode's A."""
     returns = episode_totals((rewards * mask).sum(-1), episode_ids)
-    adv = group_normalized(returns, group_ids, scale=a.scale_rewards, members=turn_index == 0)
+    adv = group_normalized(returns, group_ids, scale=scale_rewards, members=turn_index == 0)
     return adv[:, None] * mask, None
 
 
-@register_estimator("loo", keys=("group_size",), grouped=True)
-def loo_advantages(rewards, mask, values, episode_ids, turn_index, group_ids, a):
+@register_estimator("loo", grouped=True)
+def loo_advantages(rewards, mask, values, episode_ids, turn_index, group_ids):
     """RLOO: R = the episode's total shaped reward; A = R - mean of the other samples of the prompt."""
     returns = episode_totals((rewards * mask).sum(-1), episode_ids)
     # The other episodes of the prompt: their first turns stand for them.

@@ -9,9 +9,30 @@ full disk) stops with one line and exit status 1, leaving its last complete chec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import os
 import sys
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from cory import zoo
+from cory.agents import AGENTS
+from cory.algorithms import ALGORITHMS
+from cory.api import train
+from cory.build import eval_params, eval_scorer, load_reference, make_backends
+from cory.config import AlgoConfig, algorithm_keys, describe, load_config
+from cory.errors import RunError, UsageError
+from cory.evaluate import episode_metrics, evaluate, evaluate_env, play_agent
+from cory.metrics.model_probes import frequency_bias_probe, knowing_doing_probe
+from cory.policy import Policy
+from cory.preflight import check_backend, check_model_name, preflight
+from cory.report import env_report, is_env_run, plot_run, summary_text
+from cory.rewards.bradley_terry import RMTrainConfig, load_pairs, sentiment_pairs, train_reward_model
+from cory.tasks import make_task
 
 
 def _add_train(sub) -> None:
@@ -98,40 +119,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from cory.config import load_config
-    from cory.report import summary_text
-
-    from cory.api import train
-    from cory.errors import UsageError
-    from cory.preflight import preflight
-    from cory.run import check_output_dir, check_resume_config
-
     cfg = load_config(args.config, args.overrides)
     if args.force and not args.resume:
         raise UsageError("--force only applies to --resume")
-    check_output_dir(args.output_dir, args.resume, args.overwrite)
-    if args.resume:
-        check_resume_config(cfg, args.output_dir, args.force)
-    preflight(cfg)
     train(cfg, args.output_dir, resume=args.resume, overwrite=args.overwrite, force=args.force)
     print(summary_text(args.output_dir))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from pathlib import Path
-
-    import torch
-
-    from cory.agents import AGENTS
-    from cory.config import load_config
-    from cory.evaluate import evaluate
-    from cory.policy import Policy
-    from cory.tasks import make_task
-    from cory.build import eval_params, load_reference
-    from cory.errors import UsageError
-    from cory.preflight import check_model_name, preflight
-
     cfg = load_config(args.config, args.overrides)
     preflight(cfg)
     if args.probes < 1:
@@ -145,11 +141,17 @@ def cmd_eval(args) -> int:
     check_model_name(args.model)
     if args.reference:
         check_model_name(args.reference)
+    if cfg.generation.backend == "vllm":
+        check_backend(args.model)
     policy = Policy.from_pretrained(args.model)
     task = make_task(cfg.task)
-    reference = load_reference(args.reference, torch.float32) if args.reference else None
-    result = evaluate(policy, task.eval_prompts, task.reward, eval_params(cfg), cfg.eval.samples_per_prompt, cfg.eval.seed,
-                      reference=reference, shared_prefix=cfg.train.shared_prefix)
+    reference = eval_scorer(cfg, load_reference(args.reference, torch.float32)) if args.reference else None
+    backend = make_backends(cfg, {"policy": policy}, {"policy": None}, args.model)["policy"]
+    try:
+        result = evaluate(policy, task.eval_prompts, task.reward, eval_params(cfg), cfg.eval.samples_per_prompt, cfg.eval.seed,
+                          reference=reference, backend=backend)
+    finally:
+        backend.close()
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -176,19 +178,7 @@ AGENT_ENVS = {
 def _eval_env(args, cfg) -> int:
     """`cory eval` in a text environment: a classical agent or a model plays env.eval_episodes
     episodes (the evaluation instances of eval.seed); optional probes on a model."""
-    from pathlib import Path
-
-    import torch
-
-    from cory.agents import AGENTS
-    from cory.evaluate import episode_metrics, evaluate_env, play_agent
-    from cory.build import eval_params, load_reference
-    from cory.errors import UsageError
-    from cory.preflight import check_model_name
-
     env_id, kwargs = cfg.env.id, dict(cfg.env.kwargs)  # preflight made the environment with them once
-    if cfg.env.eval_episodes < 1:
-        raise UsageError(f"env.eval_episodes must be at least 1, got {cfg.env.eval_episodes}")
     classical = args.model in AGENTS and not Path(args.model).is_dir()
     if classical:
         allowed = AGENT_ENVS.get(args.model)
@@ -202,6 +192,8 @@ def _eval_env(args, cfg) -> int:
         check_model_name(args.model)
         if args.reference:
             check_model_name(args.reference)
+        if cfg.generation.backend == "vllm":
+            check_backend(args.model)
     if args.probe and env_id != "cory/Bandit-v0":
         raise UsageError(f"--probe uses bandit prompts: set env.id=cory/Bandit-v0, not {env_id}")
 
@@ -209,14 +201,15 @@ def _eval_env(args, cfg) -> int:
     if classical:
         result = {"agent": args.model, **episode_metrics(play_agent(args.model, env_id, kwargs, n, seed))}
     else:
-        from cory.policy import Policy
-
         policy = Policy.from_pretrained(args.model)
-        reference = load_reference(args.reference, torch.float32) if args.reference else None
-        result = {"agent": args.model, **evaluate_env(policy, env_id, kwargs, n, eval_params(cfg), seed=seed,
-                                                     reference=reference, max_turns=cfg.env.max_turns,
-                                                     shared_prefix=cfg.train.shared_prefix)}
-        result.update(_run_probes(policy, args.probe, args.probes, seed, kwargs))
+        reference = eval_scorer(cfg, load_reference(args.reference, torch.float32)) if args.reference else None
+        backend = make_backends(cfg, {"policy": policy}, {"policy": None}, args.model)["policy"]
+        try:
+            result = {"agent": args.model, **evaluate_env(policy, env_id, kwargs, n, eval_params(cfg), seed=seed, reference=reference,
+                                                         max_turns=cfg.env.max_turns, backend=backend)}
+        finally:
+            backend.close()
+        result.update(_run_probes(policy, args.probe, args.probes, seed, kwargs, eval_params(cfg)))
     result = {"env": env_id, "env_kwargs": kwargs, "seed": seed, **result}
     if args.json:
         print(json.dumps(result, indent=2))
@@ -244,20 +237,18 @@ def _eval_env(args, cfg) -> int:
     return 0
 
 
-def _run_probes(policy, probes: list[str], n_probes: int, seed: int, env_kwargs: dict) -> dict:
-    from cory.metrics.model_probes import frequency_bias_probe, knowing_doing_probe
-
+def _run_probes(policy, probes: list[str], n_probes: int, seed: int, env_kwargs: dict, params) -> dict:
+    """The probes on a model, with prompts rendered as the evaluation renders them (chat template,
+    system and example turns)."""
     out = {}
     if "frequency" in probes:
-        out["frequency_probe"], _ = frequency_bias_probe(policy, n_probes, seed, env_kwargs)
+        out["frequency_probe"], _ = frequency_bias_probe(policy, n_probes, seed, env_kwargs, params=params)
     if "knowing-doing" in probes:
-        out["knowing_doing_probe"], _ = knowing_doing_probe(policy, n_probes, seed, env_kwargs)
+        out["knowing_doing_probe"], _ = knowing_doing_probe(policy, n_probes, seed, env_kwargs, params=params)
     return out
 
 
 def cmd_zoo(args) -> int:
-    from cory import zoo
-
     if args.zoo_command == "list":
         for m in zoo.list_models():
             mark = "built" if m["built"] else "not built"
@@ -269,9 +260,6 @@ def cmd_zoo(args) -> int:
 
 
 def cmd_rm(args) -> int:
-    from cory.rewards.bradley_terry import RMTrainConfig, load_pairs, sentiment_pairs, train_reward_model
-    from cory.preflight import check_model_name
-
     if args.rm_command == "pairs":
         with open(args.out, "w", encoding="utf-8") as fh:
             for row in sentiment_pairs(args.n, args.seed):
@@ -289,10 +277,6 @@ def cmd_rm(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pathlib import Path
-
-    from cory.report import env_report, is_env_run, plot_run, summary_text
-
     if not Path(args.run_dir).is_dir():
         raise FileNotFoundError(f"run directory not found: {args.run_dir}")
     for path in plot_run(args.run_dir):
@@ -308,8 +292,6 @@ def cmd_report(args) -> int:
 
 def cmd_config(args) -> int:
     """`cory config [SECTION]`: each key as `key = default` (JSON), its docstring indented below."""
-    from cory.config import describe
-
     for key, default, doc in describe(args.section):
         print(f"{key} = {json.dumps(default)}")
         print(f"    {doc}")
@@ -319,11 +301,6 @@ def cmd_config(args) -> int:
 def cmd_algos(args) -> int:
     """`cory algos`: per algorithm, its estimator and losses, the algo.* keys it alone reads, and the
     defaults it brings; then the algo.* keys every algorithm reads."""
-    import dataclasses
-
-    from cory.algorithms import ALGORITHMS
-    from cory.config import AlgoConfig, algorithm_keys
-
     used = algorithm_keys()
     for name, keys in used.items():
         a = ALGORITHMS[name]
@@ -343,27 +320,15 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "zoo": cmd_zoo, "rm": cmd_rm, 
             "algos": cmd_algos}
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from cory.errors import UsageError
-
-    # Unknown models, bad reward functions, prompt and preference files are UsageErrors too.
-    return (UsageError, FileNotFoundError)
-
-
-def _run_errors() -> tuple[type[BaseException], ...]:
-    """Failures of a run that started (not bad input): one line, exit status 1."""
-    from cory.learner import NonFiniteLossError
-    from cory.errors import RunError
-
-    return (NonFiniteLossError, RunError)
+EXPECTED_ERRORS = (UsageError, FileNotFoundError)
+"""Bad input: one line, exit status 2 (unknown models, bad reward functions, prompt and preference
+files are UsageErrors too)."""
+RUN_ERRORS = (RunError,)
+"""Failures of a run that started (non-finite weights, a full disk): one line, exit status 1."""
 
 
 def _quiet_libraries() -> None:
     """cory draws its own progress bars; the libraries' per-file ones are noise here."""
-    import logging
-
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("accelerate").setLevel(logging.ERROR)
@@ -379,15 +344,13 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     _quiet_libraries()
-    import cory.envs  # noqa: F401  (registers the environments; provides the zoo's agent corpus, built on demand)
-
     try:
         return COMMANDS[args.command](args)
-    except _expected_errors() as e:
+    except EXPECTED_ERRORS as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"cory {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except _run_errors() as e:
+    except RUN_ERRORS as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"cory {args.command}: error: {msg}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import json
 import math
 from dataclasses import dataclass, field
@@ -21,13 +22,21 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from cory import kl, losses
+from cory.algorithms import ALGORITHMS
+from cory.envs import ENV_IDS
 from cory.errors import UsageError
+from cory.generation import BACKENDS
+from cory.generation.sampling import SAMPLING_KEYS, SamplingParams, sampling_problem
+from cory.paths import is_file
+from cory.tasks import TASKS
+from cory.tasks.pioneer_observer import template_problem
 
 
 @dataclass
 class LoraConfig:
     r: int = 0
-    """LoRA rank for the single-agent policy (0 = off: every weight trains). With LoRA the frozen base, adapters disabled, is the reference."""
+    """LoRA rank (0 = off: every weight trains). With LoRA the frozen base, adapters disabled, is the reference; CORY's two agents are two adapters on that one base (about one model's memory)."""
     alpha: int = 32
     """LoRA alpha (the adapter's output is scaled by alpha / r)."""
     dropout: float = 0.0
@@ -51,7 +60,7 @@ class ModelConfig:
     trusted: str = ""
     """The policy that writes a token when the agent asks for help (kl.help_threshold); empty = the first ensemble member."""
     lora: LoraConfig = field(default_factory=LoraConfig)
-    """Single-agent LoRA / QLoRA: model.lora.r, alpha, dropout, targets, quantize."""
+    """LoRA / QLoRA, for single-agent runs and CORY alike: model.lora.r, alpha, dropout, targets, quantize."""
 
 
 @dataclass
@@ -100,20 +109,24 @@ class EnvConfig:
     """With chat_template: example [user, assistant] turns before each observation (e.g. a one-shot answer in the ACTION=X format)."""
 
 
+_SAMPLING = SamplingParams()
+
+
 @dataclass
 class GenerationConfig:
-    """How rollouts are sampled. The sampling keys (`SAMPLING_KEYS`) are what `cory.policy.SamplingParams`
-    carries to generation, with these defaults and `sampling_problem` as their one check."""
+    """How rollouts are sampled. The sampling keys (`SAMPLING_KEYS`) are what
+    `cory.generation.sampling.SamplingParams` carries to generation, with its defaults and
+    `sampling_problem` as their one check."""
 
-    max_new_tokens: int = 16
+    max_new_tokens: int = _SAMPLING.max_new_tokens
     """Most tokens in one response."""
-    temperature: float = 1.0
+    temperature: float = _SAMPLING.temperature
     """Sampling temperature; log-probs for training are taken at this temperature."""
-    top_k: int = 0
+    top_k: int = _SAMPLING.top_k
     """Keep only the k likeliest tokens when sampling (0 = off)."""
-    top_p: float = 1.0
+    top_p: float = _SAMPLING.top_p
     """Nucleus sampling mass (1.0 = off)."""
-    stop_strings: list[str] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=lambda: list(_SAMPLING.stop_strings))
     """A response also ends where it first contains one of these strings."""
     shared_prefix: bool = False
     """native: run the prompt prefix shared by a batch (instructions, system and example turns) once and reuse its KV cache (float rounding aside, the same samples)."""
@@ -127,26 +140,6 @@ class GenerationConfig:
     """vllm on GPU with vllm_kv_cache_gib=0: the share of GPU memory the engine may take."""
     vllm_sleep: bool = True
     """vllm on GPU: the engine sleeps (weights offloaded, KV cache freed) while the trainer trains."""
-
-
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "stop_strings")
-"""The generation keys that shape the sampled distribution (the rest choose and size the engine)."""
-
-
-def sampling_problem(max_new_tokens: int, temperature: float, top_k: int, top_p: float, stop_strings) -> tuple[str, Any, str] | None:
-    """(key, value, rule) of the first sampling setting out of range, or None: the one check of the
-    sampling keys, for `generation.*` in a config and for every `SamplingParams`. (A config's
-    generation.temperature must also be > 0: training takes log-probs at it; evaluation may be greedy.)"""
-    for key, value, ok, rule in (
-        ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "must be at least 1"),
-        ("temperature", temperature, temperature >= 0, "must be >= 0 (0 = greedy)"),
-        ("top_k", top_k, top_k >= 0, "must be >= 0 (0 = off)"),
-        ("top_p", top_p, 0 < top_p <= 1, "must be in (0, 1] (1 = off)"),
-        ("stop_strings", list(stop_strings), "" not in stop_strings, "must not contain the empty string"),
-    ):
-        if not ok:
-            return key, value, rule
-    return None
 
 
 @dataclass
@@ -195,7 +188,6 @@ class AlgoConfig:
     """GRPO family: divide group-centred rewards by the group's std (dr_grpo: off)."""
     loss_aggregation: str = "token-mean"
     """How the whole per-token objective becomes a scalar: token-mean (every token of the minibatch weighs the same), seq-mean (mean per sequence, then over sequences) or constant (sum / (loss_constant x sequences), Dr.GRPO)."""
-    # -- issue 10: loss variants, shaping and engine mismatch ------------------------------------
     clip_range_high: float = 0.0
     """Upper clip: the ratio stays under 1 + clip_range_high (0 = clip_range; DAPO decouples it, 0.28)."""
     dual_clip: float = 0.0
@@ -298,14 +290,6 @@ class CoryConfig:
     """c in r(own) + c * r(partner): 1 cooperative, 0 independent, negative competitive."""
     observer_template: str = "auto"
     """The observer's prompt: auto (chat with task.chat_template, else by task), continuation, qa, chat, or a format string with {prompt} and {reference}."""
-    shared_base: bool = False
-    """Both agents are LoRA adapters on one frozen base, which is also the reference (about one model's memory)."""
-    lora_r: int = 16
-    """LoRA rank in shared-base mode."""
-    lora_alpha: int = 32
-    """LoRA alpha in shared-base mode."""
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    """Module names that get LoRA adapters in shared-base mode."""
 
 
 @dataclass
@@ -323,18 +307,30 @@ class Config:
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "task.name": tuple(sorted(TASKS)),
     "task.reward_on": ("prompt+response", "response"),
+    "algo.name": tuple(sorted(ALGORITHMS)),
     "algo.baseline": ("none", "mean", "loo"),
-    "kl.estimator": ("k1", "k2", "k3", "full"),
-    "kl.controller": ("fixed", "adaptive", "budget"),
+    "algo.loss_aggregation": losses.AGGREGATIONS,
+    "kl.estimator": (*kl.ESTIMATORS, "full"),
+    "kl.controller": tuple(kl.CONTROLLERS),
     "kl.penalty": ("auto", "reward", "loss"),
     "kl.help_scope": ("token", "turn"),
-    "algo.loss_aggregation": ("token-mean", "seq-mean", "constant"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "model.lora.quantize": ("none", "4bit"),
-    "generation.backend": ("native", "vllm"),
+    "generation.backend": tuple(BACKENDS),
     "generation.vllm_dtype": ("auto", "float32", "bfloat16", "float16"),
 }
+"""Keys with a fixed set of values; those of registries (tasks, algorithms, aggregations, KL
+estimators and controllers, backends) are read from them."""
+
+RENAMED = {
+    "cory.shared_base": "model.lora.r (CORY's two agents are then adapters on one shared base)",
+    "cory.lora_r": "model.lora.r",
+    "cory.lora_alpha": "model.lora.alpha",
+    "cory.lora_targets": "model.lora.targets",
+}
+"""Keys that have moved: an old config gets one line naming the new key."""
 
 
 def valid_keys(section: str | None = None) -> list[str]:
@@ -357,8 +353,6 @@ def _dotted(prefix: str, obj) -> list[str]:
 
 def field_docs() -> dict[str, str]:
     """`section.key` -> the docstring written under the field, read from this file's source."""
-    import inspect
-
     docs: dict[str, str] = {}
     todo = [(f.name, f.default_factory()) for f in dataclasses.fields(Config)]
     while todo:
@@ -398,6 +392,10 @@ def _describe(err: OmegaConfBaseException) -> str:
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         sections = [f.name for f in dataclasses.fields(Config)]
         section = key.split(".")[0]
+        if key in RENAMED:
+            return f"config key '{key}' is gone: use {RENAMED[key]}"
+        if not section or not key.split(".")[-1]:
+            return f"config key '{key}' is not of the form section.key; sections: {', '.join(sections)}"
         if section not in sections:
             return f"unknown config section '{section}'; sections: {', '.join(sections)}"
         return f"unknown config key '{key}'; valid keys in '{section}': " + ", ".join(
@@ -410,23 +408,35 @@ def _describe(err: OmegaConfBaseException) -> str:
 
 
 def _parse_override(item: str) -> str:
-    if "=" not in item or item.startswith("="):
+    key = item.partition("=")[0]
+    if "=" not in item or not key or any(not part for part in key.split(".")):
         raise UsageError(f"override '{item}' is not of the form section.key=value")
     return item
 
 
-def _unbool(layer):
-    """YAML reads no/yes/on/off as booleans: for a text key whose choices hold that word (e.g.
-    train.mixed_precision=no) the word is meant; for other text keys it is refused in one line."""
+def _prepare(layer):
+    """A YAML file's or the overrides' layer, checked before it is merged: every key names a
+    section and a key (no empty part), a mapping or list field gets a mapping or list, mapping keys
+    are strings; and YAML's no/yes/on/off booleans are read as the word for a text key whose choices
+    hold that word (train.mixed_precision=no), refused in one line for other text keys."""
     data = OmegaConf.to_container(layer)
     if not isinstance(data, dict):
         return layer
-    text_keys = {f"{f.name}.{g.name}" for f in dataclasses.fields(Config) for g in dataclasses.fields(f.default_factory())
-                 if g.type in ("str", str)}
+    fields = {f"{f.name}.{g.name}": g for f in dataclasses.fields(Config) for g in dataclasses.fields(f.default_factory())}
     for section, values in data.items():
+        if not isinstance(section, str) or not section:
+            raise UsageError(f"config key {section!r} is not a section; sections: {', '.join(f.name for f in dataclasses.fields(Config))}")
         for name, value in (values.items() if isinstance(values, dict) else []):
             key = f"{section}.{name}"
-            if key in text_keys and isinstance(value, bool):
+            if not isinstance(name, str) or not name:
+                raise UsageError(f"config key {key!r} names no key of section '{section}'")
+            field_type = str(fields[key].type) if key in fields else ""
+            if field_type.startswith("dict") and not (isinstance(value, dict) and all(isinstance(k, str) for k in value)):
+                raise UsageError(f"bad value for config key '{key}': {value!r}; must be a mapping of names to values, "
+                                 f"e.g. '{key}={{n_arms: 5, horizon: 10}}'")
+            if field_type.startswith("list") and not isinstance(value, list):
+                raise UsageError(f"bad value for config key '{key}': {value!r}; must be a list, e.g. '{key}=[a, b]'")
+            if field_type in ("str", str) and isinstance(value, bool):
                 words = ("yes", "on", "true") if value else ("no", "off", "false")
                 meant = [w for w in CHOICES.get(key, ()) if w in words]
                 if not meant:
@@ -446,7 +456,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         layers = [schema]
         if path:
             p = Path(path)
-            if not p.is_file():
+            if not is_file(p):
                 raise UsageError(f"config file not found: {p}")
             try:
                 loaded = OmegaConf.load(p)
@@ -454,8 +464,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 raise UsageError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
             if not isinstance(loaded, type(schema)):
                 raise UsageError(f"config file {p} must hold a mapping of sections")
-            layers.append(_unbool(loaded))
-        layers.append(_unbool(OmegaConf.from_dotlist([_parse_override(o) for o in overrides])))
+            layers.append(_prepare(loaded))
+        layers.append(_prepare(OmegaConf.from_dotlist([_parse_override(o) for o in overrides])))
         merged = OmegaConf.merge(*layers)
         defaults = algorithm_defaults(str(merged.algo.name))
         if defaults:  # the algorithm's defaults sit between the schema's and the user's settings
@@ -469,8 +479,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def algorithm_defaults(name: str) -> dict[str, dict[str, Any]]:
     """{section: {key: value}}: the config defaults the named algorithm declares (empty if unknown)."""
-    from cory.algorithms import ALGORITHMS
-
     out: dict[str, dict[str, Any]] = {}
     for key, value in (ALGORITHMS[name].defaults if name in ALGORITHMS else {}).items():
         section, k = key.split(".")
@@ -482,15 +490,48 @@ def algorithm_keys() -> dict[str, set[str]]:
     """Algorithm name -> the algorithm-specific `algo.*` keys (without the section) it reads: its
     estimator's and losses' keys. `_check_algorithm_keys` refuses the others and `cory algos` prints
     these, so the two cannot disagree. Keys no algorithm claims act for every one."""
-    from cory.algorithms import ALGORITHMS
-
     return {name: algorithm.keys() for name, algorithm in sorted(ALGORITHMS.items())}
 
 
-def _check_algorithm_keys(cfg: Config) -> None:
-    """A key with no effect for the chosen algorithm is refused with one line (issue 10)."""
-    from cory.algorithms import ALGORITHMS
+# -- the checks: every check that the config alone decides, in one place ------------------------------
+def check(cfg: Config) -> None:
+    """Value checks that types alone do not express; each failure is a one-line UsageError."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise UsageError(f"bad value for config key '{key}': {value!r}; choose one of: {', '.join(allowed)}")
+    if cfg.env.id and cfg.env.id not in ENV_IDS:
+        raise UsageError(f"bad value for config key 'env.id': {cfg.env.id!r}; cory environments: {', '.join(ENV_IDS)}")
+    if not isinstance(cfg.env.kwargs, dict):
+        raise UsageError(f"bad value for config key 'env.kwargs': {cfg.env.kwargs!r}; must be a mapping, e.g. "
+                         "'env.kwargs={n_arms: 5, horizon: 10}'")
+    _check_algorithm_keys(cfg)
+    problem = sampling_problem(*(getattr(cfg.generation, k) for k in SAMPLING_KEYS))
+    if problem:
+        key, value, rule = problem
+        raise UsageError(f"bad value for config key 'generation.{key}': {value!r}; {rule}")
+    check_ranges(cfg)
+    _check_batches(cfg)
+    _check_drift(cfg)
+    _check_lora_and_sharding(cfg)
+    _check_generation_backend(cfg)
+    _check_prompts(cfg)
+    problem = template_problem(cfg.cory.observer_template)
+    if problem:
+        raise UsageError(f"bad value for config key 'cory.observer_template': {cfg.cory.observer_template!r}; {problem}")
+    if cfg.env.id and cfg.cory.enabled:
+        raise UsageError("env.id and cory.enabled cannot be combined: CORY trains on single-turn tasks, not environments")
 
+
+def _get(cfg: Config, key: str):
+    value = cfg
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def _check_algorithm_keys(cfg: Config) -> None:
+    """A key with no effect for the chosen algorithm is refused with one line."""
     algo = ALGORITHMS[cfg.algo.name]
     default = AlgoConfig(**algorithm_defaults(cfg.algo.name).get("algo", {}))
     used = algorithm_keys()
@@ -512,60 +553,59 @@ def _check_algorithm_keys(cfg: Config) -> None:
         raise UsageError("algo.loss_constant, overlong_buffer, tis_cap and clip_range_high must be >= 0")
     if 0 < a.tis_cap < 1:
         raise UsageError("bad value for config key 'algo.tis_cap': must be >= 1 (0 = off), so that agreeing engines get weight 1")
+    if a.tis_cap != AlgoConfig().tis_cap and cfg.generation.backend == "native" and cfg.train.mixed_precision == "no":
+        raise UsageError("algo.tis_cap only acts on tokens sampled by another engine or precision "
+                         "(generation.backend=vllm or train.mixed_precision); here the trainer samples them itself")
     if a.dual_clip and a.dual_clip <= 1:
         raise UsageError("bad value for config key 'algo.dual_clip': must be > 1 (0 = off)")
     if a.overlong_buffer > cfg.generation.max_new_tokens:
         raise UsageError("algo.overlong_buffer must be at most generation.max_new_tokens")
-    kl_in_reward = algo.kl_in_reward if cfg.kl.penalty == "auto" else cfg.kl.penalty == "reward"
-    if cfg.kl.estimator == "full" and not kl_in_reward:
+    if cfg.kl.estimator == "full" and not algo.kl_in_rewards(cfg.kl.penalty):
         raise UsageError(f"kl.estimator=full works only with KL in the reward (kl.penalty=reward) for {cfg.algo.name}")
 
 
-def check(cfg: Config) -> None:
-    """Value checks that types alone do not express."""
-    for key, allowed in CHOICES.items():
-        value = cfg
-        for name in key.split("."):
-            value = getattr(value, name)
-        if value not in allowed:
-            raise UsageError(f"bad value for config key '{key}': {value!r}; choose one of: {', '.join(allowed)}")
-    from cory.algorithms import ALGORITHMS
+def episodes_per_iteration(cfg: Config) -> int:
+    """Episodes one learner trains on per iteration (per process): prompts x samples per prompt
+    (each CORY agent answers every one of them)."""
+    algo = ALGORITHMS[cfg.algo.name]
+    grouped = algo.grouped or (algo.estimator == "returns" and cfg.algo.baseline == "loo")
+    return cfg.train.batch_size * (cfg.algo.group_size if grouped else 1)
 
-    if cfg.algo.name not in ALGORITHMS:
-        raise UsageError(f"bad value for config key 'algo.name': {cfg.algo.name!r}; choose one of: {', '.join(sorted(ALGORITHMS))}")
-    _check_algorithm_keys(cfg)
-    problem = sampling_problem(*(getattr(cfg.generation, k) for k in SAMPLING_KEYS))
-    if problem:
-        key, value, rule = problem
-        raise UsageError(f"bad value for config key 'generation.{key}': {value!r}; {rule}")
-    positive = ["train.iterations", "train.batch_size", "algo.epochs", "task.num_eval_prompts"]
-    for key in positive:
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise UsageError(f"bad value for config key '{key}': must be at least 1")
-    if cfg.cory.swap_every < 1:
-        raise UsageError("bad value for config key 'cory.swap_every': must be at least 1")
-    if cfg.algo.minibatch_size and cfg.algo.micro_batch_size and cfg.algo.minibatch_size % cfg.algo.micro_batch_size:
+
+def _check_batches(cfg: Config) -> None:
+    """Minibatches are whole episodes, of equal size: a size that does not divide the iteration's
+    episodes (or exceeds them) would silently train on a smaller last minibatch (or on one)."""
+    a, n = cfg.algo, episodes_per_iteration(cfg)
+    if a.minibatch_size > n:
+        raise UsageError(f"algo.minibatch_size={a.minibatch_size} is more than the {n} episodes of an iteration "
+                         f"(train.batch_size x samples per prompt); use at most {n} (0 = all)")
+    if a.minibatch_size and n % a.minibatch_size:
+        raise UsageError(f"algo.minibatch_size={a.minibatch_size} does not divide the {n} episodes of an iteration into "
+                         "equal minibatches; use a divisor of it (0 = all)")
+    if a.minibatch_size and a.micro_batch_size and a.minibatch_size % a.micro_batch_size:
         raise UsageError("algo.minibatch_size must be a multiple of algo.micro_batch_size")
-    if cfg.kl.hard_budget < 0:
-        raise UsageError("bad value for config key 'kl.hard_budget': must be >= 0 (0 = off)")
-    if not 0 <= cfg.kl.help_threshold < 1:
+
+
+def _check_drift(cfg: Config) -> None:
+    k, m = cfg.kl, cfg.model
+    if not 0 <= k.help_threshold < 1:
         raise UsageError("bad value for config key 'kl.help_threshold': must be in [0, 1) (0 = off)")
-    if cfg.model.reference_ensemble and len(cfg.model.reference_ensemble) < 2:
+    if m.reference_ensemble and len(m.reference_ensemble) < 2:
         raise UsageError("model.reference_ensemble needs at least 2 models")
-    if cfg.model.reference_ensemble and cfg.model.reference:
+    if m.reference_ensemble and m.reference:
         raise UsageError("set model.reference or model.reference_ensemble, not both")
-    if cfg.kl.help_threshold and not cfg.model.reference_ensemble:
+    if k.help_threshold and not m.reference_ensemble:
         raise UsageError("kl.help_threshold needs a pessimistic reference: set model.reference_ensemble")
-    if cfg.kl.help_threshold and cfg.kl.hard_budget:
+    if k.help_threshold and k.hard_budget:
         raise UsageError("kl.hard_budget and kl.help_threshold cannot be combined yet; pick one")
+
+
+def _check_lora_and_sharding(cfg: Config) -> None:
     lora = cfg.model.lora
     if lora.r < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1 or (lora.r and not lora.targets):
         raise UsageError("bad model.lora: r must be >= 0 (0 = off), alpha > 0, dropout in [0, 1), targets not empty")
     if lora.quantize != "none" and not lora.r:
         raise UsageError(f"model.lora.quantize={lora.quantize} quantizes the frozen base of a LoRA run: set model.lora.r too")
-    if lora.r and cfg.cory.enabled:
-        raise UsageError("model.lora.* is for single-agent runs; CORY's LoRA mode is cory.shared_base=true with cory.lora_r/lora_alpha/lora_targets")
     if lora.r and (cfg.model.reference or cfg.model.reference_ensemble):
         raise UsageError("with model.lora.r the reference is the frozen base (adapters disabled); leave model.reference and model.reference_ensemble empty")
     if cfg.train.fsdp and (cfg.cory.enabled or lora.r or cfg.train.mixed_precision == "fp16"):
@@ -573,7 +613,9 @@ def check(cfg: Config) -> None:
     if cfg.train.shared_prefix and cfg.train.gradient_checkpointing:
         raise UsageError("train.shared_prefix continues each row from the prefix's KV cache, which gradient checkpointing drops: "
                          "use one of train.shared_prefix and train.gradient_checkpointing")
-    _check_generation_backend(cfg)
+
+
+def _check_prompts(cfg: Config) -> None:
     for section in ("task", "env"):
         if getattr(cfg, section).system_prompt and not getattr(cfg, section).chat_template:
             raise UsageError(f"{section}.system_prompt needs {section}.chat_template=true")
@@ -581,28 +623,25 @@ def check(cfg: Config) -> None:
         raise UsageError("env.chat_examples needs env.chat_template=true")
     if any(not isinstance(e, (list, tuple)) or len(e) != 2 or not all(isinstance(x, str) for x in e) for e in cfg.env.chat_examples):
         raise UsageError("env.chat_examples must be a list of [user, assistant] pairs of strings")
-    if cfg.task.prompt_file and not Path(cfg.task.prompt_file).is_file():
-        raise UsageError(f"prompt file not found: {cfg.task.prompt_file}")
-    check_ranges(cfg)
+    if cfg.task.name == "prompts" and not cfg.task.prompt_file:
+        raise UsageError("task.name=prompts needs task.prompt_file")
+    if cfg.task.prompt_file and not is_file(cfg.task.prompt_file):
+        raise UsageError(f"prompt file not found: {cfg.task.prompt_file[:200]}")
 
-
-# -- value ranges (issue 13): every number a user sets is checked, one line naming the key ---------
+# -- value ranges: every number a user sets is checked, one line naming the key --------------------------
 _AT_LEAST_0 = ("algo.weight_decay", "algo.max_grad_norm", "algo.value_clip", "algo.vf_coef", "algo.warmup_iterations",
                "algo.minibatch_size", "algo.micro_batch_size", "kl.beta", "eval.temperature", "eval.seed", "train.seed",
                "train.checkpoint_every", "train.eval_every", "train.num_threads", "env.pool_size",
                "kl.hard_budget", "kl.budget")
-_AT_LEAST_1 = ("algo.group_size", "kl.horizon", "train.keep_checkpoints", "eval.samples_per_prompt", "task.num_train_prompts",
-               "env.eval_episodes", "env.max_turns", "cory.lora_r", "cory.lora_alpha")
+_AT_LEAST_1 = ("algo.group_size", "algo.epochs", "kl.horizon", "train.iterations", "train.batch_size", "train.keep_checkpoints",
+               "eval.samples_per_prompt", "task.num_train_prompts", "task.num_eval_prompts", "env.eval_episodes",
+               "env.max_turns", "cory.swap_every")
 _ABOVE_0 = ("algo.lr", "algo.clip_range", "generation.temperature", "kl.target", "kl.budget_lr",
             "task.reward_timeout")
 _UNIT = ("algo.gamma", "algo.turn_gamma", "algo.lam")
 
 
 def check_ranges(cfg: Config) -> None:
-    def get(key: str):
-        section, name = key.split(".")
-        return getattr(getattr(cfg, section), name)
-
     for f in dataclasses.fields(Config):
         for g in dataclasses.fields(getattr(cfg, f.name)):
             value = getattr(getattr(cfg, f.name), g.name)
@@ -611,15 +650,17 @@ def check_ranges(cfg: Config) -> None:
     for keys, ok, rule in ((_AT_LEAST_0, lambda v: v >= 0, "must be >= 0"), (_AT_LEAST_1, lambda v: v >= 1, "must be at least 1"),
                            (_ABOVE_0, lambda v: v > 0, "must be > 0"), (_UNIT, lambda v: 0 <= v <= 1, "must be in [0, 1]")):
         for key in keys:
-            if not ok(get(key)):
-                raise UsageError(f"bad value for config key '{key}': {get(key)!r}; {rule}")
-    if cfg.env.id and getattr(cfg, "cory", None) is not None and cfg.cory.enabled:
-        raise UsageError("env.id and cory.enabled cannot be combined: CORY trains on single-turn tasks, not environments")
+            if not ok(_get(cfg, key)):
+                raise UsageError(f"bad value for config key '{key}': {_get(cfg, key)!r}; {rule}")
 
 
 def _check_generation_backend(cfg: Config) -> None:
-    """vLLM keys act only with generation.backend=vllm; per-token sampling controls need the native loop."""
+    """vLLM keys act only with generation.backend=vllm; per-token sampling controls need a backend
+    that applies logits hooks."""
     g, defaults = cfg.generation, GenerationConfig()
+    if (cfg.kl.hard_budget or cfg.kl.help_threshold) and not BACKENDS[g.backend].token_hooks:
+        raise UsageError(f"kl.hard_budget and kl.help_threshold steer sampling token by token, which generation.backend={g.backend} "
+                         "cannot: use generation.backend=native")
     if g.backend != "vllm":
         changed = [f"generation.{k}" for k in ("vllm_dtype", "vllm_kv_cache_gib", "vllm_gpu_memory_utilization", "vllm_sleep")
                    if getattr(g, k) != getattr(defaults, k)]
@@ -628,8 +669,6 @@ def _check_generation_backend(cfg: Config) -> None:
         return
     if g.shared_prefix:
         raise UsageError("generation.shared_prefix is for the native loop; vLLM caches shared prefixes itself")
-    if cfg.kl.hard_budget or cfg.kl.help_threshold:
-        raise UsageError("kl.hard_budget and kl.help_threshold steer sampling token by token; they need generation.backend=native")
     if g.vllm_kv_cache_gib < 0:
         raise UsageError("bad value for config key 'generation.vllm_kv_cache_gib': must be >= 0 (0 = vLLM's default)")
     if not 0 < g.vllm_gpu_memory_utilization <= 1:

@@ -1,13 +1,25 @@
-"""Evaluation on a fixed prompt set: task reward, KL to a reference, length, EOS rate, samples."""
+"""Evaluation on a fixed prompt set: task reward, KL to a reference, length, EOS rate, samples; and
+in a text environment, episodes of a model or of a classical agent on the same evaluation instances.
+
+Answers are sampled by the run's backend (the native loop, or vLLM), which renders prompts as
+training does; the KL to the reference is scored by a `Scorer` at the evaluation's temperature.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from cory.advantages import episode_sums
+from cory.agents import run_agent
 from cory.drift.exact import kl_exact
+from cory.envs.batch import GymTextEnvBatch
+from cory.generation.sampling import SamplingParams
 from cory.kl import masked_sum
-from cory.policy import Policy, SamplingParams, sequence_logprobs
+from cory.metrics import coverage, mean_ci, outcome_rates
+from cory.policy import Policy
+from cory.rollout import Sampler
+from cory.scoring import Scorer
 
 
 @torch.no_grad()
@@ -18,42 +30,39 @@ def evaluate(
     params: SamplingParams,
     samples_per_prompt: int = 1,
     seed: int = 1234,
-    reference: torch.nn.Module | None = None,
+    reference: Scorer | None = None,
     batch_size: int = 64,
     num_samples_shown: int = 3,
     exact_kl: bool = False,
-    shared_prefix: bool = False,
+    backend=None,
 ) -> dict:
     """Mean reward over `samples_per_prompt` sampled answers to each prompt, with a fixed seed.
 
-    With a reference model, also the mean sequence KL (sum over tokens of log q - log p of the
-    sampled tokens, at the sampling temperature) of the policy's answers from it; with `exact_kl`,
-    also `kl_exact_mean`: the exact episode KL along the same answers (sum over their tokens of the
-    full-vocabulary KL[q || p] at each position, as `kl.exact_accounting` logs it in training).
-    `shared_prefix`: those KL passes run the prompts' shared prefix once (`sequence_logprobs`).
+    With a reference (a `Scorer` at the evaluation's temperature), also the mean sequence KL (sum
+    over tokens of log q - log p of the sampled tokens) of the policy's answers from it; with
+    `exact_kl`, also `kl_exact_mean`: the exact episode KL along the same answers (sum over their
+    tokens of the full-vocabulary KL[q || p] at each position, as `kl.exact_accounting` logs it in
+    training). `backend` samples (default: the policy's native loop).
     """
+    generate = backend.generate if backend is not None else policy.generate
     generator = torch.Generator(device="cpu").manual_seed(seed)
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     rewards, kls, exact, lengths, finished, texts = [], [], [], [], [], []
-    temperature = params.temperature or 1.0
     for i in range(0, len(all_prompts), batch_size):
         chunk = all_prompts[i : i + batch_size]
-        gen = policy.generate(chunk, params, generator=generator)
+        gen = generate(chunk, params, generator=generator)
         rewards += reward(chunk, gen.texts)
         mask = gen.response_mask
         lengths += mask.sum(-1).tolist()
         finished += gen.finished.tolist()
         texts += gen.texts
         if reference is not None:
-            dev = next(reference.parameters()).device
-            args = (gen.query_ids.to(dev), gen.query_mask.to(dev), gen.response_ids.to(dev), mask.to(dev))
-            ref = sequence_logprobs(reference, *args, temperature=temperature, with_full_logprobs=exact_kl,
-                                    shared_prefix=shared_prefix)
+            dev = reference.device
+            ref = reference(gen, with_full_logprobs=exact_kl)
             kls += masked_sum(gen.logprobs.to(dev) - ref.logprobs, mask.to(dev)).tolist()
             if exact_kl:
                 # The bare LM: a prepared module may carry a mixed-precision forward; the reference has none.
-                cur = sequence_logprobs(policy.model, *args, temperature=temperature, with_full_logprobs=True,
-                                        shared_prefix=shared_prefix)
+                cur = reference.of(policy.model)(gen, with_full_logprobs=True)
                 exact += masked_sum(kl_exact(cur.full_logprobs.float(), ref.full_logprobs.float()), mask.to(dev)).tolist()
     r = torch.tensor(rewards)
     out = {
@@ -85,17 +94,13 @@ def play_policy(
     params: SamplingParams,
     seed: int = 1234,
     max_turns: int = 100,
+    backend=None,
 ):
     """Plays one episode in each of `n_episodes` text environments with a language model. The
     instances are the evaluation pool of `seed` (the same set `play_agent` gives a classical agent).
     Returns (episode records, the Rollout of every turn)."""
-    import numpy as np
-
-    from cory.envs.batch import GymTextEnvBatch
-    from cory.rollout import Sampler
-
     env = GymTextEnvBatch(env_id, pool_size=n_episodes, pool_seed=EVAL_POOL_OFFSET + seed, **dict(env_kwargs))
-    sampler = Sampler(policy, env, params, max_turns=max_turns)
+    sampler = Sampler(policy, env, params, max_turns=max_turns, backend=backend)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     rollout = sampler.collect(n_episodes, np.random.default_rng(seed), generator)
     return env.episodes(), rollout
@@ -104,8 +109,6 @@ def play_policy(
 def play_agent(name: str, env_id: str, env_kwargs: dict, n_episodes: int, seed: int = 1234) -> list:
     """Plays one episode in each of `n_episodes` text environments with the classical agent `name`
     (see `cory.agents.AGENTS`), on the same evaluation instances as `play_policy` with this seed."""
-    from cory.agents import run_agent
-
     return run_agent(name, env_id, n_episodes, seed, pool_size=n_episodes, pool_seed=EVAL_POOL_OFFSET + seed,
                      **dict(env_kwargs))
 
@@ -114,10 +117,6 @@ def episode_metrics(records) -> dict:
     """What a set of episodes says, whoever played them: mean shaped return (`reward_mean`), raw
     environment return, valid-action rate, episode length; for bandits the mean final cumulative regret
     (with its 95% half-width) and the final action coverage; for games the win / draw / loss rates."""
-    import numpy as np
-
-    from cory.metrics import coverage, mean_ci, outcome_rates
-
     out = {
         "reward_mean": float(np.mean([r.total_reward for r in records])),
         "env_return_mean": float(np.mean([sum(r.env_rewards) for r in records])),
@@ -145,21 +144,21 @@ def evaluate_env(
     n_episodes: int,
     params: SamplingParams,
     seed: int = 1234,
-    reference: torch.nn.Module | None = None,
+    reference: Scorer | None = None,
     max_turns: int = 100,
-    shared_prefix: bool = False,
+    backend=None,
 ) -> dict:
     """Plays `n_episodes` episodes of a text environment (instances from an evaluation pool seeded by
     `seed`, disjoint from training's) and reports returns, regret, coverage, valid-action rate,
-    outcomes for games, and the mean episode KL to the reference."""
-    records, rollout = play_policy(policy, env_id, env_kwargs, n_episodes, params, seed, max_turns)
+    outcomes for games, and the mean episode KL to the reference (a `Scorer` at the evaluation's
+    temperature)."""
+    records, rollout = play_policy(policy, env_id, env_kwargs, n_episodes, params, seed, max_turns, backend)
     out = episode_metrics(records)
     out["response_length"] = rollout.response_mask.sum(-1).float().mean().item()
     out["eos_rate"] = rollout.finished.float().mean().item()
     if reference is not None:
-        dev = next(reference.parameters()).device
-        ref = sequence_logprobs(reference, rollout.query_ids.to(dev), rollout.query_mask.to(dev), rollout.response_ids.to(dev),
-                                rollout.response_mask.to(dev), temperature=params.temperature or 1.0, shared_prefix=shared_prefix)
+        dev = reference.device
+        ref = reference(rollout)
         per_turn = masked_sum(rollout.logprobs.to(dev) - ref.logprobs, rollout.response_mask.to(dev))
         out["kl_mean"] = float(episode_sums(per_turn.double().cpu(), rollout.episode_ids).mean())
     out["samples"] = [{"prompt": p[-300:], "response": r} for p, r in list(zip(rollout.prompts, rollout.responses))[:3]]

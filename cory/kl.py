@@ -117,12 +117,16 @@ class BudgetKL:
         self.beta = state["beta"]
 
 
+CONTROLLERS = {
+    "fixed": lambda cfg: FixedKL(cfg.beta),
+    "adaptive": lambda cfg: AdaptiveKL(cfg.beta, cfg.target, cfg.horizon),
+    "budget": lambda cfg: BudgetKL(cfg.beta, cfg.budget, cfg.budget_lr),
+}
+"""`kl.controller` names -> the controller built from a `KLConfig`."""
+
+
 def make_controller(cfg) -> FixedKL | AdaptiveKL | BudgetKL:
     """The controller named by a `KLConfig`."""
-    if cfg.controller == "fixed":
-        return FixedKL(cfg.beta)
-    if cfg.controller == "adaptive":
-        return AdaptiveKL(cfg.beta, cfg.target, cfg.horizon)
-    if cfg.controller == "budget":
-        return BudgetKL(cfg.beta, cfg.budget, cfg.budget_lr)
-    raise ValueError(f"unknown KL controller {cfg.controller!r}")
+    if cfg.controller not in CONTROLLERS:
+        raise ValueError(f"unknown KL controller {cfg.controller!r}")
+    return CONTROLLERS[cfg.controller](cfg)

@@ -1,21 +1,26 @@
-"""Policy losses, the value loss, loss aggregation and the whole objective, as pure functions.
+"""Policy losses, the value loss, importance corrections, loss aggregation and the whole objective,
+as pure functions.
 
-Per-token losses are [B, L] tensors; `mask` ([B, L], 1 on tokens that train) is explicit. A loss is
-turned into a scalar ONCE, by `aggregate_weights`, over the whole objective (policy + KL + entropy +
-value), with the normaliser of the whole minibatch (all processes together), so that splitting a
-minibatch into micro-batches or across processes leaves the gradient unchanged:
+Per-token losses are [B, L] tensors and every loss is given `mask` ([B, L], 1 on tokens that
+train). A loss is turned into a scalar ONCE, by `aggregate_weights`, over the whole objective
+(policy + KL + entropy + value), with the normaliser of the whole minibatch (all processes
+together), so that splitting a minibatch into micro-batches or across processes leaves the gradient
+unchanged:
 
     token-mean   sum_{i,t} l_it / (tokens in the minibatch)
     seq-mean     sum_i (sum_t l_it / |y_i|) / (sequences in the minibatch)
     constant     sum_{i,t} l_it / (C * sequences in the minibatch)       (Dr.GRPO; C = max_new_tokens)
 
-Policy losses are registered by name (`@register_policy_loss`); each returns (loss [B, L], clipped
-indicator [B, L]) from the current and behaviour log-probs and the advantages.
+Policy losses are registered by name (`@register_policy_loss`). Each is
+`fn(logprobs, old_logprobs, advantages, mask, *, settings...)` and returns (loss [B, L], clipped
+indicator [B, L]); its keyword-only settings are the `algo.*` keys it reads (`PolicyLoss.keys`,
+read from the signature, so what a loss reads and what the config refuses cannot disagree).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -24,46 +29,51 @@ from cory.kl import ESTIMATORS as KL_ESTIMATORS
 from cory.kl import masked_mean
 
 
+def keyword_settings(fn: Callable) -> tuple[str, ...]:
+    """The keyword-only parameters of `fn`: the `algo.*` settings a registered function reads."""
+    return tuple(p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
 @dataclass(frozen=True)
 class PolicyLoss:
     fn: Callable
     keys: tuple[str, ...]
-    """The `algo.*` keys the loss reads."""
+    """The `algo.*` keys the loss reads (its keyword-only parameters)."""
 
 
 POLICY_LOSSES: dict[str, PolicyLoss] = {}
 
 
-def register_policy_loss(name: str, keys: tuple[str, ...] = ()):
+def register_policy_loss(name: str):
     def deco(fn):
-        POLICY_LOSSES[name] = PolicyLoss(fn, keys)
+        POLICY_LOSSES[name] = PolicyLoss(fn, keyword_settings(fn))
         return fn
 
     return deco
 
 
-def clip_bounds(a) -> tuple[float, float]:
-    """(low, high): the ratio stays in [1 - clip_range, 1 + clip_range_high] (high defaults to low)."""
-    return a.clip_range, a.clip_range_high or a.clip_range
+def clip_bounds(clip_range: float, clip_range_high: float) -> tuple[float, float]:
+    """(low, high): the ratio stays in [1 - clip_range, 1 + clip_range_high] (high 0 = low)."""
+    return clip_range, clip_range_high or clip_range
 
 
 @register_policy_loss("pg")
-def policy_gradient_loss(logprobs, old_logprobs, advantages, a):
+def policy_gradient_loss(logprobs, old_logprobs, advantages, mask):
     """[B, L] -A_t * log pi(a_t|s_t): the plain (on-policy) policy gradient of REINFORCE and A2C."""
     return -advantages * logprobs, torch.zeros_like(logprobs)
 
 
-@register_policy_loss("vanilla", keys=("clip_range", "clip_range_high", "dual_clip"))
-def clipped_policy_loss(logprobs, old_logprobs, advantages, a):
+@register_policy_loss("vanilla")
+def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_range, clip_range_high, dual_clip):
     """[B, L] PPO's max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = pi / pi_old.
 
-    With algo.dual_clip = c > 1 (Ye et al., 2020) a negative-advantage token's loss is also capped at
+    With dual_clip = c > 1 (Ye et al., 2020) a negative-advantage token's loss is also capped at
     -A c, so a huge ratio cannot produce an unbounded step.
     """
-    low, high = clip_bounds(a)
+    low, high = clip_bounds(clip_range, clip_range_high)
     loss, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, low, high)
-    if a.dual_clip > 1:
-        capped = torch.minimum(loss, -advantages * a.dual_clip)
+    if dual_clip > 1:
+        capped = torch.minimum(loss, -advantages * dual_clip)
         clipped = torch.where((advantages < 0) & (capped < loss), torch.ones_like(clipped), clipped)
         loss = torch.where(advantages < 0, capped, loss)
     return loss, clipped
@@ -78,15 +88,15 @@ def clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high=No
     return torch.maximum(loss_unclipped, loss_clipped), (loss_clipped > loss_unclipped).to(logprobs.dtype)
 
 
-@register_policy_loss("gspo", keys=("clip_range", "clip_range_high"))
-def sequence_ratio_loss(logprobs, old_logprobs, advantages, a, mask=None):
+@register_policy_loss("gspo")
+def sequence_ratio_loss(logprobs, old_logprobs, advantages, mask, *, clip_range, clip_range_high):
     """[B, L] GSPO (Zheng et al., 2025): the clipped surrogate with the sequence-level ratio
-    s_i = exp(mean_t log(pi / pi_old)) in place of the token ratio.
+    s_i = exp(mean_t log(pi / pi_old)) over the sequence's masked tokens in place of the token ratio.
 
     Written per token as s_it = sg(s_i) * pi_t / sg(pi_t) (same value as s_i; with seq-mean the
     gradient is exactly GSPO's, s_i * mean_t grad log pi_t).
     """
-    low, high = clip_bounds(a)
+    low, high = clip_bounds(clip_range, clip_range_high)
     seq_log_ratio = masked_mean(logprobs - old_logprobs, mask, dim=-1).detach()
     ratio = torch.exp(seq_log_ratio)[:, None] * torch.exp(logprobs - logprobs.detach())
     loss_unclipped = -advantages * ratio
@@ -94,14 +104,14 @@ def sequence_ratio_loss(logprobs, old_logprobs, advantages, a, mask=None):
     return torch.maximum(loss_unclipped, loss_clipped), (loss_clipped > loss_unclipped).to(logprobs.dtype)
 
 
-@register_policy_loss("cispo", keys=("clip_range", "clip_range_high"))
-def clipped_weight_loss(logprobs, old_logprobs, advantages, a):
+@register_policy_loss("cispo")
+def clipped_weight_loss(logprobs, old_logprobs, advantages, mask, *, clip_range, clip_range_high):
     """[B, L] CISPO (MiniMax-M1, 2025): -sg(clip(r, 1 - eps_low, 1 + eps_high)) * A * log pi.
 
     The importance weight is clipped and detached, so every token keeps a gradient (PPO's clip
     zeroes it); the clipped indicator marks tokens whose weight was clipped.
     """
-    low, high = clip_bounds(a)
+    low, high = clip_bounds(clip_range, clip_range_high)
     ratio = torch.exp(logprobs - old_logprobs).detach()
     weight = torch.clamp(ratio, 1.0 - low, 1.0 + high)
     return -weight * advantages * logprobs, (weight != ratio).to(logprobs.dtype)
@@ -117,6 +127,34 @@ def clipped_value_loss(values, old_values, returns, value_clip):
 
 
 VALUE_LOSS_KEYS = ("value_clip", "vf_coef")
+
+
+# -- importance corrections -------------------------------------------------------------------------
+@dataclass
+class ImportanceWeights:
+    """Truncated importance sampling of tokens sampled by another engine or precision."""
+
+    weight: torch.Tensor
+    """[B, L] min(pi_train_old / pi_engine, cap) on masked tokens (1 with cap 0: no weighting), 0 elsewhere."""
+    log_ratio_abs_mean: torch.Tensor
+    """0-d: mean |log pi_train_old - log pi_engine| over masked tokens (the engines' mismatch)."""
+    log_ratio_abs_max: torch.Tensor
+    capped_fraction: torch.Tensor
+    """0-d: share of masked tokens whose ratio the cap truncated."""
+
+
+def importance_weights(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor, cap: float) -> ImportanceWeights:
+    """Token-level truncated importance sampling (TIS) for rollouts sampled by another engine."""
+    log_ratio = (old_logprobs - engine_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    weight = ratio.clamp(max=cap) if cap > 0 else torch.ones_like(ratio)
+    m = mask.bool()
+    return ImportanceWeights(
+        weight=torch.where(m, weight, torch.zeros_like(weight)),
+        log_ratio_abs_mean=masked_mean(log_ratio.abs(), mask),
+        log_ratio_abs_max=torch.where(m, log_ratio.abs(), torch.zeros_like(log_ratio)).max(),
+        capped_fraction=masked_mean(((ratio > cap) & (cap > 0)).to(log_ratio.dtype), mask),
+    )
 
 
 # -- aggregation -------------------------------------------------------------------------------------
@@ -147,39 +185,55 @@ def aggregate_weights(mask: torch.Tensor, how: str, counts: torch.Tensor, consta
 
 
 # -- the whole objective -----------------------------------------------------------------------------
-def objective(algorithm, a, out, mb, weights: torch.Tensor, beta: float, kl_estimator: str | None):
+@dataclass(frozen=True)
+class ObjectiveTerms:
+    """Which terms the per-token objective has and their settings (an algorithm under a config)."""
+
+    policy_loss: str
+    """A registered policy loss."""
+    policy_settings: dict = field(default_factory=dict)
+    """The policy loss's keyword settings (`PolicyLoss.keys`)."""
+    kl_estimator: str | None = None
+    """The KL term's estimator (k1, k2, k3); None when KL is in the rewards instead."""
+    ent_coef: float = 0.0
+    value_loss: bool = False
+    vf_coef: float = 0.0
+    value_clip: float = 0.0
+
+
+def objective(terms: ObjectiveTerms, logprobs, entropy, values, *, old_logprobs, ref_logprobs, old_values, advantages, returns,
+              is_weight, mask, weights, beta: float):
     """The scalar loss of one micro-batch and its diagnostics (detached tensors).
 
-        l_t  = tis_t * policy_loss_t                            (algorithm.policy_loss; tis_t = 1 unless
-                                                                  rollouts came from another engine)
-             + beta * KL_t(pi || pi_ref)                         (kl_estimator; None: KL is in the reward)
+        l_t  = w_t * policy_loss_t                              (terms.policy_loss; w_t the importance
+                                                                  weight, 1 unless another engine sampled)
+             + beta * KL_t(pi || pi_ref)                         (terms.kl_estimator; None: KL is in the reward)
              - ent_coef * H_t(pi)
              + vf_coef * value_loss_t                            (actor-critic only)
         loss = sum_t weights_t * l_t                            (the aggregation, applied once)
 
-    out: the policy's forward (logprobs, entropy, values: [B, L]); mb: the micro-batch (Rollout with
-    logprobs, ref_logprobs, values and extras 'advantages', 'returns', 'loss_mask', 'tis_weight').
+    logprobs, entropy, values: the policy's forward [B, L]; old_logprobs: behaviour log-probs;
+    ref_logprobs; old_values, returns: the rollout's values and value targets (actor-critic);
+    is_weight: importance weights or None; mask: the loss mask; weights: `aggregate_weights`.
     """
-    mask = mb.extras["loss_mask"]
-    spec = POLICY_LOSSES[algorithm.policy_loss]
-    extra = {"mask": mask} if algorithm.policy_loss == "gspo" else {}
-    pg, clipped = spec.fn(out.logprobs, mb.logprobs, mb.extras["advantages"], a, **extra)
-    if "tis_weight" in mb.extras:
-        pg = pg * mb.extras["tis_weight"]
+    spec = POLICY_LOSSES[terms.policy_loss]
+    pg, clipped = spec.fn(logprobs, old_logprobs, advantages, mask, **terms.policy_settings)
+    if is_weight is not None:
+        pg = pg * is_weight
     per_token = pg
     info = {"loss/policy": (pg.detach() * weights).sum(), "policy/clip_fraction": masked_mean(clipped.detach(), mask)}
-    if kl_estimator is not None:
-        kl = KL_ESTIMATORS[kl_estimator](out.logprobs, mb.ref_logprobs)
+    if terms.kl_estimator is not None:
+        kl = KL_ESTIMATORS[terms.kl_estimator](logprobs, ref_logprobs)
         per_token = per_token + beta * kl
         info["loss/kl"] = (kl.detach() * weights).sum()
-    if a.ent_coef > 0:
-        per_token = per_token - a.ent_coef * out.entropy
-        info["loss/entropy"] = (out.entropy.detach() * weights).sum()
-    if algorithm.value_loss:
-        vf = clipped_value_loss(out.values, mb.values, mb.extras["returns"], a.value_clip)
-        per_token = per_token + a.vf_coef * vf
+    if terms.ent_coef > 0:
+        per_token = per_token - terms.ent_coef * entropy
+        info["loss/entropy"] = (entropy.detach() * weights).sum()
+    if terms.value_loss:
+        vf = clipped_value_loss(values, old_values, returns, terms.value_clip)
+        per_token = per_token + terms.vf_coef * vf
         info["loss/value"] = (vf.detach() * weights).sum()
-    log_ratio = (out.logprobs - mb.logprobs).detach()
+    log_ratio = (logprobs - old_logprobs).detach()
     info["policy/approx_kl_k1"] = masked_mean(-log_ratio, mask)
     info["policy/approx_kl_k3"] = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
     # Padding may hold anything (even inf after exp): weights are 0 there, so select rather than multiply.

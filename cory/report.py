@@ -11,6 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
+from cory.build import eval_params
+from cory.config import load_config
+from cory.evaluate import episode_metrics, play_agent, play_policy
+from cory.metrics import plot_coverage, plot_regret
+from cory.policy import Policy
+
 
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
@@ -28,13 +36,13 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _number(value) -> float:
+    """A logged value as a float (a non-finite one was logged as null)."""
+    return float("nan") if value is None else float(value)
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Writes DIR/plots/reward.png and DIR/plots/kl.png (train curves, smoothed, plus evaluations)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     run_dir = Path(run_dir)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     evals = read_jsonl(run_dir / "eval.jsonl")
@@ -49,19 +57,20 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ("reward_mean", "reward_mean", "Task reward", "mean reward"),
         ("kl_mean", "kl_mean", "KL to the reference (sum over response tokens)", "nats"),
     ):
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        fig = Figure(figsize=(6.4, 4.0))  # a Figure of its own: no pyplot state, no backend chosen for the process
+        ax = fig.subplots()
         if "pioneer/task_reward" in rows[0]:
             # CORY: one curve per role (training) and per agent (standalone evaluation).
             role_key = "task_reward" if key == "reward_mean" else "kl_mean"
             for role, color in (("pioneer", "tab:blue"), ("observer", "tab:green")):
-                ys = [r[f"{role}/{role_key}"] for r in rows]
+                ys = [_number(r[f"{role}/{role_key}"]) for r in rows]
                 ax.plot(its, _smooth(ys, window), color=color, lw=2, label=f"{role} (train, mean of {window})")
             for agent, color in (("a", "tab:orange"), ("b", "tab:red")):
                 pts = [(e["iteration"], e[f"{agent}/{eval_key}"]) for e in evals if f"{agent}/{eval_key}" in e]
                 if pts:
                     ax.plot(*zip(*pts), "o-", color=color, lw=1.5, label=f"agent {agent} alone (eval)")
         else:
-            ys = [r[key] for r in rows]
+            ys = [_number(r[key]) for r in rows]
             ax.plot(its, ys, color="tab:blue", alpha=0.3, lw=1, label="train (per iteration)")
             ax.plot(its, _smooth(ys, window), color="tab:blue", lw=2, label=f"train (mean of {window})")
             pts = [(e["iteration"], e[eval_key]) for e in evals if eval_key in e]
@@ -75,7 +84,6 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig.tight_layout()
         path = out_dir / f"{'reward' if key == 'reward_mean' else 'kl'}.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         written.append(path)
     return written
 
@@ -129,8 +137,6 @@ def is_env_run(run_dir: str | Path) -> bool:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         return False
-    from cory.config import load_config
-
     return bool(load_config(path).env.id)
 
 
@@ -139,12 +145,6 @@ def env_report(run_dir: str | Path, episodes: int | None = None) -> tuple[list[P
     each, default env.eval_episodes; the evaluation instances of eval.seed, with the evaluation's
     sampling settings). Writes DIR/plots/regret.png and DIR/plots/coverage.png when the environment
     has a regret, and returns (written paths, table lines)."""
-    from cory.config import load_config
-    from cory.evaluate import episode_metrics, play_agent, play_policy
-    from cory.metrics import plot_coverage, plot_regret
-    from cory.policy import Policy
-    from cory.build import eval_params
-
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     final = run_dir / "final"

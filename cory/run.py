@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
 from cory.build import cpu_threads, make_accelerator
 from cory.config import Config, to_flat_dict, to_yaml
@@ -73,7 +74,8 @@ def check_output_dir(output_dir: str | Path, resume: bool = False, overwrite: bo
         if read_run_id(p) is None:
             raise UsageError(f"--resume: no checkpoint in {p / CHECKPOINTS} ({p} holds no cory run)")
         if latest_checkpoint(p) is None:
-            raise UsageError(f"--resume: no checkpoint in {p / CHECKPOINTS}")
+            raise UsageError(f"--resume: no checkpoint in {p / CHECKPOINTS} (the run stopped before it wrote one): "
+                             "start it again with --overwrite")
         return
     held = [e for e in RUN_ENTRIES if (p / e).exists()]
     if held and not overwrite:
@@ -186,6 +188,13 @@ def _drop_shared_tensor_warning(record: logging.LogRecord) -> bool:
     return "Removed shared tensor" not in record.getMessage()
 
 
+def _reason(e: BaseException) -> str:
+    """One line saying why a write failed."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
 def check_finite(learners: dict) -> None:
     """Raises RunError unless every trained weight is finite: nothing non-finite is ever written."""
     for name, learner in learners.items():
@@ -220,9 +229,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: RunState,
         if config is not None:
             saved["config"] = config
         (path / f"run_state_rank{accelerator.process_index}.json").write_text(json.dumps(saved, default=_json_default))
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001  (a full disk is an OSError from Python, a SafetensorError from safetensors)
         shutil.rmtree(path, ignore_errors=True)
-        raise RunError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous complete checkpoint is kept") from None
+        raise RunError(f"cannot write checkpoint {path}: {_reason(e)}; the previous complete checkpoint is kept") from None
     finally:
         quiet.removeFilter(_drop_shared_tensor_warning)
     accelerator.wait_for_everyone()
@@ -231,7 +240,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: RunState,
             (path / "DONE").write_text(str(state.iteration))
         except OSError as e:
             shutil.rmtree(path, ignore_errors=True)
-            raise RunError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous complete checkpoint is kept") from None
+            raise RunError(f"cannot write checkpoint {path}: {_reason(e)}; the previous complete checkpoint is kept") from None
         done = checkpoints(output_dir, run_id)
         for old in done[: max(0, len(done) - max(keep, 1))]:
             (old / "DONE").unlink(missing_ok=True)  # first, so that a kill mid-removal leaves no "complete" husk
@@ -272,6 +281,16 @@ def load_latest(accelerator: Accelerator, output_dir: Path, run_id: str, state: 
     raise UsageError(f"--resume: no checkpoint in {output_dir / CHECKPOINTS} can be loaded")
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Writes `text` to `path` whole or not at all (a temporary file renamed into place)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _truncate_jsonl(path: Path, last_iteration: int) -> None:
     """Drop rows written after the checkpoint we resume from, so the log continues exactly."""
     if not path.exists():
@@ -287,9 +306,23 @@ def _truncate_jsonl(path: Path, last_iteration: int) -> None:
     path.write_text("".join(r + "\n" for r in rows))
 
 
+def json_safe(value):
+    """`value` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _append_jsonl(path: Path, row: dict) -> None:
-    with path.open("a") as fh:
-        fh.write(json.dumps(row) + "\n")
+    try:
+        with path.open("a") as fh:
+            fh.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
+    except OSError as e:
+        raise RunError(f"cannot write {path}: {_reason(e)}") from None
 
 
 class Run:
@@ -358,8 +391,15 @@ class Run:
                         shutil.rmtree(target)
                     elif target.exists() or target.is_symlink():
                         target.unlink()
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / RUN_FILE).write_text(json.dumps({"run_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+            created = not self.output_dir.exists()
+            run = {"run_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                _write_atomic(self.output_dir / RUN_FILE, json.dumps(run))
+            except OSError as e:
+                if created:
+                    shutil.rmtree(self.output_dir, ignore_errors=True)
+                raise RunError(f"cannot write the run directory {self.output_dir}: {_reason(e)}; nothing was written") from None
         acc.wait_for_everyone()
         self.run_id = read_run_id(self.output_dir) or ""
 
@@ -399,8 +439,6 @@ class Run:
 
     def run(self, resume: bool | None = None) -> dict:
         """Trains to cfg.train.iterations; returns the summary (also written to summary.json)."""
-        from tqdm.auto import tqdm
-
         cfg, acc, state = self.cfg, self.accelerator, self.state
         self._start(resume)
         if self.is_main and state.iteration == 0:
@@ -414,7 +452,9 @@ class Run:
                 _append_jsonl(self.metrics_path, {"iteration": state.iteration, **metrics})
             acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=state.iteration)
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_mean']:.3f}")
+            skipped = sum(learner.last_skipped for learner in self.learners.values())
+            # Steps skipped for non-finite gradients are counted here and in metrics.jsonl (skipped_updates).
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_mean']:.3f}", **({"skipped": skipped} if skipped else {}))
             if cfg.train.eval_every and state.iteration % cfg.train.eval_every == 0 and state.iteration < cfg.train.iterations:
                 if self.is_main:
                     self.evaluate()
@@ -422,6 +462,10 @@ class Run:
             if cfg.train.checkpoint_every and state.iteration % cfg.train.checkpoint_every == 0:
                 self.checkpoint()
         bar.close()
+        diverged = [name for name, learner in self.learners.items() if learner.skipped_in_a_row]
+        if diverged:
+            raise RunError(f"every optimizer step of the last iteration had non-finite gradients ({', '.join(diverged)}): the run "
+                           "is diverging (learning rate or rewards too large?); final/ was not written, the last checkpoint is kept")
         last = latest_checkpoint(self.output_dir)
         if last is None or last.name != f"iter_{state.iteration:06d}":
             self.checkpoint()
@@ -439,7 +483,7 @@ class Run:
                 "initial_eval": rows[0] if rows and rows[0]["iteration"] == 0 else None,
                 "final_eval": rows[-1],
             }
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            (self.output_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
         acc.wait_for_everyone()
         self.close()  # before end_training, which tears down torch.distributed that vLLM also uses
         acc.end_training()

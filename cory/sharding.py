@@ -23,15 +23,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from cory.errors import UsageError
 
 
 def shard_policy(module: nn.Module, mesh=None) -> nn.Module:
     """Shards a `PolicyModel` in place (needs an initialised process group); returns it."""
-    from torch.distributed.fsdp import fully_shard
-
     lm = module.lm
     inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     layer_classes = set(getattr(inner, "_no_split_modules", None) or [])
@@ -45,14 +48,10 @@ def shard_policy(module: nn.Module, mesh=None) -> nn.Module:
 
 
 def is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(module, FSDPModule)
 
 
 def fsdp_modules(module: nn.Module) -> list[nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
-
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 
@@ -79,8 +78,6 @@ def release_full(module: nn.Module) -> None:
 def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's state from weights held whole by `gather_full`, without any collective (so the
     main process alone may save it). module.state_dict() would return the shards."""
-    from torch.distributed.tensor import DTensor
-
     state = dict(module.named_parameters(remove_duplicate=False))
     for prefix, m in module.named_modules(remove_duplicate=False):
         for name, buf in m._buffers.items():  # persistent buffers only, as state_dict() has them
@@ -92,8 +89,6 @@ def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -101,9 +96,6 @@ def save_sharded(folder, module: nn.Module, optimizer: torch.optim.Optimizer) ->
     """Each process writes its shards of the weights and of the optimizer state to
     `folder/rank{r}.safetensors` (no pickles: torch's distributed checkpoint reads its metadata
     with pickle). Resuming needs the same number of processes."""
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
     tensors = {f"param/{n}": _local(p.detach()) for n, p in module.named_parameters()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, p in enumerate(params):
@@ -119,10 +111,6 @@ def save_sharded(folder, module: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 def load_sharded(folder, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """The inverse of `save_sharded`, into the same sharding (same number of processes)."""
-    import torch.distributed as dist
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(folder) / f"rank{dist.get_rank()}.safetensors"
     with safe_open(str(path), "pt") as fh:
         world = int(fh.metadata()["world_size"])

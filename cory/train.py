@@ -1,5 +1,6 @@
 """`TrainingRun`: one policy trained by one Learner on a task or a text environment (single-agent
-RL fine-tuning). `cory.coevolve.CoryRun` is the two-agent run; both share `cory.run.Run`."""
+RL fine-tuning). `cory.coevolve.CoryRun` is the two-agent run; both share `cory.run.Run` and
+`cory.build.build_agents`."""
 
 from __future__ import annotations
 
@@ -7,53 +8,44 @@ import os
 import time
 from pathlib import Path
 
-import torch
+from accelerate.utils import DistributedType
+from safetensors.torch import save_file
 
-from cory.build import eval_params, make_backend, make_control, make_reference, sampling_params
+from cory.algorithms import make_algorithm
+from cory.build import build_agents, eval_params, eval_scorer, make_backends, make_control, sampling_params, save_policy
 from cory.config import Config
+from cory.envs.batch import GymTextEnvBatch
 from cory.errors import UsageError
+from cory.evaluate import evaluate, evaluate_env
+from cory.learner import Learner
+from cory.metrics.training import reduce_metrics
+from cory.policy import VALUE_HEAD_FILE
+from cory.rollout import Sampler
 from cory.run import Run
+from cory.sharding import gather_full, gathered_state_dict, load_sharded, release_full, save_sharded, shard_policy
+from cory.tasks import TaskEnv, make_task
 
 
 class TrainingRun(Run):
     """One policy trained by one Learner on a task (single-agent RL fine-tuning)."""
 
     def __init__(self, cfg: Config, output_dir: str | Path, **options):
-        from cory.algorithms import make_algorithm
-        from cory.learner import Learner
-        from cory.policy import Policy
-        from cory.rollout import Sampler
-        from cory.tasks import TaskEnv, make_task
-
         super().__init__(cfg, output_dir, **options)
         self.algorithm = make_algorithm(cfg)
-        dtype = getattr(torch, cfg.model.dtype)
-        if cfg.model.lora.r:
-            from cory.lora import lora_policy
-
-            # The frozen base with the adapter disabled is the reference: no second copy.
-            self.policy, reference = lora_policy(cfg.model.name, cfg.model.lora, dtype, value_head=self.algorithm.needs_values)
-        else:
-            self.policy = Policy.from_pretrained(cfg.model.name, value_head=self.algorithm.needs_values, dtype=dtype)
-            reference = make_reference(cfg, dtype)
         # accelerate's FSDP config turns on the same sharding: cory shards the policy itself, so that
         # sampling and evaluation get the whole weights (cory.sharding). On CPUs accelerate drops its
         # FSDP setting (it keeps DDP for MULTI_CPU), hence the look at the launcher's variable.
-        from accelerate.utils import DistributedType
-
         self.fsdp = (cfg.train.fsdp or self.accelerator.distributed_type == DistributedType.FSDP
                      or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
         if self.fsdp and cfg.model.lora.r:
             raise UsageError("FSDP runs full fine-tuning for now; leave model.lora.r=0")
+        agents = build_agents(cfg, ["policy"], self.algorithm.needs_values)
+        self.policy, self.adapter = agents.policies["policy"], agents.adapters["policy"]
         if self.fsdp:
-            from cory.sharding import shard_policy
-
             shard_policy(self.policy.module)
-        control, fallback = make_control(cfg, reference, dtype, multi_turn=bool(cfg.env.id))
-        self.backend = make_backend(cfg, self.accelerator, {"policy": (self.policy, None)})["policy"]
+        control, fallback = make_control(cfg, agents.reference, multi_turn=bool(cfg.env.id))
+        self.backend = make_backends(cfg, agents.policies, agents.adapters, cfg.model.name, self.accelerator.num_processes)["policy"]
         if cfg.env.id:
-            from cory.envs.batch import GymTextEnvBatch
-
             self.task = None
             env = GymTextEnvBatch(cfg.env.id, cfg.env.pool_size or None, pool_seed=cfg.train.seed, **cfg.env.kwargs)
             self.sampler = Sampler(self.policy, env, sampling_params(cfg), max_turns=cfg.env.max_turns, control=control,
@@ -61,28 +53,24 @@ class TrainingRun(Run):
         else:
             self.task = make_task(cfg.task)
             self.sampler = Sampler(self.policy, TaskEnv(self.task), sampling_params(cfg), control=control, backend=self.backend)
-        self.learner = Learner(self.policy, reference, self.algorithm, cfg, self.accelerator, fallback=fallback)
+        self.learner = Learner(self.policy, agents.reference, self.algorithm, cfg, self.accelerator,
+                               agents.parameters["policy"], fallback=fallback)
 
     @property
     def learners(self) -> dict:
         return {"policy": self.learner}
 
     def evaluate_all(self) -> dict:
-        from cory.evaluate import evaluate, evaluate_env
-
         cfg = self.cfg
+        reference = eval_scorer(cfg, self.learner.reference)
         if cfg.env.id:
             return evaluate_env(self.policy, cfg.env.id, cfg.env.kwargs, cfg.env.eval_episodes, eval_params(cfg),
-                                seed=cfg.eval.seed, reference=self.learner.reference, max_turns=cfg.env.max_turns,
-                                shared_prefix=cfg.train.shared_prefix)
-        return evaluate(self.policy, self.task.eval_prompts, self.task.reward, eval_params(cfg),
-                        cfg.eval.samples_per_prompt, cfg.eval.seed, reference=self.learner.reference,
-                        shared_prefix=cfg.train.shared_prefix)
+                                seed=cfg.eval.seed, reference=reference, max_turns=cfg.env.max_turns, backend=self.backend)
+        return evaluate(self.policy, self.task.eval_prompts, self.task.reward, eval_params(cfg), cfg.eval.samples_per_prompt,
+                        cfg.eval.seed, reference=reference, backend=self.backend)
 
     def iterate(self) -> dict:
         """One rollout and one learner step; returns the iteration's metrics (mean over processes)."""
-        from cory.learner import reduce_metrics
-
         t0 = time.perf_counter()
         rollout = self.sampler.collect(self.cfg.train.batch_size, self.state.rng, self.state.generator, group_size=self.algorithm.group_size)
         self.backend.pause()  # vLLM on a GPU: sleep while the trainer trains
@@ -97,8 +85,6 @@ class TrainingRun(Run):
 
     def save_extra(self, path: Path) -> None:
         if self.fsdp:  # each process's shard, before the DONE marker
-            from cory.sharding import gather_full, release_full, save_sharded
-
             release_full(self.learner.module)
             save_sharded(path / "fsdp", self.learner.module, self.learner.optimizer)
             gather_full(self.learner.module)
@@ -106,30 +92,18 @@ class TrainingRun(Run):
     def _start(self, resume: bool | None = None) -> None:
         super()._start(resume)
         if self.resume and self.fsdp:
-            from cory.sharding import gather_full, load_sharded, release_full
-
             release_full(self.learner.module)
             load_sharded(self.resumed_from / "fsdp", self.learner.module, self.learner.optimizer)
             gather_full(self.learner.module)
 
     def save_final(self, evaluation: dict) -> None:
-        if self.fsdp:
-            from safetensors.torch import save_file
-
-            from cory.policy import VALUE_HEAD_FILE
-            from cory.sharding import gathered_state_dict
-
-            final = self.output_dir / "final"
-            state = gathered_state_dict(self.policy.module)
-            self.policy.model.save_pretrained(final, state_dict={k[3:]: v for k, v in state.items() if k.startswith("lm.")})
-            self.policy.tokenizer.save_pretrained(final)
-            head = {k[len("value_head."):]: v.contiguous().cpu() for k, v in state.items() if k.startswith("value_head.")}
-            if head:
-                save_file(head, str(final / VALUE_HEAD_FILE))
+        final = self.output_dir / "final"
+        if not self.fsdp:
+            save_policy(self.cfg, self.policy, self.adapter, final)
             return
-        if self.cfg.model.lora.r:
-            from cory.lora import save_lora_policy
-
-            save_lora_policy(self.policy, self.output_dir / "final", self.cfg.model.name, getattr(torch, self.cfg.model.dtype))
-            return
-        self.policy.save_pretrained(self.output_dir / "final")
+        state = gathered_state_dict(self.policy.module)
+        self.policy.model.save_pretrained(final, state_dict={k[3:]: v for k, v in state.items() if k.startswith("lm.")})
+        self.policy.tokenizer.save_pretrained(final)
+        head = {k[len("value_head."):]: v.contiguous().cpu() for k, v in state.items() if k.startswith("value_head.")}
+        if head:
+            save_file(head, str(final / VALUE_HEAD_FILE))

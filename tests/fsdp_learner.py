@@ -13,7 +13,7 @@ from cory.algorithms import make_algorithm
 from cory.config import load_config
 from cory.learner import Learner
 from cory.policy import Policy
-from cory.rollout import Rollout
+from cory.rollout import Rollout, Targets, TokenScores
 from cory.sharding import gathered_state_dict, shard_policy
 from cory.build import load_reference, make_accelerator
 
@@ -31,7 +31,9 @@ def rollout(vocab: int, rows: slice) -> Rollout:
     full = Rollout(query_ids=q, query_mask=torch.ones_like(q), response_ids=r, response_mask=torch.ones_like(r),
                    logprobs=torch.zeros(n, LR), scores=torch.zeros(n), finished=torch.ones(n, dtype=torch.bool),
                    episode_ids=torch.arange(n), turn_index=torch.zeros(n, dtype=torch.long), done=torch.ones(n, dtype=torch.bool),
-                   group_ids=torch.arange(n), extras={"advantages": adv, "loss_mask": torch.ones_like(r)})
+                   group_ids=torch.arange(n),
+                   scored=TokenScores(ref_logprobs=torch.zeros(n, LR), kl=torch.zeros(n, LR)),
+                   targets=Targets(rewards=torch.zeros(n, LR), advantages=adv, returns=None, loss_mask=torch.ones_like(r)))
     return full.select(list(range(ROWS))[rows])
 
 

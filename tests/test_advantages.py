@@ -2,7 +2,7 @@
 
 import torch
 
-from cory.advantages import episode_sums, episode_totals, gae, group_normalized, loo_baseline, mc_baseline, rewards_to_go, whiten
+from cory.advantages import ESTIMATORS, episode_sums, episode_totals, gae, group_normalized, loo_baseline, mc_baseline, rewards_to_go, whiten
 
 
 def test_gae_single_turn_by_hand():
@@ -126,13 +126,10 @@ def test_loo_baseline_in_multi_turn_runs_uses_the_other_episodes_at_the_same_tur
 
 
 def test_reinforce_loo_estimator_by_hand():
-    from cory.advantages import ESTIMATORS
-    from cory.config import AlgoConfig
-
     r = torch.tensor([[1.0, 0.0], [2.0, 1.0], [0.5, 0.0], [4.0, 0.0]])
     m = torch.tensor([[1, 0], [1, 1], [1, 0], [1, 0]])
     ep, turn, group = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1]), torch.zeros(4, dtype=torch.long)
-    a, returns = ESTIMATORS["returns"].fn(r, m, None, ep, turn, group, AlgoConfig(baseline="loo"))
+    a, returns = ESTIMATORS["returns"].fn(r, m, None, ep, turn, group, gamma=1.0, turn_gamma=1.0, baseline="loo")
     # returns at first tokens: ep0 turn0 = 1 + 3 = 4, ep0 turn1 = 3, ep1 turn0 = 0.5 + 4 = 4.5, ep1 turn1 = 4
     assert torch.allclose(returns[:, 0], torch.tensor([4.0, 3.0, 4.5, 4.0]))
     assert torch.allclose(a[:, 0], torch.tensor([4.0 - 4.5, 3.0 - 4.0, 4.5 - 4.0, 4.0 - 3.0]))
@@ -140,14 +137,11 @@ def test_reinforce_loo_estimator_by_hand():
 
 
 def test_group_estimator_counts_each_episode_once_in_the_group_statistics():
-    from cory.advantages import ESTIMATORS
-    from cory.config import AlgoConfig
-
     # Episode 0 has three turns (total 3), episode 1 one turn (total 1): mean 2, centred +1 / -1.
     r = torch.tensor([[1.0], [1.0], [1.0], [1.0]])
     m = torch.ones(4, 1)
     ep, turn, group = torch.tensor([0, 0, 0, 1]), torch.tensor([0, 1, 2, 0]), torch.zeros(4, dtype=torch.long)
-    a, _ = ESTIMATORS["group"].fn(r, m, None, ep, turn, group, AlgoConfig(scale_rewards=False))
+    a, _ = ESTIMATORS["group"].fn(r, m, None, ep, turn, group, scale_rewards=False)
     assert torch.allclose(a[:, 0], torch.tensor([1.0, 1.0, 1.0, -1.0]))
 
 

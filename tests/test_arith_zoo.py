@@ -10,7 +10,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cory.tasks.registry import arithmetic_task
-from cory import corpora
 from cory.zoo import registry
 from cory.corpora import arithmetic
 
@@ -112,15 +111,15 @@ def test_the_task_evaluates_on_the_problems_the_build_measures():
 
 
 def test_recipes_name_a_registered_corpus_at_its_current_version():
-    assert corpora.get("arithmetic") is arithmetic
+    assert registry.corpus_module("arithmetic") is arithmetic
     with pytest.raises(ValueError, match="unknown corpus 'poems'"):
-        corpora.get("poems")
+        registry.corpus_module("poems")
     synthetic = [e for e in registry.ZOO.values() if isinstance(e.recipe, registry.Recipe)]  # not converted ones
     for entry in synthetic:
-        spec, module = entry.recipe.corpus, corpora.get(entry.recipe.corpus.name)
+        spec, module = entry.recipe.corpus, registry.corpus_module(entry.recipe.corpus.name)
         assert (spec.seed, spec.version) == (module.PRETRAIN_SEED, module.CORPUS_VERSION)
         assert spec.n_train <= module.PRETRAIN_SIZE
-    assert {e.recipe.corpus.name for e in synthetic} == set(corpora.CORPORA)  # every corpus has a model
+    assert {e.recipe.corpus.name for e in synthetic} == set(registry.CORPORA)  # every corpus has a model
     with pytest.raises(ValueError, match="at most"):
         registry.corpus("arithmetic", n_train=arithmetic.PRETRAIN_SIZE + 1)
 

@@ -28,7 +28,8 @@ def test_mixture_weight_is_one_when_affordable_and_zero_when_broke():
 
 
 def test_episode_kl_never_exceeds_budget_even_for_an_agent_that_tries_to_overspend(micro_lm):
-    from cory.policy import Policy, SamplingParams
+    from cory.generation.sampling import SamplingParams
+    from cory.policy import Policy
     from transformers import AutoModelForCausalLM
 
     policy = Policy.from_pretrained(str(micro_lm))

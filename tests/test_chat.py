@@ -8,8 +8,9 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from cory.config import load_config
 
 from cory.errors import UsageError
-from cory.coevolve import CHAT_TEMPLATE, observer_prompts
-from cory.policy import Policy, SamplingParams
+from cory.tasks.pioneer_observer import CHAT_TEMPLATE, observer_prompts
+from cory.generation.sampling import SamplingParams
+from cory.policy import Policy
 from cory.build import eval_params, sampling_params
 
 @pytest.fixture(scope="module")
@@ -24,18 +25,26 @@ def chat_policy(smollm2):
     return Policy(LlamaForCausalLM(config).eval(), tokenizer)
 
 
+def rendered(policy, prompt: str, params: SamplingParams) -> list[int]:
+    """The query ids of one prompt as `Policy.encode_prompts` renders it."""
+    ids, mask = policy.encode_prompts([prompt], params)
+    return ids[0][mask[0].bool()].tolist()
+
+
 def test_prompts_render_as_user_turns_after_system_and_example_turns(chat_policy):
     tok = chat_policy.tokenizer
-    [ids] = chat_policy.render_chat(["what is two"], "good", [("hi", "there")])
+    params = SamplingParams(max_new_tokens=2, chat=True, system_prompt="good", chat_examples=(("hi", "there"),))
+    ids = rendered(chat_policy, "what is two", params)
     expected = ("<|im_start|>system\ngood<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
                 "<|im_start|>assistant\nthere<|im_end|>\n<|im_start|>user\nwhat is two<|im_end|>\n"
                 "<|im_start|>assistant\n")
     assert tok.decode(ids) == expected
-    params = SamplingParams(max_new_tokens=2, chat=True, system_prompt="good", chat_examples=(("hi", "there"),))
     gen = chat_policy.generate(["what is two", "hi"], params, torch.Generator().manual_seed(0))
     row = gen.query_ids[0][gen.query_mask[0].bool()].tolist()
     assert row == ids
     assert chat_policy.end_of_turn_ids() == [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert tok.convert_tokens_to_ids("<|im_end|>") in chat_policy.stop_ids(params)
+    assert tok.convert_tokens_to_ids("<|im_end|>") not in chat_policy.stop_ids(SamplingParams())
 
 
 class ForceAt:
@@ -125,7 +134,7 @@ def test_action_scores_in_chat_form_are_the_log_likelihoods_of_the_rendered_answ
     params = SamplingParams(chat=True, system_prompt="Answer briefly.")
     texts = ["ACTION=blue", "ACTION=red", "ACTION=light-green"]
     scores = action_scorer(chat_policy, batch_size=2, params=params)("Which button?", texts)
-    [prompt_ids] = chat_policy.render_chat(["Which button?"], "Answer briefly.")
+    prompt_ids = rendered(chat_policy, "Which button?", params)
     for text, score in zip(texts, scores):
         text_ids = chat_policy.tokenizer(text, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
@@ -162,8 +171,9 @@ def test_scoring_with_the_shared_prefix_run_once_equals_the_full_pass_and_its_gr
     through AdaptersDisabled (the LoRA reference) gives the same distributions both ways."""
     from peft import get_peft_model
 
+    from cory.generation.native import shared_prefix_length
     from cory.lora import AdaptersDisabled, peft_config
-    from cory.policy import _shared_prefix_length, sequence_logprobs
+    from cory.scoring import sequence_logprobs
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     torch.manual_seed(3)
@@ -179,9 +189,9 @@ def test_scoring_with_the_shared_prefix_run_once_equals_the_full_pass_and_its_gr
         if "embed_tokens" in name:
             p.requires_grad_(True)  # the trunk too: its gradient gathers over every row's use of the prefix
     policy.module.train()
-    query_ids, query_mask = policy.encode_prompts(["What is 2 + 3?", "Name a colour.", "Count to three, slowly please."],
-                                                  True, "Answer briefly.", (("hi", "Hello."),))
-    prefix = _shared_prefix_length(query_ids, query_mask)
+    params = SamplingParams(chat=True, system_prompt="Answer briefly.", chat_examples=(("hi", "Hello."),))
+    query_ids, query_mask = policy.encode_prompts(["What is 2 + 3?", "Name a colour.", "Count to three, slowly please."], params)
+    prefix = shared_prefix_length(query_ids, query_mask)
     assert prefix >= 16
     response_ids = torch.randint(0, len(tokenizer), (3, 5), generator=torch.Generator().manual_seed(0))
     response_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])

@@ -1,11 +1,16 @@
 """Every bad input named by the CLI contract fails before any work: one line, exit 2, no traceback."""
 
 import json
+import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import micro_overrides
 from cory.cli import main
@@ -86,6 +91,9 @@ def broken_folder(tmp_path, micro_lm, how):
         w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
     elif how == "no-weights":
         (folder / "model.safetensors").unlink()
+    elif how == "pickled-weights":  # a torch.save pickle: loading it could run any code, so it is never loaded
+        torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
     return folder
 
 
@@ -143,6 +151,19 @@ BAD_INPUTS = {
     "env-kwargs-unknown-key": (["env.id=cory/Bandit-v0", "env.kwargs={arms: 5}"], "bad env.kwargs for cory/Bandit-v0"),
     "env-kwargs-bad-value": (["env.id=cory/Bandit-v0", "env.kwargs={n_arms: 0}"], "bad env.kwargs for cory/Bandit-v0"),
     "env-with-cory": (["env.id=cory/Bandit-v0", "cory.enabled=true"], "env.id and cory.enabled cannot be combined"),
+    "env-kwargs-a-string": (["env.id=cory/Bandit-v0", "env.kwargs=abc"], "'env.kwargs': 'abc'; must be a mapping"),
+    "env-kwargs-a-list": (["env.id=cory/Bandit-v0", "env.kwargs=[5]"], "'env.kwargs': [5]; must be a mapping"),
+    "env-kwargs-wrong-type": (["env.id=cory/Bandit-v0", 'env.kwargs={n_arms: "<"}'], "n_arms must be int, got '<'"),
+    # names longer than a file system allows (Path.is_dir would raise "File name too long")
+    "model-name-too-long": (["model.name=" + "m" * 10_000], "model folder not found: mmm"),
+    "reward-too-long": (["task.reward=" + "r" * 10_000], "(10000 characters)' is neither vader"),
+    "reward-function-too-long": (["task.reward=" + "r" * 10_000 + ":f"], "cannot import module"),
+    # minibatches that would silently be unequal or capped (train.batch_size=8 here)
+    "minibatch-not-dividing": (["algo.minibatch_size=3"], "algo.minibatch_size=3 does not divide the 8 episodes"),
+    "minibatch-too-large": (["algo.minibatch_size=100"], "algo.minibatch_size=100 is more than the 8 episodes"),
+    # keys
+    "empty-key": (["train.=3"], "override 'train.=3' is not of the form section.key=value"),
+    "moved-key": (["cory.shared_base=true"], "config key 'cory.shared_base' is gone: use model.lora.r"),
 }
 
 
@@ -171,6 +192,8 @@ def test_bad_value_is_one_line_and_writes_nothing(tmp_path, capsys, micro_lm, mi
     ("unknown-type", "model.name", "config.json cannot be read"),
     ("truncated-weights", "model.name", "model.safetensors is damaged or truncated"),
     ("no-weights", "model.name", "holds no weights"),
+    ("pickled-weights", "model.name", "holds only pickled weights (*.bin), which cory never loads"),
+    ("pickled-weights", "task.reward", "holds only pickled weights (*.bin), which cory never loads"),
     ("truncated-weights", "model.reference", "model.safetensors is damaged or truncated"),
     ("truncated-weights", "task.reward", "model.safetensors is damaged or truncated"),
 ])
@@ -206,9 +229,9 @@ def test_bad_prompt_file_is_one_line(tmp_path, capsys, micro_lm, micro_rm, how, 
 
 def test_prompt_longer_than_the_classifier_window_is_refused(tmp_path, capsys, micro_lm, micro_rm, monkeypatch):
     """A classifier that cuts prompt+response at its window never sees the response: refused."""
-    import cory.rewards
+    import cory.preflight
 
-    monkeypatch.setattr(cory.rewards, "CLASSIFIER_MAX_TOKENS", 16)
+    monkeypatch.setattr(cory.preflight, "CLASSIFIER_MAX_TOKENS", 16)
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "the film was good and the actors were great"}) + "\n")
     out = tmp_path / "run"
@@ -282,3 +305,62 @@ def test_a_folder_without_architectures_loaded_as_reward_is_refused(tmp_path, ca
     argv = ["train", "--output-dir", str(out)] + micro_overrides(tmp_path, **{"task.reward": str(folder)})
     expect_one_line_error(capsys, argv, "is not a trained sequence classifier: it lacks score.weight")
     assert not out.exists()
+
+
+def strict_json_rows(path):
+    """The rows of a JSONL file, refusing NaN and Infinity (which are not JSON)."""
+    def refuse(token):
+        raise ValueError(f"{path.name} holds {token}")
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_a_diverging_run_ends_with_one_line_and_no_final(tmp_path, capsys, micro_lm, micro_rm):
+    """algo.lr=1e6: the first step throws the weights far off and every later step's gradients are
+    non-finite. The run stops at the end with exit 1 and one line instead of writing a final/ from
+    broken weights; a huge coefficient prints that one line too (no line per skipped step), and the
+    logs stay valid JSON."""
+    for name, setting in (("lr", {"algo.lr": 1e6}), ("beta", {"kl.beta": 1e30})):
+        out = tmp_path / name
+        code = main(["train", "--output-dir", str(out)] + micro_overrides(tmp_path, **setting))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1, err
+        assert err[0].startswith("cory train: error: every optimizer step of the last iteration had non-finite gradients")
+        assert not (out / "final").exists()
+        assert [r["skipped_updates"] for r in strict_json_rows(out / "metrics.jsonl")][-1] >= 1
+        strict_json_rows(out / "eval.jsonl")
+
+
+def run_with_file_size_limit(argv, limit: int) -> subprocess.CompletedProcess:
+    """`cory` in a process that may write no file larger than `limit` bytes (writes beyond it fail
+    with EFBIG, as on a full disk)."""
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(["tests", os.environ.get("PYTHONPATH", "")]),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-m", "cory", *argv], preexec_fn=limited, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_leaves_nothing_that_blocks_the_next(tmp_path, micro_lm, micro_rm):
+    """Writes that fail (a file-size limit stands in for a full disk): when the run directory is
+    claimed, nothing is left (no empty run.json that would make it "hold a run"); during a
+    checkpoint (safetensors raises its own error, not an OSError), the half-written checkpoint is
+    removed, and the next run starts with --overwrite (or says so on --resume)."""
+    out = tmp_path / "run"
+    argv = ["train", "--output-dir", str(out)] + micro_overrides(tmp_path, **{"train.iterations": 2, "train.checkpoint_every": 1})
+    claimed = run_with_file_size_limit(argv, 16)
+    assert claimed.returncode == 1, claimed.stderr[-2000:]
+    [line] = claimed.stderr.strip().splitlines()
+    assert line.startswith(f"cory train: error: cannot write the run directory {out}") and "nothing was written" in line
+    assert not out.exists()
+    checkpoint = run_with_file_size_limit(argv, 64 * 1024)  # logs fit; the weights do not
+    assert checkpoint.returncode == 1, checkpoint.stderr[-2000:]
+    [line] = checkpoint.stderr.strip().splitlines()
+    assert line.startswith("cory train: error: cannot write checkpoint") and "the previous complete checkpoint is kept" in line
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    resumed = subprocess.run([sys.executable, "-m", "cory", *argv, "--resume"], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": "tests"})
+    assert resumed.returncode == 2 and "start it again with --overwrite" in resumed.stderr
+    assert main(argv + ["--overwrite"]) == 0 and (out / "final" / "config.json").exists()

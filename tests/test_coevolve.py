@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import micro_overrides
-from cory.coevolve import CoryRun, collective_rewards, observer_prompts, qa_prompt
+from cory.coevolve import CoryRun
+from cory.tasks.pioneer_observer import collective_rewards, observer_prompts, qa_prompt
 from cory.config import load_config
 
 
@@ -97,7 +98,7 @@ def test_cory_runs_every_algorithm(tmp_path, micro_lm, micro_rm, algo):
 
 
 def test_shared_base_adapters_train_separately_and_reference_stays(tmp_path, micro_lm, micro_rm):
-    run = make_run(tmp_path, **{"cory.shared_base": True, "cory.lora_r": 4})
+    run = make_run(tmp_path, **{"model.lora.r": 4})
     peft_model = run.agents["a"].policy.model
     assert run.agents["b"].policy.model is peft_model, "one base model for both agents"
     base_before = {k: v.clone() for k, v in peft_model.state_dict().items() if "lora_" not in k}

@@ -3,9 +3,11 @@
 import numpy as np
 import torch
 
-from cory.coevolve import PioneerObserverEnv, own_turn
+from cory.coevolve import own_turn
+from cory.tasks.pioneer_observer import PioneerObserverEnv
 from cory.drift.control import ControlOutput, EachTurnAnEpisode
-from cory.rollout import concat_turns
+from cory.generation.sampling import Generation
+from cory.rollout import Turn, concat_turns
 from cory.tasks.base import PromptTask
 
 
@@ -27,16 +29,14 @@ def test_two_turns_pioneer_then_observer_with_both_scores_on_the_original_prompt
     assert env.reset(1, np.random.default_rng(1)) and env.task_scores is None and env.pioneer_texts is None
 
 
-def part(query_rows, response_rows, turn, control=None):
-    """One Sampler step's batch with given token rows (pad id 0)."""
+def part(query_rows, response_rows, turn, control=None) -> Turn:
+    """One Sampler step with given token rows (pad id 0)."""
     lq, lr = max(map(len, query_rows)), max(map(len, response_rows))
     q = torch.tensor([[0] * (lq - len(r)) + r for r in query_rows])
     r = torch.tensor([row + [0] * (lr - len(row)) for row in response_rows])
     n = len(query_rows)
-    return {"query_ids": q, "query_mask": (q > 0).long(), "response_ids": r, "response_mask": (r > 0).long(),
-            "logprobs": -(r > 0).float(), "engine_logprobs": None, "scores": [0.0] * n, "finished": [True] * n,
-            "episode_ids": list(range(n)), "turn_index": [turn] * n, "done": [bool(turn)] * n, "group_ids": list(range(n)),
-            "prompts": ["p"] * n, "responses": ["r"] * n, "infos": [{}] * n, "control": control}
+    gen = Generation(q, (q > 0).long(), r, (r > 0).long(), -(r > 0).float(), torch.ones(n, dtype=torch.bool), ["r"] * n)
+    return Turn(gen, ["p"] * n, [0.0] * n, [bool(turn)] * n, [{}] * n, list(range(n)), turn, 1, control)
 
 
 def test_each_agent_gets_its_own_rows_without_the_other_agents_padding():
@@ -45,11 +45,13 @@ def test_each_agent_gets_its_own_rows_without_the_other_agents_padding():
     rollout = concat_turns([pioneer, observer], pad_id=0)
     assert rollout.query_ids.shape == (4, 4) and rollout.response_ids.shape == (4, 3)
     mine = own_turn(rollout, 0, [3.0, 4.0])
-    assert torch.equal(mine.query_ids, pioneer["query_ids"]) and torch.equal(mine.response_ids, pioneer["response_ids"])
+    assert torch.equal(mine.query_ids, pioneer.generation.query_ids)
+    assert torch.equal(mine.response_ids, pioneer.generation.response_ids)
     assert torch.equal(mine.control.mix_weight, torch.tensor([[1.0, 0.0], [0.5, 0.25]]))
     assert mine.scores.tolist() == [3.0, 4.0] and mine.done.all() and (mine.turn_index == 0).all()
     theirs = own_turn(rollout, 1, [1.0, 2.0])
-    assert torch.equal(theirs.query_ids, observer["query_ids"]) and torch.equal(theirs.response_mask, observer["response_mask"])
+    assert torch.equal(theirs.query_ids, observer.generation.query_ids)
+    assert torch.equal(theirs.response_mask, observer.generation.response_mask)
     assert theirs.episode_ids.tolist() == [0, 1] and theirs.turn_index.tolist() == [0, 0]
 
 

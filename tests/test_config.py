@@ -73,9 +73,13 @@ def test_vllm_keys_are_refused_without_the_vllm_backend(key, value):
     load_config(None, ["generation.backend=vllm", f"generation.{key}={value}"])  # accepted where it acts
 
 
-def test_per_token_sampling_controls_need_the_native_loop():
-    with pytest.raises(UsageError, match="need generation.backend=native"):
-        load_config(None, ["generation.backend=vllm", "kl.hard_budget=2.0"])
+def test_per_token_sampling_controls_need_a_backend_that_applies_logits_hooks():
+    from cory.generation import BACKENDS
+
+    assert BACKENDS["native"].token_hooks and not BACKENDS["vllm"].token_hooks
+    for control in ("kl.hard_budget=2.0", "kl.help_threshold=0.5"):
+        with pytest.raises(UsageError, match="which generation.backend=vllm cannot: use generation.backend=native"):
+            load_config(None, ["generation.backend=vllm", control, "model.reference_ensemble=[a,b]"])
 
 
 def _config_keys_and_defaults(obj, prefix: str) -> dict:
@@ -173,13 +177,14 @@ def test_cory_algos_shows_exactly_the_keys_the_refusal_check_accepts(capsys):
 
 
 def test_sampling_params_are_the_generation_sections_sampling_keys_with_its_defaults_and_check():
-    from cory.config import SAMPLING_KEYS, GenerationConfig
-    from cory.policy import SamplingParams
+    from cory.build import sampling_params
+    from cory.config import GenerationConfig
+    from cory.generation.sampling import SAMPLING_KEYS, SamplingParams
 
     defaults, params = GenerationConfig(), SamplingParams()
     assert all(getattr(params, k) == type(getattr(params, k))(getattr(defaults, k)) for k in SAMPLING_KEYS)
     cfg = load_config(None, ["generation.max_new_tokens=7", "generation.top_k=3", "generation.stop_strings=[x]"])
-    built = SamplingParams.from_config(cfg.generation)
+    built = sampling_params(cfg)
     assert (built.max_new_tokens, built.top_k, built.stop_strings) == (7, 3, ("x",))
     # One check, two error types: a config key in one line, a ValueError for SamplingParams.
     with pytest.raises(UsageError, match="'generation.stop_strings'.*empty string"):

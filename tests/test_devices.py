@@ -5,8 +5,6 @@ estimators, losses and shaping on it catches a tensor created without `device=`.
 CORY_TEST_DEVICE=cuda the same functions also run on the GPU and must agree with the CPU.
 """
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -16,7 +14,7 @@ from cory.algorithms import ALGORITHMS
 from cory.config import AlgoConfig
 from cory.drift.exact import kl_exact, mixture_logprobs
 from cory.kl import ESTIMATORS as KL_ESTIMATORS
-from cory.learner import overlong_penalty, shaped_rewards, tis_weights
+from cory.shaping import adjust_scores, loss_mask, overlong_penalty, shaped_rewards
 
 
 def inputs(device) -> dict:
@@ -33,6 +31,7 @@ def inputs(device) -> dict:
         "ref": -torch.rand(b, l, generator=g, dtype=torch.float64) * mask,
         "entropy": torch.rand(b, l, generator=g, dtype=torch.float64),
         "scores": torch.randn(b, generator=g, dtype=torch.float64),
+        "finished": torch.tensor([True, False, True, True, False, True]),
         "mask": mask,
         "episode_ids": torch.tensor([0, 0, 1, 2, 2, 3]),
         "turn_index": torch.tensor([0, 1, 0, 0, 1, 0]),
@@ -56,16 +55,19 @@ def compute(device) -> dict:
         "whiten": adv.whiten(r, m),
         "shaped": shaped_rewards(x["scores"], r.abs(), m, 0.1),
         "overlong": overlong_penalty(m.sum(-1), 5, 2, 1.0),
-        "tis": tis_weights(x["old"], x["logprobs"], m, 1.5)["tis_weight"],
+        "adjusted": adjust_scores(x["scores"], x["finished"], m.sum(-1), missing_eos_penalty=-1.0, overlong_buffer=2,
+                                  overlong_penalty_at_max=1.0, max_new_tokens=5),
+        "loss_mask": loss_mask(m, x["finished"], x["scores"], ep, ti, gid, overlong_filter=True, dynamic_sampling=True),
+        "tis": losses.importance_weights(x["old"], x["logprobs"], m, 1.5).weight,
         "weights": losses.aggregate_weights(m, "seq-mean", losses.loss_counts(m), 5.0),
     }
+    a = AlgoConfig(baseline="loo", dual_clip=3.0)
     for name, est in adv.ESTIMATORS.items():
-        a = AlgoConfig(baseline="loo")
-        out[f"est_{name}"] = est.fn(r, m, v, ep, ti, gid, a)[0]
-    a = AlgoConfig(dual_clip=3.0)
+        settings = {k: getattr(a, k) for k in est.keys if k != "group_size"}
+        out[f"est_{name}"] = est.fn(r, m, v, ep, ti, gid, **settings)[0]
     for name, loss in losses.POLICY_LOSSES.items():
-        extra = {"mask": m} if name == "gspo" else {}
-        out[f"loss_{name}"] = loss.fn(x["logprobs"], x["old"], out["est_group"], a, **extra)[0]
+        settings = {k: getattr(a, k) for k in loss.keys}
+        out[f"loss_{name}"] = loss.fn(x["logprobs"], x["old"], out["est_group"], m, **settings)[0]
     for name, kl in KL_ESTIMATORS.items():
         out[f"kl_{name}"] = kl(x["logprobs"], x["ref"])
     full_q = torch.log_softmax(torch.stack([r, v, x["ref"]], -1), -1)  # [B, L, 3] distributions
@@ -73,10 +75,10 @@ def compute(device) -> dict:
     out["kl_exact"] = kl_exact(full_q, full_p)
     out["mixture_full"] = mixture_logprobs(full_q, full_p, m * 0.5)
     out["mixture_tokens"] = mixture_logprobs(x["logprobs"], x["ref"], m * 0.5)
-    fwd = SimpleNamespace(logprobs=x["logprobs"], entropy=x["entropy"], values=v)
-    mb = SimpleNamespace(logprobs=x["old"], ref_logprobs=x["ref"], values=v,
-                         extras={"loss_mask": m, "advantages": out["est_gae"], "returns": r, "tis_weight": out["tis"]})
-    out["objective"] = losses.objective(ALGORITHMS["ppo"], AlgoConfig(ent_coef=0.01), fwd, mb, out["weights"], 0.1, "k3")[0]
+    terms = ALGORITHMS["ppo"].objective_terms(AlgoConfig(ent_coef=0.01), "loss", "k3")
+    out["objective"] = losses.objective(terms, x["logprobs"], x["entropy"], v, old_logprobs=x["old"], ref_logprobs=x["ref"],
+                                        old_values=v, advantages=out["est_gae"], returns=r, is_weight=out["tis"], mask=m,
+                                        weights=out["weights"], beta=0.1)[0]
     return out
 
 

@@ -13,8 +13,8 @@ from conftest import micro_overrides
 from cory.drift.budget import EpisodeBudget
 from cory.cli import main
 from cory.config import load_config
-from cory.learner import episode_kl_metrics
-from cory.rollout import Rollout
+from cory.metrics.training import episode_kl_metrics
+from cory.rollout import Rollout, TokenScores
 
 
 def hand_rollout(kl_rows: list[list[float]], episode_ids: list[int]) -> Rollout:
@@ -29,9 +29,8 @@ def hand_rollout(kl_rows: list[list[float]], episode_ids: list[int]) -> Rollout:
         logprobs=torch.full((n, width), -1.0) * mask, scores=torch.zeros(n), finished=torch.ones(n, dtype=torch.bool),
         episode_ids=torch.tensor(episode_ids), turn_index=torch.zeros(n, dtype=torch.long),
         done=torch.ones(n, dtype=torch.bool), group_ids=torch.arange(n),
+        scored=TokenScores(ref_logprobs=torch.full((n, width), -1.5) * mask, kl=torch.zeros(n, width), kl_exact=exact),
     )
-    rollout.ref_logprobs = torch.full((n, width), -1.5) * mask
-    rollout.extras["kl_exact"] = exact
     return rollout
 
 
@@ -52,7 +51,9 @@ def test_exact_per_token_kl_matches_a_direct_computation(tmp_path, micro_lm):
     """Learner.score's exact KL is KL(q || p) of the full next-token distributions, per token."""
     from cory.algorithms import make_algorithm
     from cory.learner import Learner
-    from cory.policy import Policy, SamplingParams, sequence_logprobs
+    from cory.generation.sampling import SamplingParams
+    from cory.policy import Policy
+    from cory.scoring import sequence_logprobs
     from cory.build import make_accelerator
 
     cfg = load_config(None, micro_overrides(tmp_path))
@@ -65,13 +66,13 @@ def test_exact_per_token_kl_matches_a_direct_computation(tmp_path, micro_lm):
     gen = policy.generate(["The film", "A quiet drama is"], SamplingParams(max_new_tokens=6), generator=torch.Generator().manual_seed(0))
     from cory.rollout import rollout_from_generation
 
-    scored = learner.score(rollout_from_generation(gen, ["The film", "A quiet drama is"], [0.0, 0.0]))
+    scored, _ = learner.score(rollout_from_generation(gen, ["The film", "A quiet drama is"], [0.0, 0.0]))
     args = (gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)
     q = sequence_logprobs(policy.module, *args, with_full_logprobs=True).full_logprobs
     p = sequence_logprobs(reference, *args, with_full_logprobs=True).full_logprobs
     by_hand = (q.exp() * (q - p)).sum(-1) * gen.response_mask
-    assert torch.allclose(scored.extras["kl_exact"], by_hand, atol=1e-5)
-    assert (scored.extras["kl_exact"][gen.response_mask.bool()] > 0).all()
+    assert torch.allclose(scored.scored.kl_exact, by_hand, atol=1e-5)
+    assert (scored.scored.kl_exact[gen.response_mask.bool()] > 0).all()
 
 
 def test_evaluation_exact_kl_is_the_training_accounting_on_the_same_answers(tmp_path, micro_lm):
@@ -79,8 +80,10 @@ def test_evaluation_exact_kl_is_the_training_accounting_on_the_same_answers(tmp_
     it samples with its fixed seed; the initial model against itself is exactly 0."""
     from cory.algorithms import make_algorithm
     from cory.evaluate import evaluate
+    from cory.scoring import Scorer
     from cory.learner import Learner
-    from cory.policy import Policy, SamplingParams
+    from cory.generation.sampling import SamplingParams
+    from cory.policy import Policy
     from cory.rollout import rollout_from_generation
     from cory.build import make_accelerator
 
@@ -91,17 +94,17 @@ def test_evaluation_exact_kl_is_the_training_accounting_on_the_same_answers(tmp_
     def zero(ps, rs):
         return [0.0] * len(ps)
 
-    initial = evaluate(Policy.from_pretrained(str(micro_lm)), prompts, zero, params, 1, 7, reference=reference, exact_kl=True)
+    initial = evaluate(Policy.from_pretrained(str(micro_lm)), prompts, zero, params, 1, 7, reference=Scorer(reference), exact_kl=True)
     assert initial["kl_exact_mean"] == pytest.approx(0.0, abs=1e-7)
     policy = Policy.from_pretrained(str(micro_lm))
     with torch.no_grad():
         for p in policy.model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
-    res = evaluate(policy, prompts, zero, params, 1, 7, reference=reference, exact_kl=True)
+    res = evaluate(policy, prompts, zero, params, 1, 7, reference=Scorer(reference), exact_kl=True)
     gen = policy.generate(prompts, params, generator=torch.Generator().manual_seed(7))
     learner = Learner(policy, reference, make_algorithm(cfg), cfg, make_accelerator(cfg, tmp_path))
-    scored = learner.score(rollout_from_generation(gen, prompts, [0.0] * len(prompts)))
-    by_training = scored.extras["kl_exact"].sum(-1).mean().item()
+    scored, _ = learner.score(rollout_from_generation(gen, prompts, [0.0] * len(prompts)))
+    by_training = scored.scored.kl_exact.sum(-1).mean().item()
     assert by_training > 0
     assert res["kl_exact_mean"] == pytest.approx(by_training, rel=1e-5)
 
@@ -115,7 +118,8 @@ def test_hard_budget_holds_over_multi_turn_episodes_and_training_uses_the_sample
     from cory.algorithms import make_algorithm
     from cory.envs.batch import GymTextEnvBatch
     from cory.learner import Learner
-    from cory.policy import Policy, SamplingParams
+    from cory.generation.sampling import SamplingParams
+    from cory.policy import Policy
     from cory.rollout import Sampler
     from cory.build import make_accelerator
 
@@ -136,7 +140,7 @@ def test_hard_budget_holds_over_multi_turn_episodes_and_training_uses_the_sample
 
     learner = Learner(policy, reference, make_algorithm(cfg), cfg, make_accelerator(cfg, tmp_path))
     scored, metrics = learner.step(rollout)
-    per_episode = torch.zeros(12).index_add_(0, scored.episode_ids, scored.extras["kl_exact"].sum(-1))
+    per_episode = torch.zeros(12).index_add_(0, scored.episode_ids, scored.scored.kl_exact.sum(-1))
     assert per_episode.max() <= budget + 1e-4, per_episode
     assert per_episode.max() > budget - 0.05
     assert metrics["episode_kl/exact_max"] <= budget + 1e-4
@@ -193,7 +197,8 @@ def test_budget_controller_holds_the_episode_kl_not_the_turn_kl(tmp_path, micro_
     from cory.algorithms import make_algorithm
     from cory.envs.batch import GymTextEnvBatch
     from cory.learner import Learner
-    from cory.policy import Policy, SamplingParams
+    from cory.generation.sampling import SamplingParams
+    from cory.policy import Policy
     from cory.rollout import Sampler
     from cory.build import make_accelerator
 
@@ -209,6 +214,6 @@ def test_budget_controller_holds_the_episode_kl_not_the_turn_kl(tmp_path, micro_
     learner = Learner(policy, reference, make_algorithm(cfg), cfg, make_accelerator(cfg, tmp_path))
     scored, metrics = learner.step(rollout)
     assert metrics["turns_per_episode"] == 3
-    per_turn = float(scored.extras["kl"].sum(-1).mean())
+    per_turn = float(scored.scored.kl.sum(-1).mean())
     assert metrics["kl_mean"] == pytest.approx(3 * per_turn, rel=1e-5)  # every episode has 3 turns
     assert learner.controller.beta == pytest.approx(0.1 * metrics["kl_mean"], rel=1e-5)

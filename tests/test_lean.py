@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from cory.cli import main
 from cory.config import load_config
 from cory.errors import UsageError
-from cory.policy import sequence_logprobs
-from cory.learner import is_checkpointing
+from cory.scoring import sequence_logprobs
+from cory.optim import is_checkpointing
 from cory.train import TrainingRun
 
 
@@ -61,8 +61,8 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base(tmp_path, micro
 def test_lora_config_mistakes_are_one_line_errors():
     with pytest.raises(UsageError, match="set model.lora.r"):
         load_config(None, ["model.lora.quantize=4bit"])
-    with pytest.raises(UsageError, match="cory.shared_base"):
-        load_config(None, ["model.lora.r=8", "cory.enabled=true"])
+    with pytest.raises(UsageError, match="config key 'cory.shared_base' is gone: use model.lora.r"):
+        load_config(None, ["cory.shared_base=true"])
     with pytest.raises(UsageError, match="reference is the frozen base"):
         load_config(None, ["model.lora.r=8", "model.reference=cory:tiny-reviews"])
     with pytest.raises(UsageError, match="model.lora.quantize"):
@@ -157,14 +157,25 @@ def test_mixed_precision_recomputes_the_old_log_probs_under_autocast(tmp_path, m
     assert row["tis/log_ratio_abs_mean"] > 1e-3  # bf16 rounding: the gap the recomputation removes
 
 
+@pytest.fixture
+def back_to_full_precision(tmp_path):
+    """accelerate keeps the mixed precision of the last Accelerator for the process: set it back to
+    none after the test, so that later tests' learners do not autocast."""
+    yield
+    from cory.build import make_accelerator
+
+    make_accelerator(load_config(None, micro_overrides(tmp_path)), tmp_path)
+
+
 @pytest.mark.parametrize("cap", [0.0, 2.0])
-def test_mixed_precision_old_log_probs_are_the_trainers_and_tis_cap_weights_them(tmp_path, micro_lm, cap):
+def test_mixed_precision_old_log_probs_are_the_trainers_and_tis_cap_weights_them(tmp_path, micro_lm, cap, back_to_full_precision):
     from transformers import AutoModelForCausalLM
 
     from cory.algorithms import make_algorithm
     from cory.build import make_accelerator
     from cory.learner import Learner
-    from cory.policy import Policy, SamplingParams
+    from cory.generation.sampling import SamplingParams
+    from cory.policy import Policy
     from cory.rollout import rollout_from_generation
 
     make_accelerator(load_config(None, micro_overrides(tmp_path)), tmp_path)  # an earlier run in this process, no mixed precision
@@ -176,12 +187,13 @@ def test_mixed_precision_old_log_probs_are_the_trainers_and_tis_cap_weights_them
     prompts = ["The film", "A quiet drama is"]
     gen = policy.generate(prompts, SamplingParams(max_new_tokens=6), generator=torch.Generator().manual_seed(0))
     sampled, mask = gen.logprobs.clone(), gen.response_mask.bool()
-    scored = learner.score(rollout_from_generation(gen, prompts, [0.0, 0.0]))
+    scored, weights = learner.score(rollout_from_generation(gen, prompts, [0.0, 0.0]))
     with torch.no_grad(), accelerator.autocast():
         own = sequence_logprobs(learner.module, gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask).logprobs
     assert torch.allclose(scored.logprobs[mask], own[mask].float(), atol=1e-6)  # old = the trainer's, under autocast
     assert not torch.allclose(scored.logprobs[mask], sampled[mask], atol=1e-3)  # not float32 sampling's
-    weight = scored.extras["tis_weight"][mask]
+    weight = scored.scored.is_weight[mask]
+    assert torch.equal(weights.weight, scored.scored.is_weight)
     expected = torch.ones_like(weight) if cap == 0 else (scored.logprobs[mask] - sampled[mask]).exp().clamp(max=cap)
     assert torch.allclose(weight, expected, atol=1e-6)
 

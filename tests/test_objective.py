@@ -20,7 +20,8 @@ from cory.algorithms import ALGORITHMS, make_algorithm
 from cory.config import load_config
 from cory.errors import UsageError
 from cory.learner import Learner
-from cory.policy import Policy, sequence_logprobs
+from cory.policy import Policy
+from cory.scoring import sequence_logprobs
 from cory.rollout import Rollout
 
 LENGTHS = [6, 1, 3, 5, 2, 6, 4, 1]
@@ -129,7 +130,7 @@ def token_mean(x, mask):
     return (x * mask).sum() / mask.sum()
 
 
-# -- defect 3: micro-batching and aggregation ------------------------------------------------------------
+# -- micro-batching and aggregation ----------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _full_batch(path, algo, aggregation):
     """(learner, grads, rollout) after one step without micro-batching (reused across micro sizes)."""
@@ -165,7 +166,7 @@ def test_token_mean_weighs_every_token_of_the_minibatch_the_same(micro_lm):
     assert rel(learner_gradient(micro_lm, overrides), hand_gradient(micro_lm, overrides, loss)) < HAND_TOL
 
 
-# -- defect 1: GRPO with the KL penalty in the reward ---------------------------------------------------
+# -- GRPO with the KL penalty in the reward -----------------------------------------------------------
 def test_grpo_kl_penalty_in_reward_enters_the_advantages(micro_lm):
     base = ["algo.name=grpo", "kl.penalty=reward", "kl.estimator=k1"]
     g0 = learner_gradient(micro_lm, base + ["kl.beta=0"])
@@ -180,7 +181,7 @@ def test_grpo_kl_penalty_in_reward_enters_the_advantages(micro_lm):
     assert rel(g10, hand_gradient(micro_lm, base + ["kl.beta=10"], loss)) < HAND_TOL
 
 
-# -- defect 2: GRPO and the shaping keys ----------------------------------------------------------------
+# -- GRPO and the shaping keys --------------------------------------------------------------------------
 def test_grpo_applies_the_missing_eos_penalty(micro_lm):
     base = ["algo.name=grpo", "kl.beta=0"]
     plain = learner_gradient(micro_lm, base)
@@ -199,7 +200,7 @@ def test_grpo_applies_reward_normalisation(micro_lm):
     assert rel(learner_gradient(micro_lm, base + ["algo.normalize_rewards=true"]), learner_gradient(micro_lm, base)) > 1e-3
 
 
-# -- defect 5: REINFORCE's leave-one-out baseline ---------------------------------------------------------
+# -- REINFORCE's leave-one-out baseline ----------------------------------------------------------------
 def test_reinforce_loo_samples_groups_and_refuses_groups_of_one():
     cfg = load_config(None, ["algo.name=reinforce", "algo.baseline=loo", "algo.group_size=4"])
     assert make_algorithm(cfg).group_size == 4
@@ -208,7 +209,7 @@ def test_reinforce_loo_samples_groups_and_refuses_groups_of_one():
         load_config(None, ["algo.name=reinforce", "algo.baseline=loo", "algo.group_size=1"])
 
 
-# -- defect 6: keys with no effect, aggregation of every term, the KL estimator -------------------------------
+# -- keys with no effect, aggregation of every term, the KL estimator ------------------------------------
 @pytest.mark.parametrize("algo,key", [("grpo", "gamma=0.9"), ("rloo", "turn_gamma=0.5"), ("grpo", "lam=0.5"),
                                       ("reinforce", "clip_range=0.1"), ("ppo", "scale_rewards=false"),
                                       ("rloo", "vf_coef=0.5"), ("reinforce", "dynamic_sampling=true")])
@@ -219,10 +220,14 @@ def test_a_key_with_no_effect_is_refused_with_one_line(algo, key):
     assert "\n" not in msg and f"algo.{key.split('=')[0]}" in msg and "used by" in msg
 
 
-def test_keys_that_act_are_accepted():
-    load_config(None, ["algo.name=a2c", "algo.value_clip=0.2"])
-    load_config(None, ["algo.name=ppo", "algo.gamma=0.9", "algo.dual_clip=3"])
-    load_config(None, ["algo.name=dapo", "algo.overlong_buffer=4", "algo.overlong_filter=true"])
+@pytest.mark.parametrize("algo,setting", [("ppo", ["algo.gamma=0.5"]), ("a2c", ["algo.lam=0.3"]), ("ppo", ["algo.dual_clip=1.1"]),
+                                          ("dapo", ["algo.overlong_buffer=8", "generation.max_new_tokens=8"]),
+                                          ("dapo", ["algo.overlong_filter=true"])])
+def test_keys_that_an_algorithm_reads_are_accepted_and_change_its_gradient(micro_lm, algo, setting):
+    base = [f"algo.name={algo}", "kl.beta=0.1"]
+    changed = learner_gradient(micro_lm, base + setting)
+    plain = learner_gradient(micro_lm, base + [s for s in setting if s.startswith("generation")])
+    assert rel(changed, plain) > 1e-3
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
@@ -299,7 +304,7 @@ def tis_rollouts(learner, noise: float):
 
 
 def test_truncated_importance_sampling_is_a_no_op_when_the_engines_agree(micro_lm):
-    learner, grads = make_learner(micro_lm, ["algo.name=grpo", "kl.beta=0.1", "algo.tis_cap=2"])
+    learner, grads = make_learner(micro_lm, ["algo.name=grpo", "kl.beta=0.1", "algo.tis_cap=2", "generation.backend=vllm"])
     own, _ = tis_rollouts(learner, 0.0)
     from dataclasses import replace
 
@@ -311,7 +316,7 @@ def test_truncated_importance_sampling_is_a_no_op_when_the_engines_agree(micro_l
 
 def test_truncated_importance_sampling_weights_and_logs_a_perturbed_engine(micro_lm):
     cap = 1.5
-    learner, grads = make_learner(micro_lm, ["algo.name=grpo", "kl.beta=0", f"algo.tis_cap={cap}"])
+    learner, grads = make_learner(micro_lm, ["algo.name=grpo", "kl.beta=0", f"algo.tis_cap={cap}", "generation.backend=vllm"])
     own, perturbed = tis_rollouts(learner, 0.5)
     _, metrics = learner.step(perturbed)
     m = own.response_mask.double()
@@ -332,7 +337,7 @@ def test_truncated_importance_sampling_weights_and_logs_a_perturbed_engine(micro
 
 
 def test_overlong_penalty_and_filter_by_hand(micro_lm):
-    from cory.learner import overlong_penalty
+    from cory.shaping import overlong_penalty
 
     # max 16 tokens, buffer 4: no penalty up to 12, then linear down to -1 at 16
     assert torch.allclose(overlong_penalty(torch.tensor([10, 12, 13, 16]), 16, 4, 1.0), torch.tensor([0.0, 0.0, -0.25, -1.0]))

@@ -7,15 +7,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from cory.policy import (
-    Generation,
-    Policy,
-    PolicyModel,
-    SamplingParams,
-    filter_top_k_top_p,
-    sample_categorical,
-    sequence_logprobs,
-)
+from cory.generation.sampling import Generation, SamplingParams, filter_top_k_top_p, sample_categorical
+from cory.policy import Policy, PolicyModel
+from cory.scoring import Scorer, sequence_logprobs
 
 WORDS = ("the a cat dog sat ran on in mat park hello world good bad movie plot great awful "
          "stop here and but very so it was is").split()
@@ -67,6 +61,11 @@ def policy(policy_tokenizer):
     return Policy(make_lm(policy_tokenizer), policy_tokenizer, value_head=True)
 
 
+def score(policy, gen, temperature=1.0, **outputs):
+    """The policy's scoring of a generation (log-probs, and entropy, values, distributions if asked)."""
+    return Scorer(policy.module, temperature)(gen, **outputs)
+
+
 def masked_max_abs(a, b, mask):
     return (a - b).abs()[mask.bool()].max().item()
 
@@ -112,7 +111,7 @@ def test_greedy_equals_uncached_argmax_continuation(policy, policy_tokenizer):
 
 def test_greedy_logprobs_are_taken_at_temperature_one(policy):
     gen = policy.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=0.0))
-    out = policy.logprobs(gen, temperature=1.0)
+    out = score(policy, gen, temperature=1.0)
     assert masked_max_abs(out.logprobs, gen.logprobs, gen.response_mask) < 1e-4
 
 
@@ -202,7 +201,7 @@ def test_stop_string_cuts_the_response(policy, policy_tokenizer):
 
 def test_entropy_matches_hand_computation(policy):
     gen = policy.generate(PROMPTS, SamplingParams(max_new_tokens=6), torch.Generator().manual_seed(0))
-    out = policy.logprobs(gen, temperature=0.7, with_entropy=True, with_full_logprobs=True)
+    out = score(policy, gen, temperature=0.7, with_entropy=True, with_full_logprobs=True)
 
     # Response token 2 of row 1 is predicted by the prefix up to and including token 1.
     row, t = 1, 2
@@ -224,7 +223,7 @@ def test_values_are_aligned_and_value_head_gets_gradients(policy):
     gen = policy.generate(PROMPTS, SamplingParams(max_new_tokens=8), torch.Generator().manual_seed(0))
     with torch.no_grad():  # give the zero-initialised head something to say
         policy.module.value_head.weight.normal_()
-    out = policy.logprobs(gen, with_values=True)
+    out = score(policy, gen, with_values=True)
     b, lr = gen.response_ids.shape
     assert out.values.shape == (b, lr) and out.values.dtype == torch.float32
 
@@ -255,7 +254,7 @@ def test_sequence_logprobs_accepts_a_bare_hf_lm(policy, policy_tokenizer):
     reference = make_lm(policy_tokenizer)  # same seed -> same weights as the policy's LM
     ref = sequence_logprobs(reference, gen.query_ids, gen.query_mask, gen.response_ids,
                             gen.response_mask, with_entropy=True)
-    mine = policy.logprobs(gen, with_entropy=True)
+    mine = score(policy, gen, with_entropy=True)
     assert torch.allclose(ref.logprobs, mine.logprobs, atol=1e-5)
     assert torch.allclose(ref.entropy, mine.entropy, atol=1e-5)
     with pytest.raises(ValueError, match="value_head=True"):
@@ -278,16 +277,17 @@ def test_sequence_logprobs_through_a_ddp_style_wrapper(policy):
     gen = policy.generate(PROMPTS, SamplingParams(max_new_tokens=6), torch.Generator().manual_seed(0))
     wrapped = sequence_logprobs(DDPLike(policy.module), gen.query_ids, gen.query_mask,
                                 gen.response_ids, gen.response_mask, with_values=True)
-    direct = policy.logprobs(gen, with_values=True)
+    direct = score(policy, gen, with_values=True)
     assert torch.equal(wrapped.logprobs, direct.logprobs)
     assert torch.equal(wrapped.values, direct.values)
 
 
-def test_logprobs_accepts_four_tensors(policy):
+def test_a_scorer_scores_the_rows_it_is_given(policy):
     gen = policy.generate(PROMPTS, SamplingParams(max_new_tokens=4), torch.Generator().manual_seed(0))
-    a = policy.logprobs(gen).logprobs
-    b = policy.logprobs(gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask).logprobs
-    assert torch.equal(a, b)
+    rows = torch.tensor([2, 0])
+    part = score(policy, gen, rows=rows).logprobs
+    whole = score(policy, gen).logprobs
+    assert torch.allclose(part, whole[rows], atol=1e-6)
 
 
 # ---- sampling filters ----------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_from_pretrained_round_trips_the_value_head(policy, tmp_path):
     assert torch.equal(loaded.module.value_head.bias, policy.module.value_head.bias)
     assert loaded.tokenizer.padding_side == "left"
     gen = policy.generate(PROMPTS, SamplingParams(max_new_tokens=4), torch.Generator().manual_seed(0))
-    a, b = policy.logprobs(gen, with_values=True), loaded.logprobs(gen, with_values=True)
+    a, b = score(policy, gen, with_values=True), score(loaded, gen, with_values=True)
     assert torch.allclose(a.values, b.values) and torch.allclose(a.logprobs, b.logprobs)
 
 
@@ -343,7 +343,7 @@ def test_from_pretrained_with_dtype(policy, tmp_path):
     loaded = Policy.from_pretrained(str(tmp_path), dtype="bfloat16")
     assert loaded.model.dtype == torch.bfloat16
     gen = loaded.generate(PROMPTS, SamplingParams(max_new_tokens=4), torch.Generator().manual_seed(0))
-    out = loaded.logprobs(gen, with_values=True)
+    out = score(loaded, gen, with_values=True)
     assert out.logprobs.dtype == torch.float32 and out.values.dtype == torch.float32
 
 
@@ -353,7 +353,7 @@ def test_generation_and_scoring_with_a_lora_adapter(policy):
     policy.model = get_peft_model(policy.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     params = SamplingParams(max_new_tokens=8, temperature=1.0)
     gen = policy.generate(PROMPTS, params, torch.Generator().manual_seed(0))
-    out = policy.logprobs(gen, with_values=True)
+    out = score(policy, gen, with_values=True)
     assert masked_max_abs(out.logprobs, gen.logprobs, gen.response_mask) < 1e-4
     out.logprobs.sum().backward()
     lora_grads = [p.grad for n, p in policy.module.named_parameters() if "lora_" in n]

@@ -74,7 +74,7 @@ def test_every_algorithm_trains_the_real_model(tmp_path, smollm2, algo):
 @pytest.mark.parametrize("shared", [False, True])
 def test_cory_trains_two_real_agents(tmp_path, smollm2, shared):
     out = tmp_path / "run"
-    extra = {"cory.enabled": True, "cory.shared_base": shared, "cory.lora_r": 4, "algo.name": "reinforce"}
+    extra = {"cory.enabled": True, "model.lora.r": 4 if shared else 0, "algo.name": "reinforce"}
     assert main(["train", "--output-dir", str(out)] + real_overrides(smollm2, **extra)) == 0
     [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["pioneer/logprob_gap"] < 1e-4 and row["observer/logprob_gap"] < 1e-4

@@ -1,7 +1,6 @@
 """Rewards on real text: VADER, and classifier rewards fed text written by another tokenizer."""
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from cory.config import load_config

@@ -103,19 +103,23 @@ def all_finite(folder):
 
 
 def test_overflowing_gradients_skip_the_step_and_are_counted(tmp_path, capsys, micro_lm):
-    """Rewards of ~1e30 overflow the gradient norm: the step is skipped (weights unchanged, finite),
-    the count is logged; three such iterations in a row stop the run with one line."""
+    """Rewards of ~1e30 overflow the gradient norm: the step is skipped (weights unchanged, finite)
+    and counted. A run whose last iteration could take no step ends with one line and exit 1, without
+    a final/ (it is diverging, not done); three such iterations in a row stop the run early."""
     out = tmp_path / "run"
-    assert cli(out, tmp_path, "task.reward=rewards_for_tests:huge", "train.iterations=2") == 0
+    capsys.readouterr()
+    assert cli(out, tmp_path, "task.reward=rewards_for_tests:huge", "train.iterations=2", "train.checkpoint_every=1") == 1
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("cory train: error: every optimizer step of the last iteration had non-finite gradients")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_updates"] for r in rows] == [1, 1]
-    final, initial = load_file(out / "final" / "model.safetensors"), load_file(micro_lm / "model.safetensors")
-    assert all(torch.equal(final[k], initial[k]) for k in final)
-    capsys.readouterr()
+    assert not (out / "final").exists()
+    kept, initial = load_file(out / "checkpoints" / "iter_000001" / "model.safetensors"), load_file(micro_lm / "model.safetensors")
+    assert all(torch.equal(kept[k], initial[k]) for k in initial if k in kept)
     stopped = tmp_path / "stopped"
     assert cli(stopped, tmp_path, "task.reward=rewards_for_tests:huge", "train.iterations=5") == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("cory train: error: gradients were non-finite in every optimizer step of 3 iterations")
+    [err] = capsys.readouterr().err.strip().splitlines()  # one line: the skipped steps print nothing on their way
+    assert err.startswith("cory train: error: gradients were non-finite in every optimizer step of 3 iterations")
     assert not (stopped / "final").exists() and not (stopped / "checkpoints").exists()
 
 
@@ -279,14 +283,14 @@ def test_shared_prefix_training_acts_and_ends_where_the_full_passes_end(tmp_path
     """train.shared_prefix: with prompts sharing a long instruction, every scoring, update and
     evaluation pass runs the prefix once (counted), and the run's figures and final weights equal
     the full passes' up to float rounding; refused in one line with gradient checkpointing and with several processes."""
-    import cory.policy
+    import cory.scoring
 
     path = tmp_path / "prompts.jsonl"
     lead = "Write one more sentence of this movie review, in the same voice, and keep it short: "
     path.write_text("".join(json.dumps({"prompt": lead + s}) + "\n" for s in ("the film was", "i loved the", "a dull", "the cast")))
     calls = []
-    lay_out = cory.policy._lay_out_prefix
-    monkeypatch.setattr(cory.policy, "_lay_out_prefix", lambda *a, **k: calls.append(1) or lay_out(*a, **k))
+    lay_out = cory.scoring.lay_out_prefix
+    monkeypatch.setattr(cory.scoring, "lay_out_prefix", lambda *a, **k: calls.append(1) or lay_out(*a, **k))
     runs = {}
     for shared in (False, True):
         calls.clear()

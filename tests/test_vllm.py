@@ -20,7 +20,9 @@ import torch
 
 from cory.config import load_config
 from cory.generation.vllm_engine import EngineOptions, VLLMBackend, VLLMEngine, engine_dtype
-from cory.policy import Policy, SamplingParams
+from cory.generation.sampling import SamplingParams
+from cory.policy import Policy
+from cory.scoring import Scorer
 from conftest import micro_overrides
 
 LOGPROB_TOL = 1e-4
@@ -69,7 +71,7 @@ def test_sampled_logprobs_agree_with_trainer_recomputation(engine, policy):
     prompts = PROMPTS * 4
     gen = backend.generate(prompts, params, generator=torch.Generator().manual_seed(0))
     assert gen.engine_logprobs is not None and torch.equal(gen.engine_logprobs, gen.logprobs)
-    recomputed = policy.logprobs(gen, temperature=0.7).logprobs
+    recomputed = Scorer(policy.module, temperature=0.7)(gen).logprobs
     mask = gen.response_mask.bool()
     gap = (recomputed - gen.logprobs)[mask].abs()
     assert gap.max() < LOGPROB_TOL, gap.max()
@@ -184,11 +186,11 @@ def test_training_run_syncs_weights_and_releases_the_engine(tmp_path, micro_lm, 
     """After each update the engine samples from the new weights: the trainer's recomputed
     log-probs of the engine's samples match the engine's (GAP) in every iteration, although a
     large learning rate moves the policy; at the end the engine and its KV cache are freed."""
-    import cory.generation as generation
+    import cory.build as build
     from cory.api import train
 
     refs = []
-    make_engine = generation.make_engine
+    make_engine = build.make_engine
 
     def tracked(*args, **kwargs):
         eng = make_engine(*args, **kwargs)
@@ -196,7 +198,7 @@ def test_training_run_syncs_weights_and_releases_the_engine(tmp_path, micro_lm, 
         refs.extend(weakref.ref(t) for t in eng.llm.collective_rpc(lambda w: w.model_runner.kv_caches)[0])
         return eng
 
-    monkeypatch.setattr(generation, "make_engine", tracked)
+    monkeypatch.setattr(build, "make_engine", tracked)
     cfg = load_config(None, _vllm_overrides(tmp_path, **{"train.iterations": 3, "algo.lr": 3e-2}))
     train(cfg, tmp_path / "run")
     rows = _metrics(tmp_path / "run")
@@ -223,7 +225,7 @@ def test_cory_run_on_vllm(tmp_path, micro_lm, micro_rm, shared_base):
     from cory.api import train
 
     extra = {"cory.enabled": True, "cory.swap_every": 1, "train.iterations": 3, "algo.lr": 3e-2,
-             "cory.shared_base": shared_base, "cory.lora_r": 8}
+             "model.lora.r": 8 if shared_base else 0}
     train(load_config(None, _vllm_overrides(tmp_path, **extra)), tmp_path / "run")
     rows = _metrics(tmp_path / "run")
     assert len(rows) == 3
@@ -264,9 +266,11 @@ def test_multi_turn_bandit_run_on_vllm(tmp_path, agent_h32):
 
 def test_unservable_head_size_is_refused_in_one_line(tmp_path, zoo_cache):
     """Refused by the pre-flight checks (UsageError: one line, exit 2, before anything is written)."""
+    from cory import zoo
     from cory.errors import UsageError
     from cory.preflight import preflight
 
+    zoo.build("cory:micro-agent", progress=False)  # the checks read a built model's config; they never build one
     cfg = load_config(None, ["model.name=cory:micro-agent", "env.id=cory/Bandit-v0", "generation.backend=vllm"])
     with pytest.raises(UsageError) as err:
         preflight(cfg)

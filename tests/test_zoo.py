@@ -115,12 +115,22 @@ def test_list_models_describes_every_registered_model(monkeypatch, tmp_path):
     assert all("test" in m["description"] for m in models if m["name"].startswith("cory:micro"))
 
 
-def test_concurrent_builds_write_once_and_all_get_a_complete_folder(tmp_path):
+def test_concurrent_builds_write_once_and_all_get_a_complete_folder(tmp_path, monkeypatch):
     folder, writes, results = tmp_path / "zoo" / "m-abc", [], []
+    asked = threading.Semaphore(0)
+    flock = builder.fcntl.flock
+
+    def counted(handle, op):
+        if op == builder.fcntl.LOCK_EX:
+            asked.release()
+        return flock(handle, op)
+
+    monkeypatch.setattr(builder.fcntl, "flock", counted)
 
     def write(tmp):
         writes.append(tmp)
-        time.sleep(0.2)  # long enough for the other builders to queue on the lock
+        for _ in range(3):  # every builder has asked for the lock while this one holds it
+            assert asked.acquire(timeout=60)
         (tmp / "weights").write_text("w")
 
     threads = [threading.Thread(target=lambda: results.append(builder.build_folder(folder, write))) for _ in range(3)]

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cory.advantages import ESTIMATORS
+from cory.losses import POLICY_LOSSES, VALUE_LOSS_KEYS, ObjectiveTerms
+
 ALGORITHMS: dict[str, "Algorithm"] = {}
 
 
@@ -35,9 +38,6 @@ class Algorithm:
 
     def keys(self) -> set[str]:
         """The algorithm-specific `algo.*` keys this algorithm reads."""
-        from cory.advantages import ESTIMATORS
-        from cory.losses import POLICY_LOSSES, VALUE_LOSS_KEYS
-
         keys = set(ESTIMATORS[self.estimator].keys) | set(POLICY_LOSSES[self.policy_loss].keys)
         if self.value_loss:
             keys |= set(VALUE_LOSS_KEYS)
@@ -47,9 +47,25 @@ class Algorithm:
 
     @property
     def grouped(self) -> bool:
-        from cory.advantages import ESTIMATORS
-
         return ESTIMATORS[self.estimator].grouped
+
+    def kl_in_rewards(self, penalty: str) -> bool:
+        """Whether KL enters the rewards (else the loss) under kl.penalty (auto: the algorithm's choice)."""
+        return self.kl_in_reward if penalty == "auto" else penalty == "reward"
+
+    def estimate(self, rewards, mask, values, episode_ids, turn_index, group_ids, a):
+        """(advantages [B, L], returns [B, L] or None): the estimator with its settings from `a` (algo.*)."""
+        estimator = ESTIMATORS[self.estimator]
+        settings = {k: getattr(a, k) for k in estimator.keys if k != "group_size"}
+        return estimator.fn(rewards, mask, values, episode_ids, turn_index, group_ids, **settings)
+
+    def objective_terms(self, a, kl_penalty: str, kl_estimator: str) -> ObjectiveTerms:
+        """The objective's terms under `a` (algo.*), kl.penalty and kl.estimator."""
+        loss = POLICY_LOSSES[self.policy_loss]
+        return ObjectiveTerms(
+            policy_loss=self.policy_loss, policy_settings={k: getattr(a, k) for k in loss.keys},
+            kl_estimator=None if self.kl_in_rewards(kl_penalty) else kl_estimator, ent_coef=a.ent_coef,
+            value_loss=self.value_loss, vf_coef=a.vf_coef, value_clip=a.value_clip)
 
 
 def register(algorithm: Algorithm) -> Algorithm:

@@ -1,13 +1,11 @@
 """Synthetic corpora: the texts the zoo's models are pretrained on, and the prompt sets drawn from the
 same generators but held out from pretraining (the tasks' review openings and word problems, the
 teacher-student transcript format). The lowest layer: plain Python that imports nothing of cory's,
-so the zoo (to build models), tasks, rewards and environments all draw from here.
+so the zoo (to build models), tasks, rewards and environments all draw from here. (The agent
+corpus is played in cory's text environments: it lives there, `cory.envs.transcripts`.)
 
-The agent corpus is the one exception to "plain Python here": its texts are played in cory's
-environments, a layer above, so ``agent`` holds its identity and ``cory.envs`` provides the texts.
-
-A zoo recipe names its corpus (``CorpusSpec.name``); ``get(name)`` imports the module registered
-for that name in ``CORPORA``. Every corpus module is plain Python (no torch) and provides:
+A zoo recipe names its corpus (``CorpusSpec.name``, a key of ``cory.zoo.registry.CORPORA``). Every
+corpus module is plain Python (no torch) and provides:
 
 - ``CORPUS_VERSION: int``: bumped whenever the texts change (it is part of every recipe hash);
 - ``PRETRAIN_SEED: int`` and ``PRETRAIN_SIZE: int``: the pretraining stream and its largest draw;
@@ -19,35 +17,16 @@ for that name in ``CORPORA``. Every corpus module is plain Python (no torch) and
 A corpus that a classifier learns from also provides ``LABELS`` and labelled draws
 ``generate(n, seed)`` / ``heldout(n, seed)`` of ``(text, label)`` pairs (see ``reviews``).
 
-Adding a corpus is a module here with those names plus one line in ``CORPORA``; a causal LM on it
-then builds with the held-out loss as its evaluation, and ``cory.zoo.evals.LM_EVALS`` can add a
-corpus-specific one (samples, task accuracy).
+Adding a corpus is a module here with those names plus one line in ``cory.zoo.registry.CORPORA``;
+a causal LM on it then builds with the held-out loss as its evaluation, and
+``cory.zoo.evals.LM_EVALS`` can add a corpus-specific one (samples, task accuracy).
 """
 
 from __future__ import annotations
 
-import importlib
 import re
-from types import ModuleType
-
-CORPORA: dict[str, str] = {
-    "reviews": "cory.corpora.reviews",
-    "arithmetic": "cory.corpora.arithmetic",
-    "agent": "cory.corpora.agent",
-    "dialogue": "cory.corpora.dialogue",
-}
-"""Corpus name -> module path. Imported lazily, so listing the zoo draws no text."""
 
 _WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
-
-
-def get(name: str) -> ModuleType:
-    """The corpus module registered as ``name``; ValueError for a name that is not registered."""
-    try:
-        path = CORPORA[name]
-    except KeyError:
-        raise ValueError(f"unknown corpus {name!r}; the zoo has: {', '.join(CORPORA)}") from None
-    return importlib.import_module(path)
 
 
 def words(text: str) -> list[str]:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cory.scoring import sequence_layout
+
 
 def pessimistic(member_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """member_logprobs [K, ..., V] -> (log p~ [..., V] unnormalised, h [...] missing mass in [0, 1])."""
@@ -57,13 +59,10 @@ class EnsembleReference(torch.nn.Module):
     @torch.no_grad()
     def pessimistic_full(self, query_ids, query_mask, response_ids, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """Unnormalised log p~ [B, Lr, V] and the help mass h [B, Lr] at every response position."""
-        from cory.policy import position_ids_from_mask
-
         dev = next(self.parameters()).device
-        ids = torch.cat([query_ids, response_ids], dim=1).to(dev)
-        mask = torch.cat([query_mask, response_mask], dim=1).long().to(dev)
+        ids, mask, positions = sequence_layout(*(t.to(dev) for t in (query_ids, query_mask, response_ids, response_mask)))
         lq, lr = query_ids.shape[1], response_ids.shape[1]
-        members = self.member_logprobs(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+        members = self.member_logprobs(input_ids=ids, attention_mask=mask, position_ids=positions)
         return pessimistic(members[:, :, lq - 1 : lq - 1 + lr])
 
 

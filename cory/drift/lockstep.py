@@ -6,37 +6,29 @@ from __future__ import annotations
 import torch
 
 from cory.drift.ensemble import EnsembleReference, pessimistic, renormalised
+from cory.generation.native import KVStepper
 
 
 class LockstepLM:
-    """A frozen causal LM that follows a generation token by token with its own KV cache and gives
-    its tempered next-token log-distribution [B, V] after the prompt and after each token."""
+    """A frozen causal LM that follows a generation token by token with its own KV cache
+    (`KVStepper`) and gives its tempered next-token log-distribution [B, V] after the prompt and
+    after each token."""
 
     def __init__(self, lm: torch.nn.Module, temperature: float = 1.0):
-        self.lm = lm
+        self.stepper = KVStepper(lm)
         self.temperature = temperature if temperature > 0 else 1.0
+
+    def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(logits.float() / self.temperature, dim=-1)
 
     @torch.no_grad()
     def start(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-        from cory.policy import position_ids_from_mask
-
-        dev = next(self.lm.parameters()).device
-        self.attention = query_mask.to(dev)
-        positions = position_ids_from_mask(self.attention)
-        out = self.lm(input_ids=query_ids.to(dev), attention_mask=self.attention, position_ids=positions, use_cache=True)
-        self.cache = out.past_key_values
-        self.next_position = positions[:, -1:] + 1
-        return torch.log_softmax(out.logits[:, -1].float() / self.temperature, dim=-1)
+        dev = next(self.stepper.lm.parameters()).device
+        return self._tempered(self.stepper.prefill(query_ids.to(dev), query_mask.to(dev)))
 
     @torch.no_grad()
     def advance(self, token: torch.Tensor) -> torch.Tensor:
-        dev = next(self.lm.parameters()).device
-        self.attention = torch.cat([self.attention, torch.ones_like(self.attention[:, :1])], dim=1)
-        out = self.lm(input_ids=token[:, None].to(dev), attention_mask=self.attention,
-                      position_ids=self.next_position, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
-        self.next_position = self.next_position + 1
-        return torch.log_softmax(out.logits[:, -1].float() / self.temperature, dim=-1)
+        return self._tempered(self.stepper.advance(token))
 
 
 class LockstepEnsemble:

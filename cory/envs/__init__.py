@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gymnasium
 
-from cory.corpora import agent as agent_corpus
 from cory.envs.bandit import BanditEnv
 from cory.envs.base import AgentView, TextDecisionEnv
 from cory.envs.contextual import ContextualBanditEnv
@@ -25,26 +24,17 @@ ENV_IDS = {
     "cory/Bandit-v0": "cory.envs.bandit:BanditEnv",
     "cory/ContextualBandit-v0": "cory.envs.contextual:ContextualBanditEnv",
     "cory/TicTacToe-v0": "cory.envs.tictactoe:TicTacToeEnv",
-    # Loads language models: imported only when made (`cory.envs.teacher_student`).
+    # Loads language models (a layer above the other environments): gymnasium imports it when one is made.
     "cory/TeacherStudent-v0": "cory.envs.teacher_student:TeacherStudentEnv",
 }
+"""The cory text environments: gymnasium id -> entry point (the config's allowed env.id values)."""
 
 for _id, _entry in ENV_IDS.items():
     if _id not in gymnasium.registry:
         # No max_episode_steps: each environment ends its own episodes (horizon, game over).
         gymnasium.register(id=_id, entry_point=_entry)
 
-from cory.envs.batch import GymTextEnvBatch  # noqa: E402  (needs the ids registered)
-
-
-def _transcripts():
-    from cory.envs import transcripts
-
-    return transcripts
-
-
-# The zoo's agent corpus is played in these environments: its texts come from here.
-agent_corpus.provide(_transcripts)
+from cory.envs.batch import GymTextEnvBatch  # noqa: E402  (makes environments by the ids registered above)
 
 __all__ = [
     "AgentView", "BanditEnv", "ContextualBanditEnv", "EpisodeRecord", "GymTextEnvBatch", "PromptOptions",

@@ -10,6 +10,7 @@ episode's record for metrics afterwards.
 from __future__ import annotations
 
 import gymnasium
+import numpy as np
 
 # Importing this module imports the `cory.envs` package first, which registers the cory/* ids.
 from cory.envs.base import AgentView, TextDecisionEnv
@@ -39,8 +40,6 @@ class GymTextEnvBatch:
         self.pool_size = pool_size
         self.pool = None
         if pool_size is not None:
-            import numpy as np
-
             self.pool = np.random.default_rng([pool_seed, 0xC0A1]).integers(0, _SEED_HIGH, size=pool_size)
         self.envs: list[gymnasium.Env] = [self._make()]
         self.size = 0

@@ -55,9 +55,13 @@ import math
 import numpy as np
 import torch
 
+from cory import zoo
+from cory.corpora import dialogue
 from cory.envs.base import TextDecisionEnv
 from cory.envs.prompts import PRINTABLE
-from cory.corpora import dialogue
+from cory.generation.sampling import SamplingParams
+from cory.policy import Policy
+from cory.rewards import ClassifierReward
 
 DEFAULT_STUDENT = "cory:tiny-dialogue"
 DEFAULT_CLASSIFIER = "cory:tiny-dialogue-sentiment"
@@ -68,8 +72,6 @@ _TAGS = (dialogue.TEACHER, dialogue.STUDENT)
 def load_student(name: str, device: str | None = None):
     """The frozen student (a `cory.policy.Policy`) of zoo name, folder or hub id ``name`` on
     ``device`` (None: the CPU), loaded once per process."""
-    from cory.policy import Policy
-
     student = Policy.from_pretrained(name, device=device)
     student.model.eval().requires_grad_(False)
     return student
@@ -79,10 +81,7 @@ def load_student(name: str, device: str | None = None):
 def load_classifier(name: str, label: str = "positive", device: str | None = None):
     """The reply classifier (a `cory.rewards.ClassifierReward` reading the reply alone) of zoo name,
     folder or hub id ``name`` on ``device`` (None: the CPU), loaded once per process."""
-    from cory.rewards import ClassifierReward
-    from cory.zoo import resolve
-
-    return ClassifierReward(resolve(name, progress=False), label=label, on="response", device=device)
+    return ClassifierReward(zoo.resolve(name, progress=False), label=label, on="response", device=device)
 
 
 def _printable(text: str) -> str:
@@ -208,8 +207,6 @@ class TeacherStudentEnv(TextDecisionEnv):
 
     def _reply(self, max_new_tokens: int) -> str:
         """The student's reply (as written after its tag) to the transcript so far."""
-        from cory.policy import SamplingParams
-
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=self.temperature, stop_strings=("\n",))
         prompt = self._context() + dialogue.STUDENT
         text = self.student.generate([prompt], params, generator=self._generator).texts[0]
@@ -236,8 +233,6 @@ class TeacherStudentEnv(TextDecisionEnv):
         if any(e.student is not first.student or e.classifier is not first.classifier
                or e.temperature != first.temperature for e in envs):
             return [e.step(a) for e, a in zip(envs, actions)]
-        from cory.policy import SamplingParams
-
         starts = [e._teacher(a) for e, a in zip(envs, actions)]
         need = [i for i, start in enumerate(starts) if start[3] >= 1]
         replies = [""] * len(envs)

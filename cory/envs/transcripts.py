@@ -1,6 +1,6 @@
-"""Transcripts of cory's decision-making environments, played by imperfect agents: the texts of the
-zoo's agent corpus (`cory.corpora.agent`, which `cory.envs` points here), and the build-time check
-of a model pretrained on them (`agent_decisions`).
+"""Transcripts of cory's decision-making environments, played by imperfect agents: the zoo's agent
+corpus (`cory:tiny-agent`, `cory:micro-agent`), with its identity (version, seeds, size), its texts
+and the statistics of answers to them (`decision_stats`, which the zoo's build-time check reports).
 
 Each text is one decision: the prompt a cory environment shows at some step (rendered by the
 environment itself, so it is exactly what `gymnasium.make("cory/...")` shows a policy), then the
@@ -43,11 +43,16 @@ import gymnasium
 import numpy as np
 
 # The cory/* environment ids are registered: importing this module ran cory/envs/__init__.py first.
-from cory.corpora.agent import HELDOUT_SEED, PRETRAIN_SEED, PRETRAIN_SIZE
 from cory.envs.bandit import classify_frequency_bias
 from cory.envs.base import argmax_random_tie
 from cory.envs.parsing import format_action, parse_action
 from cory.envs.tictactoe import best_moves
+
+# Bump when the texts change: it is part of every zoo recipe hash, so cached models rebuild.
+CORPUS_VERSION = 1
+PRETRAIN_SEED = 5050
+PRETRAIN_SIZE = 10_000
+HELDOUT_SEED = 7070
 
 RESPONSE = "\n{}"
 """How the answer follows the prompt: a new line, then ``ACTION=<label>``."""
@@ -251,31 +256,3 @@ def decision_stats(decisions: list[Transcript], responses: list[str]) -> dict:
         out[f"F_{name[0]}"] = round(classes.count(name) / max(len(classes), 1), 4)
     out["untried"] = round(sum(untried) / max(len(untried), 1), 4)
     return out
-
-
-def agent_decisions(model, tokenizer, spec, max_new_tokens, log) -> tuple[dict, list[str]]:
-    """Held-out decisions answered greedily and with one plain sample (T=1): valid-action rates and
-    the bandit choices (see ``decision_stats``), next to the same statistics of the transcripts'
-    own answers."""
-    from cory.zoo.evals import complete, generation_config  # torch and transformers load only to build
-
-    decisions = heldout_transcripts(spec.n_eval, spec.eval_seed)
-    prompts = [d.prompt for d in decisions]
-    greedy, _ = complete(model, tokenizer, prompts, generation_config(max_new_tokens, greedy=True))
-    sampled, ended = complete(model, tokenizer, prompts, generation_config(max_new_tokens), seed=0)
-    metrics = {
-        "greedy": decision_stats(decisions, greedy),
-        "sampled": decision_stats(decisions, sampled),
-        "corpus": decision_stats(decisions, [d.response for d in decisions]),
-        "sampled_eos_rate": round(sum(ended) / len(ended), 4),
-        "heldout_decisions": len(decisions),
-    }
-    for name in ("greedy", "sampled", "corpus"):
-        m = metrics[name]
-        log(f"{name}: valid {m['valid_rate']:.3f} (bandit {m['valid_rate_bandit']:.3f}, tic-tac-toe "
-            f"{m['valid_rate_tictactoe']:.3f}); bandit picks F_f {m['F_f']:.2f} F_g {m['F_g']:.2f} "
-            f"F_o {m['F_o']:.2f}, untried {m['untried']:.2f}")
-    samples = [p[-160:] + r for p, r in zip(prompts, sampled)]
-    for text in samples[:4]:
-        log(f"sample: {text!r}")
-    return metrics, samples[:6]

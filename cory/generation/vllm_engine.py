@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cory.policy import Generation, SamplingParams, _cut_at_stop
+from cory.generation.sampling import Generation, SamplingParams, cut_at_stop
 
 SAFE_HEAD_DIM_BF16_CPU = 64
 """Smallest attention head size at which vLLM's CPU build runs bf16/fp16 here (see `engine_dtype`)."""
@@ -158,8 +158,10 @@ class VLLMEngine:
         return LoRARequest(name, lora_id, folder, load_inplace=True)
 
     # -- sampling ----------------------------------------------------------------------------------
-    def sample(self, token_lists: list[list[int]], params: SamplingParams, seeds: list[int], lora=None) -> list:
-        """One completion per prompt (token ids used as-is); vLLM's RequestOutputs in order."""
+    def sample(self, token_lists: list[list[int]], params: SamplingParams, seeds: list[int], stop_ids: list[int],
+               lora=None) -> list:
+        """One completion per prompt (token ids used as-is), ending at any of `stop_ids` (besides the
+        model's EOS) or a stop string; vLLM's RequestOutputs in order."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -168,8 +170,8 @@ class VLLMEngine:
         per_request = [
             VSamplingParams(n=1, temperature=params.temperature, top_k=0 if greedy else params.top_k,
                             top_p=1.0 if greedy else params.top_p, max_tokens=params.max_new_tokens, logprobs=0,
-                            stop=list(params.stop_strings) or None, seed=None if greedy else seed,
-                            skip_special_tokens=True)
+                            stop=list(params.stop_strings) or None, stop_token_ids=list(stop_ids),
+                            seed=None if greedy else seed, skip_special_tokens=True)
             for seed in seeds
         ]
         prompts = [TokensPrompt(prompt_token_ids=list(t)) for t in token_lists]
@@ -211,6 +213,9 @@ class VLLMBackend:
     `mark_stale()` after the policy's weights change; the next `generate` pushes them first.
     """
 
+    token_hooks = False
+    """vLLM samples whole responses: no per-token logits hook (hard KL budget, asking for help)."""
+
     def __init__(self, engine: VLLMEngine, policy, adapter: str | None = None):
         self.engine = engine
         self.policy = policy
@@ -236,21 +241,19 @@ class VLLMBackend:
         self.stale = False
 
     @torch.no_grad()
-    def generate(self, prompts, params: SamplingParams | None = None, generator: torch.Generator | None = None,
-                 logits_hook=None) -> Generation:
-        """`Policy.generate` on the engine; the same tokenisation, padding and output conventions."""
-        if logits_hook is not None:
-            raise EngineError("generation.backend=vllm cannot apply a per-token logits hook (kl.hard_budget, kl.help_threshold); use generation.backend=native")
+    def generate(self, prompts, params: SamplingParams | None = None, generator: torch.Generator | None = None) -> Generation:
+        """`Policy.generate` on the engine: the same prompt rendering (`Policy.encode_prompts`), stop
+        tokens (`Policy.stop_ids`), padding and output conventions."""
         params = params or SamplingParams()
         self.sync()
         policy = self.policy
-        query_ids, query_mask = policy.encode_prompts(prompts)
+        query_ids, query_mask = policy.encode_prompts(prompts, params)
         token_lists = [row[m.bool()].tolist() for row, m in zip(query_ids.cpu(), query_mask.cpu())]
         # Each request gets its own seed from the run's generator: reproducible, and rows differ.
         seeds = torch.randint(0, 2**31 - 1, (len(token_lists),), generator=generator,
                               device=generator.device if generator is not None else "cpu").tolist()
-        outputs = self.engine.sample(token_lists, params, seeds, lora=self._lora)
-        return to_generation(outputs, query_ids, query_mask, policy.tokenizer.pad_token_id, policy._decode,
+        outputs = self.engine.sample(token_lists, params, seeds, policy.stop_ids(params), lora=self._lora)
+        return to_generation(outputs, query_ids, query_mask, policy.tokenizer.pad_token_id, policy.decode,
                              params.stop_strings)
 
     def close(self) -> None:
@@ -275,7 +278,7 @@ def to_generation(outputs, query_ids, query_mask, pad_id: int, decode, stop_stri
         response_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         mask[i, : len(ids)] = 1
         lp[i, : len(ids)] = torch.tensor(row_lp, dtype=torch.float32)
-    texts = [_cut_at_stop(t, tuple(stop_strings)) for t in decode(rows)]
+    texts = [cut_at_stop(t, tuple(stop_strings)) for t in decode(rows)]
     lp = lp.to(device)
     return Generation(query_ids, query_mask, response_ids.to(device), mask.to(device), lp,
                       torch.tensor(finished, dtype=torch.bool, device=device), texts, engine_logprobs=lp)

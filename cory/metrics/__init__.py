@@ -1,6 +1,7 @@
 """Diagnostics for decision-making agents: regret and coverage curves with 95% intervals, game
 outcome rates, the frequency-bias and knowing-doing probes, and PNG plots."""
 
+from cory.envs.bandit import most_frequent_actions
 from cory.metrics.curves import (
     bandit_summary,
     coverage,
@@ -27,7 +28,6 @@ from cory.metrics.probes import (
     greedy_actions,
     knowing_doing_prompt,
     knowing_doing_rates,
-    most_frequent_actions,
     parse_ucb_values,
     run_frequency_bias_probe,
     run_knowing_doing_probe,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -27,7 +28,9 @@ from cory.metrics.probes import (
     run_frequency_bias_probe,
     run_knowing_doing_probe,
 )
-from cory.policy import Policy, SamplingParams, _lm_forward, _prefix_cache, position_ids_from_mask
+from cory.generation.native import lm_forward, position_ids_from_mask, prefix_cache
+from cory.generation.sampling import SamplingParams
+from cory.policy import Policy
 
 PROBES = ("frequency", "knowing-doing")
 ACTION_TEMPLATE = "\nACTION={}"
@@ -48,10 +51,10 @@ def action_scorer(policy: Policy, batch_size: int = 64, params: SamplingParams |
         responses = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         if any(len(ids) == 0 for ids in responses):
             raise ValueError("an action text has no tokens")
-        query_ids, query_mask = policy.encode_prompts([prompt], params.chat, params.system_prompt, params.chat_examples)
+        query_ids, query_mask = policy.encode_prompts([prompt], params)
         lm, lq, device = policy.model, query_ids.shape[1], query_ids.device
-        cache = _prefix_cache(lm, query_ids[0, :-1].tolist(), getattr(policy, "prefix_store", None), device)
-        head = _lm_forward(lm, query_ids[:, -1:], query_mask, torch.tensor([[lq - 1]], device=device), logits_to_keep=1,
+        cache = prefix_cache(lm, query_ids[0, :-1].tolist(), getattr(policy, "prefix_store", None), device)
+        head = lm_forward(lm, query_ids[:, -1:], query_mask, torch.tensor([[lq - 1]], device=device), logits_to_keep=1,
                            use_cache=True, past_key_values=cache)
         first = torch.log_softmax(head.logits[0, -1].float(), dim=-1)  # [V]: the first token of every text
         scores: list[float] = []
@@ -70,7 +73,7 @@ def action_scorer(policy: Policy, batch_size: int = 64, params: SamplingParams |
                 cache.batch_repeat_interleave(len(chunk))
                 attention = torch.cat([query_mask.expand(len(chunk), -1), mask], dim=1)
                 positions = position_ids_from_mask(attention)[:, lq:]
-                out = _lm_forward(lm, ids[:, :-1], attention[:, :-1], positions[:, :-1], use_cache=True, past_key_values=cache)
+                out = lm_forward(lm, ids[:, :-1], attention[:, :-1], positions[:, :-1], use_cache=True, past_key_values=cache)
                 logp = torch.log_softmax(out.logits.float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # [K, W-1]
                 total = total + (logp * mask[:, 1:]).sum(-1).cpu()
             scores += total.tolist()
@@ -124,8 +127,6 @@ def knowing_doing_probe(
     """The knowing-doing probe on a model: prompts asking for `<ucb_values>` and an action, answered by
     sampling up to `max_new_tokens` tokens at `temperature` (with `params`' prompt rendering: chat
     template, system and example turns). Returns (`knowing_doing_rates`, per-probe results)."""
-    from dataclasses import replace
-
     opts = bandit_options(env_kwargs or {})
     params = replace(params or SamplingParams(), max_new_tokens=max_new_tokens, temperature=temperature)
     results = run_knowing_doing_probe(

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from cory.envs.records import EpisodeRecord
 from cory.metrics.curves import coverage_curves, mean_ci, regret_curves
@@ -21,29 +22,22 @@ def plot_curves(
 ) -> Path:
     """One line per name with its 95% band; curves[name] is [N, T] (N environments, T steps,
     NaN-padded). Steps are numbered from 1. Writes `path` (PNG) and returns it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    try:
-        for name, values in curves.items():
-            mean, half = mean_ci(np.atleast_2d(values))
-            steps = np.arange(1, mean.shape[0] + 1)
-            (line,) = ax.plot(steps, mean, lw=2, label=f"{name} (n={np.atleast_2d(values).shape[0]})")
-            ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.2, lw=0)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()  # a Figure of its own: no pyplot state, no backend chosen for the process
+    for name, values in curves.items():
+        mean, half = mean_ci(np.atleast_2d(values))
+        steps = np.arange(1, mean.shape[0] + 1)
+        (line,) = ax.plot(steps, mean, lw=2, label=f"{name} (n={np.atleast_2d(values).shape[0]})")
+        ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     return path
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from cory.agents.bandit import ucb_index
 from cory.envs.bandit import (History, arm_labels, classify_frequency_bias, counts_and_means, greedy_actions,
-                              most_frequent_actions, render_bandit_prompt)
+                              render_bandit_prompt)
 from cory.envs.parsing import match_label, parse_action
 from cory.envs.prompts import PromptOptions
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 import importlib
 import math
 import threading
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+from cory import zoo
 from cory.errors import UsageError
+from cory.paths import is_dir, shown
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 CLASSIFIER_MAX_TOKENS = 512
@@ -35,8 +38,6 @@ class ClassifierReward:
     """Scores texts with a sequence classifier; batched, no gradients."""
 
     def __init__(self, path: str, label: str = "positive", on: str = "prompt+response", batch_size: int = 64, device=None):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         # transformers only warns (a warning the CLI mutes) when a folder lacks the classifier's
         # weights and initialises them at random: that is a wrong model, not a reward.
@@ -85,8 +86,6 @@ class VaderReward:
     """The VADER compound score of each text: -1 (most negative) to 1 (most positive)."""
 
     def __init__(self, on: str = "prompt+response"):
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
         self.analyzer = SentimentIntensityAnalyzer()
         self.on = on
 
@@ -104,10 +103,10 @@ def _import_function(spec: str) -> RewardFn:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise RewardError(f"reward '{spec}': cannot import module '{module_name}' ({e})") from None
+        raise RewardError(f"reward '{shown(spec)}': cannot import module '{shown(module_name)}' ({shown(str(e))})") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise RewardError(f"reward '{spec}': module '{module_name}' has no function '{fn_name}'")
+        raise RewardError(f"reward '{shown(spec)}': module '{shown(module_name)}' has no function '{shown(fn_name)}'")
     return fn
 
 
@@ -171,9 +170,7 @@ def checked(fn: RewardFn, name: str, timeout: float = 0.0) -> RewardFn:
 
 def is_function_spec(spec: str) -> bool:
     """Whether a reward spec names a Python `module:function` (not a cory: model or a folder)."""
-    from cory import zoo
-
-    return not zoo.is_zoo_name(spec) and not Path(spec).is_dir() and ":" in spec and not spec.startswith((".", "/"))
+    return not zoo.is_zoo_name(spec) and not is_dir(spec) and ":" in spec and not spec.startswith((".", "/"))
 
 
 def dry_run(spec: str, prompts: list[str], timeout: float) -> None:
@@ -186,32 +183,28 @@ def dry_run(spec: str, prompts: list[str], timeout: float) -> None:
 
 def load_reward(spec: str, label: str = "positive", on: str = "prompt+response", device=None, timeout: float = 0.0) -> RewardFn:
     """A checked reward callable from a spec (see the module docstring)."""
-    from cory import zoo
-
     if spec in BUILTIN_REWARDS:
         return checked(BUILTIN_REWARDS[spec](on), spec)
     if zoo.is_zoo_name(spec):
         return checked(ClassifierReward(zoo.resolve(spec), label, on, device=device), spec)
-    if Path(spec).is_dir():
+    if is_dir(spec):
         return checked(ClassifierReward(spec, label, on, device=device), spec)
     if ":" in spec and not spec.startswith((".", "/")):
         return checked(_import_function(spec), spec, timeout)
-    raise RewardError(f"reward '{spec}' is neither {', '.join(BUILTIN_REWARDS)}, a classifier folder, a cory: model, nor a module:function")
+    raise RewardError(f"reward '{shown(spec)}' is neither {', '.join(BUILTIN_REWARDS)}, a classifier folder, a cory: model, nor a module:function")
 
 
 def validate_spec(spec: str) -> None:
     """Cheap checks before any work: the folder exists, the zoo name is known, the function imports."""
-    from cory import zoo
-
     if spec in BUILTIN_REWARDS:
         return
     if zoo.is_zoo_name(spec):
         if spec not in {m["name"] for m in zoo.list_models()}:
             raise zoo.UnknownModelError(spec)
         return
-    if Path(spec).is_dir():
+    if is_dir(spec):
         return
     if ":" in spec and not spec.startswith((".", "/")):
         _import_function(spec)
         return
-    raise RewardError(f"reward '{spec}' is neither {', '.join(BUILTIN_REWARDS)}, a classifier folder, a cory: model, nor a module:function")
+    raise RewardError(f"reward '{shown(spec)}' is neither {', '.join(BUILTIN_REWARDS)}, a classifier folder, a cory: model, nor a module:function")

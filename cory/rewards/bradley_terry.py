@@ -17,8 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from cory import zoo
+from cory.corpora import reviews
 from cory.errors import UsageError
+from cory.jsonl import jsonl_rows
 
 
 class PairDataError(UsageError):
@@ -27,8 +32,6 @@ class PairDataError(UsageError):
 
 def load_pairs(path: str | Path) -> list[dict]:
     """Rows {prompt, chosen, rejected} from a JSONL file; `prompt` may be empty."""
-    from cory.tasks.base import jsonl_rows
-
     rows = [
         {"prompt": str(row.get("prompt", "")), "chosen": str(row["chosen"]), "rejected": str(row["rejected"])}
         for _, row in jsonl_rows(Path(path), PairDataError, ("chosen", "rejected"), "preference file")
@@ -72,11 +75,6 @@ def pairwise_accuracy(model, tokenizer, pairs: list[dict], max_length: int = 128
 
 def train_reward_model(pairs: list[dict], output_dir: str | Path, cfg: RMTrainConfig, progress: bool = True) -> dict:
     """Fits the model, saves it to output_dir, returns {train_pairs, eval_pairs, eval_accuracy, ...}."""
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from cory import zoo
-
     torch.manual_seed(cfg.seed)
     rows = list(pairs)
     random.Random(cfg.seed).shuffle(rows)
@@ -129,8 +127,6 @@ def train_reward_model(pairs: list[dict], output_dir: str | Path, cfg: RMTrainCo
 def sentiment_pairs(n: int, seed: int = 0) -> list[dict]:
     """Preference pairs from the synthetic review corpus: a positive review preferred over a negative
     one that starts with the same words (the shared start is the prompt)."""
-    from cory.corpora import reviews
-
     texts = reviews.generate(n * 6, seed=seed + 7919)
     pos = [t for t, label in texts if label == "positive"]
     neg = [t for t, label in texts if label == "negative"]

@@ -3,37 +3,18 @@
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cory.errors import UsageError
+from cory.jsonl import jsonl_rows
 from cory.rewards import RewardFn
 
 
 class TaskDataError(UsageError):
     """A prompt file that cannot be used."""
-
-
-def jsonl_rows(path: Path, error: type[Exception], required: tuple[str, ...], what: str = "file"):
-    """Yields (line number, object) from a JSONL file, each checked to be an object with `required`
-    keys; problems raise `error` with one line naming the file and line."""
-    if not path.is_file():
-        raise error(f"{what} not found: {path}")
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            missing = [k for k in required if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise error(f"{path}:{n}: missing key(s) {', '.join(missing)}")
-            yield n, row
 
 
 def load_prompt_file(path: str | Path, column: str = "prompt") -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from cory.corpora import arithmetic, reviews
 from cory.rewards import load_reward
 from cory.tasks.base import PromptTask, load_prompt_file
 
@@ -28,8 +29,6 @@ def sentiment_task(cfg) -> PromptTask:
     Built-in prompts are the first 2-8 words of synthetic reviews held out from the pretraining
     corpus of `cory:tiny-reviews`; the evaluation set is a disjoint fixed draw.
     """
-    from cory.corpora import reviews
-
     if cfg.prompt_file:
         prompts = load_prompt_file(cfg.prompt_file, cfg.prompt_column)
         train, evals = prompts, prompts[: cfg.num_eval_prompts]
@@ -56,8 +55,6 @@ def arithmetic_task(cfg) -> PromptTask:
 
     Prompts are held out from `cory:tiny-arith`'s pretraining problems. `task.reward` is ignored.
     """
-    from cory.corpora import arithmetic
-
     seen = {p for p, _, _ in arithmetic.generate(arithmetic.PRETRAIN_SIZE, arithmetic.PRETRAIN_SEED)}
     pool = arithmetic.heldout(cfg.num_train_prompts + cfg.num_eval_prompts, exclude=seen)
     truth = dict(pool)

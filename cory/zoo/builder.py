@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 
 from cory.zoo import registry
+from cory.zoo.gguf import ZooSourceError, write_gguf_model
+from cory.zoo.train import write_model
 
 
 def build(name: str, force: bool = False, progress: bool = True, source: str | None = None) -> pathlib.Path:
@@ -25,18 +27,12 @@ def build(name: str, force: bool = False, progress: bool = True, source: str | N
     wheel or GGUF for a model converted from one (see ``cory.zoo.gguf``)."""
     entry = registry.entry(name)
     if source and not isinstance(entry.recipe, registry.GGUFRecipe):
-        from cory.zoo.gguf import ZooSourceError
-
         raise ZooSourceError(f"{name} is built from its recipe; a source file applies only to converted models")
 
     def write(folder: pathlib.Path) -> None:
         if isinstance(entry.recipe, registry.GGUFRecipe):
-            from cory.zoo.gguf import write_gguf_model
-
             write_gguf_model(entry, folder, progress, source)
             return
-        from cory.zoo.train import write_model  # torch and transformers load only to build
-
         write_model(entry, folder, progress)
 
     return build_folder(registry.model_dir(name), write, force)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-from cory.corpora import agent, arithmetic, dialogue, reviews
+from cory.corpora import arithmetic, dialogue, reviews
+from cory.envs import transcripts
 from cory.zoo.tokenizer import EOS_ID, PAD_ID
 
 # Generation batch: a few hundred prompts at once stay well inside memory on any CPU.
@@ -146,9 +147,29 @@ def _cells(by_kind: dict) -> str:
 
 
 def agent_decisions(model, tokenizer, spec, max_new_tokens, log) -> tuple[dict, list[str]]:
-    """Held-out decisions answered by the model: played in the environments, so the check lives
-    with them (`cory.envs.transcripts.agent_decisions`), reached through the corpus's source."""
-    return agent.source().agent_decisions(model, tokenizer, spec, max_new_tokens, log)
+    """Held-out decisions answered greedily and with one plain sample (T=1): valid-action rates and
+    the bandit choices (`transcripts.decision_stats`), next to the same statistics of the
+    transcripts' own answers."""
+    decisions = transcripts.heldout_transcripts(spec.n_eval, spec.eval_seed)
+    prompts = [d.prompt for d in decisions]
+    greedy, _ = complete(model, tokenizer, prompts, generation_config(max_new_tokens, greedy=True))
+    sampled, ended = complete(model, tokenizer, prompts, generation_config(max_new_tokens), seed=0)
+    metrics = {
+        "greedy": transcripts.decision_stats(decisions, greedy),
+        "sampled": transcripts.decision_stats(decisions, sampled),
+        "corpus": transcripts.decision_stats(decisions, [d.response for d in decisions]),
+        "sampled_eos_rate": round(sum(ended) / len(ended), 4),
+        "heldout_decisions": len(decisions),
+    }
+    for name in ("greedy", "sampled", "corpus"):
+        m = metrics[name]
+        log(f"{name}: valid {m['valid_rate']:.3f} (bandit {m['valid_rate_bandit']:.3f}, tic-tac-toe "
+            f"{m['valid_rate_tictactoe']:.3f}); bandit picks F_f {m['F_f']:.2f} F_g {m['F_g']:.2f} "
+            f"F_o {m['F_o']:.2f}, untried {m['untried']:.2f}")
+    samples = [p[-160:] + r for p, r in zip(prompts, sampled)]
+    for text in samples[:4]:
+        log(f"sample: {text!r}")
+    return metrics, samples[:6]
 
 
 # ---------------------------------------------------------------------------------------------

