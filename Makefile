@@ -14,7 +14,7 @@ demo: setup
 	$(VENV)/bin/cory report $(RUN)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 bench: setup
 	$(PY) benchmarks/zoo_build.py

@@ -1,6 +1,8 @@
 """Shared fixtures. Tests never touch the network or the user's cache: the embedded models are built
 at test size (`cory:micro-*`, seconds each) into one session cache folder (set CORY_TEST_CACHE to
-reuse a folder across sessions while developing)."""
+reuse a folder across sessions while developing). With pytest-xdist (`make test` runs one worker per
+core) the workers share the controller's session cache: a model is built once, the others wait on
+the zoo's build lock and reuse it."""
 
 from __future__ import annotations
 
@@ -23,16 +25,21 @@ if TEST_DEVICE == "cpu":
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # The real model (cory:smollm2-135m-instruct, ~10 s to convert, 93 MB to fetch) is built once per
 # machine into the ordinary cache, read before the session cache replaces it.
-from cory.zoo import registry as _registry  # noqa: E402  (imports no torch)
+from cory.zoo import registry as _registry  # noqa: E402  (after the environment above: it imports torch)
 
-_MACHINE_CACHE = os.environ.get("CORY_REAL_MODEL_CACHE") or str(_registry.cache_dir())
-_OWN_CACHE = not os.environ.get("CORY_TEST_CACHE")
-_CACHE = os.environ.get("CORY_TEST_CACHE") or tempfile.mkdtemp(prefix="cory-test-cache-")
+if "CORY_TEST_SESSION_CACHE" in os.environ:  # an xdist worker: the controller made the caches' choice
+    _CACHE, _MACHINE_CACHE, _OWN_CACHE = os.environ["CORY_TEST_SESSION_CACHE"], os.environ["CORY_TEST_MACHINE_CACHE"], False
+else:
+    _MACHINE_CACHE = os.environ.get("CORY_REAL_MODEL_CACHE") or str(_registry.cache_dir())
+    _OWN_CACHE = not os.environ.get("CORY_TEST_CACHE")
+    _CACHE = os.environ.get("CORY_TEST_CACHE") or tempfile.mkdtemp(prefix="cory-test-cache-")
+    os.environ["CORY_TEST_SESSION_CACHE"], os.environ["CORY_TEST_MACHINE_CACHE"] = _CACHE, _MACHINE_CACHE
 os.environ["CORY_CACHE"] = _CACHE
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """The session cache is removed at the end unless the user named it (CORY_TEST_CACHE)."""
+    """The session cache is removed at the end (by the process that made it) unless the user named
+    it (CORY_TEST_CACHE)."""
     if _OWN_CACHE:
         shutil.rmtree(_CACHE, ignore_errors=True)
 
