@@ -20,7 +20,7 @@ LAYERS = [
     ("generation", "policy", "scoring", "drift", "lora", "sharding", "optim"),
     ("rollout",),
     ("rewards",),
-    ("tasks", "envs.teacher_student"),
+    ("tasks", "teacher_student"),
     ("agents",),
     ("metrics", "evaluate"),
     ("config",),
@@ -29,10 +29,9 @@ LAYERS = [
     ("api", "cli", "__main__"),
 ]
 """cory's layers, lowest first (docs/architecture.md describes them): a module imports from its own
-layer or a lower one. Every top-level module or package of cory/ is in exactly one; a dotted entry
-(`envs.teacher_student`) places one module of a package apart from the rest of it. The text
+layer or a lower one. Every top-level module or package of cory/ is in exactly one. The text
 environments sit below the zoo (the agent models pretrain on their transcripts); the one that
-talks to a student model sits above the models and rewards it loads."""
+talks to a student model (`teacher_student`) sits above the models and rewards it loads."""
 
 OPTIONAL = ("vllm", "bitsandbytes", "trl", "deepspeed")
 """Optional dependencies: imported where they are used, so that cory runs without them."""
@@ -152,22 +151,14 @@ def test_no_import_cycles_inside_cory():
 
 
 def layer_of(module: str) -> int | None:
-    """The index in LAYERS of `cory.x` or `cory.x.y...` (None for the package root `cory`): the
-    layer of the longest entry that names the module or a package holding it."""
-    parts = module.split(".")[1:]
-    if not parts:
+    """The index in LAYERS of `cory.x` or `cory.x.y...` (None for the package root `cory`)."""
+    parts = module.split(".")
+    if len(parts) == 1:
         return None
-    for n in range(len(parts), 0, -1):
-        for i, layer in enumerate(LAYERS):
-            if ".".join(parts[:n]) in layer:
-                return i
-    raise AssertionError(f"{module} is in no layer: add cory.{parts[0]} to LAYERS here and to docs/architecture.md")
-
-
-def test_layer_of_reads_the_longest_entry():
-    assert layer_of("cory.envs.bandit") == layer_of("cory.envs") < layer_of("cory.zoo.registry")
-    assert layer_of("cory.envs.teacher_student") > layer_of("cory.rewards")
-    assert layer_of("cory") is None
+    for i, layer in enumerate(LAYERS):
+        if parts[1] in layer:
+            return i
+    raise AssertionError(f"{module} is in no layer: add cory.{parts[1]} to LAYERS here and to docs/architecture.md")
 
 
 def test_every_import_points_to_its_own_layer_or_a_lower_one():

@@ -9,7 +9,7 @@ from gymnasium.utils.env_checker import check_env
 
 import cory.envs  # noqa: F401  (registers the ids)
 from cory.cli import main
-from cory.envs.teacher_student import teacher_turn
+from cory.teacher_student import teacher_turn
 from cory.corpora import dialogue, reviews
 
 MICRO_STUDENT = "cory:micro-dialogue"

@@ -24,8 +24,8 @@ ENV_IDS = {
     "cory/Bandit-v0": "cory.envs.bandit:BanditEnv",
     "cory/ContextualBandit-v0": "cory.envs.contextual:ContextualBanditEnv",
     "cory/TicTacToe-v0": "cory.envs.tictactoe:TicTacToeEnv",
-    # Loads language models (a layer above the other environments): gymnasium imports it when one is made.
-    "cory/TeacherStudent-v0": "cory.envs.teacher_student:TeacherStudentEnv",
+    # Loads language models and a reward, so it lives a layer above them: gymnasium imports it when one is made.
+    "cory/TeacherStudent-v0": "cory.teacher_student:TeacherStudentEnv",
 }
 """The cory text environments: gymnasium id -> entry point (the config's allowed env.id values)."""
 
