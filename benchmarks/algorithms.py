@@ -21,7 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+
+from cory.config import load_config
 from cory.metrics import t_interval as interval
+from cory.train import TrainingRun
+
+matplotlib.use("Agg")
 
 RESULTS = Path(__file__).parent / "results"
 ALGOS = ["reinforce", "a2c", "ppo", "grpo", "rloo", "dr_grpo", "dapo", "gspo", "cispo"]
@@ -47,9 +54,6 @@ PER_ALGO = {
 
 
 def run_one(task: str, algo: str, seed: int, iterations: int) -> dict:
-    from cory.config import load_config
-    from cory.train import TrainingRun
-
     overrides = TASKS[task] + PER_ALGO[algo] + [
         f"algo.name={algo}", f"train.seed={seed}", f"train.iterations={iterations}", "train.log_with=[]",
         "train.progress=false", "task.num_eval_prompts=64"]
@@ -65,11 +69,6 @@ def run_one(task: str, algo: str, seed: int, iterations: int) -> dict:
 
 
 def plot(task: str, runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for algo in ALGOS:
         mine = [r for r in runs if r["algo"] == algo]

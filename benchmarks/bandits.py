@@ -50,9 +50,30 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import gymnasium as gym
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import yaml
+
+from cory import zoo
+from cory.config import load_config
+from cory.envs import transcripts
+from cory.envs.bandit import arm_labels, render_bandit_prompt
+from cory.envs.prompts import PromptOptions
+from cory.evaluate import episode_metrics, play_agent, play_policy
+from cory.generation.sampling import SamplingParams
+from cory.metrics import coverage, coverage_curves, plot_coverage, plot_curves, plot_regret, regret_curves
 from cory.metrics import t_interval as interval
+from cory.metrics.model_probes import frequency_bias_probe, knowing_doing_probe
+from cory.policy import Policy
+from cory.train import TrainingRun
+
+matplotlib.use("Agg")
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "cory:tiny-agent"
@@ -64,19 +85,21 @@ GOALS = {"regret_cut": 0.30, "coverage_gain": 0.12, "ttt_return": 0.75}
 # Fine-tuning. Bandits: REINFORCE with the Monte-Carlo baseline (the mean return of the batch's turns
 # at the same step) on discounted rewards-to-go, a small exploration bonus, and the paper's pool of
 # 512 training bandits; gamma < 1 keeps each step's advantage about its own reward and the next few,
-# which the noise of 50 rewards at sigma 1 would otherwise drown.
+# which the noise of 50 rewards at sigma 1 would otherwise drown. Minibatches hold whole episodes:
+# 2 of the 8 (100 turns, the size the committed results used when minibatches counted turns).
 BANDIT_TRAIN = {
     "env.pool_size": 512, "train.batch_size": 8, "algo.name": "reinforce", "algo.baseline": "mean",
-    "algo.gamma": 0.5, "algo.lr": 5e-4, "algo.minibatch_size": 100, "kl.beta": 0.01,
+    "algo.gamma": 0.5, "algo.lr": 5e-4, "algo.minibatch_size": 2, "kl.beta": 0.01,
 }
 BANDIT_TRAIN_ENV = {"exploration_bonus": 0.5, "reward_norm": "standard"}
 # Tic-tac-toe: the same estimator on undiscounted rewards-to-go (a turn's return holds the game's
 # outcome and the penalties of its later invalid moves). The discount also applies between the
 # tokens of a turn while the baseline is taken at its first token, so with gamma < 1 the <eos> token
-# carries the raw -5 of invalid moves and is pushed down until answers stop ending.
+# carries the raw -5 of invalid moves and is pushed down until answers stop ending. Minibatches of
+# 16 whole games (about the 64 turns the committed results used when minibatches counted turns).
 TTT_TRAIN = {
     "train.batch_size": 32, "algo.name": "reinforce", "algo.baseline": "mean", "algo.gamma": 1.0,
-    "algo.lr": 1e-4, "algo.minibatch_size": 64, "kl.beta": 0.05,
+    "algo.lr": 1e-4, "algo.minibatch_size": 16, "kl.beta": 0.05,
 }
 COMMON_TRAIN = {"generation.max_new_tokens": 6, "env.eval_episodes": 1, "train.log_with": "[]", "train.progress": False,
                 "eval.temperature": 1.0}
@@ -91,24 +114,16 @@ def cell(values: list[float], fmt: str = ".2f") -> str:
 
 
 def bandit_kwargs() -> dict:
-    from cory.envs import transcripts
-
     return {**transcripts.env_kwargs(10), "sigma": 1.0}
 
 
 def sampling():
-    from cory.policy import SamplingParams
-
     return SamplingParams(max_new_tokens=COMMON_TRAIN["generation.max_new_tokens"], temperature=1.0)
 
 
 def evaluate_model(path: str, seed: int, episodes: int, probes: int, games: int, bandit: bool = True, ttt: bool = True) -> dict:
     """A model's bandit metrics (records kept for the curves), frequency-bias probe and tic-tac-toe
     return on the evaluation instances of `seed`."""
-    from cory.evaluate import episode_metrics, play_policy
-    from cory.metrics.model_probes import frequency_bias_probe
-    from cory.policy import Policy
-
     policy = Policy.from_pretrained(path)
     out: dict = {}
     if bandit:
@@ -125,9 +140,6 @@ def evaluate_model(path: str, seed: int, episodes: int, probes: int, games: int,
 
 
 def bandit_row(records) -> dict:
-    from cory.evaluate import episode_metrics
-    from cory.metrics import coverage_curves, regret_curves
-
     m = episode_metrics(records)
     return {"regret": m["regret_mean"], "coverage": m["coverage_final"], "valid_rate": m["valid_rate"],
             "regret_curve": regret_curves(records).mean(0).tolist(), "coverage_curve": coverage_curves(records).mean(0).tolist(),
@@ -136,9 +148,6 @@ def bandit_row(records) -> dict:
 
 def fine_tune(env_id: str, env_kwargs: dict, settings: dict, seed: int, iterations: int, out: str) -> dict:
     """One RL fine-tuning run of the zoo model; returns its wall and CPU seconds and last metrics."""
-    from cory.config import load_config
-    from cory.train import TrainingRun
-
     overrides = {**COMMON_TRAIN, **settings, "model.name": MODEL, "env.id": env_id,
                  "env.kwargs": json.dumps(env_kwargs), "train.seed": seed, "train.iterations": iterations}
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
@@ -153,13 +162,6 @@ LABELS = {"random": "random", "UCB1": "UCB1", "before": "tiny-agent pretrained",
 
 
 def plots(pooled: dict, probes: dict, stem: str, title: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cory.metrics import plot_coverage, plot_regret
-
     paths = [plot_regret(pooled, RESULTS / f"{stem}_regret.png", title=f"Cumulative regret, {title}"),
              plot_coverage(pooled, RESULTS / f"{stem}_coverage.png", title=f"Action coverage, {title}")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -245,12 +247,7 @@ def main() -> None:
         args.seeds, args.iterations, args.ttt_iterations = args.seeds[:1], 2, 2
         args.episodes, args.probes, args.games = 8, 10, 16
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from cory import zoo
-    from cory.evaluate import play_agent
-
     start, cpu_start = time.perf_counter(), time.process_time()
     base = str(zoo.resolve(MODEL, progress=False))
     runs: dict[str, list[dict]] = {"random": [], "UCB1": [], "before": [], "after": []}
@@ -367,15 +364,8 @@ def real_env_kwargs(n_arms: int, variant: str, cot: bool, horizon: int, history:
 def one_shot(env_id: str, kwargs: dict) -> tuple[str, str]:
     """(user, assistant): an observation of the environment with `kwargs` and an answer in the format
     the prompt asks for (with chain of thought: one short sentence before ACTION=X)."""
-    from cory.envs.bandit import arm_labels, render_bandit_prompt
-    from cory.envs.prompts import PromptOptions
-
     cot = kwargs.get("cot", True)
     if env_id == TICTACTOE:
-        import gymnasium as gym
-
-        import cory.envs  # noqa: F401  (registers the environments)
-
         env = gym.make(TICTACTOE, **kwargs).unwrapped
         observation, _ = env.reset(seed=12345)
         return observation, ("The centre is free. " if cot else "") + "ACTION=4"
@@ -387,8 +377,6 @@ def one_shot(env_id: str, kwargs: dict) -> tuple[str, str]:
 
 
 def real_params(env_id: str, kwargs: dict, max_new_tokens: int, temperature: float = 0.0):
-    from cory.policy import SamplingParams
-
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, chat=True,
                           chat_examples=(one_shot(env_id, kwargs),), shared_prefix=True)
 
@@ -399,8 +387,6 @@ def episode_interval(records, key) -> tuple[float, float]:
 
 
 def real_bandit_row(records, example_label: int | None = None) -> dict:
-    from cory.metrics import coverage, coverage_curves, regret_curves
-
     row = bandit_row(records)
     row["regret_curves"], row["coverage_curves"] = regret_curves(records).tolist(), coverage_curves(records).tolist()
     row["regret_ci"] = episode_interval(records, lambda r: r.total_regret)[1]
@@ -423,8 +409,6 @@ def ci_cell(mean: float, half: float, fmt: str = ".2f") -> str:
 def write_real_config(path: Path, env_id: str, kwargs: dict, settings: dict, seed: int, iterations: int,
                       episodes: int, eval_seed: int, max_new_tokens: int) -> Path:
     """The fine-tuning run's YAML config (YAML carries the example turn's text as written)."""
-    import yaml
-
     user, assistant = one_shot(env_id, kwargs)
     cfg = {
         "model": {"name": REAL_MODEL},
@@ -445,9 +429,6 @@ def write_real_config(path: Path, env_id: str, kwargs: dict, settings: dict, see
 
 
 def real_fine_tune(config: Path, out: str) -> dict:
-    from cory.config import load_config
-    from cory.train import TrainingRun
-
     cfg = load_config(config)
     t0 = time.perf_counter()
     summary = TrainingRun(cfg, out).run()
@@ -481,11 +462,7 @@ def main_real(args) -> None:
     """Runs the stages in `args.stages` and merges them into the real-model report (stages run earlier
     stay in it, so the report can be built in several invocations)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from cory.policy import Policy
-
     start = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -525,11 +502,6 @@ def main_real(args) -> None:
 
 def plot_ttt_training(training: dict, path: Path) -> Path:
     """Tic-tac-toe fine-tuning: training return and KL per iteration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     its = range(1, len(training["train_reward"]) + 1)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(its, training["train_reward"], "o-")
@@ -565,9 +537,6 @@ def stage_settings(args, keys) -> dict:
 
 def probe_stage(policy, args, log) -> dict:
     """Play, frequency-bias and knowing-doing probes of the untrained model, with UCB1 and random."""
-    from cory.evaluate import play_agent, play_policy
-    from cory.metrics.model_probes import frequency_bias_probe, knowing_doing_probe
-
     t0, c0 = time.perf_counter(), time.process_time()
     seed = args.seeds[0]
     cells = []
@@ -617,11 +586,6 @@ def strip_records(row: dict) -> dict:
 def bandit_stage(policy, args, log) -> dict:
     """RL fine-tuning on bandits; the untrained and trained model, UCB1 and random on the same held-out
     bandits; the training run's own initial evaluation checked against the fresh one."""
-    from cory.evaluate import episode_metrics, play_agent, play_policy
-    from cory.policy import Policy
-
-    from dataclasses import replace
-
     t0, c0 = time.perf_counter(), time.process_time()
     seed = args.seeds[0]
     kw = real_env_kwargs(args.train_arms, "button", False, args.train_horizon, args.history)
@@ -668,9 +632,6 @@ def bandit_stage(policy, args, log) -> dict:
 
 def ttt_stage(policy, args, log) -> dict:
     """RL fine-tuning on tic-tac-toe against a random opponent (value head + GAE)."""
-    from cory.evaluate import episode_metrics, play_agent, play_policy
-    from cory.policy import Policy
-
     t0, c0 = time.perf_counter(), time.process_time()
     seed = args.seeds[0]
     kw = {"cot": False}
@@ -702,14 +663,6 @@ def ttt_stage(policy, args, log) -> dict:
 
 def real_report(data: dict, stem: str) -> list[Path]:
     """Markdown and PNGs from the merged stage results."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from cory.metrics import plot_curves
-
     nan = float("nan")
     written = [RESULTS / f"{stem}.json"]
     probes, fine, ttt = data.get("probes"), data.get("bandit"), data.get("tictactoe")

@@ -75,7 +75,25 @@ import tempfile
 import time
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+import torch
+
+from cory.api import train
+from cory.build import eval_params, eval_scorer, load_reference
+from cory.coevolve import CoryRun
+from cory.config import CoryConfig, load_config
+from cory.corpora import arithmetic
+from cory.evaluate import evaluate
 from cory.metrics import t_interval as interval
+from cory.policy import Policy
+from cory.report import read_jsonl
+from cory.run import check_output_dir
+from cory.tasks import make_task
+from cory.tasks.pioneer_observer import observer_prompts
+from cory.train import TrainingRun
+
+matplotlib.use("Agg")
 
 HERE = Path(__file__).resolve().parent
 
@@ -104,7 +122,9 @@ TASKS = {
 }
 COMMON = ["algo.name=ppo", "algo.epochs=2", "algo.minibatch_size=16", "kl.controller=fixed", "kl.estimator=k1",
           "task.num_eval_prompts=64", "eval.samples_per_prompt=2", "train.log_with=[]", "train.progress=false"]
-QUICK = ["train.batch_size=8", "task.num_eval_prompts=8"]
+# algo.minibatch_size=0 (one minibatch of the whole batch): what COMMON's 16 gave a batch of 8 before
+# minibatch sizes had to divide the batch.
+QUICK = ["train.batch_size=8", "task.num_eval_prompts=8", "algo.minibatch_size=0"]
 CORY_VARIANTS = {"cory": [], "cory-no-exchange": ["cory.exchange=false"], "cory-no-observe": ["cory.observe=false"]}
 # The pretrained model (--model real). Sized to the time this machine had (see the docstring); the
 # paper ran 100 iterations of 256 (IMDB) or 32 (GSM8K) prompts on 0.8B-7B models.
@@ -137,8 +157,11 @@ REAL_TASKS = {
 REAL_COMMON = ["algo.name=ppo", "algo.epochs=2", "algo.minibatch_size=8", "kl.controller=fixed", "kl.estimator=full",
                "kl.exact_accounting=true", "generation.temperature=1.0", "eval.temperature=1.0",
                "eval.samples_per_prompt=2", "train.log_with=[]", "train.progress=false"]
-REAL_QUICK = ["train.batch_size=4", "task.num_eval_prompts=4", "generation.max_new_tokens=8", "cory.swap_every=1"]
-LORA = {"single": ["model.lora.r=16", "model.lora.alpha=32"], "pair": ["cory.shared_base=true", "cory.lora_r=16", "cory.lora_alpha=32"]}
+# algo.minibatch_size=0: the whole batch of 4, as REAL_COMMON's 8 gave it before minibatch sizes had to divide the batch.
+REAL_QUICK = ["train.batch_size=4", "task.num_eval_prompts=4", "generation.max_new_tokens=8", "cory.swap_every=1",
+              "algo.minibatch_size=0"]
+# PPO: one adapter on the frozen base; CORY (model.lora.r > 0): two adapters on one shared frozen base.
+LORA = {"single": ["model.lora.r=16", "model.lora.alpha=32"], "pair": ["model.lora.r=16", "model.lora.alpha=32"]}
 MODES = {
     "tiny": {"tasks": TASKS, "common": COMMON, "quick": QUICK, "single": [], "pair": [], "exact": False, "name": "cory",
              "about": ("Against the paper's setup: embedded models of about 1.2M parameters instead of GPT2-Large / Llama-2-7b; a fixed "
@@ -192,27 +215,20 @@ class Judge:
     k1 sum."""
 
     def __init__(self, cfg, exact: bool = False):
-        import torch
-
-        from cory.tasks import make_task
-        from cory.build import eval_params, load_reference
-
         self.cfg, self.exact = cfg, exact
         self.task = make_task(cfg.task)
-        self.reference = load_reference(cfg.model.name, torch.float32)
+        # The reference scored at the evaluation temperature, with the run's prefix sharing.
+        self.reference = eval_scorer(cfg, load_reference(cfg.model.name, torch.float32))
         self.params = eval_params(cfg)
 
     def __call__(self, model, beta: float) -> dict:
         """Final figures of one model (a folder, a zoo name or a loaded Policy) answering alone."""
-        from cory.evaluate import evaluate
-        from cory.policy import Policy
-
         cfg = self.cfg
         policy = model if isinstance(model, Policy) else Policy.from_pretrained(model)
         # One sample per row, every row returned: the same draws as the run's own final evaluation.
         prompts = [p for p in self.task.eval_prompts for _ in range(cfg.eval.samples_per_prompt)]
         res = evaluate(policy, prompts, self.task.reward, self.params, 1, cfg.eval.seed, reference=self.reference,
-                       num_samples_shown=len(prompts), exact_kl=self.exact, shared_prefix=cfg.train.shared_prefix)
+                       num_samples_shown=len(prompts), exact_kl=self.exact)
         texts = [s["response"] for s in res["samples"]]
         kl = res["kl_exact_mean"] if self.exact else res["kl_mean"]
         out = {"reward": res["reward_mean"], "kl": kl, "combined": res["reward_mean"] - beta * kl,
@@ -226,8 +242,6 @@ class Judge:
 
 def curves(run_dir: Path, agents: list[str], kl_key: str = "kl_mean") -> dict:
     """Per-iteration training figures per agent (own task reward, episode KL, share cut without EOS)."""
-    from cory.report import read_jsonl
-
     rows = read_jsonl(run_dir / "metrics.jsonl")
     if agents == ["policy"]:
         return {"policy": {"reward": [r["reward_mean"] for r in rows], "kl": [r[kl_key] for r in rows],
@@ -300,11 +314,6 @@ def judged(base):
 
 def train_judged(cfg, out: Path, judge: Judge, beta: float, initial: dict, resume: bool = False, **flags) -> list[dict]:
     """Trains like `cory.api.train` with the evaluations of `judged`; returns the eval rows."""
-    from cory.coevolve import CoryRun
-    from cory.report import read_jsonl
-    from cory.run import check_output_dir
-    from cory.train import TrainingRun
-
     check_output_dir(out, resume)
     run = judged(CoryRun if cfg.cory.enabled else TrainingRun)(cfg, out, resume=resume)
     run.judge, run.beta, run.initial = judge, beta, initial
@@ -330,8 +339,6 @@ def check_run(run_dir: Path, rows: list[dict], initial: dict, eval_prompts: list
     - The exact episode KL is logged at every iteration, finite, and 0 at the first (the adapters
       start at zero, so the policy is the reference).
     """
-    from cory.report import read_jsonl
-
     gaps = {"initial_reward": 0.0, "final_reward": 0.0, "first_exact_kl": 0.0, "live_initial": 0, "saved": 0}
     first, last = rows[0], rows[-1]
     if first["iteration"] == 0 and first["live"]:
@@ -375,9 +382,6 @@ def run_ppo(overrides: list[str], beta: float, seed: int, iterations: int, batch
     """PPO to `iterations`, evaluated; then resumed to 2 x `iterations` (the same run continued exactly).
     With `initial` (the real mode) the run evaluates through `judged` and is checked by `check_run`;
     `checked` adds the live initial evaluation and the saved model's fresh evaluation."""
-    from cory.config import load_config
-    from cory.api import train
-
     records, wall = [], 0.0
     kl_key = EXACT_KL if judge.exact else "kl_mean"
     with tempfile.TemporaryDirectory() as out:
@@ -405,9 +409,6 @@ def run_ppo(overrides: list[str], beta: float, seed: int, iterations: int, batch
 
 def run_cory(variant: str, overrides: list[str], beta: float, seed: int, iterations: int, batch: int, judge: Judge,
              initial: dict | None = None, checked: bool = False) -> dict:
-    from cory.config import load_config
-    from cory.api import train
-
     cfg = load_config(None, overrides + CORY_VARIANTS[variant] + ["cory.enabled=true", f"train.iterations={iterations}"])
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
@@ -430,8 +431,6 @@ def run_cory(variant: str, overrides: list[str], beta: float, seed: int, iterati
 def run_task(task: str, seeds: list[int], quick: bool, mode: dict | None = None, threads: int = 0, on_seed=None,
              iterations: int = 0) -> dict:
     """Every run of a task; `on_seed(result)` is called with the result so far after each seed."""
-    from cory.config import load_config
-
     mode = mode or MODES["tiny"]
     real = mode["exact"]
     spec = mode["tasks"][task]
@@ -494,15 +493,6 @@ def observer_check(task: str, threads: int = 0, samples: int = 4) -> dict:
     most a reference could give). Every answer is scored as an answer to the original prompt.
     `copies`: arithmetic, the observer's last number equals its reference's; sentiment, the share of
     the observer's words found in the pioneer's answer (the blind sample's share is the baseline)."""
-    import torch
-
-    from cory.build import eval_params
-    from cory.config import load_config
-    from cory.coevolve import observer_prompts
-    from cory.corpora import arithmetic
-    from cory.policy import Policy
-    from cory.tasks import make_task
-
     spec = REAL_TASKS[task]
     cfg = load_config(None, REAL_COMMON + spec["overrides"])
     if threads:
@@ -618,11 +608,6 @@ def significance(mi: tuple[float, float]) -> int:
 def plot_curves(task: str, result: dict, path: Path) -> None:
     """Reward, KL and r - beta * KL over iterations at the main beta (means over seeds): PPO, and every
     CORY variant by role; below, CORY's agents a and b with agent a's pioneer phases shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     beta = result["settings"]["main_beta"]
     iterations = result["settings"]["iterations"]
     keys = [("reward", "task reward (training samples)"), ("kl", "episode KL to the initial model"),
@@ -678,11 +663,6 @@ def plot_curves(task: str, result: dict, path: Path) -> None:
 def plot_frontier(task: str, result: dict, path: Path) -> None:
     """Left: final reward against final KL at every beta (95% intervals over seeds). Right: the best
     combined reward r - eta * KL over the betas, as a function of eta."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     betas = result["settings"]["betas"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {"ppo": ("black", "x"), "ppo-2x": ("gray", "s"), "cory": ("tab:blue", "o")}
@@ -957,8 +937,6 @@ def ablations(result: dict) -> list[str]:
 
 def swap_every(settings: dict) -> int:
     """cory.swap_every as the runs had it (the last override, else the default)."""
-    from cory.config import CoryConfig
-
     values = [o.split("=", 1)[1] for o in settings["overrides"] if o.startswith("cory.swap_every=")]
     return int(values[-1]) if values else CoryConfig.swap_every
 
@@ -1021,8 +999,6 @@ def main() -> None:
         raise SystemExit("--together describes merged parts: give --merge too")
     mode = MODES[args.model]
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     seeds = args.seeds if args.seeds is not None else [0] if args.quick else [0, 1, 2]
     out_dir = Path(tempfile.mkdtemp(prefix="cory_quick_")) if args.quick else Path(args.out)

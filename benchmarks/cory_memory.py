@@ -20,29 +20,30 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from cory import zoo
+
 RESULTS = Path(__file__).parent / "results"
 
 CHILD = r"""
 import json, sys, torch
+from cory.coevolve import CoryRun
 from cory.config import load_config
-from cory.run import Run
+from cory.tasks import make_task
 from cory.train import TrainingRun
 mode, model, out, iters = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 common = [f"model.name={model}", "task.reward=cory:tiny-sentiment", "train.batch_size=8", "generation.max_new_tokens=16",
           "train.log_with=[]", "train.progress=false", "algo.name=ppo", "task.num_eval_prompts=8"]
-extra = {"ppo": [], "cory-full": ["cory.enabled=true"], "cory-shared": ["cory.enabled=true", "cory.shared_base=true"],
+extra = {"ppo": [], "cory-full": ["cory.enabled=true"], "cory-shared": ["cory.enabled=true", "model.lora.r=16"],
          "baseline": []}[mode]
 cfg = load_config(None, common + extra)
 if mode == "baseline":
-    from cory.tasks import make_task
     task = make_task(cfg.task)
     task.score(["The film"] * 8, [" was good"] * 8)
 else:
-    if cfg.cory.enabled:
-        from cory.coevolve import CoryRun
-        run = CoryRun(cfg, out)
-    else:
-        run = TrainingRun(cfg, out)
+    run = (CoryRun if cfg.cory.enabled else TrainingRun)(cfg, out)
     run._start(resume=False)
     for _ in range(iters):
         run.iterate()
@@ -54,10 +55,6 @@ print(json.dumps({"peak_rss": peak_cpu, "peak_gpu": peak_gpu}))
 
 
 def make_model(folder: Path, hidden: int, layers: int) -> int:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from cory import zoo
-
     tok = AutoTokenizer.from_pretrained(zoo.resolve("cory:tiny-reviews"))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
                       num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
@@ -88,7 +85,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model"
         n_params = make_model(model, args.hidden, args.layers)
-        key = "peak_gpu" if __import__("torch").cuda.is_available() else "peak_rss"
+        key = "peak_gpu" if torch.cuda.is_available() else "peak_rss"
         modes = ["baseline", "ppo", "cory-full", "cory-shared"]
         peaks = {m: [] for m in modes}
         for _ in range(args.repeats):

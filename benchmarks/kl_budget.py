@@ -32,7 +32,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from cory.advantages import episode_sums
+from cory.config import load_config
 from cory.metrics import t_interval
+from cory.metrics.training import episode_kl_metrics
+from cory.train import TrainingRun
+
+matplotlib.use("Agg")
 
 RESULTS = Path(__file__).parent / "results"
 ENV = "cory/TeacherStudent-v0"
@@ -65,14 +76,6 @@ def replies(rollout) -> list[dict]:
 def run_one(condition: str, budget: float, seed: int, iterations: int, episodes: int, eval_episodes: int,
             max_tokens: int, train: bool = True) -> dict:
     """Train one run (unless ``train`` is False: the initial model) and evaluate it on fresh episodes."""
-    import numpy as np
-    import torch
-
-    from cory.advantages import episode_sums
-    from cory.config import load_config
-    from cory.learner import episode_kl_metrics
-    from cory.train import TrainingRun
-
     cfg = load_config(None, overrides(condition, budget, seed, max(iterations, 1), episodes, max_tokens))
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
@@ -85,11 +88,11 @@ def run_one(condition: str, budget: float, seed: int, iterations: int, episodes:
         # Fresh episodes under the run's own control (its budget, its reference).
         rollout = run.sampler.collect(eval_episodes, np.random.default_rng(10_000 + seed),
                                       torch.Generator().manual_seed(10_000 + seed))
-        scored = run.learner.score(rollout)
+        scored, _ = run.learner.score(rollout)
         kl = episode_kl_metrics(scored)
         turns = replies(scored)
         transcripts = [info["transcript"] for info in scored.infos if "transcript" in info]
-        help_mass = scored.extras.get("help_mass")
+        help_mass = scored.scored.help_mass
         mask = scored.response_mask.float()
     returns = episode_sums(scored.scores.float(), scored.episode_ids)
     return {
@@ -222,11 +225,6 @@ def initial_runs(seeds: list[int], eval_episodes: int, max_tokens_list: list[int
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     short = min(r["max_tokens"] for r in runs)
     budgets = sorted({r["budget"] for r in runs if r["condition"] != "initial"})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))

@@ -29,6 +29,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
 RESULTS = Path(__file__).parent / "results"
 
 MODES = {
@@ -47,12 +51,12 @@ CHILD = r"""
 import json, sys, time, torch
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec["threads"])
+from cory.algorithms import make_algorithm
+from cory.build import build_agents, make_accelerator
 from cory.config import load_config
 from cory.learner import Learner
-from cory.policy import Policy, sequence_logprobs
 from cory.rollout import Rollout
-from cory.algorithms import make_algorithm
-from cory.build import make_accelerator, make_reference
+from cory.scoring import sequence_logprobs
 
 def status(key):
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec.
@@ -71,14 +75,10 @@ if spec["mode"] != "baseline":
                              "train.log_with=[]", f"train.batch_size={spec['batch']}"])
     acc = make_accelerator(cfg, spec["out"])
     algorithm = make_algorithm(cfg)
-    torch_dtype = getattr(torch, dtype)
-    if r:
-        from cory.lora import lora_policy
-        policy, reference = lora_policy(cfg.model.name, cfg.model.lora, torch_dtype, value_head=algorithm.needs_values)
-    else:
-        policy = Policy.from_pretrained(cfg.model.name, value_head=algorithm.needs_values, dtype=torch_dtype)
-        reference = make_reference(cfg, torch_dtype)
-    learner = Learner(policy, reference, algorithm, cfg, acc)
+    # LoRA: an adapter on a frozen base, which is the reference; else a full copy and a loaded reference.
+    agents = build_agents(cfg, ["policy"], algorithm.needs_values)
+    policy = agents.policies["policy"]
+    learner = Learner(policy, agents.reference, algorithm, cfg, acc, agents.parameters["policy"])
     device = acc.device
     b, lq, lr = spec["batch"], spec["prompt_len"], spec["response_len"]
     g = torch.Generator().manual_seed(0)
@@ -117,10 +117,6 @@ print("RESULT " + json.dumps(out))
 def smollm2_shaped(folder: Path) -> Path:
     """A randomly initialised LlamaForCausalLM with SmolLM2-135M's shape, and a small word-level
     tokenizer (the rollout is made of token ids; no text is decoded)."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                       num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=8192,
                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
@@ -154,8 +150,6 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="")
     ap.add_argument("--out", default=str(RESULTS / "memory"), help="results path without extension")
     args = ap.parse_args()
-    import torch
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     modes = [m for m in (args.modes.split(",") if args.modes else MODES) if device == "cuda" or m not in GPU_ONLY]
     unknown = [m for m in modes if m not in MODES]

@@ -34,7 +34,26 @@ from pathlib import Path
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 import torch  # noqa: E402
-from limits import median_time  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from limits import matmul_flops, median_time  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from cory import zoo  # noqa: E402
+from cory.algorithms import make_algorithm  # noqa: E402
+from cory.config import load_config  # noqa: E402
+from cory.generation import NativeBackend  # noqa: E402
+from cory.generation.sampling import SamplingParams  # noqa: E402
+from cory.generation.vllm_engine import EngineOptions, VLLMBackend, VLLMEngine, engine_dtype  # noqa: E402
+from cory.learner import Learner  # noqa: E402
+from cory.policy import Policy  # noqa: E402
+from cory.rollout import rollout_from_generation  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SMOLLM2_SHAPE = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -44,9 +63,6 @@ SMOLLM2_SHAPE = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=
 
 def random_smollm2_folder(root: Path) -> Path:
     """A random-weight Llama of SmolLM2-135M's shape with a word-level tokenizer of its vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     vocab = {f"w{i}": i for i in range(SMOLLM2_SHAPE["vocab_size"])}
     vocab["<pad>"], vocab["<s>"], vocab["</s>"] = 0, 1, 2
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
@@ -84,13 +100,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from cory import zoo
-    from cory.config import load_config
-    from cory.generation.vllm_engine import EngineOptions, VLLMBackend, VLLMEngine, engine_dtype
-    from cory.policy import Policy, SamplingParams
-
     tmp = Path(tempfile.mkdtemp(prefix="cory-rollout-bench-"))
     atexit.register(shutil.rmtree, tmp, True)  # the 540 MB random model, also when a run stops early
     folder = Path(zoo.resolve(args.model)) if args.model else random_smollm2_folder(tmp)
@@ -99,11 +108,6 @@ def main() -> None:
     n_params = None
     load_before = os.getloadavg()[0]
     bw = bandwidth_gib_s()
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from limits import matmul_flops
-
     peaks = {dtype: matmul_flops(getattr(torch, dtype)) for dtype in args.dtypes}
     rows = []
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0)
@@ -148,9 +152,7 @@ def main() -> None:
         engine.close()
         del policy, lm
 
-    iteration = None if args.no_iteration else whole_iteration(
-        folder, args, load_config, Policy, SamplingParams, VLLMBackend, VLLMEngine, EngineOptions, engine_dtype, hf_config,
-        AutoModelForCausalLM)
+    iteration = None if args.no_iteration else whole_iteration(folder, args, hf_config)
     report = {"model": args.model or "random LlamaForCausalLM, SmolLM2-135M shape", "params": n_params,
               "threads": args.threads, "max_new_tokens": args.max_new_tokens, "prompt_len": args.prompt_len,
               "repeats": args.repeats, "bandwidth_gib_s": bw, "cpu": platform.processor() or platform.machine(),
@@ -167,17 +169,9 @@ def main() -> None:
     print(markdown(report))
 
 
-def whole_iteration(folder, args, load_config, Policy, SamplingParams, VLLMBackend, VLLMEngine, EngineOptions, engine_dtype,
-                    hf_config, AutoModelForCausalLM) -> dict:
+def whole_iteration(folder, args, hf_config) -> dict:
     """Median time of one RL iteration (rollout of `iteration_batch` prompts, REINFORCE update with
     a frozen reference, then the weight sync the next rollout needs) with each backend, float32."""
-    from accelerate import Accelerator
-
-    from cory.algorithms import make_algorithm
-    from cory.generation import NativeBackend
-    from cory.learner import Learner
-    from cory.rollout import rollout_from_generation
-
     cfg = load_config(None, ["kl.exact_accounting=false", f"generation.max_new_tokens={args.max_new_tokens}", "algo.lr=1e-5"])
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0)
     prompts = torch.randint(3, hf_config.vocab_size, (args.iteration_batch, args.prompt_len),

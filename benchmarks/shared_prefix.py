@@ -27,6 +27,14 @@ import torch
 
 from limits import attention_flops, llama_train_flops, matmul_flops, median_time
 
+from cory.config import LoraConfig, load_config
+from cory.generation.native import shared_prefix_length
+from cory.generation.sampling import SamplingParams
+from cory.lora import lora_policies
+from cory.scoring import sequence_logprobs
+from cory.tasks import make_task
+from cory.tasks.registry import ARITHMETIC_CHAT_EXAMPLE
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "cory:smollm2-135m-instruct"
 
@@ -41,18 +49,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from cory.config import LoraConfig, load_config
-    from cory.lora import lora_policy
-    from cory.policy import _shared_prefix_length, sequence_logprobs
-    from cory.tasks import make_task
-    from cory.tasks.registry import ARITHMETIC_CHAT_EXAMPLE
-
     torch.manual_seed(0)
-    policy, reference = lora_policy(MODEL, LoraConfig(r=16, alpha=32), torch.float32, value_head=True)
+    policies, reference, _ = lora_policies(MODEL, LoraConfig(r=16, alpha=32), torch.float32, ["default"], value_head=True)
+    policy = policies["default"]
     cfg = load_config(None, ["task.name=arithmetic", "task.chat_template=true"])
     prompts = make_task(cfg.task).train_prompts[: args.batch_size]
-    query_ids, query_mask = policy.encode_prompts(prompts, True, "", (ARITHMETIC_CHAT_EXAMPLE,))
-    prefix = _shared_prefix_length(query_ids, query_mask)
+    query_ids, query_mask = policy.encode_prompts(prompts, SamplingParams(chat=True, chat_examples=(ARITHMETIC_CHAT_EXAMPLE,)))
+    prefix = shared_prefix_length(query_ids, query_mask)
     vocab = policy.model.config.vocab_size
     response_ids = torch.randint(0, vocab, (args.batch_size, args.new_tokens), generator=torch.Generator().manual_seed(1))
     response_mask = torch.ones_like(response_ids)

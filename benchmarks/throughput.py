@@ -27,15 +27,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.state import AcceleratorState
 
-from cory.config import load_config
+from limits import attention_flops, llama_train_flops, matmul_flops, matmul_layouts, read_bandwidth
+
+from cory.algorithms import make_algorithm
 from cory.build import load_reference, make_accelerator, sampling_params
+from cory.config import load_config
+from cory.generation.sampling import SamplingParams
+from cory.learner import Learner
+from cory.policy import Policy, eos_ids
+from cory.rollout import Sampler
+from cory.tasks import TaskEnv, make_task
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -63,12 +73,6 @@ def main() -> None:
     if args.phases:
         phases_main(args)
         return
-
-    from cory.algorithms import make_algorithm
-    from cory.learner import Learner
-    from cory.policy import Policy
-    from cory.rollout import Sampler
-    from cory.tasks import TaskEnv, make_task
 
     cfg = load_config(None, [f"model.name={args.model}", f"task.reward={args.reward}", f"train.batch_size={args.batch_size}",
                              f"generation.max_new_tokens={args.max_new_tokens}", "train.log_with=[]"])
@@ -176,25 +180,12 @@ class Timer:
 
 def phase_run(args, precision: str, limits: dict) -> dict:
     """REINFORCE iterations on `args.model` in one precision; times per phase, MFU, decode."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from limits import attention_flops, llama_train_flops
-
-    from cory.algorithms import make_algorithm
-    from cory.learner import Learner
-    from cory.policy import Policy
-    from cory.rollout import Sampler
-    from cory.tasks import TaskEnv, make_task
-
     overrides = [f"model.name={args.model}", "task.reward=vader", "task.reward_on=response", "task.chat_template=true",
                  f"train.batch_size={args.batch_size}", f"generation.max_new_tokens={args.max_new_tokens}",
                  "train.log_with=[]", "algo.name=reinforce", "kl.exact_accounting=false"]
     if precision == "bf16":
         overrides.append("train.mixed_precision=bf16")
     cfg = load_config(None, overrides)
-    from accelerate.state import AcceleratorState
-
     AcceleratorState._reset_state(reset_partial_state=True)  # each precision gets its own accelerator
     accelerator = make_accelerator(cfg, Path("runs/bench-throughput"))
     torch.manual_seed(0)
@@ -236,11 +227,9 @@ def phase_run(args, precision: str, limits: dict) -> dict:
 def decode_run(args, precision: str, policy, limits: dict) -> dict:
     """Decode ms per token step at the batch size (fixed length: EOS is masked out) against the time
     to read every weight once at the measured bandwidth, in the dtype the weights are in."""
-    from cory.policy import Policy, SamplingParams, _eos_ids
-
     if precision == "bf16":  # decoding runs in the weights' dtype: load them in bf16
         policy = Policy.from_pretrained(args.model, dtype="bfloat16")
-    eos = _eos_ids(policy.tokenizer, policy.model)
+    eos = torch.tensor(eos_ids(policy.tokenizer, policy.model), dtype=torch.long, device=policy.device)
 
     def no_eos(step, logprobs):
         return logprobs.index_fill(-1, eos, float("-inf"))
@@ -265,12 +254,6 @@ def decode_run(args, precision: str, policy, limits: dict) -> dict:
 
 
 def phases_main(args) -> None:
-    import platform
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from limits import matmul_flops, matmul_layouts, read_bandwidth
-
     def limits_now() -> dict:
         return {"matmul_tflops_fp32": matmul_flops(torch.float32) / 1e12,
                 "matmul_tflops_bf16": matmul_flops(torch.bfloat16) / 1e12, "read_gb_s": read_bandwidth() / 1e9,

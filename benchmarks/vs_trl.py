@@ -51,7 +51,23 @@ import time
 import warnings
 from pathlib import Path
 
+import accelerate
 import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from cory import zoo
+from cory.config import load_config
+from cory.corpora import reviews
+from cory.evaluate import evaluate
+from cory.generation.sampling import SamplingParams
+from cory.policy import Policy
+from cory.rewards import load_reward
+from cory.scoring import Scorer
+from cory.train import TrainingRun
+
+# TRL (and its `datasets`) are optional: `pip install -r requirements-bench.txt`; imported where used.
 
 RESULTS = Path(__file__).parent / "results"
 EVAL_SEED = 1234
@@ -60,24 +76,18 @@ EVAL_SEED = 1234
 # -- shared pieces ---------------------------------------------------------------------------------
 def prompt_pool(num_train: int = 2048, num_eval: int = 64) -> tuple[list[str], list[str]]:
     """The same split as cory's `sentiment` task: (train prompts, held-out eval prompts)."""
-    from cory.corpora import reviews
-
     pool = reviews.prompts(num_train + num_eval, seed=2024)
     return pool[num_eval:], pool[:num_eval]
 
 
 def evaluate_model(lm, model_path: str, eval_prompts, reward, args, reference) -> dict:
-    """Fixed-seed evaluation of a causal LM with cory's evaluator (identical for both frameworks)."""
-    from transformers import AutoTokenizer
-
-    from cory.evaluate import evaluate
-    from cory.policy import Policy, SamplingParams
-
+    """Fixed-seed evaluation of a causal LM with cory's evaluator (identical for both frameworks);
+    `reference`: the frozen initial model, scored at the evaluation temperature."""
     lm.eval()
     policy = Policy(lm, AutoTokenizer.from_pretrained(model_path))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0)
     out = evaluate(policy, eval_prompts, reward, params, samples_per_prompt=args.eval_samples, seed=EVAL_SEED,
-                   reference=reference)
+                   reference=Scorer(reference, params.temperature or 1.0))
     return {k: out[k] for k in ("reward_mean", "reward_std", "kl_mean", "response_length", "eos_rate", "n")}
 
 
@@ -86,8 +96,6 @@ def hf_sampler_eval(lm, model_path: str, eval_prompts, reward, args) -> dict:
     (transformers `generate`, prompts tokenized without added special tokens, left padding,
     completions decoded without special tokens): against cory's evaluator on the same prompts, it
     shows whether the two samplers draw from the same distribution."""
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(model_path)
     tok.padding_side = "left"
     prompts = [p for p in eval_prompts for _ in range(args.eval_samples)]
@@ -114,8 +122,6 @@ def set_threads(n: int) -> None:
 
 # -- cory ------------------------------------------------------------------------------------------
 def cory_config(args, seed: int):
-    from cory.config import load_config
-
     return load_config(None, [
         f"model.name={args.model}", "model.dtype=float32",
         "task.name=sentiment", f"task.reward={args.reward}", "task.reward_on=prompt+response",
@@ -139,8 +145,6 @@ class CoryStepper:
     """One cory GRPO TrainingRun, stepped one optimizer step at a time."""
 
     def __init__(self, args, seed: int, work: Path):
-        from cory.train import TrainingRun
-
         t0 = time.perf_counter()
         self.run = TrainingRun(cory_config(args, seed), work / f"cory-{seed}")
         self.setup_s = time.perf_counter() - t0
@@ -192,8 +196,6 @@ def run_pair(args, seed: int, work: Path, model_path: str, train_prompts, reward
     see the same machine load, so the per-pair ratio is robust to the noise of a shared CPU.
     """
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
     from trl import GRPOTrainer
 
     set_threads(args.threads)
@@ -274,9 +276,10 @@ CORY_PHASES = [  # (label, file suffix, function, caller function or None)
     ("reward (classifier)", "cory/rewards/__init__.py", "call", None),
     # Learner.score (through _score_rows): the reference, plus a no-grad policy forward where values
     # or exact episode-KL accounting need it (an earlier version matched caller "score", which
-    # never calls sequence_logprobs itself, and left both forwards in "everything else")
-    ("reference forward", "cory/policy.py", "sequence_logprobs", "_score_rows"),
-    ("policy forward + loss", "cory/policy.py", "sequence_logprobs", "update"),
+    # never calls sequence_logprobs itself, and left both forwards in "everything else"). Both
+    # passes go through a Scorer (cory/scoring.py), whose __call__ runs sequence_logprobs.
+    ("reference forward", "cory/scoring.py", "__call__", "_score_rows"),
+    ("policy forward + loss", "cory/scoring.py", "__call__", "update"),
     ("backward", "accelerate/accelerator.py", "backward", None),
     ("grad clip", "accelerate/accelerator.py", "clip_grad_norm_", None),
     ("optimizer step", "accelerate/optimizer.py", "step", None),
@@ -319,8 +322,6 @@ def top_functions(stats: pstats.Stats, n_steps: int, n_rows: int = 12) -> list[d
 
 def profile_cory(args, work: Path, n_steps: int = 3) -> dict:
     """cProfile of `n_steps` cory GRPO steps after two warm-up steps."""
-    from cory.train import TrainingRun
-
     run = TrainingRun(cory_config(args, 0), work / "cory-profile")
     set_threads(args.threads)
     for _ in range(2):
@@ -343,8 +344,6 @@ def profile_cory(args, work: Path, n_steps: int = 3) -> dict:
 def profile_trl(args, work: Path, model_path: str, train_prompts, reward, n_steps: int = 3) -> dict:
     """cProfile of `n_steps` TRL GRPOTrainer optimizer steps after two warm-up steps."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
     from trl import GRPOTrainer
 
     prof = cProfile.Profile()
@@ -556,13 +555,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
 
-    import accelerate
-    import transformers
     import trl
-    from transformers import AutoModelForCausalLM
-
-    from cory import zoo
-    from cory.rewards import load_reward
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

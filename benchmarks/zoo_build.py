@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-import cory.envs  # noqa: F401  (provides the agent corpus's texts)
+import cory.zoo.train  # noqa: F401  (torch and transformers load here, not in the first timed build)
 from cory import zoo
 from cory.zoo import registry
 
@@ -176,7 +176,6 @@ def main() -> None:
     unknown = [name for name in args.models if name not in registry.ZOO]
     if unknown:
         parser.error(f"not in the zoo: {', '.join(unknown)}; the zoo has: {', '.join(registry.ZOO)}")
-    import cory.zoo.train  # noqa: F401  (torch and transformers load here, not in the first timed build)
 
     rows = []
     for name in args.models:
