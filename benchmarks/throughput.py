@@ -20,11 +20,22 @@ bf16 matmul kernels the backward's x @ W layout crawls):
 
     python benchmarks/throughput.py --phases --model cory:smollm2-135m-instruct --batch-size 4 \
         --max-new-tokens 8 --iterations 2 --threads 2 --out benchmarks/results/throughput_smollm2-135m-instruct_small
+
+With --trunk, an iteration of REINFORCE and of GRPO on SmolLM2-135M-Instruct (16 sequences x 16 new
+tokens, float32) for LoRA on every layer and on the top K = 2, 4, 8 layers only
+(`model.trainable_layers`: the frozen trunk runs once per sequence), each phase timed, against the
+iteration's floor measured in the same run: the FLOPs each configuration must do (prefill, the
+reference's and the update's passes) at the matmul peak, plus the decode steps at their GEMM floor
+(the step's matrix products alone, at their real shapes, with every layer's own weights):
+
+    python benchmarks/throughput.py --trunk --model cory:smollm2-135m-instruct --threads 2 --iterations 3
+Writes benchmarks/results/throughput_trunk.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import json
 import os
 import platform
@@ -36,7 +47,7 @@ import numpy as np
 import torch
 from accelerate.state import AcceleratorState
 
-from limits import attention_flops, llama_train_flops, matmul_flops, matmul_layouts, read_bandwidth
+from limits import attention_flops, llama_train_flops, matmul_flops, matmul_layouts, median_time, read_bandwidth
 
 from cory.algorithms import make_algorithm
 from cory.build import load_reference, make_accelerator, sampling_params
@@ -58,6 +69,9 @@ def main() -> None:
     ap.add_argument("--model", default="cory:tiny-reviews")
     ap.add_argument("--reward", default="cory:tiny-sentiment")
     ap.add_argument("--phases", action="store_true", help="time per phase, MFU and decode bound, fp32 and bf16")
+    ap.add_argument("--trunk", action="store_true", help="LoRA on every layer against the top K layers on a shared trunk")
+    ap.add_argument("--layers", default="0,2,4,8", help="with --trunk: trainable_layers values (0 = every layer)")
+    ap.add_argument("--algos", default="reinforce,grpo", help="with --trunk: algorithms")
     ap.add_argument("--precisions", default="fp32,bf16", help="with --phases: fp32, bf16 or both")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--report", default="", help="with --phases: only rewrite the report from this JSON file")
@@ -72,6 +86,9 @@ def main() -> None:
         return
     if args.phases:
         phases_main(args)
+        return
+    if args.trunk:
+        trunk_main(args)
         return
 
     cfg = load_config(None, [f"model.name={args.model}", f"task.reward={args.reward}", f"train.batch_size={args.batch_size}",
@@ -314,6 +331,135 @@ def write_phases(result: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# -- --trunk: training only the top layers, against the iteration's floor ----------------------------
+def forward_flops(config, layers: int, tokens: int, head_tokens: int, context: int) -> float:
+    """FLOPs of a forward of `layers` decoder layers over `tokens` positions (of `context` on
+    average), with the LM head at `head_tokens` of them: 2 x matrix parameters x positions, plus
+    attention's scores and values (2 x 2 x tokens x context x hidden per layer)."""
+    c = config.get_text_config()
+    d, inter = c.hidden_size, c.intermediate_size
+    kv = c.num_key_value_heads * (d // c.num_attention_heads)
+    block = d * d * 2 + d * kv * 2 + 3 * d * inter
+    return 2 * layers * block * tokens + 2 * d * c.vocab_size * head_tokens + 4 * layers * tokens * context * d
+
+
+def iteration_flops(config, trainable: int, rows: int, lq: int, lr: int, values: bool) -> dict:
+    """What one iteration must compute (per phase), with LoRA on the top `trainable` layers (0: every
+    layer). Prefill of the prompts and scoring passes run the trunk only when there is none; the
+    update's backward is one more pass of input gradients through every trained layer and the head
+    (LoRA's own weight gradients are negligible); the exact KL waits for the update (no policy pass
+    in scoring unless values need one)."""
+    layers = config.get_text_config().num_hidden_layers
+    top = trainable or layers
+    seq = lq + lr
+    prefill = forward_flops(config, layers, rows * lq, rows, lq / 2)
+    one_pass = forward_flops(config, top, rows * (seq - 1), rows * lr, seq / 2)
+    return {"prefill": prefill, "scoring": one_pass * (2 if values else 1), "update": 2 * one_pass}
+
+
+def decode_gemm_floor(config, batch: int, repeats: int = 5) -> float:
+    """Seconds of one decode step's matrix products alone, at the step's shapes ([batch, hidden] x
+    every layer's q, k, v, o, gate, up, down, then the LM head), each layer with its own weights
+    (read from memory as the real step reads them): the median of `repeats`."""
+    c = config.get_text_config()
+    d, inter, vocab = c.hidden_size, c.intermediate_size, c.vocab_size
+    kv = c.num_key_value_heads * (d // c.num_attention_heads)
+    shapes = [(d, d), (kv, d), (kv, d), (d, d), (inter, d), (inter, d)]
+    weights = [[torch.randn(o, i) for o, i in shapes] + [torch.randn(d, inter)] for _ in range(c.num_hidden_layers)]
+    head = torch.randn(vocab, d)
+    x, h = torch.randn(batch, d), torch.randn(batch, inter)
+
+    def step():
+        for layer in weights:
+            for w in layer[:-1]:
+                torch.nn.functional.linear(x, w)
+            torch.nn.functional.linear(h, layer[-1])
+        torch.nn.functional.linear(x, head)
+
+    seconds, _ = median_time(step, repeats)
+    return seconds
+
+
+def trunk_run(args, algo: str, trainable: int, peak: float, decode_floor_s: float) -> dict:
+    """Iterations of `algo` with LoRA (r 16) on the top `trainable` layers (0: all), phases timed."""
+    from cory.train import TrainingRun
+
+    group = ["algo.group_size=4", "train.batch_size=4"] if algo == "grpo" else ["train.batch_size=16"]
+    overrides = [f"model.name={args.model}", "task.reward=vader", "task.reward_on=response", "task.chat_template=true",
+                 "generation.max_new_tokens=16", "train.log_with=[]", "train.progress=false", f"algo.name={algo}",
+                 "model.lora.r=16", f"model.trainable_layers={trainable}", *group]
+    cfg = load_config(None, overrides)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.manual_seed(0)
+    run = TrainingRun(cfg, tempfile.mkdtemp(prefix="cory-bench-trunk-"))
+    policy, learner = run.policy, run.learner
+    timers = {"generate": Timer(policy, "generate"), "score": Timer(learner, "score"), "update": Timer(learner, "update"),
+              "optimizer": Timer(learner.optimizer, "step")}
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    rows = []
+    for it in range(args.iterations + 1):  # the first iteration warms up and is dropped
+        for t in timers.values():
+            t.times.clear()
+        t0 = time.perf_counter()
+        rollout = run.sampler.collect(cfg.train.batch_size, rng, gen, group_size=run.algorithm.group_size)
+        learner.step(rollout, it, gen)
+        total = time.perf_counter() - t0
+        b, lq = rollout.query_ids.shape
+        lr = rollout.response_ids.shape[1]
+        flops = iteration_flops(policy.model.config, trainable, b, lq, lr, run.algorithm.needs_values)
+        floor = (flops["prefill"] + flops["scoring"] + flops["update"]) / peak + decode_floor_s * (lr - 1)
+        if it:
+            t = {k: sum(v.times) for k, v in timers.items()}
+            rows.append({"iteration_s": total, "generate_s": t["generate"], "scoring_s": t["score"],
+                         "update_s": t["update"] - t["optimizer"], "optimizer_s": t["optimizer"],
+                         "other_s": total - t["generate"] - t["score"] - t["update"], "floor_s": floor,
+                         "floor_generate_s": flops["prefill"] / peak + decode_floor_s * (lr - 1),
+                         "floor_scoring_s": flops["scoring"] / peak, "floor_update_s": flops["update"] / peak,
+                         "rows": b, "query_len": lq, "response_len": lr})
+    out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    out["vs_floor"] = out["iteration_s"] / out["floor_s"]
+    out["trained_params"] = sum(p.numel() for p in learner.optimizer.param_groups[0]["params"])
+    print(algo, trainable, json.dumps(out), flush=True)
+    return out
+
+
+def trunk_main(args) -> None:
+    from transformers import AutoConfig
+
+    from cory import zoo
+
+    config = AutoConfig.from_pretrained(zoo.resolve(args.model))
+    peak = matmul_flops(torch.float32)
+    decode_floor = {b: decode_gemm_floor(config, b) for b in (16, 64)}
+    results = {algo: {str(k): trunk_run(args, algo, int(k), peak, decode_floor[16]) for k in args.layers.split(",")}
+               for algo in args.algos.split(",")}
+    result = {"model": args.model, "threads": torch.get_num_threads(), "iterations_timed": args.iterations,
+              "matmul_tflops_fp32": peak / 1e12, "matmul_tflops_fp32_after": matmul_flops(torch.float32) / 1e12,
+              "decode_gemm_floor_ms": {str(b): v * 1e3 for b, v in decode_floor.items()}, "results": results,
+              "load_average_end": os.getloadavg()[0], "layers": config.num_hidden_layers}
+    lines = [f"# An iteration with only the top layers training, on {args.model} (16 sequences x 16 new tokens, LoRA r 16, "
+             f"float32, CPU, {result['threads']} threads)", "",
+             f"Measured in this run: fp32 matmul peak {result['matmul_tflops_fp32']:.3f} TFLOP/s "
+             f"({result['matmul_tflops_fp32_after']:.3f} after); one decode step's matrix products alone "
+             f"{result['decode_gemm_floor_ms']['16']:.0f} ms at batch 16, {result['decode_gemm_floor_ms']['64']:.0f} ms at batch 64. "
+             "The floor is the FLOPs each configuration must do (prefill, the reference's pass, the update's forward and "
+             "backward) at that peak, plus the decode steps at their GEMM floor. Medians of "
+             f"{args.iterations} iterations after one warm-up; load average at the end {result['load_average_end']:.1f}.", ""]
+    for algo, by_k in results.items():
+        lines += [f"## {algo}", "", "| trained layers | iteration | generation | scoring | update fwd+bwd | optimizer | other | floor | "
+                  "iteration / floor |", "|---|---|---|---|---|---|---|---|---|"]
+        for k, r in by_k.items():
+            label = f"all {config.num_hidden_layers}" if k == "0" else f"top {k}"
+            lines.append(f"| {label} | {r['iteration_s']:.2f} s | {r['generate_s']:.2f} s | {r['scoring_s']:.2f} s | "
+                         f"{r['update_s']:.2f} s | {r['optimizer_s']:.3f} s | {r['other_s']:.2f} s | {r['floor_s']:.2f} s | "
+                         f"{r['vs_floor']:.2f}x |")
+        lines.append("")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "throughput_trunk.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "throughput_trunk.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -32,6 +32,7 @@ from cory.lora import lora_policies, save_lora_policy
 from cory.policy import Policy
 from cory.scoring import Scorer
 from cory.tasks.registry import CHAT_EXAMPLES
+from cory.trunk import FrozenTop, freeze_below, num_layers, trunk_problem
 
 
 @dataclass
@@ -48,15 +49,33 @@ class Agents:
 def build_agents(cfg: Config, names: list[str], value_head: bool) -> Agents:
     """The policies `names` (e.g. ["policy"], or CORY's ["a", "b"]). With model.lora.r each is an
     adapter on one frozen base (the single agent's is PEFT's `default`), which with adapters off is
-    the reference; otherwise each is a full copy and the reference is loaded (`make_reference`)."""
+    the reference; otherwise each is a full copy and the reference is loaded (`make_reference`).
+    With model.trainable_layers=K only the top K decoder layers train and the layers below are a
+    frozen trunk that every pass shares (`cory.trunk`): the LoRA reference is still the base; a full
+    fine-tuning's reference is the policy's trunk with a frozen copy of the top K layers (`FrozenTop`)."""
     dtype = getattr(torch, cfg.model.dtype)
+    trainable = cfg.model.trainable_layers
+    if trainable:
+        config = AutoConfig.from_pretrained(zoo.resolve(cfg.model.name))
+        problem = trunk_problem(config, trainable)
+        if problem:
+            raise UsageError(problem)
+        if trainable == config.num_hidden_layers:  # every layer trains: no trunk, as without the key
+            trainable = 0
     if cfg.model.lora.r:
         adapters = {n: ("default" if len(names) == 1 else f"agent_{n}") for n in names}
-        by_adapter, reference, params = lora_policies(cfg.model.name, cfg.model.lora, dtype, list(adapters.values()), value_head)
+        by_adapter, reference, params = lora_policies(cfg.model.name, cfg.model.lora, dtype, list(adapters.values()), value_head,
+                                                      trainable)
         return Agents({n: by_adapter[a] for n, a in adapters.items()}, {n: params[a] for n, a in adapters.items()}, adapters,
                       reference)
     policies = {n: Policy.from_pretrained(cfg.model.name, value_head=value_head, dtype=dtype) for n in names}
-    return Agents(policies, {n: None for n in names}, {n: None for n in names}, make_reference(cfg, dtype))
+    if not trainable:
+        return Agents(policies, {n: None for n in names}, {n: None for n in names}, make_reference(cfg, dtype))
+    depth = num_layers(policies[names[0]].model) - trainable
+    for policy in policies.values():
+        freeze_below(policy.model, depth)
+        policy.module.trunk_depth = depth
+    return Agents(policies, {n: None for n in names}, {n: None for n in names}, FrozenTop(policies[names[0]].model, depth))
 
 
 def save_policy(cfg: Config, policy: Policy, adapter: str | None, folder: Path) -> None:

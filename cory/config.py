@@ -61,6 +61,8 @@ class ModelConfig:
     """The policy that writes a token when the agent asks for help (kl.help_threshold); empty = the first ensemble member."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA / QLoRA, for single-agent runs and CORY alike: model.lora.r, alpha, dropout, targets, quantize."""
+    trainable_layers: int = 0
+    """Train only the top K decoder layers (0, or the model's number of layers: all, as without the key), fully or through LoRA; the embeddings, the layers below, the final norm and the head stay frozen, and that frozen trunk's output is computed once per sequence (kept from sampling) so every other pass runs only the top K layers. Top layers want a larger learning rate than the whole model (docs: Training only the top layers)."""
 
 
 @dataclass
@@ -610,6 +612,12 @@ def _check_lora_and_sharding(cfg: Config) -> None:
         raise UsageError("with model.lora.r the reference is the frozen base (adapters disabled); leave model.reference and model.reference_ensemble empty")
     if cfg.train.fsdp and (cfg.cory.enabled or lora.r or cfg.train.mixed_precision == "fp16"):
         raise UsageError("train.fsdp runs single-agent full fine-tuning in fp32/bf16 for now; not with cory.enabled, model.lora.r or train.mixed_precision=fp16")
+    if cfg.model.trainable_layers and (cfg.model.reference or cfg.model.reference_ensemble):
+        raise UsageError("model.trainable_layers shares the frozen trunk with the reference, which is the initial model: "
+                         "leave model.reference and model.reference_ensemble empty")
+    if cfg.model.trainable_layers and cfg.train.fsdp:
+        raise UsageError("model.trainable_layers runs the top layers on their own, which FSDP's sharded layers cannot: "
+                         "use one of model.trainable_layers and train.fsdp")
     if cfg.train.shared_prefix and cfg.train.gradient_checkpointing:
         raise UsageError("train.shared_prefix continues each row from the prefix's KV cache, which gradient checkpointing drops: "
                          "use one of train.shared_prefix and train.gradient_checkpointing")
@@ -629,7 +637,7 @@ def _check_prompts(cfg: Config) -> None:
         raise UsageError(f"prompt file not found: {cfg.task.prompt_file[:200]}")
 
 # -- value ranges: every number a user sets is checked, one line naming the key --------------------------
-_AT_LEAST_0 = ("algo.weight_decay", "algo.max_grad_norm", "algo.value_clip", "algo.vf_coef", "algo.warmup_iterations",
+_AT_LEAST_0 = ("model.trainable_layers", "algo.weight_decay", "algo.max_grad_norm", "algo.value_clip", "algo.vf_coef", "algo.warmup_iterations",
                "algo.minibatch_size", "algo.micro_batch_size", "kl.beta", "eval.temperature", "eval.seed", "train.seed",
                "train.checkpoint_every", "train.eval_every", "train.num_threads", "env.pool_size",
                "kl.hard_budget", "kl.budget")

@@ -31,15 +31,20 @@ from cory.kl import make_controller, masked_mean, masked_sum, per_token_kl
 from cory.losses import ImportanceWeights, aggregate_weights, importance_weights, loss_counts, objective
 from cory.metrics.training import rollout_metrics
 from cory.optim import enable_checkpointing, learning_rate, make_optimizer
-from cory.policy import Policy
+from cory.policy import Policy, unwrap
 from cory.rollout import Rollout, Targets, TokenScores
-from cory.scoring import Scorer
+from cory.scoring import Scorer, sequence_layout
 from cory.shaping import RunningMoments, adjust_scores, loss_mask, shaped_rewards
 from cory.sharding import gather_full, is_sharded, release_full
+from cory.trunk import trunk_states
 
 SCORE_CHUNK_ELEMENTS = 2**26
 """Scoring with whole distributions runs over row chunks of at most this many [rows x tokens x
 vocabulary] entries (256 MB of float32 per tensor)."""
+
+DEFERRED_KL_ELEMENTS = 2**26
+"""The exact KL waits for the update's first pass (which has the policy's whole distributions
+anyway) when the reference's whole distributions of the rollout fit in this many entries."""
 
 MAX_SKIPPED_ITERATIONS = 3
 """Training stops when every optimizer step of this many iterations in a row had non-finite gradients."""
@@ -96,7 +101,7 @@ class Learner:
 
     # -- score -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def score(self, rollout: Rollout) -> tuple[Rollout, ImportanceWeights | None]:
+    def score(self, rollout: Rollout, defer_exact_kl: bool = False) -> tuple[Rollout, ImportanceWeights | None]:
         """The rollout with its `TokenScores`: reference log-probs, values (if the algorithm needs
         them), per-token KL and, with `kl.exact_accounting`, the exact per-token KL of the
         distribution each token was sampled from; and the importance weights when another engine
@@ -105,17 +110,23 @@ class Learner:
         The policy itself is only run here when values or whole distributions need it, or when
         generation's log-probs are not the trainer's; otherwise the behaviour log-probs come from
         generation. Entropy is measured in the update's first forward. Whole distributions are
-        handled in row chunks, so memory stays bounded.
+        handled in row chunks, so memory stays bounded. `defer_exact_kl` (see `exact_kl_waits`): the
+        reference's whole distributions are kept (`TokenScores.ref_full_logprobs`) for the update's
+        first pass to compute the exact KL, instead of a pass of the policy here.
         """
         rollout = rollout.to(self.accelerator.device)
+        depth = unwrap(self.module).trunk_depth
+        if depth and rollout.trunk_hidden is None:  # another engine sampled: one pass of the frozen trunk
+            ids, mask, positions = sequence_layout(rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
+            rollout = replace(rollout, trunk_hidden=trunk_states(self.policy.model, depth, ids, mask, positions))
         engine_logprobs = rollout.engine_logprobs
         if engine_logprobs is None and self.recompute_old:
             engine_logprobs = rollout.logprobs  # the sampling precision's log-probs
         estimator = self.cfg.kl.estimator
-        whole = estimator == "full" or self.cfg.kl.exact_accounting
+        whole = estimator == "full" or (self.cfg.kl.exact_accounting and not defer_exact_kl)
         pieces: dict[str, list[torch.Tensor]] = {}
-        for rows in self._chunks(rollout, whole):
-            for name, value in self._score_rows(rollout, rows, whole, engine_logprobs is not None).items():
+        for rows in self._chunks(rollout, whole or defer_exact_kl):
+            for name, value in self._score_rows(rollout, rows, whole, engine_logprobs is not None, defer_exact_kl).items():
                 pieces.setdefault(name, []).append(value)
         joined = {name: torch.cat(values) for name, values in pieces.items()}
         mask = rollout.response_mask
@@ -135,8 +146,24 @@ class Learner:
 
         scored = TokenScores(ref_logprobs=joined["ref"], kl=kl.float() * mask, values=joined.get("values"),
                              kl_exact=masked("kl_exact"), kl_semi=masked("kl_semi"), help_mass=masked("help_mass"),
-                             is_weight=weights.weight if weights is not None else None)
+                             is_weight=weights.weight if weights is not None else None, ref_full_logprobs=joined.get("ref_full"))
         return replace(rollout, logprobs=logprobs, engine_logprobs=engine_logprobs, scored=scored), weights
+
+    def exact_kl_waits(self, rollout: Rollout) -> bool:
+        """Whether the exact KL can be computed in the update's first pass, from the whole
+        distributions that pass computes anyway, instead of in a pass of the policy in `score`:
+        it is logged only (kl.estimator is not `full`), the tokens came from the policy alone (no
+        sampling control), scoring runs the policy for nothing else (no values, no recomputed
+        log-probs), the first pass sees every row before the first optimizer step (one minibatch
+        per epoch) with the sampling policy (no adapter dropout), and the reference's whole
+        distributions fit `DEFERRED_KL_ELEMENTS`."""
+        a, kl = self.cfg.algo, self.cfg.kl
+        episodes = len(torch.unique(rollout.episode_ids))
+        vocab = getattr(getattr(self.policy.model, "config", None), "vocab_size", None) or 1
+        return (kl.exact_accounting and kl.estimator != "full" and rollout.control is None and not self.algorithm.needs_values
+                and rollout.engine_logprobs is None and not self.recompute_old and a.minibatch_size in (0, episodes)
+                and not self.cfg.model.lora.dropout and getattr(self.reference, "pessimistic_full", None) is None
+                and len(rollout) * rollout.response_ids.shape[1] * vocab <= DEFERRED_KL_ELEMENTS)
 
     def _chunks(self, rollout: Rollout, whole: bool) -> list[torch.Tensor]:
         n = len(rollout)
@@ -146,15 +173,17 @@ class Learner:
         size = max(1, SCORE_CHUNK_ELEMENTS // max(1, rollout.response_ids.shape[1] * vocab))
         return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
 
-    def _score_rows(self, rollout: Rollout, rows: torch.Tensor, whole: bool, recompute: bool) -> dict[str, torch.Tensor]:
+    def _score_rows(self, rollout: Rollout, rows: torch.Tensor, whole: bool, recompute: bool, keep_ref: bool) -> dict[str, torch.Tensor]:
         reference = self.scorer.of(self.reference)
         out: dict[str, torch.Tensor] = {}
         with self.accelerator.autocast():
-            ref = reference(rollout, rows, with_full_logprobs=whole)
+            ref = reference(rollout, rows, with_full_logprobs=whole or keep_ref)
             cur = None
             if self.algorithm.needs_values or whole or recompute:
                 cur = self.scorer(rollout, rows, with_values=self.algorithm.needs_values, with_full_logprobs=whole)
         out["ref"] = ref.logprobs.float()
+        if keep_ref:
+            out["ref_full"] = ref.full_logprobs.float()
         if cur is not None:
             out["current"] = cur.logprobs
         if cur is not None and cur.values is not None:
@@ -232,8 +261,11 @@ class Learner:
             group["lr"] = lr
         return lr
 
-    def update(self, rollout: Rollout, generator: torch.Generator | None = None) -> dict[str, float]:
-        """Optimizer steps over the rollout with its targets; returns the mean of the objective's diagnostics."""
+    def update(self, rollout: Rollout, generator: torch.Generator | None = None,
+               reference_full: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor | None]:
+        """Optimizer steps over the rollout with its targets; returns the mean of the objective's
+        diagnostics, and with `reference_full` (the reference's whole distributions [B, Lr, V], when
+        the exact KL waits for this pass) the exact per-token KL [B, Lr] (else None)."""
         self.module.train()
         a = self.cfg.algo
         sharded = is_sharded(self.module)
@@ -247,6 +279,7 @@ class Learner:
         constant = float(a.loss_constant or self.cfg.generation.max_new_tokens)
         processes = self.accelerator.num_processes
         full_mask = rollout.targets.loss_mask
+        exact = torch.zeros_like(rollout.scored.kl) if reference_full is not None else None
         for minibatch, micro_batches in self._minibatches(rollout, generator):
             # The normaliser of the whole minibatch on every process: each micro-batch's loss is its
             # share of the minibatch's objective, whatever the micro-batch size or process count.
@@ -262,7 +295,8 @@ class Learner:
                 ctx = self.accelerator.no_sync(self.module) if not last else contextlib.nullcontext()
                 with ctx:
                     with self.accelerator.autocast():
-                        out = self.scorer(mb, with_values=self.algorithm.needs_values, with_entropy=True)
+                        out = self.scorer(mb, with_values=self.algorithm.needs_values, with_entropy=True,
+                                          with_full_logprobs=first_step and exact is not None)
                         logprobs = out.logprobs
                         if mb.control is not None:  # train on the distribution actually sampled
                             logprobs = mixture_logprobs(logprobs, mb.control.fallback_logprobs, mb.control.mix_weight) * mb.response_mask
@@ -274,9 +308,13 @@ class Learner:
                                                is_weight=mb.scored.is_weight, mask=mask, weights=weights, beta=beta)
                     if first_step:
                         # Before the first optimizer step the policy is the behaviour policy: its
-                        # recomputed log-probs must match generation's (logprob_gap ~ 0).
+                        # recomputed log-probs must match generation's (logprob_gap ~ 0), and the
+                        # exact KL of each token's distribution can be taken here.
                         info["entropy"] = masked_mean(out.entropy.detach().float(), mb.response_mask)
                         info["logprob_gap"] = masked_mean((logprobs.detach().float() - mb.logprobs).abs(), mb.response_mask)
+                        if exact is not None:
+                            kl = kl_exact(out.full_logprobs.detach().float(), reference_full[idx.to(reference_full.device)])
+                            exact[idx.to(exact.device)] = torch.where(mb.response_mask.bool(), kl, 0.0)
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(f"{self.algorithm.name} loss is {loss.item()} (learning rate or rewards too large?)")
                     self.accelerator.backward(loss * processes)
@@ -314,7 +352,7 @@ class Learner:
         if self.skipped_in_a_row >= MAX_SKIPPED_ITERATIONS:
             raise NonFiniteLossError(f"gradients were non-finite in every optimizer step of {self.skipped_in_a_row} iterations "
                                      "in a row (learning rate or rewards too large?)")
-        return metrics
+        return metrics, exact
 
     # -- the loop ----------------------------------------------------------------------------------
     def step(self, rollout: Rollout, iteration: int = 0, generator: torch.Generator | None = None) -> tuple[Rollout, dict[str, float]]:
@@ -322,9 +360,12 @@ class Learner:
         t0 = time.perf_counter()
         lr = self.set_lr(iteration)
         beta = self.controller.beta
-        rollout, weights = self.score(rollout)
-        rollout = replace(rollout, targets=self.targets(rollout))
-        metrics = self.update(rollout, generator)
+        rollout, weights = self.score(rollout, defer_exact_kl=self.exact_kl_waits(rollout))
+        reference_full = rollout.scored.ref_full_logprobs
+        rollout = replace(rollout, scored=replace(rollout.scored, ref_full_logprobs=None), targets=self.targets(rollout))
+        metrics, exact = self.update(rollout, generator, reference_full)
+        if exact is not None:  # computed by the update's first pass
+            rollout = replace(rollout, scored=replace(rollout.scored, kl_exact=exact))
         if weights is not None:
             metrics.update({"tis/log_ratio_abs_mean": float(weights.log_ratio_abs_mean),
                             "tis/log_ratio_abs_max": float(weights.log_ratio_abs_max),

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from cory import zoo
 from cory.errors import UsageError
 from cory.policy import Policy
+from cory.trunk import TopOutput, decoder, num_layers, prefix_top_cache, top_forward
 
 ADAPTER_DIR = "adapter"
 """Sub-folder of a saved LoRA policy that holds the PEFT adapter."""
@@ -33,15 +34,25 @@ ADAPTER_DIR = "adapter"
 
 class AdaptersDisabled(torch.nn.Module):
     """A PEFT model seen with every LoRA adapter switched off: the frozen base, used as the KL
-    reference of every LoRA run. It holds no weights of its own."""
+    reference of every LoRA run. It holds no weights of its own. With `trunk_depth` (adapters on
+    the top layers only) it also runs from the trunk's output (`trunk_hidden=`, `cory.trunk`)."""
 
-    def __init__(self, peft_model):
+    def __init__(self, peft_model, trunk_depth: int = 0):
         super().__init__()
         self.peft_model = peft_model
+        self.trunk_depth = trunk_depth
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, trunk_hidden=None, prefix_hidden=None, **kwargs):
         with self.peft_model.disable_adapter():
-            return self.peft_model(*args, **kwargs)
+            if trunk_hidden is None:
+                return self.peft_model(*args, **kwargs)
+            layers = decoder(self.peft_model).layers[self.trunk_depth:]
+            cache = kwargs.get("past_key_values")
+            if prefix_hidden is not None:
+                cache = prefix_top_cache(self.peft_model, layers, prefix_hidden, trunk_hidden.shape[0])
+            logits, _ = top_forward(self.peft_model, layers, trunk_hidden, kwargs["attention_mask"], kwargs["position_ids"],
+                                    kwargs.get("logits_to_keep") or trunk_hidden.shape[1], cache)
+            return TopOutput(logits)
 
 
 def check_quantize(quantize: str) -> None:
@@ -56,8 +67,10 @@ def check_quantize(quantize: str) -> None:
         raise UsageError(f"model.lora.quantize={quantize} (QLoRA) needs bitsandbytes: pip install -e '.[qlora]'") from None
 
 
-def peft_config(r: int, alpha: int, targets, dropout: float = 0.0) -> PeftLoraConfig:
-    return PeftLoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), task_type="CAUSAL_LM")
+def peft_config(r: int, alpha: int, targets, dropout: float = 0.0, layers: list[int] | None = None) -> PeftLoraConfig:
+    """PEFT's LoRA configuration; `layers`: the decoder layers that get adapters (None: all)."""
+    return PeftLoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), task_type="CAUSAL_LM",
+                          layers_to_transform=layers)
 
 
 def load_base(name: str, dtype: torch.dtype, quantize: str = "none"):
@@ -78,18 +91,23 @@ def load_base(name: str, dtype: torch.dtype, quantize: str = "none"):
     return prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False), tokenizer
 
 
-def lora_policies(name: str, lora, dtype: torch.dtype, adapters: list[str], value_head: bool = False
+def lora_policies(name: str, lora, dtype: torch.dtype, adapters: list[str], value_head: bool = False, trainable_layers: int = 0
                   ) -> tuple[dict[str, Policy], AdaptersDisabled, dict[str, list[torch.nn.Parameter]]]:
     """One adapter per name in `adapters` on one frozen base loaded from `name`:
     (adapter -> its Policy, the reference = the base with adapters off, adapter -> its trainable
     parameters: the adapter's weights and its policy's value head). `lora`: r, alpha, dropout,
-    targets and quantize (the `model.lora` section)."""
+    targets and quantize (the `model.lora` section). `trainable_layers=K > 0`: adapters on the top
+    K decoder layers only, the layers below a frozen trunk that every pass shares (`cory.trunk`)."""
     base, tokenizer = load_base(name, dtype, lora.quantize)
-    config = peft_config(lora.r, lora.alpha, lora.targets, lora.dropout)
+    depth = num_layers(base) - trainable_layers if trainable_layers else 0
+    config = peft_config(lora.r, lora.alpha, lora.targets, lora.dropout,
+                         list(range(depth, num_layers(base))) if trainable_layers else None)
     peft_model = get_peft_model(base, config, adapter_name=adapters[0])
     for adapter in adapters[1:]:
         peft_model.add_adapter(adapter, config)
     policies = {a: Policy(peft_model, tokenizer, value_head=value_head) for a in adapters}
+    for policy in policies.values():
+        policy.module.trunk_depth = depth
     params = {}
     for adapter, policy in policies.items():
         mine = [p for n, p in policy.module.named_parameters() if f".{adapter}." in n and "lora_" in n]
@@ -98,7 +116,7 @@ def lora_policies(name: str, lora, dtype: torch.dtype, adapters: list[str], valu
         for p in mine:
             p.requires_grad_(True)
         params[adapter] = mine
-    return policies, AdaptersDisabled(peft_model), params
+    return policies, AdaptersDisabled(peft_model, depth), params
 
 
 def save_lora_policy(policy: Policy, folder: str | os.PathLike, base_name: str, dtype: torch.dtype, adapter: str) -> None:

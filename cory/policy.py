@@ -32,6 +32,7 @@ from cory import zoo
 from cory.generation.native import LogitsHook, PrefixStore, kept_token_lists, lm_forward, sample
 from cory.generation.sampling import Generation, SamplingParams, cut_at_stop
 from cory.paths import is_dir
+from cory.trunk import decoder, prefix_top_cache, top_forward
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -52,6 +53,8 @@ class PolicyModel(nn.Module):
     def __init__(self, lm: nn.Module, value_head: bool = False):
         super().__init__()
         self.lm = lm
+        self.trunk_depth = 0
+        """Decoder layers below this one are a frozen trunk (`cory.trunk`; 0: every layer runs each pass)."""
         self.value_head: nn.Linear | None = None
         if value_head:
             hidden = lm.config.get_text_config().hidden_size
@@ -64,11 +67,13 @@ class PolicyModel(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         past_key_values=None,
+        trunk_hidden: torch.Tensor | None = None,
+        prefix_hidden: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """input_ids, attention_mask, position_ids: [B, L].
 
@@ -76,21 +81,28 @@ class PolicyModel(nn.Module):
         `logits_to_keep=k > 0` returns only the last k positions of both ([B, k, V], [B, k]), which
         saves the [B, L, V] logits of a long prompt nobody needs. `past_key_values`: the KV cache of
         columns before `input_ids` (a shared prompt prefix); `attention_mask` then spans both.
+        With `trunk_depth`, `trunk_hidden` [B, L, H] in place of `input_ids` runs only the top layers
+        (`cory.trunk`): the trunk's output of these columns, and `prefix_hidden` [1, P, H] that of a
+        prompt prefix every row shares (its top-layer keys and values are computed once here).
         """
-        with_hidden = self.value_head is not None
-        # Without a cache to extend, use_cache=False: HF models default to building one, which
-        # training never reads.
-        out = lm_forward(self.lm, input_ids, attention_mask, position_ids, logits_to_keep, with_hidden,
-                         use_cache=past_key_values is not None, past_key_values=past_key_values)
-        logits = out.logits
-        if logits_to_keep:
-            logits = logits[:, -logits_to_keep:]  # no-op when the LM already sliced
-        values = None
-        if with_hidden:
+        if trunk_hidden is not None:
+            layers = decoder(self.lm).layers[self.trunk_depth:]
+            if prefix_hidden is not None:
+                past_key_values = prefix_top_cache(self.lm, layers, prefix_hidden, trunk_hidden.shape[0])
+            logits, hidden = top_forward(self.lm, layers, trunk_hidden, attention_mask, position_ids,
+                                         logits_to_keep or trunk_hidden.shape[1], past_key_values)
+        else:
+            # Without a cache to extend, use_cache=False: HF models default to building one, which
+            # training never reads.
+            out = lm_forward(self.lm, input_ids, attention_mask, position_ids, logits_to_keep, self.value_head is not None,
+                             use_cache=past_key_values is not None, past_key_values=past_key_values)
+            logits = out.logits[:, -logits_to_keep:] if logits_to_keep else out.logits  # no-op when the LM already sliced
             # hidden_states[-1] is the final (post-norm) hidden state that feeds the LM head.
-            hidden = out.hidden_states[-1]
-            if logits_to_keep:
+            hidden = out.hidden_states[-1] if self.value_head is not None else None
+            if hidden is not None and logits_to_keep:
                 hidden = hidden[:, -logits_to_keep:]
+        values = None
+        if self.value_head is not None:
             head = self.value_head
             values = head(hidden.to(head.weight.dtype)).squeeze(-1)
             values = values.to(torch.promote_types(values.dtype, torch.float32))
@@ -277,15 +289,16 @@ class Policy:
         was_training = lm.training
         lm.eval()
         try:
-            ids, mask, logprobs, finished = sample(
+            ids, mask, logprobs, finished, trunk = sample(
                 lm, query_ids, query_mask, params, generator, logits_hook,
                 stop_ids=torch.tensor(self.stop_ids(params), dtype=torch.long, device=query_ids.device),
                 pad_id=self.tokenizer.pad_token_id, decode=self.decode, prefix_store=self.prefix_store,
+                trunk_depth=self.module.trunk_depth,
             )
         finally:
             lm.train(was_training)
         texts = [cut_at_stop(text, params.stop_strings) for text in self.decode(kept_token_lists(ids, mask))]
-        return Generation(query_ids, query_mask, ids, mask, logprobs, finished, texts)
+        return Generation(query_ids, query_mask, ids, mask, logprobs, finished, texts, trunk_hidden=trunk)
 
     def decode(self, token_lists: list[list[int]]) -> list[str]:
         """Token id lists -> texts, special tokens (EOS, end of turn) left out."""

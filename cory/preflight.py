@@ -25,6 +25,7 @@ from cory.lora import check_quantize
 from cory.paths import is_dir, shown
 from cory.rewards import BUILTIN_REWARDS, CLASSIFIER_MAX_TOKENS, RewardError, dry_run, is_function_spec, validate_spec
 from cory.tasks import BUILTIN_REWARD, load_prompt_file
+from cory.trunk import trunk_problem
 
 CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 HUB_ID_MAX = 96
@@ -178,6 +179,18 @@ def check_prompt_lengths(cfg: Config, prompts: list[str]) -> None:
                                  f"generation.max_new_tokens={new} it does not fit {what} ({limit} tokens)")
 
 
+def check_trainable_layers(model: str, trainable: int) -> None:
+    """model.trainable_layers fits the model: a decoder family whose top layers can start from the
+    trunk's output, and at most its number of layers (read from config.json; a zoo model not built
+    yet is checked when it loads)."""
+    path = built_zoo_path(model) if zoo.is_zoo_name(model) else model
+    if path is None:
+        return
+    problem = trunk_problem(AutoConfig.from_pretrained(path), trainable)
+    if problem:
+        raise UsageError(problem)
+
+
 def check_backend(model: str) -> None:
     """generation.backend=vllm: vLLM is installed and can serve `model` (one line each). A zoo model
     not built yet is checked when the engine loads it (a check never starts a build)."""
@@ -200,6 +213,8 @@ def preflight(cfg: Config) -> None:
         check_env(cfg.env.id, dict(cfg.env.kwargs))
     check_model_name(cfg.model.name)
     check_quantize(cfg.model.lora.quantize)
+    if cfg.model.trainable_layers:
+        check_trainable_layers(cfg.model.name, cfg.model.trainable_layers)
     if cfg.generation.backend == "vllm":
         check_backend(cfg.model.name)
     for name in [cfg.model.reference, cfg.model.trusted, *cfg.model.reference_ensemble]:

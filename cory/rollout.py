@@ -53,6 +53,9 @@ class TokenScores:
     """The pessimistic ensemble's missing mass h at each token."""
     is_weight: torch.Tensor | None = None
     """Importance weight of tokens another engine or precision sampled (`cory.losses.importance_weights`)."""
+    ref_full_logprobs: torch.Tensor | None = None
+    """[B, Lr, V] the reference's whole distributions, kept only while the exact KL waits for the
+    update's first pass (`Learner.exact_kl_waits`)."""
 
 
 @dataclass
@@ -98,6 +101,9 @@ class Rollout:
     control: ControlOutput | None = None
     """What a sampling control (hard budget, asking for help) recorded per response token: the
     distribution each token was actually drawn from. None when sampling was not steered."""
+    trunk_hidden: torch.Tensor | None = None
+    """[B, Lq + Lr, H] the frozen trunk's output at every column of [query | response], when only the
+    top layers train (`cory.trunk`): kept from sampling, or filled by one pass in `Learner.score`."""
     scored: TokenScores | None = None
     """Added by `Learner.score`."""
     targets: Targets | None = None
@@ -122,6 +128,9 @@ class Rollout:
         updates: dict[str, Any] = {k: getattr(self, k)[:, cols] for k, cols in token.items() if getattr(self, k) is not None}
         if self.control is not None:
             updates["control"] = self.control.select_columns(r)
+        if self.trunk_hidden is not None:
+            width = self.query_ids.shape[1]
+            updates["trunk_hidden"] = torch.cat([self.trunk_hidden[:, q], self.trunk_hidden[:, width:][:, r]], dim=1)
         return replace(self, **updates)
 
     def to(self, device) -> "Rollout":
@@ -166,8 +175,9 @@ class Turn:
 
 
 def _pad_stack(rows: list[torch.Tensor], value: int | float, left: bool) -> torch.Tensor:
+    """Rows [n_i, ...] stacked into [len(rows), max n_i, ...], padded with `value` on the left or right."""
     width = max((r.shape[0] for r in rows), default=0)
-    out = torch.full((len(rows), width), value, dtype=rows[0].dtype if rows else torch.long)
+    out = torch.full((len(rows), width, *rows[0].shape[1:]), value, dtype=rows[0].dtype) if rows else torch.full((0, 0), value)
     for i, r in enumerate(rows):
         if r.shape[0]:
             if left:
@@ -179,10 +189,12 @@ def _pad_stack(rows: list[torch.Tensor], value: int | float, left: bool) -> torc
 
 def concat_turns(turns: list[Turn], pad_id: int) -> Rollout:
     """Join the turns of a batch of episodes into one padded Rollout (each row's own padding dropped)."""
-    q_rows, r_rows, lp_rows, engine_rows = [], [], [], []
+    q_rows, r_rows, lp_rows, engine_rows, trunk_q, trunk_r = [], [], [], [], [], []
     from_engine = turns[0].generation.engine_logprobs is not None
+    with_trunk = all(t.generation.trunk_hidden is not None for t in turns)
     for turn in turns:
         gen = turn.generation
+        lq = gen.query_ids.shape[1]
         for i in range(len(turn.prompts)):
             qm, rm = gen.query_mask[i].bool(), gen.response_mask[i].bool()
             q_rows.append(gen.query_ids[i][qm])
@@ -190,6 +202,9 @@ def concat_turns(turns: list[Turn], pad_id: int) -> Rollout:
             lp_rows.append(gen.logprobs[i][rm])
             if from_engine:
                 engine_rows.append(gen.engine_logprobs[i][rm])
+            if with_trunk:
+                trunk_q.append(gen.trunk_hidden[i, :lq][qm])
+                trunk_r.append(gen.trunk_hidden[i, lq:][: rm.shape[0]][rm])
     controls = [t.control for t in turns if t.control is not None]
     control = ControlOutput.concat(controls, [t.generation.response_mask for t in turns]) if controls else None
 
@@ -213,6 +228,7 @@ def concat_turns(turns: list[Turn], pad_id: int) -> Rollout:
         responses=[x for t in turns for x in t.generation.texts],
         infos=column("infos"),
         control=control,
+        trunk_hidden=torch.cat([_pad_stack(trunk_q, 0.0, left=True), _pad_stack(trunk_r, 0.0, left=False)], dim=1) if with_trunk else None,
     )
 
 
@@ -236,6 +252,7 @@ def rollout_from_generation(gen: Generation, prompts: list[str], scores: list[fl
         prompts=list(prompts),
         responses=list(gen.texts),
         infos=[{} for _ in range(n)],
+        trunk_hidden=gen.trunk_hidden,
     )
 
 

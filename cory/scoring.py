@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from cory.generation.native import lay_out_prefix, lm_forward, position_ids_from_mask, prefix_cache, shared_prefix_length, takes_cache
+from cory.generation.native import (lay_out_prefix, lay_out_states, lm_forward, position_ids_from_mask, prefix_cache,
+                                   shared_prefix_length, takes_cache)
 from cory.policy import PolicyModel, unwrap
 
 
@@ -53,6 +54,7 @@ def sequence_logprobs(
     with_values: bool = False,
     with_full_logprobs: bool = False,
     shared_prefix: bool = False,
+    trunk_hidden: torch.Tensor | None = None,
 ) -> LogprobOutput:
     """Per-token log-probs of responses given queries, in one forward pass.
 
@@ -66,7 +68,9 @@ def sequence_logprobs(
     template's system and example turns; at least 16) run once, batch 1, and their keys and values
     are repeated for every row, gradients included; equal to the full pass up to float rounding, it
     saves (B - 1) x prefix tokens of forward and backward. For a `PolicyModel` or an HF causal LM
-    (with or without adapters); other modules run the full pass.
+    (with or without adapters); other modules run the full pass. `trunk_hidden` [B, Lq + Lr, H]: the
+    frozen trunk's output of these columns (`cory.trunk`), for a model with a `trunk_depth`: only its
+    top layers, norm and head run (on every column but the last, whose logit is not needed).
     Returns a `LogprobOutput`; every masked position is 0.
     """
     if temperature < 0:
@@ -80,25 +84,42 @@ def sequence_logprobs(
     query_ids, query_mask, response_ids, response_mask = (
         t.to(device) for t in (query_ids, query_mask, response_ids, response_mask)
     )
-    lr = response_ids.shape[1]
+    lq, lr = query_ids.shape[1], response_ids.shape[1]
+    top_only = trunk_hidden is not None and getattr(inner, "trunk_depth", 0) > 0
     prefix = shared_prefix_length(query_ids, query_mask) if shared_prefix and takes_cache(inner) else 0
     cache = None
     if prefix:
-        query_ids, query_mask, shared = lay_out_prefix(query_ids, query_mask, prefix)
-        cache = prefix_cache(inner.lm if is_policy else model, shared.tolist(), None, device)
-        cache.batch_repeat_interleave(query_ids.shape[0])
+        laid_ids, laid_mask, shared = lay_out_prefix(query_ids, query_mask, prefix)
+        if top_only:
+            trunk_hidden = lay_out_states(trunk_hidden.to(device), query_mask, prefix)
+        else:
+            cache = prefix_cache(inner.lm if is_policy else model, shared.tolist(), None, device)
+            cache.batch_repeat_interleave(query_ids.shape[0])
+        query_ids, query_mask = laid_ids, laid_mask
     input_ids, attention_mask, position_ids = sequence_layout(query_ids, query_mask, response_ids, response_mask)
-    input_ids, position_ids = input_ids[:, prefix:], position_ids[:, prefix:]  # the prefix is in the cache
 
-    # Keep Lr+1 trailing positions: the last one predicts past the response and is dropped.
-    keep = lr + 1
-    if is_policy:
-        logits, values = model(input_ids, attention_mask, position_ids, logits_to_keep=keep, past_key_values=cache)
+    if top_only:
+        # The top layers on the trunk's output of every column but the last: the last Lr outputs
+        # predict the Lr response tokens.
+        hidden = trunk_hidden.to(device)
+        end = lq + lr - 1
+        kwargs = dict(trunk_hidden=hidden[:, prefix:end], attention_mask=attention_mask[:, :end],
+                      position_ids=position_ids[:, prefix:end], logits_to_keep=lr)
+        if prefix:
+            kwargs["prefix_hidden"] = hidden[:1, :prefix]
+        logits, values = model(**kwargs) if is_policy else (model(**kwargs).logits, None)
     else:
-        out = lm_forward(model, input_ids, attention_mask, position_ids, keep, use_cache=cache is not None,
-                         past_key_values=cache)
-        logits, values = out.logits[:, -keep:], None
-    logits = logits[:, :-1]  # [B, Lr, V]
+        input_ids, position_ids = input_ids[:, prefix:], position_ids[:, prefix:]  # the prefix is in the cache
+        # Keep Lr+1 trailing positions: the last one predicts past the response and is dropped.
+        keep = lr + 1
+        if is_policy:
+            logits, values = model(input_ids, attention_mask, position_ids, logits_to_keep=keep, past_key_values=cache)
+        else:
+            out = lm_forward(model, input_ids, attention_mask, position_ids, keep, use_cache=cache is not None,
+                             past_key_values=cache)
+            logits, values = out.logits[:, -keep:], None
+        logits = logits[:, :-1]  # [B, Lr, V]
+        values = values[:, -keep:-1] if values is not None else None
 
     keep_mask = response_mask.bool()
     t = temperature if temperature > 0 else 1.0
@@ -116,7 +137,7 @@ def sequence_logprobs(
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         result.entropy = zero_where_masked(entropy, keep_mask)
     if with_values:
-        result.values = zero_where_masked(values[:, -keep:-1], keep_mask)
+        result.values = zero_where_masked(values, keep_mask)
     if with_full_logprobs:
         if logp_all.requires_grad:
             result.full_logprobs = zero_where_masked(logp_all, keep_mask.unsqueeze(-1))
@@ -143,12 +164,15 @@ class Scorer:
     shared_prefix: bool = False
 
     def __call__(self, batch, rows: torch.Tensor | None = None, **outputs: bool) -> LogprobOutput:
-        """outputs: with_entropy, with_values, with_full_logprobs. rows: score only these rows."""
-        tensors = (batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
+        """outputs: with_entropy, with_values, with_full_logprobs. rows: score only these rows. A
+        batch that carries its trunk's output (`trunk_hidden`) is scored from it by a model that
+        trains only its top layers."""
+        trunk = getattr(batch, "trunk_hidden", None)
+        tensors = (batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask, trunk)
         if rows is not None:
-            tensors = tuple(t[rows.to(t.device)] for t in tensors)
-        return sequence_logprobs(self.model, *tensors, temperature=self.temperature, shared_prefix=self.shared_prefix,
-                                 **outputs)
+            tensors = tuple(t[rows.to(t.device)] if t is not None else None for t in tensors)
+        return sequence_logprobs(self.model, *tensors[:4], temperature=self.temperature, shared_prefix=self.shared_prefix,
+                                 trunk_hidden=tensors[4], **outputs)
 
     def of(self, model: nn.Module) -> "Scorer":
         """The same settings for another model (the policy next to its reference)."""

@@ -37,8 +37,8 @@ class TrainingRun(Run):
         # FSDP setting (it keeps DDP for MULTI_CPU), hence the look at the launcher's variable.
         self.fsdp = (cfg.train.fsdp or self.accelerator.distributed_type == DistributedType.FSDP
                      or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
-        if self.fsdp and cfg.model.lora.r:
-            raise UsageError("FSDP runs full fine-tuning for now; leave model.lora.r=0")
+        if self.fsdp and (cfg.model.lora.r or cfg.model.trainable_layers):
+            raise UsageError("FSDP runs full fine-tuning of every layer for now; leave model.lora.r=0 and model.trainable_layers=0")
         agents = build_agents(cfg, ["policy"], self.algorithm.needs_values)
         self.policy, self.adapter = agents.policies["policy"], agents.adapters["policy"]
         if self.fsdp:

@@ -52,7 +52,7 @@ if __name__ == "__main__":
     learner = Learner(policy, load_reference(model, torch.float32), make_algorithm(cfg), cfg, acc)
     rank = acc.process_index
     batch = rollout(policy.model.config.vocab_size, slice(rank * local, (rank + 1) * local))
-    metrics = learner.update(batch)
+    metrics, _ = learner.update(batch)
     assert metrics["grad_norm"] > 0.5  # clipping acted
     # After an update the learner holds the whole weights again (on every process).
     state = {k: v.cpu().contiguous().clone() for k, v in gathered_state_dict(policy.module).items()}

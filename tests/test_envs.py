@@ -13,6 +13,7 @@ import cory.envs  # noqa: F401  (registers the ids)
 from cory.envs import BanditEnv, ContextualBanditEnv, GymTextEnvBatch, TicTacToeEnv, parse_action
 from cory.envs.bandit import COLOURS, render_bandit_prompt
 from cory.envs.prompts import PromptOptions
+from cory.generation.sampling import Generation
 from cory.rollout import Sampler
 
 COLOUR_LABELS = ["blue", "green", "red", "yellow", "orange"]
@@ -315,9 +316,9 @@ def test_batch_drives_the_sampler():
         def generate(self, prompts, params, generator=None):
             b = len(prompts)
             ids = torch.ones(b, 2, dtype=torch.long)
-            return SimpleNamespace(
+            return Generation(
                 query_ids=ids, query_mask=torch.ones_like(ids), response_ids=ids, response_mask=torch.ones_like(ids),
-                logprobs=torch.zeros(b, 2), engine_logprobs=None, finished=torch.ones(b, dtype=torch.bool),
+                logprobs=torch.zeros(b, 2), finished=torch.ones(b, dtype=torch.bool),
                 texts=["ACTION=4" if i % 2 else "thinking... ACTION=1" for i in range(b)],
             )
 

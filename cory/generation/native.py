@@ -16,6 +16,7 @@ Padding convention (see `cory.policy`): queries left-padded, responses right-pad
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -23,8 +24,11 @@ from typing import Callable
 
 import torch
 from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from cory.generation.sampling import SamplingParams, sample_tokens
+from cory.trunk import TrunkRecorder
 
 LogitsHook = Callable[[int, torch.Tensor], torch.Tensor]
 """`hook(step, logprobs [B, V]) -> logits [B, V]`: changes the distribution sampled at `step`.
@@ -125,26 +129,99 @@ def shared_prefix_length(query_ids: torch.Tensor, query_mask: torch.Tensor, mini
     return common if common >= minimum else 0
 
 
+def prefix_columns(query_mask: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a left-padded batch whose rows share their first `prefix` real tokens: (own [B, Lq], 1
+    where a row's own tokens lie, the same columns in both layouts; start [B], the column where a
+    row's prefix begins in the left-padded layout)."""
+    lq = query_mask.shape[1]
+    start = lq - query_mask.long().sum(-1)
+    columns = torch.arange(lq, device=query_mask.device)[None]
+    return columns >= (start + prefix)[:, None], start
+
+
 def lay_out_prefix(query_ids: torch.Tensor, query_mask: torch.Tensor, prefix: int,
                    pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A left-padded batch whose rows share their first `prefix` real tokens, re-laid as [shared
     prefix | left padding | own tokens] (same width, same real tokens at the same positions, so
     `position_ids_from_mask` gives every token its old position): (ids [B, Lq], mask [B, Lq],
     the shared tokens [prefix])."""
-    lq = query_ids.shape[1]
-    lengths = query_mask.long().sum(-1)
-    shared = query_ids[0, lq - int(lengths[0]):][:prefix]
-    columns = torch.arange(lq, device=query_ids.device)[None]
-    own = columns >= (lq - lengths + prefix)[:, None]  # where each row's own tokens lie
+    own, start = prefix_columns(query_mask, prefix)
+    shared = query_ids[0, int(start[0]):][:prefix]
+    columns = torch.arange(query_ids.shape[1], device=query_ids.device)[None]
     mask = (own | (columns < prefix)).to(query_mask.dtype)
     ids = torch.where(own, query_ids, torch.full_like(query_ids, pad_id))
     ids[:, :prefix] = shared
     return ids, mask, shared
 
 
+def lay_out_states(states: torch.Tensor, query_mask: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Per-column states [B, Lq (+ more), H] of a left-padded batch, re-laid as `lay_out_prefix`
+    re-lays its ids: [the shared prefix's | zeros | own]; columns after the queries unchanged."""
+    own, start = prefix_columns(query_mask, prefix)
+    lq = query_mask.shape[1]
+    columns = (start[:, None] + torch.arange(prefix, device=start.device)[None]).unsqueeze(-1).expand(-1, -1, states.shape[-1])
+    laid = torch.where(own.unsqueeze(-1), states[:, :lq], torch.zeros((), dtype=states.dtype, device=states.device))
+    laid = torch.cat([states[:, :lq].gather(1, columns), laid[:, prefix:], states[:, lq:]], dim=1)
+    return laid
+
+
+def restore_states(laid: torch.Tensor, query_mask: torch.Tensor, prefix: int) -> torch.Tensor:
+    """The inverse of `lay_out_states` for the query columns: states in the left-padded layout
+    (zeros where the rows are padded)."""
+    own, start = prefix_columns(query_mask, prefix)
+    lq = query_mask.shape[1]
+    out = torch.where(own.unsqueeze(-1), laid[:, :lq], torch.zeros((), dtype=laid.dtype, device=laid.device))
+    columns = (start[:, None] + torch.arange(prefix, device=start.device)[None]).unsqueeze(-1).expand(-1, -1, laid.shape[-1])
+    out = out.scatter(1, columns, laid[:, :prefix])
+    return torch.cat([out, laid[:, lq:]], dim=1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Stepping a model through a batch with its KV cache
 # --------------------------------------------------------------------------------------------------
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer whose keys and values live in buffers allocated once, for `length` tokens:
+    each update writes the new ones in place and hands attention views of the part filled so far,
+    where a dynamic layer copies the whole cache into a new tensor at every step."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.length = length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            batch, heads, _, _ = key_states.shape
+            self.key_buffer = key_states.new_empty(batch, heads, self.length, key_states.shape[-1])
+            self.value_buffer = value_states.new_empty(batch, heads, self.length, value_states.shape[-1])
+            self.filled = 0
+        end = self.filled + key_states.shape[-2]
+        if end > self.length:  # more tokens than planned: grow (a copy, as a dynamic layer would make)
+            self.length = 2 * end
+            self.key_buffer = torch.cat([self.key_buffer[:, :, : self.filled], self.key_buffer.new_empty(*self.key_buffer.shape[:2], self.length - self.filled, self.key_buffer.shape[-1])], dim=2)
+            self.value_buffer = torch.cat([self.value_buffer[:, :, : self.filled], self.value_buffer.new_empty(*self.value_buffer.shape[:2], self.length - self.filled, self.value_buffer.shape[-1])], dim=2)
+        self.key_buffer[:, :, self.filled : end] = key_states
+        self.value_buffer[:, :, self.filled : end] = value_states
+        self.filled = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+
+def preallocated_cache(lm: nn.Module, length: int, start=None):
+    """A KV cache of `PreallocatedLayer`s for `length` tokens, holding `start`'s keys and values
+    first (a shared prefix's cache, already repeated for every row); None for a model whose layers
+    do not all attend fully (it keeps its own cache)."""
+    config = lm.config.get_text_config(decoder=True)
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return start
+    cache = DynamicCache(config=config)
+    cache.layers = [PreallocatedLayer(length) for _ in cache.layers]
+    if start is not None:
+        for layer, own in zip(cache.layers, start.layers):
+            layer.update(own.keys, own.values)
+    return cache
 
 
 class KVStepper:
@@ -153,14 +230,20 @@ class KVStepper:
     `prefill(query_ids, query_mask)` runs the left-padded prompts (with `shared_prefix`, their
     shared prefix once, its cache repeated for every row) and returns the last position's logits
     [B, V]; each `advance(token [B])` appends one token per row and returns the next logits. The
-    attention mask is preallocated for `capacity` new tokens (it grows if more come)."""
+    attention mask and the KV cache (`PreallocatedLayer`) are allocated for `capacity` new tokens
+    (they grow if more come)."""
 
-    def __init__(self, lm: nn.Module, capacity: int = 64):
+    def __init__(self, lm: nn.Module, capacity: int = 64, recorder: TrunkRecorder | None = None):
         self.lm = lm
         self.capacity = capacity
+        self.recording = recorder.recording if recorder is not None else contextlib.nullcontext
 
     def prefill(self, query_ids: torch.Tensor, query_mask: torch.Tensor, shared_prefix: bool = False,
                 store: PrefixStore | None = None, pad_id: int = 0) -> torch.Tensor:
+        with self.recording():
+            return self._prefill(query_ids, query_mask, shared_prefix, store, pad_id)
+
+    def _prefill(self, query_ids, query_mask, shared_prefix, store, pad_id) -> torch.Tensor:
         batch, lq = query_ids.shape
         device = query_ids.device
         self.attention = torch.ones((batch, lq + self.capacity), dtype=torch.long, device=device)
@@ -173,11 +256,12 @@ class KVStepper:
             cache = prefix_cache(self.lm, shared.tolist(), store, device)
             cache.batch_repeat_interleave(batch)
             out = lm_forward(self.lm, laid[:, prefix:], self.attention[:, :lq], positions[:, prefix:], logits_to_keep=1,
-                             use_cache=True, past_key_values=cache)
+                             use_cache=True, past_key_values=preallocated_cache(self.lm, lq + self.capacity, cache))
         else:
             self.attention[:, :lq] = query_mask
             positions = position_ids_from_mask(query_mask)
-            out = lm_forward(self.lm, query_ids, query_mask, positions, logits_to_keep=1, use_cache=True)
+            out = lm_forward(self.lm, query_ids, query_mask, positions, logits_to_keep=1, use_cache=True,
+                             past_key_values=preallocated_cache(self.lm, lq + self.capacity))
         self.cache = out.past_key_values
         self.next_position = positions[:, -1:] + 1  # [B, 1]; the last query column is real (left padding)
         return out.logits[:, -1]
@@ -186,8 +270,9 @@ class KVStepper:
         if self.length == self.attention.shape[1]:
             self.attention = torch.cat([self.attention, torch.ones_like(self.attention)], dim=1)
         self.length += 1
-        out = self.lm(input_ids=token[:, None].to(self.attention.device), attention_mask=self.attention[:, : self.length],
-                      position_ids=self.next_position, past_key_values=self.cache, use_cache=True)
+        with self.recording():
+            out = self.lm(input_ids=token[:, None].to(self.attention.device), attention_mask=self.attention[:, : self.length],
+                          position_ids=self.next_position, past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
         self.next_position = self.next_position + 1
         return out.logits[:, -1]
@@ -209,12 +294,39 @@ def sample(
     pad_id: int,
     decode: Callable[[list[list[int]]], list[str]],
     prefix_store: PrefixStore | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    trunk_depth: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Prefill, then one cached forward per new token; `stop_ids` [n] end a row (EOS, end of turn).
 
     Returns response ids [B, n], mask [B, n], logprobs [B, n], finished [B], where n <= max_new_tokens
-    is the number of steps run (the loop stops once every row is done).
+    is the number of steps run (the loop stops once every row is done), and with `trunk_depth` the
+    trunk's output (the input of decoder layer `trunk_depth`) of [query | response]'s columns
+    [B, Lq + n, H], kept as the loop runs them (the last column, never fed back, is 0; None when a
+    prefix store spared part of the prefix).
     """
+    if not trunk_depth:
+        return (*_sample(lm, query_ids, query_mask, params, generator, logits_hook, stop_ids, pad_id, decode, prefix_store), None)
+    with TrunkRecorder(lm, trunk_depth) as recorder:
+        out = _sample(lm, query_ids, query_mask, params, generator, logits_hook, stop_ids, pad_id, decode, prefix_store, recorder)
+    return (*out, _trunk_columns(recorder.states, query_ids, query_mask, params))
+
+
+def _trunk_columns(states: list[torch.Tensor], query_ids, query_mask, params: SamplingParams) -> torch.Tensor | None:
+    """The trunk states recorded by the loop as [B, Lq + n, H] in the left-padded layout."""
+    prefix = shared_prefix_length(query_ids, query_mask) if params.shared_prefix else 0
+    if prefix:
+        first = states.pop(0)
+        if first.shape[:2] != (1, prefix):  # the store held part of the prefix: not all of it was run
+            return None
+        laid = torch.cat([first.expand(query_ids.shape[0], -1, -1), states.pop(0)], dim=1)
+        query = restore_states(laid, query_mask, prefix)
+    else:
+        query = states.pop(0)
+    last = torch.zeros_like(query[:, :1])  # the last sampled token is never fed back
+    return torch.cat([query, *states, last], dim=1)
+
+
+def _sample(lm, query_ids, query_mask, params, generator, logits_hook, stop_ids, pad_id, decode, prefix_store, recorder=None):
     batch = query_ids.shape[0]
     max_new = params.max_new_tokens
     device = query_ids.device
@@ -226,7 +338,7 @@ def sample(
     out_logprobs = torch.zeros((batch, max_new), dtype=torch.float32, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    stepper = KVStepper(lm, capacity=max_new)
+    stepper = KVStepper(lm, capacity=max_new, recorder=recorder)
     logits = stepper.prefill(query_ids, query_mask, params.shared_prefix, prefix_store, pad_id)
     window = stop_window(params.stop_strings)
     steps = 0

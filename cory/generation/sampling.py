@@ -100,6 +100,9 @@ class Generation:
     engine_logprobs: torch.FloatTensor | None = None
     """[B, Lr] set when another engine (vLLM) sampled: its log-probs of the sampled tokens, the
     behaviour log-probs the trainer's recomputation is compared with; None for the native loop."""
+    trunk_hidden: torch.FloatTensor | None = None
+    """[B, Lq + Lr, H] the frozen trunk's output at every column of [query | response] (the last
+    column 0), kept by the native loop when only the top layers train (`cory.trunk`); else None."""
 
 
 # --------------------------------------------------------------------------------------------------
