@@ -208,6 +208,21 @@ def test_training_run_syncs_weights_and_releases_the_engine(tmp_path, micro_lm, 
     assert refs and all(r() is None for r in refs)
 
 
+def test_single_agent_lora_run_on_vllm_with_a_trunk(tmp_path, micro_lm, micro_rm):
+    """A single-agent LoRA run (PEFT's "default" adapter) sampled by vLLM, adapters on the top layer
+    only: the engine serves the trained adapter in every iteration (the trainer's recomputed
+    log-probs, from one trunk pass per batch, match the engine's)."""
+    from cory.api import train
+
+    cfg = load_config(None, _vllm_overrides(tmp_path, **{"train.iterations": 3, "algo.lr": 3e-2, "model.lora.r": 8,
+                                                         "model.trainable_layers": 1}))
+    train(cfg, tmp_path / "run")
+    rows = _metrics(tmp_path / "run")
+    assert len(rows) == 3
+    assert all(r[GAP] < LOGPROB_TOL for r in rows), [r[GAP] for r in rows]
+    assert rows[-1]["kl_mean"] > 0  # the adapter moved the policy away from the base
+
+
 def test_without_sync_the_gap_shows(tmp_path, micro_lm, micro_rm, monkeypatch):
     """The check above can fail: an engine left on the initial weights shows a large gap."""
     from cory.generation import vllm_engine

@@ -150,8 +150,9 @@ class VLLMEngine:
         from vllm.lora.request import LoRARequest
 
         self.wake_up()
-        if name not in self._adapters:
-            self._adapters[name] = (len(self._adapters) + 1, os.path.join(self._adapter_root, name))
+        if name not in self._adapters:  # PEFT saves its "default" adapter at the top, any other in a folder of its name
+            folder = self._adapter_root if name == "default" else os.path.join(self._adapter_root, name)
+            self._adapters[name] = (len(self._adapters) + 1, folder)
         lora_id, folder = self._adapters[name]
         peft_model.save_pretrained(self._adapter_root, selected_adapters=[name])
         self.llm.reset_prefix_cache()

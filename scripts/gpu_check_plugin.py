@@ -1,0 +1,72 @@
+"""pytest plugin of scripts/gpu_check.sh (loaded with `-p gpu_check_plugin`, scripts/ on PYTHONPATH).
+
+- GPU_CHECK_NO_SMOLLM2=1 leaves out (deselects) every test that uses the `smollm2` fixture, directly
+  or through another fixture: without the SmolLM2 file and without a registry it cannot be built.
+- GPU_CHECK_NO_MKDOCS=1 leaves out every test whose own source names mkdocs (the docs-site build),
+  where mkdocs is not installed.
+- The tests left out are written to $GPU_CHECK_LEFT_OUT, one a line: "smollm2 <node id>" or
+  "mkdocs <node id>".
+- GPU_CHECK_TALLY=FILE appends one line per test outcome ("passed tests/x.py::t") as it is reported,
+  so that a suite stopped at its time cap still leaves its counts and its failures.
+
+With pytest-xdist the workers deselect (they collect) and the controller keeps the tally.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+_WORKER = False
+
+
+def pytest_configure(config):
+    global _WORKER
+    _WORKER = hasattr(config, "workerinput")
+
+
+def _names_mkdocs(item) -> bool:
+    try:
+        return "mkdocs" in inspect.getsource(item.obj)
+    except (AttributeError, OSError, TypeError):
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    no_smollm2 = os.environ.get("GPU_CHECK_NO_SMOLLM2") == "1"
+    no_mkdocs = os.environ.get("GPU_CHECK_NO_MKDOCS") == "1"
+    if not (no_smollm2 or no_mkdocs):
+        return
+    keep, drop = [], []
+    for item in items:
+        if no_smollm2 and "smollm2" in getattr(item, "fixturenames", ()):
+            drop.append(("smollm2", item))
+        elif no_mkdocs and _names_mkdocs(item):
+            drop.append(("mkdocs", item))
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=[item for _, item in drop])
+        items[:] = keep
+    path = os.environ.get("GPU_CHECK_LEFT_OUT")
+    if path:  # every worker collects the same tests: each writes the same list, atomically
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as fh:
+            fh.writelines(f"{why} {item.nodeid}\n" for why, item in drop)
+        os.replace(tmp, path)
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get("GPU_CHECK_TALLY")
+    if not path or _WORKER:
+        return
+    if report.when == "call":
+        outcome = report.outcome
+    elif report.failed:
+        outcome = "error"
+    elif report.skipped and report.when == "setup":
+        outcome = "skipped"
+    else:
+        return
+    with open(path, "a") as fh:
+        fh.write(f"{outcome} {report.nodeid}\n")
