@@ -62,7 +62,7 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA / QLoRA, for single-agent runs and CORY alike: model.lora.r, alpha, dropout, targets, quantize."""
     trainable_layers: int = 0
-    """Train only the top K decoder layers (0, or the model's number of layers: all, as without the key), fully or through LoRA; the embeddings, the layers below, the final norm and the head stay frozen, and that frozen trunk's output is computed once per sequence (kept from sampling) so every other pass runs only the top K layers. Top layers want a larger learning rate than the whole model (docs: Training only the top layers)."""
+    """Train only the top K decoder layers (0, or the model's number of layers: all, as without the key), fully or through LoRA; the embeddings, the layers below, the final norm and the head stay frozen, and that frozen trunk's output is computed once per sequence (kept from sampling) so every other pass runs only the top K layers. Top layers want a larger learning rate than the whole model: docs/concepts/top-layers.md."""
 
 
 @dataclass
