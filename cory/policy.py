@@ -29,6 +29,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cory import zoo
+from cory.attention import use_grouped_attention
 from cory.generation.native import LogitsHook, PrefixStore, kept_token_lists, lm_forward, sample
 from cory.generation.sampling import Generation, SamplingParams, cut_at_stop
 from cory.paths import is_dir
@@ -52,6 +53,7 @@ class PolicyModel(nn.Module):
 
     def __init__(self, lm: nn.Module, value_head: bool = False):
         super().__init__()
+        use_grouped_attention(lm)
         self.lm = lm
         self.trunk_depth = 0
         """Decoder layers below this one are a frozen trunk (`cory.trunk`; 0: every layer runs each pass)."""

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, micro_overrides
 
 
@@ -24,11 +25,15 @@ def launch_env(tmp_path: Path) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "TMPDIR": str(tmp)}
 
 
-def test_two_processes_stay_identical(tmp_path, micro_lm, micro_rm):
+@pytest.mark.parametrize("top", [0, 1], ids=["every-layer", "top-layer-on-a-trunk"])
+def test_two_processes_stay_identical(tmp_path, micro_lm, micro_rm, top):
+    """DDP in 2 processes keeps the ranks identical, training every layer or only the top one
+    (`model.trainable_layers`: the trunk's output kept from sampling, the reference `FrozenTop`)."""
     out = tmp_path / "dist"
     env = launch_env(tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-           str(REPO / "tests" / "dist_train.py"), str(out)] + micro_overrides(tmp_path, **{"train.iterations": 3})
+           str(REPO / "tests" / "dist_train.py"), str(out)] + micro_overrides(
+        tmp_path, **{"train.iterations": 3, "model.trainable_layers": top})
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     d0 = (out / "digest_rank0.txt").read_text()
@@ -41,7 +46,10 @@ def test_two_processes_stay_identical(tmp_path, micro_lm, micro_rm):
     before = load_file(Path(micro_lm) / "model.safetensors")
     after = load_file(out / "final" / "model.safetensors")
     assert before.keys() == after.keys()
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved
+    if top:  # only the top layer trained
+        assert all(".layers.1." in k for k in moved), sorted(moved)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 

@@ -17,7 +17,7 @@ LAYERS = [
     ("errors", "paths", "jsonl", "corpora", "kl", "advantages", "losses", "shaping", "algorithms"),
     ("envs",),
     ("zoo",),
-    ("trunk", "generation", "policy", "scoring", "drift", "lora", "sharding", "optim"),
+    ("attention", "trunk", "generation", "policy", "scoring", "drift", "lora", "sharding", "optim"),
     ("rollout",),
     ("rewards",),
     ("tasks", "teacher_student"),
