@@ -30,11 +30,19 @@ reference's and the update's passes) at the matmul peak, plus the decode steps a
 
     python benchmarks/throughput.py --trunk --model cory:smollm2-135m-instruct --threads 2 --iterations 3
 Writes benchmarks/results/throughput_trunk.{json,md}.
+
+With --decode, one decode step of the native loop on SmolLM2-135M-Instruct (float32, chat prompts,
+batch 16 and 64) with each lever of the loop turned off in turn, against the step's GEMM floor
+measured in the same run; greedy tokens and log-probs are compared with the levers off:
+
+    python benchmarks/throughput.py --decode --model cory:smollm2-135m-instruct --threads 2
+Writes benchmarks/results/throughput_decode.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import json
 import os
@@ -69,6 +77,7 @@ def main() -> None:
     ap.add_argument("--model", default="cory:tiny-reviews")
     ap.add_argument("--reward", default="cory:tiny-sentiment")
     ap.add_argument("--phases", action="store_true", help="time per phase, MFU and decode bound, fp32 and bf16")
+    ap.add_argument("--decode", action="store_true", help="one decode step with each lever of the loop off, against its GEMM floor")
     ap.add_argument("--trunk", action="store_true", help="LoRA on every layer against the top K layers on a shared trunk")
     ap.add_argument("--layers", default="0,2,4,8", help="with --trunk: trainable_layers values (0 = every layer)")
     ap.add_argument("--algos", default="reinforce,grpo", help="with --trunk: algorithms")
@@ -89,6 +98,9 @@ def main() -> None:
         return
     if args.trunk:
         trunk_main(args)
+        return
+    if args.decode:
+        decode_main(args)
         return
 
     cfg = load_config(None, [f"model.name={args.model}", f"task.reward={args.reward}", f"train.batch_size={args.batch_size}",
@@ -346,16 +358,18 @@ def forward_flops(config, layers: int, tokens: int, head_tokens: int, context: i
     return 2 * layers * block * tokens + 2 * d * c.vocab_size * head_tokens + 4 * layers * tokens * context * d
 
 
-def iteration_flops(config, trainable: int, rows: int, lq: int, lr: int, values: bool) -> dict:
+def iteration_flops(config, trainable: int, rows: int, lq: int, lr: int, values: bool, prompts: int | None = None) -> dict:
     """What one iteration must compute (per phase), with LoRA on the top `trainable` layers (0: every
-    layer). Prefill of the prompts and scoring passes run the trunk only when there is none; the
+    layer). Prefill of the `prompts` distinct prompts (a group's answers share one; default: one per
+    row) and scoring passes run the trunk only when there is none; the
     update's backward is one more pass of input gradients through every trained layer and the head
     (LoRA's own weight gradients are negligible); the exact KL waits for the update (no policy pass
     in scoring unless values need one)."""
     layers = config.get_text_config().num_hidden_layers
     top = trainable or layers
     seq = lq + lr
-    prefill = forward_flops(config, layers, rows * lq, rows, lq / 2)
+    prompts = prompts or rows
+    prefill = forward_flops(config, layers, prompts * lq, prompts, lq / 2)
     one_pass = forward_flops(config, top, rows * (seq - 1), rows * lr, seq / 2)
     return {"prefill": prefill, "scoring": one_pass * (2 if values else 1), "update": 2 * one_pass}
 
@@ -383,14 +397,15 @@ def decode_gemm_floor(config, batch: int, repeats: int = 5) -> float:
     return seconds
 
 
-def trunk_run(args, algo: str, trainable: int, peak: float, decode_floor_s: float) -> dict:
-    """Iterations of `algo` with LoRA (r 16) on the top `trainable` layers (0: all), phases timed."""
+def trunk_iterations(args, algo: str, trainable: int, peak: float, decode_floor_s: float, exact: bool = True):
+    """Yields the timed phases of each iteration of `algo` with LoRA (r 16) on the top `trainable`
+    layers (0: all), endlessly, after one warm-up iteration; `exact`: kl.exact_accounting."""
     from cory.train import TrainingRun
 
     group = ["algo.group_size=4", "train.batch_size=4"] if algo == "grpo" else ["train.batch_size=16"]
     overrides = [f"model.name={args.model}", "task.reward=vader", "task.reward_on=response", "task.chat_template=true",
                  "generation.max_new_tokens=16", "train.log_with=[]", "train.progress=false", f"algo.name={algo}",
-                 "model.lora.r=16", f"model.trainable_layers={trainable}", *group]
+                 "model.lora.r=16", f"model.trainable_layers={trainable}", f"kl.exact_accounting={str(exact).lower()}", *group]
     cfg = load_config(None, overrides)
     AcceleratorState._reset_state(reset_partial_state=True)
     torch.manual_seed(0)
@@ -399,8 +414,8 @@ def trunk_run(args, algo: str, trainable: int, peak: float, decode_floor_s: floa
     timers = {"generate": Timer(policy, "generate"), "score": Timer(learner, "score"), "update": Timer(learner, "update"),
               "optimizer": Timer(learner.optimizer, "step")}
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
-    rows = []
-    for it in range(args.iterations + 1):  # the first iteration warms up and is dropped
+    trained = sum(p.numel() for p in learner.optimizer.param_groups[0]["params"])
+    for it in itertools.count():  # the first iteration warms up and is dropped
         for t in timers.values():
             t.times.clear()
         t0 = time.perf_counter()
@@ -409,20 +424,49 @@ def trunk_run(args, algo: str, trainable: int, peak: float, decode_floor_s: floa
         total = time.perf_counter() - t0
         b, lq = rollout.query_ids.shape
         lr = rollout.response_ids.shape[1]
-        flops = iteration_flops(policy.model.config, trainable, b, lq, lr, run.algorithm.needs_values)
+        prompts = len({tuple(row) for row in rollout.query_ids.tolist()})
+        flops = iteration_flops(policy.model.config, trainable, b, lq, lr, run.algorithm.needs_values, prompts)
         floor = (flops["prefill"] + flops["scoring"] + flops["update"]) / peak + decode_floor_s * (lr - 1)
         if it:
             t = {k: sum(v.times) for k, v in timers.items()}
-            rows.append({"iteration_s": total, "generate_s": t["generate"], "scoring_s": t["score"],
-                         "update_s": t["update"] - t["optimizer"], "optimizer_s": t["optimizer"],
-                         "other_s": total - t["generate"] - t["score"] - t["update"], "floor_s": floor,
-                         "floor_generate_s": flops["prefill"] / peak + decode_floor_s * (lr - 1),
-                         "floor_scoring_s": flops["scoring"] / peak, "floor_update_s": flops["update"] / peak,
-                         "rows": b, "query_len": lq, "response_len": lr})
+            yield {"iteration_s": total, "generate_s": t["generate"], "scoring_s": t["score"],
+                   "update_s": t["update"] - t["optimizer"], "optimizer_s": t["optimizer"],
+                   "other_s": total - t["generate"] - t["score"] - t["update"], "floor_s": floor,
+                   "floor_generate_s": flops["prefill"] / peak + decode_floor_s * (lr - 1),
+                   "floor_scoring_s": flops["scoring"] / peak, "floor_update_s": flops["update"] / peak,
+                   "rows": b, "query_len": lq, "response_len": lr, "trained_params": trained}
+
+
+def trunk_run(args, algo: str, trainable: int, peak: float, decode_floor_s: float) -> dict:
+    """The medians of `args.iterations` iterations (see `trunk_iterations`)."""
+    rows = list(itertools.islice(trunk_iterations(args, algo, trainable, peak, decode_floor_s), args.iterations))
     out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     out["vs_floor"] = out["iteration_s"] / out["floor_s"]
-    out["trained_params"] = sum(p.numel() for p in learner.optimizer.param_groups[0]["params"])
     print(algo, trainable, json.dumps(out), flush=True)
+    return out
+
+
+def exact_kl_cost(args, trainable: int, peak: float, decode_floor_s: float) -> float:
+    """GRPO's iteration with the exact KL's accounting over the same iteration without it: two runs
+    alternating single iterations (so both see the same machine), the median of the paired ratios."""
+    on = trunk_iterations(args, "grpo", trainable, peak, decode_floor_s, exact=True)
+    off = trunk_iterations(args, "grpo", trainable, peak, decode_floor_s, exact=False)
+    ratios = [next(on)["iteration_s"] / next(off)["iteration_s"] for _ in range(2 * args.iterations)]
+    print("exact KL cost", trainable, ratios, flush=True)
+    return statistics.median(ratios)
+
+
+def reference_memory(model: str, ks: list[int]) -> dict[str, float]:
+    """MB of weights the reference holds of its own: a whole copy of the model, and `FrozenTop` (a
+    frozen copy of the top K layers on the policy's trunk) for each K."""
+    from cory import zoo
+    from cory.trunk import FrozenTop, num_layers
+
+    lm = Policy.from_pretrained(str(zoo.build(model, progress=False))).model
+    mb = lambda module: sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20  # noqa: E731
+    out = {"whole copy": mb(lm)}
+    for k in ks:
+        out[str(k)] = mb(FrozenTop(lm, num_layers(lm) - k))
     return out
 
 
@@ -436,7 +480,11 @@ def trunk_main(args) -> None:
     decode_floor = {b: decode_gemm_floor(config, b) for b in (16, 64)}
     results = {algo: {str(k): trunk_run(args, algo, int(k), peak, decode_floor[16]) for k in args.layers.split(",")}
                for algo in args.algos.split(",")}
+    # The exact KL's cost: the same iteration without its accounting, GRPO with LoRA on every layer and on the top 4.
+    exact_cost = {k: exact_kl_cost(args, int(k), peak, decode_floor[16]) for k in ("0", "4") if k in results.get("grpo", {})}
+    reference_mb = reference_memory(args.model, [int(k) for k in args.layers.split(",") if int(k)])
     result = {"model": args.model, "threads": torch.get_num_threads(), "iterations_timed": args.iterations,
+              "reference_weights_mb": reference_mb, "exact_kl_cost": exact_cost,
               "matmul_tflops_fp32": peak / 1e12, "matmul_tflops_fp32_after": matmul_flops(torch.float32) / 1e12,
               "decode_gemm_floor_ms": {str(b): v * 1e3 for b, v in decode_floor.items()}, "results": results,
               "load_average_end": os.getloadavg()[0], "layers": config.num_hidden_layers}
@@ -445,7 +493,7 @@ def trunk_main(args) -> None:
              f"Measured in this run: fp32 matmul peak {result['matmul_tflops_fp32']:.3f} TFLOP/s "
              f"({result['matmul_tflops_fp32_after']:.3f} after); one decode step's matrix products alone "
              f"{result['decode_gemm_floor_ms']['16']:.0f} ms at batch 16, {result['decode_gemm_floor_ms']['64']:.0f} ms at batch 64. "
-             "The floor is the FLOPs each configuration must do (prefill, the reference's pass, the update's forward and "
+             "The floor is the FLOPs each configuration must do (prefill of each distinct prompt, the reference's pass, the update's forward and "
              "backward) at that peak, plus the decode steps at their GEMM floor. Medians of "
              f"{args.iterations} iterations after one warm-up; load average at the end {result['load_average_end']:.1f}.", ""]
     for algo, by_k in results.items():
@@ -457,9 +505,106 @@ def trunk_main(args) -> None:
                          f"{r['update_s']:.2f} s | {r['optimizer_s']:.3f} s | {r['other_s']:.2f} s | {r['floor_s']:.2f} s | "
                          f"{r['vs_floor']:.2f}x |")
         lines.append("")
+    lines += ["## The exact KL's cost", "", "GRPO's iteration with `kl.exact_accounting=true` (the default) over the same "
+              "iteration without it (two runs alternating iterations, the median of the paired ratios): " + ", ".join(f"{'all layers' if k == '0' else f'top {k}'} {v:.3f}x" for k, v in exact_cost.items())
+              + ".", ""]
+    lines += ["## The reference of a full fine-tuning", "",
+              "A full fine-tuning of the top K layers keeps as its reference the policy's frozen trunk (shared) and a frozen "
+              "copy of only the top K layers (`FrozenTop`), where a whole-depth run keeps a second copy of the whole model. "
+              "Weights held by the reference (float32, counted on the built modules):", "",
+              "| trained layers | reference's own weights | a whole copy | saved |", "|---|---|---|---|"]
+    whole = reference_mb["whole copy"]
+    for k, mb in reference_mb.items():
+        if k != "whole copy":
+            lines.append(f"| top {k} | {mb:.1f} MB | {whole:.1f} MB | {whole - mb:.1f} MB ({1 - mb / whole:.0%}) |")
+    lines.append("")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "throughput_trunk.json").write_text(json.dumps(result, indent=2))
     (RESULTS / "throughput_trunk.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# -- --decode: the levers of one decode step ---------------------------------------------------------
+DECODE_STEPS = 24
+"""Tokens decoded per timing (greedy, every row runs all of them)."""
+
+
+def decode_steps(policy: Policy, batch: int, levers: dict) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Median seconds of one decode step over `DECODE_STEPS` greedy steps (after 2 warm-up steps),
+    the greedy tokens [B, steps] and their log-probs, with `levers` (preallocated cache, grouped heads)
+    on or off."""
+    from cory.attention import GROUPED
+    from cory.generation import native
+
+    lm = policy.model
+    lm.set_attn_implementation(GROUPED if levers["grouped attention"] else "sdpa")
+    prompts = [f"Continue this movie review in one sentence: The film number {i} was" for i in range(batch)]
+    q, m = policy.encode_prompts(prompts, SamplingParams(chat=True))
+    keep = native.preallocated_cache
+    if not levers["preallocated cache"]:
+        native.preallocated_cache = lambda lm, length, start=None: start
+    try:
+        with torch.no_grad():
+            stepper = native.KVStepper(lm, capacity=DECODE_STEPS + 4)
+            logits = stepper.prefill(q, m)
+            times, tokens, logprobs = [], [], []
+            for _ in range(DECODE_STEPS + 2):
+                token = logits.argmax(-1)
+                tokens.append(token)
+                logprobs.append(torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0])
+                t0 = time.perf_counter()
+                logits = stepper.advance(token)
+                times.append(time.perf_counter() - t0)
+    finally:
+        native.preallocated_cache = keep
+    return statistics.median(times[2:]), torch.stack(tokens, 1), torch.stack(logprobs, 1)
+
+
+def decode_main(args) -> None:
+    from cory import zoo
+
+    torch.manual_seed(0)
+    policy = Policy.from_pretrained(str(zoo.build(args.model, progress=False)))
+    policy.model.eval()
+    off = {"preallocated cache": False, "grouped attention": False}
+    settings = {"no lever (dynamic cache, heads copied for sdpa)": off,
+                "+ preallocated KV cache": {**off, "preallocated cache": True},
+                "+ grouped heads handed to the kernel (cory's loop)": {"preallocated cache": True, "grouped attention": True}}
+    result = {"model": args.model, "threads": torch.get_num_threads(), "steps": DECODE_STEPS, "batches": {}}
+    for batch in (16, 64):
+        rows, reference, floors = {}, None, []
+        for _ in range(args.iterations):  # interleaved repeats: each setting's and the floor's median of medians
+            floors.append(decode_gemm_floor(policy.model.config, batch, repeats=5))
+            for name, levers in settings.items():
+                seconds, tokens, logprobs = decode_steps(policy, batch, levers)
+                if reference is None:
+                    reference = (tokens, logprobs)
+                r = rows.setdefault(name, {"step_ms": [], "greedy_identical": True, "max_logprob_diff": 0.0})
+                r["step_ms"].append(seconds * 1e3)
+                r["greedy_identical"] &= bool(torch.equal(tokens, reference[0]))
+                r["max_logprob_diff"] = max(r["max_logprob_diff"], (logprobs - reference[1]).abs().max().item())
+        floor = statistics.median(floors)
+        for r in rows.values():
+            r["median_step_ms"] = statistics.median(r["step_ms"])
+            r["vs_floor"] = r["median_step_ms"] / (floor * 1e3)
+        result["batches"][str(batch)] = {"gemm_floor_ms": floor * 1e3, "gemm_floor_repeats_ms": [f * 1e3 for f in floors],
+                                         "settings": rows}
+    result["load_average_end"] = os.getloadavg()[0]
+    lines = [f"# One decode step of the native loop on {args.model} (float32, {result['threads']} threads)", "",
+             f"Greedy decoding of {DECODE_STEPS} tokens from chat prompts; the step's median over them, then the median of "
+             f"{args.iterations} interleaved repeats. The GEMM floor is the step's matrix products alone at their real shapes "
+             "(every layer's q, k, v, o, gate, up, down and the LM head), timed in each repeat, its median. Tokens and "
+             f"log-probs are compared with the loop without the levers. Load average at the end: {result['load_average_end']:.1f}.", "",
+             "| batch | loop | step | GEMM floor | step / floor | greedy identical | max log-prob difference |",
+             "|---|---|---|---|---|---|---|"]
+    for batch, b in result["batches"].items():
+        for name, r in b["settings"].items():
+            lines.append(f"| {batch} | {name} | {r['median_step_ms']:.1f} ms | {b['gemm_floor_ms']:.1f} ms "
+                         f"| {r['vs_floor']:.2f}x | {'yes' if r['greedy_identical'] else 'NO'} | "
+                         f"{r['max_logprob_diff']:.1e} |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "throughput_decode.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "throughput_decode.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -26,12 +26,18 @@ this is repeated with seeds 0..R-1. Reported:
   same code for both, plus the KL of the samples from the initial model;
 - with --profile, where the time of a step goes in each (cProfile, grouped into phases).
 
+With --lora-r R both train the same LoRA adapters (r R, alpha 2R, every projection of the decoder
+layers, dropout 0; cory's `peft_config` builds PEFT's configuration for both); with also
+--trainable-layers K the adapters sit on the top K decoder layers only (PEFT's `layers_to_transform`,
+cory's `model.trainable_layers=K`), and cory runs its frozen trunk once per sequence. In both the
+reference is the base model with the adapters off.
+
 Both use one intra-op thread by default (--threads): on a shared CPU, two OpenMP threads per process
 slow down 10-40x whenever another process competes for the cores, which swamps any comparison.
 
     python benchmarks/vs_trl.py [--steps 25] [--repeats 5] [--prompts-per-step 8] [--group-size 4]
                                 [--max-new-tokens 16] [--lr 5e-4] [--beta 0.04] [--last-k 5]
-                                [--threads 1] [--profile]
+                                [--threads 1] [--profile] [--lora-r 16 --trainable-layers 4]
 Writes benchmarks/results/vs_trl.{json,md}. Needs `pip install -r requirements-bench.txt` (TRL).
 """
 
@@ -138,7 +144,23 @@ def cory_config(args, seed: int):
         "generation.top_k=0", "generation.top_p=1.0",
         f"train.batch_size={args.prompts_per_step}", f"train.iterations={args.steps}", f"train.seed={seed}",
         "train.log_with=[]", "train.progress=false",
-    ] + (["train.mixed_precision=bf16"] if args.bf16 else []))
+    ] + (["train.mixed_precision=bf16"] if args.bf16 else [])
+      + ([f"model.lora.r={args.lora_r}", f"model.lora.alpha={2 * args.lora_r}", "model.lora.dropout=0.0",
+          f"model.trainable_layers={args.trainable_layers}"] if args.lora_r else []))
+
+
+def trl_peft(args, model_path: str):
+    """The PEFT LoRA configuration TRL gets: cory's adapters (same targets), on the top K layers."""
+    if not args.lora_r:
+        return None
+    from transformers import AutoConfig
+
+    from cory.config import LoraConfig
+    from cory.lora import peft_config
+
+    layers = AutoConfig.from_pretrained(model_path).num_hidden_layers
+    top = list(range(layers - args.trainable_layers, layers)) if args.trainable_layers else None
+    return peft_config(args.lora_r, 2 * args.lora_r, LoraConfig().targets, dropout=0.0, layers=top)
 
 
 class CoryStepper:
@@ -238,7 +260,7 @@ def run_pair(args, seed: int, work: Path, model_path: str, train_prompts, reward
         trainer = GRPOTrainer(
             model=model, reward_funcs=sentiment_reward, args=trl_config(args, seed, work / f"trl-{seed}"),
             train_dataset=Dataset.from_dict({"prompt": list(train_prompts)}), processing_class=tokenizer,
-            callbacks=[timer],
+            callbacks=[timer], peft_config=trl_peft(args, model_path),
         )
     trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log dict
     setup_s = time.perf_counter() - t_setup
@@ -370,7 +392,8 @@ def profile_trl(args, work: Path, model_path: str, train_prompts, reward, n_step
         trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32),
                               reward_funcs=sentiment_reward, args=config,
                               train_dataset=Dataset.from_dict({"prompt": list(train_prompts)}),
-                              processing_class=AutoTokenizer.from_pretrained(model_path), callbacks=[Profiled()])
+                              processing_class=AutoTokenizer.from_pretrained(model_path), callbacks=[Profiled()],
+                              peft_config=trl_peft(args, model_path))
         trainer.remove_callback(PrinterCallback)
         trainer.train()
     stats = pstats.Stats(prof)
@@ -466,7 +489,9 @@ def markdown(result: dict) -> str:
         f"# cory GRPO vs TRL {result['versions']['trl']} GRPOTrainer on {cfg['model']} (CPU, {cfg['threads']} thread{'s' if cfg['threads'] > 1 else ''})",
         "",
         f"{cfg['prompts_per_step']} prompts x {cfg['group_size']} completions per optimizer step, <= {cfg['max_new_tokens']} new tokens, "
-        f"temperature 1.0, lr {cfg['lr']:g} (constant), beta {cfg['beta']:g} (k3 loss term), clip 0.2, token-mean loss, "
+        + (f"LoRA r {cfg['lora_r']} (alpha {2 * cfg['lora_r']}) on " + (f"the top {cfg['trainable_layers']} decoder layers" if cfg.get('trainable_layers') else "every decoder layer")
+           + " in both (TRL through PEFT's `layers_to_transform`), " if cfg.get("lora_r") else "full fine-tuning, ")
+        + f"temperature 1.0, lr {cfg['lr']:g} (constant), beta {cfg['beta']:g} (k3 loss term), clip 0.2, token-mean loss, "
         f"{cfg['steps']} steps x {cfg['repeats']} alternating repeats (seeds {', '.join(map(str, cfg['seeds']))}); "
         f"reward = `{cfg['reward']}`" + (" (VADER compound score)" if cfg['reward'] == "vader" else " positive logit") + f". Train reward = mean of the last {cfg['last_k']} steps' samples; "
         f"eval reward = fixed-seed evaluation of the final policy on the 64 held-out prompts x {cfg['eval_samples']} samples "
@@ -550,6 +575,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads for both (1: on a shared CPU, 2 OpenMP threads slow down 10-40x whenever another process runs)")
     ap.add_argument("--bf16", action="store_true", help="both train with bf16 autocast (cory train.mixed_precision=bf16, TRL bf16=True)")
+    ap.add_argument("--lora-r", type=int, default=0, help="both train LoRA adapters of this rank (0: full fine-tuning)")
+    ap.add_argument("--trainable-layers", type=int, default=0, help="with --lora-r: adapters on the top K decoder layers only (0: all)")
     ap.add_argument("--profile", action="store_true", help="also cProfile 3 steps of each and report where a step's time goes")
     ap.add_argument("--out", default=str(RESULTS), help="folder for vs_trl.json and vs_trl.md")
     ap.add_argument("--no-write", action="store_true", help="print only")
@@ -591,7 +618,8 @@ def main() -> None:
                        "trl": profile_trl(args, work, model_path, train_prompts, reward)}
 
     settings = {k: getattr(args, k) for k in ("model", "reward", "prompts_per_step", "group_size", "max_new_tokens", "steps",
-                                               "repeats", "lr", "beta", "last_k", "eval_samples", "threads", "bf16")}
+                                               "repeats", "lr", "beta", "last_k", "eval_samples", "threads", "bf16",
+                                               "lora_r", "trainable_layers")}
     settings.update({"model_folder": Path(model_path).name, "reward_folder": Path(zoo.resolve(args.reward)).name,
                      "seeds": list(range(args.repeats)), "temperature": 1.0,
                      "dtype": "float32 weights, bf16 autocast" if args.bf16 else "float32", "device": "cpu",
@@ -619,6 +647,7 @@ def main() -> None:
         # The default model keeps the historical file name; others (the real model, bf16) get their own.
         tag = "" if args.model == "cory:tiny-reviews" else "_" + args.model.removeprefix("cory:").replace("/", "_")
         tag += "_bf16" if args.bf16 else ""
+        tag += (f"_lora{args.lora_r}" + (f"_top{args.trainable_layers}" if args.trainable_layers else "")) if args.lora_r else ""
         (out / f"vs_trl{tag}.json").write_text(json.dumps(result, indent=2))
         (out / f"vs_trl{tag}.md").write_text(md)
 

@@ -30,6 +30,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from coevolution import best_combined, paired, runs_of, swap_every, value  # noqa: E402  (the CORY results' own aggregation)
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
@@ -171,30 +173,6 @@ def algorithms_page() -> tuple[str, list[list[str]]]:
 # -- CORY -------------------------------------------------------------------------------------------------
 METHODS = {"ppo": "PPO, equal iterations", "ppo-2x": "PPO, equal samples (2x iterations)", "cory": "CORY",
            "cory-no-exchange": "CORY, no role exchange", "cory-no-observe": "CORY, observer blind to the pioneer"}
-
-
-def value(record: dict, key: str) -> float:
-    """A run's final figure; for CORY the mean over its two agents, each answering alone."""
-    return mean(a[key] for a in record["agents"].values())
-
-
-def runs_of(result: dict, method: str, beta: float) -> dict[int, dict]:
-    return {r["seed"]: r for r in result["runs"] if r["method"] == method and r["beta"] == beta}
-
-
-def paired(result: dict, method: str, other: str, beta: float, key: str) -> tuple[float, float]:
-    a, b = runs_of(result, method, beta), runs_of(result, other, beta)
-    return ci([value(a[s], key) - value(b[s], key) for s in sorted(a.keys() & b.keys())])
-
-
-def best_combined(result: dict, method: str, seed: int, eta: float) -> float:
-    return max(value(runs_of(result, method, b)[seed], "reward") - eta * value(runs_of(result, method, b)[seed], "kl")
-               for b in result["settings"]["betas"])
-
-
-def swap_every(settings: dict) -> int:
-    values = [o.split("=", 1)[1] for o in settings["overrides"] if o.startswith("cory.swap_every=")]
-    return int(values[-1]) if values else 5
 
 
 def every(n: int) -> str:
@@ -466,7 +444,7 @@ def bandits_real() -> tuple[list[str], list[str]]:
                      num(t[k]["draw_rate"], 2), num(t[k]["loss_rate"], 2), num(t[k]["valid_rate"], 2)]
                     for k, name in (("random", "random agent"), ("before", "before"), ("after", "fine-tuned"))])
     after_ttt = (t["after"]["env_return_mean"], t["after"]["return_ci"])
-    lines += [f"Training return per iteration (the invalid-move penalty included): "
+    lines += ["Training return per iteration (the invalid-move penalty included): "
               + ", ".join(num(x, 1) for x in t["training"]["train_reward"]) + "; KL to the initial model: "
               + ", ".join(num(x, 2) for x in t["training"]["train_kl"]) + ".", ""]
     lines += table(["goal", "target", "measured", "verdict"], [
@@ -537,7 +515,7 @@ def drift_page() -> tuple[str, list[list[str]]]:
     worst = max((max(r["episode_kl_max"] / k[1] for r in groups[k]), k) for k in hard) if hard else None
     if worst:
         within = all(r["episode_kl_max"] <= k[1] * (1 + 1e-5) for k in hard for r in groups[k])
-        lines += [f"**The hard budget caps the episode.** Under `kl.hard_budget` (with or without the ensemble) "
+        lines += ["**The hard budget caps the episode.** Under `kl.hard_budget` (with or without the ensemble) "
                   + ("no evaluation episode's exact KL exceeds B" if within else "an evaluation episode's exact KL exceeds B")
                   + f" (the largest is {num(worst[0], 4)} x B); the mean can be below B, where an episode ends with budget "
                   "left.", ""]
@@ -652,18 +630,27 @@ def performance_page() -> tuple[str, list[list[str]]]:
         lines += table(["precision", "iteration s", "generate s", "reference s", "update s", "update MFU",
                         "decode ms/step", "decode bound ms"], rows)
 
+    lines += decode_section() + trunk_section(headline)
+
     lines += ["## Against TRL", "",
               "`python benchmarks/vs_trl.py`: GRPO in cory and TRL's `GRPOTrainer` on the same model, prompts, group size, "
               "length, learning rate and steps, alternating single steps in one process. Paired ratio: the median of cory's "
               "step time over TRL's adjacent step. Reward difference: final evaluation, cory minus TRL, with its standard "
               "error over the repeats.", ""]
     rows = []
-    for name in ("vs_trl", "vs_trl_smollm2-135m-instruct", "vs_trl_smollm2-135m-instruct_bf16"):
+    for name in ("vs_trl", "vs_trl_smollm2-135m-instruct", "vs_trl_smollm2-135m-instruct_bf16",
+                 "vs_trl_smollm2-135m-instruct_lora16_top4"):
         if not (RESULTS / f"{name}.json").exists():
             continue
         v = load(name)
         st, sm, ratio = v["settings"], v["summary"], v["summary"]["ratio_cory_over_trl"]
-        rows.append([f"`{st['model']}`{' (bf16)' if st.get('bf16') else ''}", f"{st['prompts_per_step']} x {st['group_size']}",
+        lora = (f", LoRA r {st['lora_r']}" + (f" on the top {st['trainable_layers']} layers" if st.get("trainable_layers") else "")
+                if st.get("lora_r") else "")
+        if lora:
+            headline.append([f"GRPO step time against TRL, SmolLM2{lora}",
+                             f"{num(ratio['step_time_paired_median'], 2)}x TRL's (paired median), final reward difference "
+                             f"{num(ratio['eval_reward_diff'], 3, sign=True)} (SE {num(ratio['eval_reward_diff_se'], 3)})"])
+        rows.append([f"`{st['model']}`{' (bf16)' if st.get('bf16') else ''}{lora}", f"{st['prompts_per_step']} x {st['group_size']}",
                      str(st["steps"]), str(st["repeats"]), num(sm["cory"]["step_s_median"], 2), num(sm["trl"]["step_s_median"], 2),
                      f"{num(ratio['step_time_paired_median'], 2)}x",
                      f"{num(ratio['eval_reward_diff'], 3, sign=True)} (SE {num(ratio.get('eval_reward_diff_se', float('nan')), 3)})"
@@ -729,6 +716,88 @@ def performance_page() -> tuple[str, list[list[str]]]:
     return "\n".join(lines), headline
 
 
+def decode_section() -> list[str]:
+    """The native loop's decode step against its GEMM floor, lever by lever (throughput.py --decode)."""
+    if not (RESULTS / "throughput_decode.json").exists():
+        return []
+    d = load("throughput_decode")
+    lines = ["## Decoding against its floor", "",
+             f"`python benchmarks/throughput.py --decode`: one greedy decode step of the native loop on `{d['model']}` "
+             f"(float32, {d['threads']} threads, chat prompts, {d['steps']} steps, the median of interleaved repeats), each "
+             "lever added in turn, against the step's GEMM floor: its matrix products alone at their real shapes (every "
+             "layer's projections and the LM head), timed in the same run. Tokens and log-probs against the loop "
+             "without the levers.", ""]
+    rows = []
+    for batch, b in d["batches"].items():
+        for name, r in b["settings"].items():
+            rows.append([batch, name, f"{num(r['median_step_ms'], 1)} ms", f"{num(b['gemm_floor_ms'], 1)} ms",
+                         f"{num(r['vs_floor'], 2)}x", "yes" if r["greedy_identical"] else "no", f"{r['max_logprob_diff']:.1e}"])
+    return lines + table(["batch", "loop", "step", "GEMM floor", "step / floor", "greedy identical", "largest log-prob difference"], rows)
+
+
+def trunk_section(headline: list) -> list[str]:
+    """An iteration with only the top layers training (throughput.py --trunk), and whether they learn
+    (trunk_learning.py)."""
+    lines = []
+    if (RESULTS / "throughput_trunk.json").exists():
+        t = load("throughput_trunk")
+        lines += ["## An iteration with only the top layers training", "",
+                  f"`python benchmarks/throughput.py --trunk`: `{t['model']}`, 16 sequences x 16 new tokens, LoRA r 16 on every "
+                  f"layer or on the top K (`model.trainable_layers`), float32, {t['threads']} threads, the median of "
+                  f"{t['iterations_timed']} iterations. The floor: the FLOPs each configuration must do (a group of answers to one prompt prefills it once) at the matmul peak "
+                  f"measured in the same run ({num(t['matmul_tflops_fp32'], 3)} TFLOP/s), plus the decode steps at their "
+                  f"GEMM floor ({num(t['decode_gemm_floor_ms']['16'], 0)} ms a step at batch 16).", ""]
+        for algo, by_k in t["results"].items():
+            rows = [[f"all {t['layers']}" if k == "0" else f"top {k}", num(r["iteration_s"], 2), num(r["generate_s"], 2),
+                     num(r["scoring_s"], 2), num(r["update_s"], 2), num(r["optimizer_s"], 3), num(r["other_s"], 2),
+                     num(r["floor_s"], 2), f"{num(r['vs_floor'], 2)}x"] for k, r in by_k.items()]
+            lines += [f"{algo}:", ""] + table(["trained layers", "iteration s", "generation s", "scoring s", "update s",
+                                               "optimizer s", "other s", "floor s", "iteration / floor"], rows)
+            whole, top4 = by_k.get("0"), by_k.get("4")
+            if whole and top4 and algo == "grpo":
+                headline.append(["a GRPO iteration on SmolLM2, top 4 layers on a shared trunk",
+                                 f"{num(top4['iteration_s'], 2)} s against {num(whole['iteration_s'], 2)} s with LoRA on every "
+                                 f"layer ({num(whole['iteration_s'] / top4['iteration_s'], 1)}x); {num(top4['vs_floor'], 2)}x "
+                                 "its floor"])
+        if t.get("exact_kl_cost"):
+            lines += ["The exact episode KL's accounting (`kl.exact_accounting`, on by default) costs, as GRPO's iteration with it "
+                      "over the same iteration without it (two runs alternating iterations, the median of the paired ratios): " + ", ".join(
+                          f"{'every layer' if k == '0' else f'top {k}'} {num(v, 3)}x" for k, v in t["exact_kl_cost"].items()) + ".", ""]
+        mb = t["reference_weights_mb"]
+        lines += ["The reference of a full fine-tuning of the top K layers holds a frozen copy of those layers only:", ""]
+        lines += table(["trained layers", "reference's own weights", "a whole copy", "saved"],
+                       [[f"top {k}", f"{num(v, 1)} MB", f"{num(mb['whole copy'], 1)} MB",
+                         f"{num(mb['whole copy'] - v, 1)} MB"] for k, v in mb.items() if k != "whole copy"])
+    if (RESULTS / "trunk_learning.json").exists():
+        r = load("trunk_learning")
+        lines += ["## Do the top layers learn?", "",
+                  "`python benchmarks/trunk_learning.py`: examples/smollm2_sentiment.yaml's task, 12 GRPO iterations of 4 prompts "
+                  "x 4 answers, LoRA r 16, evaluated every 3 iterations on 64 fixed prompts. A pilot (seed 0) picks each arm's "
+                  f"learning rate: the highest final reward with the final evaluation KL at most {r['kl_max']:g} nats. The "
+                  "main runs use fresh seeds at those rates.", ""]
+        lines += table(["arm", "learning rate", "final reward", "final KL", "wall time"],
+                       [[p["arm"] + (" (kept)" if r["kept_lr"][p["arm"]] == p["lr"] else ""), f"{p['lr']:.0e}",
+                         num(p["final_reward"], 3), num(p["final_kl"], 2), f"{num(p['wall_s'], 0)} s"] for p in r["pilot"]])
+        if r["main"]:
+            arms = list(dict.fromkeys(x["arm"] for x in r["main"]))
+            rows = []
+            for arm in arms:
+                mine = [x for x in r["main"] if x["arm"] == arm]
+                rows.append([arm, f"{r['kept_lr'][arm]:.0e}", fmt(ci(x["initial_reward"] for x in mine)),
+                             fmt(ci(x["final_reward"] for x in mine)), fmt(ci(x["final_kl"] for x in mine), 2),
+                             fmt(ci(x["wall_s"] for x in mine), 0)])
+            lines += [f"Main runs, seeds {', '.join(str(x) for x in sorted({x['seed'] for x in r['main']}))} (mean ± 95% interval):",
+                      ""] + table(["arm", "learning rate", "initial reward", "final reward", "final KL", "wall time s"], rows)
+            rows = [[arm, num(c["mean"], 3, sign=True), f"[{num(c['mean'] - c['half_corrected'], 3, sign=True)}, "
+                     f"{num(c['mean'] + c['half_corrected'], 3, sign=True)}]",
+                     c["verdict"] if r["learned"] else "inconclusive (the all-layers arm learned nothing)"]
+                    for arm, c in r["comparisons"].items()]
+            lines += ["Final reward against all layers, paired by seed (97.5% intervals: Bonferroni over the two "
+                      "comparisons; margin ±0.1):", ""] + table(["arm", "difference", "interval", "verdict"], rows)
+            lines += img("trunk_learning.png", "reward and reward-KL curves of each arm")
+    return lines
+
+
 # -- the pages ------------------------------------------------------------------------------------------
 RESULT_PAGES = {
     "algorithms.md": ("Algorithms", algorithms_page),
@@ -737,6 +806,32 @@ RESULT_PAGES = {
     "drift.md": ("Drift control", drift_page),
     "performance.md": ("Speed and memory", performance_page),
 }
+
+
+def phase_table() -> str:
+    """The README's phase table: a GRPO iteration on SmolLM2 with LoRA on every layer and on the top
+    4 (throughput.py --trunk), and the ratio to TRL (vs_trl.py), with the commands."""
+    if not (RESULTS / "throughput_trunk.json").exists():
+        return ""
+    t = load("throughput_trunk")
+    grpo = t["results"].get("grpo", {})
+    rows = [[f"all {t['layers']}" if k == "0" else f"top {k}", num(r["iteration_s"], 2), num(r["generate_s"], 2),
+             num(r["scoring_s"], 2), num(r["update_s"] + r["optimizer_s"], 2), num(r["other_s"], 2), num(r["floor_s"], 2),
+             f"{num(r['vs_floor'], 2)}x"] for k, r in grpo.items() if k in ("0", "4")]
+    lines = ["", "A GRPO iteration on SmolLM2-135M-Instruct (16 answers x 16 tokens, LoRA r 16, float32, "
+             f"{t['threads']} CPU threads), in seconds, with LoRA on every layer and on the top 4 only "
+             "(`model.trainable_layers=4`):", ""]
+    lines += table(["trained layers", "iteration", "generation", "scoring", "update", "other", "floor", "iteration / floor"], rows)
+    lines += ["`python benchmarks/throughput.py --trunk --model cory:smollm2-135m-instruct --threads 2 --iterations 5`"]
+    trl = RESULTS / "vs_trl_smollm2-135m-instruct_lora16_top4.json"
+    if trl.exists():
+        v = json.loads(trl.read_text(encoding="utf-8"))
+        ratio = v["summary"]["ratio_cory_over_trl"]
+        lines += ["", f"Against TRL's `GRPOTrainer` with the same adapters on the top 4 layers: cory's step is "
+                  f"{num(ratio['step_time_paired_median'], 2)}x TRL's (paired median; "
+                  f"{num(v['summary']['cory']['step_s_median'], 2)} s against {num(v['summary']['trl']['step_s_median'], 2)} s), "
+                  f"`{v['command']}`."]
+    return "\n".join(lines) + "\n"
 
 
 def headline_table(rows: list[list[str]], prefix: str) -> str:
@@ -768,7 +863,7 @@ def render() -> dict[Path, str]:
         lead = (f"Measured on this project's machine ({load('zoo_build')['machine']['cpus']} CPU cores, no GPU); every "
                 "figure here is rendered from a results file that a committed benchmark script wrote, with its 95% "
                 "interval where one exists.\n\n")
-        readme = f"{head}{START}\n{lead}{headline_table(headline, 'docs/results/')}{END}{tail}"
+        readme = f"{head}{START}\n{lead}{headline_table(headline, 'docs/results/')}{phase_table()}{END}{tail}"
     pages[README] = readme
     return pages
 

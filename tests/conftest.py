@@ -97,6 +97,22 @@ def smollm2() -> Path:
         os.environ["CORY_CACHE"] = saved
 
 
+def random_llama(folder: Path, tokenizer_folder, **config) -> Path:
+    """A small Llama with random weights (seed 0) and the tokenizer of `tokenizer_folder`, saved as
+    an HF folder: 2 layers, hidden 64, 2 heads unless `config` says otherwise."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    settings = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True, **config}
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id, **settings)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def micro_overrides(tmp_path: Path, **extra) -> list[str]:
     """Overrides that make a training run tiny: micro models, short responses, no trackers."""
     base = {

@@ -17,9 +17,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from conftest import micro_overrides
+from conftest import micro_overrides, random_llama
 from cory import zoo
 from cory.algorithms import make_algorithm
 from cory.api import train
@@ -42,15 +41,7 @@ LEAD = "Write one more sentence of this movie review, in the same voice, and kee
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory, micro_lm):
     """A 4-layer Llama with micro-reviews' tokenizer (random weights: the passes only have to agree)."""
-    tok = AutoTokenizer.from_pretrained(micro_lm)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
-                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.1,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("deep")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return random_llama(tmp_path_factory.mktemp("deep"), micro_lm, num_hidden_layers=4, initializer_range=0.1)
 
 
 def moved(policy):
@@ -194,15 +185,8 @@ def test_multi_turn_episodes_on_the_trunk_equal_the_whole_depth(tmp_path, micro_
 
 def agent_model(tmp_path):
     """A 4-layer Llama with micro-agent's tokenizer (random weights)."""
-    tok = AutoTokenizer.from_pretrained(zoo.build("cory:micro-agent", progress=False))
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-                         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.1,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    folder = tmp_path / "agent4"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return random_llama(tmp_path / "agent4", zoo.build("cory:micro-agent", progress=False), hidden_size=32,
+                        intermediate_size=64, num_hidden_layers=4, max_position_embeddings=512, initializer_range=0.1)
 
 
 @pytest.mark.parametrize("lora", [0, 4])
@@ -317,3 +301,32 @@ def test_the_exact_kl_waits_for_the_updates_first_pass(deep, tmp_path):
     two_minibatches = load_config(None, micro_overrides(tmp_path, **{"model.name": str(deep), "algo.minibatch_size": 2}))
     assert not Learner(policy, built.reference, make_algorithm(two_minibatches), two_minibatches, make_accelerator(cfg, tmp_path),
                        built.parameters["policy"]).exact_kl_waits(rollout)  # later minibatches would see a stepped policy
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_a_groups_prompt_runs_once_and_each_answer_samples_as_if_it_ran_its_own(deep, tmp_path, monkeypatch, shared_prefix):
+    """Rows that repeat one prompt (a group's answers) prefill it once, at the batch of distinct
+    prompts; every row then samples the tokens, log-probs and trunk states it samples when each row
+    runs its own prompt (distinct-row detection switched off)."""
+    from cory.generation import native
+
+    cfg, built = agents(deep, tmp_path)
+    policy = built.policies["policy"]
+    prompts = [PROMPTS[i] for i in (1, 0, 1, 2, 0, 1)]
+    if shared_prefix:
+        prompts = [LEAD + p for p in prompts]
+    params = SamplingParams(max_new_tokens=6, shared_prefix=shared_prefix)
+    batches = []
+    handle = decoder(policy.model).layers[0].register_forward_pre_hook(
+        lambda m, a, k: batches.append((a[0] if a else k["hidden_states"]).shape[:2]), with_kwargs=True)
+    once = policy.generate(prompts, params, torch.Generator().manual_seed(3))
+    prefill_rows = [b for b, length in batches if length > 1]
+    monkeypatch.setattr(native, "distinct_rows", lambda ids, mask: (None, None))
+    batches.clear()
+    each = policy.generate(prompts, params, torch.Generator().manual_seed(3))
+    handle.remove()
+    assert prefill_rows[-1] == 3 and [b for b, length in batches if length > 1][-1] == len(prompts)
+    assert torch.equal(once.query_ids, each.query_ids) and torch.equal(once.response_ids, each.response_ids)
+    assert_close(once.logprobs, each.logprobs, "log-probs")
+    assert_close(once.trunk_hidden, each.trunk_hidden, "trunk states")
+    assert not torch.equal(once.response_ids[0], once.response_ids[2])  # the group's answers still differ

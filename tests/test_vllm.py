@@ -23,7 +23,7 @@ from cory.generation.vllm_engine import EngineOptions, VLLMBackend, VLLMEngine, 
 from cory.generation.sampling import SamplingParams
 from cory.policy import Policy
 from cory.scoring import Scorer
-from conftest import micro_overrides
+from conftest import micro_overrides, random_llama
 
 LOGPROB_TOL = 1e-4
 GAP = "tis/log_ratio_abs_mean"
@@ -253,19 +253,10 @@ def test_cory_run_on_vllm(tmp_path, micro_lm, micro_rm, shared_base):
 def agent_h32(tmp_path_factory, zoo_cache):
     """vLLM's CPU attention has no kernel for head size 16 (cory:micro-agent's); the bandit run uses
     a 2-layer model with the agent tokenizer and head size 32 (untrained: the run only has to work)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from cory import zoo
 
-    tok = AutoTokenizer.from_pretrained(zoo.build("cory:micro-agent", progress=False))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                      intermediate_size=128, max_position_embeddings=1024, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("agent_h32")
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return random_llama(tmp_path_factory.mktemp("agent_h32"), zoo.build("cory:micro-agent", progress=False),
+                        max_position_embeddings=1024)
 
 
 def test_multi_turn_bandit_run_on_vllm(tmp_path, agent_h32):

@@ -16,7 +16,9 @@ def kl_exact(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     (mass below 1, e.g. the pessimistic ensemble's pointwise minimum); the formula is the same.
     """
     q = logq.exp()
-    return torch.where(q > 0, q * (logq - logp), 0.0).sum(-1)
+    gap = logq - logp
+    gap.masked_fill_(q == 0, 0.0)  # q(v) = 0: no term, even where log p(v) = -inf (0 * inf)
+    return torch.linalg.vecdot(q, gap)  # the products and the sum in one pass
 
 
 def mixture_logprobs(logq: torch.Tensor, logp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

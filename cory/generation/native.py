@@ -8,6 +8,8 @@
   and its cache is repeated for every row (`shared_prefix_length`, `lay_out_prefix`,
   `prefix_cache`); `PrefixStore` keeps the last prefix's cache across calls while the weights do not
   change. Scoring (`cory.scoring`) uses the same three functions.
+- Repeated prompts (a group's answers to one prompt): each distinct prompt is prefilled once and its
+  cache, logits and trunk states are given to each of its rows (`distinct_rows`).
 - Stop strings end a row once its decoded tail contains one (`stop_window`, `hits_stop_string`).
 
 Padding convention (see `cory.policy`): queries left-padded, responses right-padded, positions
@@ -114,6 +116,18 @@ def prefix_cache(lm: nn.Module, tokens: list[int], store: PrefixStore | None, de
     return cache
 
 
+def distinct_rows(query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(first [U], inverse [B]): the first row of each distinct prompt and, for every row, which of
+    those it equals (`rows[first][inverse]` is `rows`); (None, None) when no two rows are equal."""
+    rows = torch.where(query_mask.bool(), query_ids, -1)
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if distinct.shape[0] == rows.shape[0]:
+        return None, None
+    order = torch.arange(rows.shape[0], device=rows.device)
+    first = torch.full((distinct.shape[0],), rows.shape[0], dtype=torch.long, device=rows.device).scatter_reduce_(0, inverse, order, "amin")
+    return first, inverse
+
+
 def shared_prefix_length(query_ids: torch.Tensor, query_mask: torch.Tensor, minimum: int = 16) -> int:
     """How many leading real tokens every row of a left-padded batch shares, leaving each row at
     least one token of its own; 0 when that is under `minimum` or there is one row."""
@@ -208,6 +222,12 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
         return self.keys, self.values
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Rows `indices` of the cache (repeats allowed: a prompt run once, its cache given to each of its rows)."""
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys, self.values = self.key_buffer[:, :, : self.filled], self.value_buffer[:, :, : self.filled]
+
 
 def preallocated_cache(lm: nn.Module, length: int, start=None):
     """A KV cache of `PreallocatedLayer`s for `length` tokens, holding `start`'s keys and values
@@ -236,12 +256,25 @@ class KVStepper:
     def __init__(self, lm: nn.Module, capacity: int = 64, recorder: TrunkRecorder | None = None):
         self.lm = lm
         self.capacity = capacity
+        self.recorder = recorder
         self.recording = recorder.recording if recorder is not None else contextlib.nullcontext
 
     def prefill(self, query_ids: torch.Tensor, query_mask: torch.Tensor, shared_prefix: bool = False,
                 store: PrefixStore | None = None, pad_id: int = 0) -> torch.Tensor:
+        """A prompt that several rows share (a group's answers to one prompt) runs once; its cache,
+        logits and trunk states are then given to each of its rows."""
+        first, inverse = distinct_rows(query_ids, query_mask)
+        if first is None:
+            with self.recording():
+                return self._prefill(query_ids, query_mask, shared_prefix, store, pad_id)
+        recorded = len(self.recorder.states) if self.recorder is not None else 0
         with self.recording():
-            return self._prefill(query_ids, query_mask, shared_prefix, store, pad_id)
+            logits = self._prefill(query_ids[first], query_mask[first], shared_prefix, store, pad_id)
+        self.attention, self.next_position = self.attention[inverse], self.next_position[inverse]
+        self.cache.batch_select_indices(inverse)
+        if self.recorder is not None and len(self.recorder.states) > recorded:
+            self.recorder.states[-1] = self.recorder.states[-1][inverse]
+        return logits[inverse]
 
     def _prefill(self, query_ids, query_mask, shared_prefix, store, pad_id) -> torch.Tensor:
         batch, lq = query_ids.shape
