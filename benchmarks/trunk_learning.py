@@ -19,7 +19,7 @@ Declared before any run (the protocol the results follow):
 3. Learning is shown only where the all-layers arm's final reward exceeds its initial one by more than
    its interval; otherwise the comparison is reported as inconclusive.
 
-    python benchmarks/trunk_learning.py [--threads 2] [--pilot-only] [--main-only]
+    python benchmarks/trunk_learning.py [--threads 2] [--pilot-only] [--main-only] [--report-only]
 Writes benchmarks/results/trunk_learning.{json,md} and trunk_learning.png; the pilot's runs are kept
 in the JSON (`--main-only` reads them back from it).
 """
@@ -144,10 +144,13 @@ def report(result: dict) -> list[str]:
                 lines.append(f"| {arm} | {kept[arm]:.0e} | " + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in cells[:3])
                              + f" | {cells[3][0]:.0f} ± {cells[3][1]:.0f} s |")
         learned = result["learned"]
-        lines += ["", "Paired by seed against all 30 layers (final reward; Bonferroni-corrected over the two comparisons, "
+        base = [r for r in main if r["arm"] == "all 30"]
+        gain, half = interval([r["final_reward"] - r["initial_reward"] for r in base])
+        lines += ["", f"All 30 layers, final minus initial reward: {gain:+.3f} ± {half:.3f} "
+                  f"({'learning shown' if learned else 'no learning shown: the interval reaches zero'}).", "", "Paired by seed against all 30 layers (final reward; Bonferroni-corrected over the two comparisons, "
                   f"margin ±{MARGIN}):", "", "| arm | difference | corrected interval | verdict |", "|---|---|---|---|"]
         for arm, c in result["comparisons"].items():
-            verdict = c["verdict"] if learned else "inconclusive (the all-layers arm learned nothing)"
+            verdict = c["verdict"] if learned else "inconclusive (the all-layers arm's gain is not above its interval)"
             lines.append(f"| {arm} | {c['mean']:+.3f} | [{c['mean'] - c['half_corrected']:+.3f}, "
                          f"{c['mean'] + c['half_corrected']:+.3f}] | {verdict} |")
         lines += ["", "![reward and reward-KL curves](trunk_learning.png)"]
@@ -161,9 +164,16 @@ def main() -> None:
     ap.add_argument("--pilot-only", action="store_true")
     ap.add_argument("--main-only", action="store_true", help="reuse the pilot in the results JSON")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report and plot from the results JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = RESULTS / "trunk_learning.json"
+    if args.report_only:
+        result = json.loads(path.read_text())
+        if result["main"]:
+            plot(result["main"], RESULTS / "trunk_learning.png")
+        (RESULTS / "trunk_learning.md").write_text("\n".join(report(result)) + "\n")
+        return
     if args.main_only:
         pilot = json.loads(path.read_text())["pilot"]
     else:

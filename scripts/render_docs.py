@@ -790,8 +790,11 @@ def trunk_section(headline: list) -> list[str]:
                       ""] + table(["arm", "learning rate", "initial reward", "final reward", "final KL", "wall time s"], rows)
             rows = [[arm, num(c["mean"], 3, sign=True), f"[{num(c['mean'] - c['half_corrected'], 3, sign=True)}, "
                      f"{num(c['mean'] + c['half_corrected'], 3, sign=True)}]",
-                     c["verdict"] if r["learned"] else "inconclusive (the all-layers arm learned nothing)"]
+                     c["verdict"] if r["learned"] else "inconclusive (the all-layers arm's gain is not above its interval)"]
                     for arm, c in r["comparisons"].items()]
+            gain = ci(x["final_reward"] - x["initial_reward"] for x in r["main"] if x["arm"] == "all 30")
+            lines += [f"All 30 layers, final minus initial reward: {fmt(gain, sign=True)}"
+                      f" ({'learning shown' if r['learned'] else 'no learning shown: the interval reaches zero'}).", ""]
             lines += ["Final reward against all layers, paired by seed (97.5% intervals: Bonferroni over the two "
                       "comparisons; margin ±0.1):", ""] + table(["arm", "difference", "interval", "verdict"], rows)
             lines += img("trunk_learning.png", "reward and reward-KL curves of each arm")
