@@ -1,7 +1,7 @@
 """Building a run's pieces from a Config: one build path for every kind of run.
 
 `build_agents` makes the policies a run trains (one for a single-agent run, two for CORY), their
-trainable parameters and the frozen reference: full copies and a loaded reference, or LoRA adapters
+trainable parameters, the frozen reference and a distillation teacher: full copies and a loaded reference, or LoRA adapters
 on one frozen base that is also the reference. Around them: the sampling control (hard budget,
 asking for help), sampling settings (`sampling_params`, `eval_params`: one rendering of prompts for
 training, evaluation and every backend), scorers, the rollout backends, the accelerator and the
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from cory import zoo
 from cory.config import Config
@@ -29,7 +29,7 @@ from cory.generation import NativeBackend
 from cory.generation.sampling import SAMPLING_KEYS, SamplingParams
 from cory.generation.vllm_engine import EngineError, EngineOptions, VLLMBackend, VLLMEngine, check_servable, engine_dtype
 from cory.lora import lora_policies, save_lora_policy
-from cory.policy import Policy
+from cory.policy import Policy, tokenizer_mismatch
 from cory.scoring import Scorer
 from cory.tasks.registry import CHAT_EXAMPLES
 from cory.trunk import FrozenTop, freeze_below, num_layers, trunk_problem
@@ -44,6 +44,8 @@ class Agents:
     parameters: dict[str, list[torch.nn.Parameter] | None]
     adapters: dict[str, str | None]
     reference: torch.nn.Module
+    teacher: torch.nn.Module | None = None
+    """The frozen teacher of on-policy distillation (distill.teacher), shared by every policy."""
 
 
 def build_agents(cfg: Config, names: list[str], value_head: bool) -> Agents:
@@ -66,16 +68,18 @@ def build_agents(cfg: Config, names: list[str], value_head: bool) -> Agents:
         adapters = {n: ("default" if len(names) == 1 else f"agent_{n}") for n in names}
         by_adapter, reference, params = lora_policies(cfg.model.name, cfg.model.lora, dtype, list(adapters.values()), value_head,
                                                       trainable)
-        return Agents({n: by_adapter[a] for n, a in adapters.items()}, {n: params[a] for n, a in adapters.items()}, adapters,
-                      reference)
+        policies = {n: by_adapter[a] for n, a in adapters.items()}
+        return Agents(policies, {n: params[a] for n, a in adapters.items()}, adapters, reference,
+                      load_teacher(cfg, policies[names[0]], dtype))
     policies = {n: Policy.from_pretrained(cfg.model.name, value_head=value_head, dtype=dtype) for n in names}
+    teacher = load_teacher(cfg, policies[names[0]], dtype)
     if not trainable:
-        return Agents(policies, {n: None for n in names}, {n: None for n in names}, make_reference(cfg, dtype))
+        return Agents(policies, {n: None for n in names}, {n: None for n in names}, make_reference(cfg, dtype), teacher)
     depth = num_layers(policies[names[0]].model) - trainable
     for policy in policies.values():
         freeze_below(policy.model, depth)
         policy.module.trunk_depth = depth
-    return Agents(policies, {n: None for n in names}, {n: None for n in names}, FrozenTop(policies[names[0]].model, depth))
+    return Agents(policies, {n: None for n in names}, {n: None for n in names}, FrozenTop(policies[names[0]].model, depth), teacher)
 
 
 def save_policy(cfg: Config, policy: Policy, adapter: str | None, folder: Path) -> None:
@@ -89,6 +93,19 @@ def save_policy(cfg: Config, policy: Policy, adapter: str | None, folder: Path) 
 
 def load_reference(name: str, dtype) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(zoo.resolve(name), dtype=dtype, use_safetensors=True).eval().requires_grad_(False)
+
+
+def load_teacher(cfg: Config, policy: Policy, dtype) -> torch.nn.Module | None:
+    """The frozen teacher of on-policy distillation (distill.teacher; None when unset). A teacher
+    whose tokenizer is not the policy's is refused in one line: its log-probs would be of other tokens."""
+    if not cfg.distill.teacher:
+        return None
+    path = zoo.resolve(cfg.distill.teacher)
+    problem = tokenizer_mismatch(policy.tokenizer, AutoTokenizer.from_pretrained(path), policy.model.config.vocab_size,
+                                 AutoConfig.from_pretrained(path).vocab_size)
+    if problem:
+        raise UsageError(f"distill.teacher {cfg.distill.teacher} cannot grade {cfg.model.name}'s tokens: {problem}")
+    return load_reference(cfg.distill.teacher, dtype)
 
 
 def make_reference(cfg: Config, dtype) -> torch.nn.Module:

@@ -76,7 +76,7 @@ class CoryRun(Run):
             raise UsageError("CORY does not run under FSDP yet; use DDP (accelerate launch --multi_gpu)")
         if cfg.model.lora.r and self.accelerator.num_processes > 1:
             raise UsageError("CORY with model.lora.r (two adapters on one base) runs in one process; use full copies for data parallelism")
-        self.task = make_task(cfg.task)
+        self.task = make_task(cfg.task, cfg.train.seed, self.accelerator.process_index, self.accelerator.num_processes)
         algorithms = {n: make_algorithm(cfg) for n in AGENTS}
         self.group_size = algorithms["a"].group_size
         built = build_agents(cfg, list(AGENTS), algorithms["a"].needs_values)
@@ -86,7 +86,8 @@ class CoryRun(Run):
         self.control = EachTurnAnEpisode(control) if control is not None else None
         self.agents = {
             n: Agent(n, built.policies[n], Learner(built.policies[n], built.reference, algorithms[n], cfg, self.accelerator,
-                                                   built.parameters[n], fallback=fallback), adapter=built.adapters[n])
+                                                   built.parameters[n], fallback=fallback, teacher=built.teacher),
+                     adapter=built.adapters[n])
             for n in AGENTS
         }
         # One engine serves both agents: full copies take turns holding it, adapters are LoRA requests.

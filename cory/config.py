@@ -29,7 +29,8 @@ from cory.errors import UsageError
 from cory.generation import BACKENDS
 from cory.generation.sampling import SAMPLING_KEYS, SamplingParams, sampling_problem
 from cory.paths import is_file
-from cory.tasks import TASKS
+from cory.rewards import is_function_spec
+from cory.tasks import BUILTIN_REWARD, TASKS
 from cory.tasks.pioneer_observer import template_problem
 
 
@@ -71,8 +72,14 @@ class TaskConfig:
     """The task: `sentiment` (continue a review; reward = classifier's positive logit)."""
     prompt_file: str = ""
     """Optional JSONL or CSV file of prompts (column `prompt_column`) replacing the built-in ones."""
+    dataset: str = ""
+    """Prompts from a dataset instead (through the `datasets` library, streamed): a local parquet or JSONL file, a folder of them, an Arrow folder (`save_to_disk`), or a hub id. Its first num_eval_prompts rows are the evaluation set, held out; the rest are read in epochs shuffled by train.seed, and the position is part of a checkpoint."""
+    split: str = "train"
+    """With task.dataset: the split to read."""
     prompt_column: str = "prompt"
-    """The column (CSV) or key (JSONL) that holds the prompt text."""
+    """The column (CSV, task.dataset) or key (JSONL) that holds the prompt text."""
+    answer_column: str = ""
+    """With task.dataset: a column of reference answers, handed to a `module:function` reward as `answers=` (one per response), for verifiable tasks (empty = none)."""
     reward: str = "cory:tiny-sentiment"
     """The reward: a sequence-classifier folder, a `cory:` classifier, `vader` (VADER compound score), or a Python `module:function`."""
     reward_label: str = "positive"
@@ -269,6 +276,20 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """On-policy distillation: the policy samples, a teacher grades every token it wrote."""
+
+    teacher: str = ""
+    """The teacher: any causal LM with the policy's tokenizer (a `cory:` name, a folder or a hub id); every response token is rewarded with minus the reverse KL from the policy to it, scored at the sampling temperature (empty = off)."""
+    coef: float = 1.0
+    """Weight of the teacher's per-token reward: r_t = -coef x KL_t(policy || teacher)."""
+    estimator: str = "k1"
+    """The per-token reverse KL: k1 (log pi(x) - log teacher(x) of the sampled token) or full (exact over the vocabulary, one more [B, L, V] pass)."""
+    task_coef: float = 1.0
+    """Weight of the task's (or environment's) score beside the teacher's reward (0 = distillation alone; algo.name=distill: 0)."""
+
+
+@dataclass
 class EvalConfig:
     temperature: float = 1.0
     """Sampling temperature for evaluation (0 = greedy)."""
@@ -305,6 +326,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cory: CoryConfig = field(default_factory=CoryConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 CHOICES = {
@@ -318,6 +340,7 @@ CHOICES = {
     "kl.controller": tuple(kl.CONTROLLERS),
     "kl.penalty": ("auto", "reward", "loss"),
     "kl.help_scope": ("token", "turn"),
+    "distill.estimator": ("k1", "full"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "model.lora.quantize": ("none", "4bit"),
     "generation.backend": tuple(BACKENDS),
@@ -518,6 +541,7 @@ def check(cfg: Config) -> None:
     _check_lora_and_sharding(cfg)
     _check_generation_backend(cfg)
     _check_prompts(cfg)
+    _check_distill(cfg)
     problem = template_problem(cfg.cory.observer_template)
     if problem:
         raise UsageError(f"bad value for config key 'cory.observer_template': {cfg.cory.observer_template!r}; {problem}")
@@ -631,16 +655,39 @@ def _check_prompts(cfg: Config) -> None:
         raise UsageError("env.chat_examples needs env.chat_template=true")
     if any(not isinstance(e, (list, tuple)) or len(e) != 2 or not all(isinstance(x, str) for x in e) for e in cfg.env.chat_examples):
         raise UsageError("env.chat_examples must be a list of [user, assistant] pairs of strings")
-    if cfg.task.name == "prompts" and not cfg.task.prompt_file:
-        raise UsageError("task.name=prompts needs task.prompt_file")
-    if cfg.task.prompt_file and not is_file(cfg.task.prompt_file):
-        raise UsageError(f"prompt file not found: {cfg.task.prompt_file[:200]}")
+    t, defaults = cfg.task, TaskConfig()
+    if t.name == "prompts" and not (t.prompt_file or t.dataset):
+        raise UsageError("task.name=prompts needs task.prompt_file or task.dataset")
+    if t.prompt_file and t.dataset:
+        raise UsageError("set task.prompt_file or task.dataset, not both")
+    if t.prompt_file and not is_file(t.prompt_file):
+        raise UsageError(f"prompt file not found: {t.prompt_file[:200]}")
+    unused = [f"task.{k}" for k in ("split", "answer_column") if getattr(t, k) != getattr(defaults, k)]
+    if unused and not t.dataset:
+        raise UsageError(f"{', '.join(unused)} only act with task.dataset")
+    if t.dataset and (cfg.env.id or t.name in BUILTIN_REWARD):
+        raise UsageError(f"task.dataset has no effect {'with env.id' if cfg.env.id else f'for task.name={t.name}, whose prompts and reward are its own'}")
+    if t.answer_column and not is_function_spec(t.reward):
+        raise UsageError(f"task.answer_column hands answers to a module:function reward; task.reward={t.reward} takes none")
+
+
+def _check_distill(cfg: Config) -> None:
+    """A teacher's keys act only with a teacher; algo.name=distill needs one."""
+    d, defaults = cfg.distill, DistillConfig(**algorithm_defaults(cfg.algo.name).get("distill", {}))
+    if not d.teacher:
+        changed = [f"distill.{k}" for k in ("coef", "estimator", "task_coef") if getattr(d, k) != getattr(defaults, k)]
+        if changed or cfg.algo.name == "distill":
+            raise UsageError(f"{', '.join(changed) or 'algo.name=distill'} needs a teacher: set distill.teacher")
+        return
+    if d.estimator == "full" and (cfg.kl.hard_budget or cfg.kl.help_threshold):
+        raise UsageError("distill.estimator=full trains on the policy's whole distributions, not the mixtures that "
+                         "kl.hard_budget and kl.help_threshold sample: use distill.estimator=k1 with them")
 
 # -- value ranges: every number a user sets is checked, one line naming the key --------------------------
 _AT_LEAST_0 = ("model.trainable_layers", "algo.weight_decay", "algo.max_grad_norm", "algo.value_clip", "algo.vf_coef", "algo.warmup_iterations",
                "algo.minibatch_size", "algo.micro_batch_size", "kl.beta", "eval.temperature", "eval.seed", "train.seed",
                "train.checkpoint_every", "train.eval_every", "train.num_threads", "env.pool_size",
-               "kl.hard_budget", "kl.budget")
+               "kl.hard_budget", "kl.budget", "distill.coef", "distill.task_coef")
 _AT_LEAST_1 = ("algo.group_size", "algo.epochs", "kl.horizon", "train.iterations", "train.batch_size", "train.keep_checkpoints",
                "eval.samples_per_prompt", "task.num_train_prompts", "task.num_eval_prompts", "env.eval_episodes",
                "env.max_turns", "cory.swap_every")

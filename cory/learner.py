@@ -2,7 +2,8 @@
 
 `step(rollout)` is the loop, in the order the data flows:
 
-    score      reference log-probs, values, per-token KL, exact KL, importance weights  (cory.scoring)
+    score      reference log-probs, values, per-token KL, exact KL, importance weights,
+               the teacher's per-token KL (distillation)                                 (cory.scoring)
     shape      adjusted scores, per-token rewards, the loss mask                        (cory.shaping)
     estimate   advantages and returns                                                   (cory.advantages)
     update     epochs of shuffled minibatches of the objective, accumulated over
@@ -57,11 +58,13 @@ class NonFiniteLossError(RunError):
 
 class Learner:
     def __init__(self, policy: Policy, reference: torch.nn.Module, algorithm: Algorithm, cfg, accelerator: Accelerator,
-                 parameters: list[torch.nn.Parameter] | None = None, fallback: torch.nn.Module | None = None):
+                 parameters: list[torch.nn.Parameter] | None = None, fallback: torch.nn.Module | None = None,
+                 teacher: torch.nn.Module | None = None):
         """`reference` must already be frozen (it may share modules with the policy, as LoRA's base
         with adapters disabled does); `parameters` defaults to every trainable parameter of the
         policy. `fallback`: the frozen model that writes tokens the agent defers (asking for help);
-        tokens mixed under a hard budget fall back on the reference."""
+        tokens mixed under a hard budget fall back on the reference. `teacher`: the frozen model
+        whose reverse KL rewards every token (on-policy distillation, distill.*)."""
         if cfg.train.shared_prefix and accelerator.num_processes > 1:
             raise UsageError("train.shared_prefix runs on one process (its prefix pass runs outside the DDP/FSDP wrapper): "
                              "drop it when launching several")
@@ -86,6 +89,8 @@ class Learner:
         self.scorer = Scorer(self.module, temperature, cfg.train.shared_prefix)
         self.reference = reference.to(accelerator.device).eval()
         self.fallback = fallback.to(accelerator.device).eval() if fallback is not None else None
+        self.teacher = teacher.to(accelerator.device).eval() if teacher is not None else None
+        self.teacher_exact = teacher is not None and cfg.distill.estimator == "full"
         self.controller = make_controller(cfg.kl)
         # Mixed precision over float32 weights: generation ran in float32, the update runs under
         # autocast, and the two log-probs of one token differ by half-precision rounding (~0.03 nats
@@ -94,6 +99,8 @@ class Learner:
         self.recompute_old = accelerator.mixed_precision in ("bf16", "fp16") and any(p.dtype == torch.float32 for p in params)
         self.kl_in_reward = algorithm.kl_in_rewards(cfg.kl.penalty)
         self.terms = algorithm.objective_terms(cfg.algo, cfg.kl.penalty, cfg.kl.estimator)
+        if self.teacher_exact:  # the exact KL's own gradient is a loss term; its effect on later tokens is in the rewards
+            self.terms = replace(self.terms, teacher_coef=cfg.distill.coef)
         self.score_moments = RunningMoments()
         self.skipped_in_a_row = 0
         self.last_skipped = 0
@@ -123,7 +130,7 @@ class Learner:
         if engine_logprobs is None and self.recompute_old:
             engine_logprobs = rollout.logprobs  # the sampling precision's log-probs
         estimator = self.cfg.kl.estimator
-        whole = estimator == "full" or (self.cfg.kl.exact_accounting and not defer_exact_kl)
+        whole = estimator == "full" or self.teacher_exact or (self.cfg.kl.exact_accounting and not defer_exact_kl)
         pieces: dict[str, list[torch.Tensor]] = {}
         for rows in self._chunks(rollout, whole or defer_exact_kl):
             for name, value in self._score_rows(rollout, rows, whole, engine_logprobs is not None, defer_exact_kl).items():
@@ -140,12 +147,17 @@ class Learner:
             logprobs = current * mask
             weights = importance_weights(logprobs, engine_logprobs.to(logprobs.dtype), mask, self.cfg.algo.tis_cap)
         kl = joined["kl_exact"] if estimator == "full" else per_token_kl(estimator, logprobs, joined["ref"])
+        teacher_kl = None
+        if self.teacher is not None:  # exact, or k1 of the (possibly recomputed) log-probs the update starts from
+            teacher_kl = joined["teacher_kl"] if self.teacher_exact else per_token_kl("k1", logprobs, joined["teacher"])
 
         def masked(name: str) -> torch.Tensor | None:
             return torch.where(mask.bool(), joined[name], 0.0) if name in joined else None
 
         scored = TokenScores(ref_logprobs=joined["ref"], kl=kl.float() * mask, values=joined.get("values"),
                              kl_exact=masked("kl_exact"), kl_semi=masked("kl_semi"), help_mass=masked("help_mass"),
+                             teacher_kl=teacher_kl.float() * mask if teacher_kl is not None else None,
+                             teacher_full_logprobs=joined.get("teacher_full"),
                              is_weight=weights.weight if weights is not None else None, ref_full_logprobs=joined.get("ref_full"))
         return replace(rollout, logprobs=logprobs, engine_logprobs=engine_logprobs, scored=scored), weights
 
@@ -160,7 +172,8 @@ class Learner:
         a, kl = self.cfg.algo, self.cfg.kl
         episodes = len(torch.unique(rollout.episode_ids))
         vocab = getattr(getattr(self.policy.model, "config", None), "vocab_size", None) or 1
-        return (kl.exact_accounting and kl.estimator != "full" and rollout.control is None and not self.algorithm.needs_values
+        return (kl.exact_accounting and kl.estimator != "full" and not self.teacher_exact and rollout.control is None
+                and not self.algorithm.needs_values
                 and rollout.engine_logprobs is None and not self.recompute_old and a.minibatch_size in (0, episodes)
                 and not self.cfg.model.lora.dropout and getattr(self.reference, "pessimistic_full", None) is None
                 and len(rollout) * rollout.response_ids.shape[1] * vocab <= DEFERRED_KL_ELEMENTS)
@@ -178,10 +191,14 @@ class Learner:
         out: dict[str, torch.Tensor] = {}
         with self.accelerator.autocast():
             ref = reference(rollout, rows, with_full_logprobs=whole or keep_ref)
-            cur = None
+            cur = teacher = None
             if self.algorithm.needs_values or whole or recompute:
                 cur = self.scorer(rollout, rows, with_values=self.algorithm.needs_values, with_full_logprobs=whole)
+            if self.teacher is not None:  # the scorer's settings (temperature, shared prefix); no trunk of its own
+                teacher = self.scorer.of(self.teacher)(rollout, rows, with_full_logprobs=self.teacher_exact)
         out["ref"] = ref.logprobs.float()
+        if teacher is not None:
+            out["teacher"] = teacher.logprobs.float()
         if keep_ref:
             out["ref_full"] = ref.full_logprobs.float()
         if cur is not None:
@@ -204,6 +221,9 @@ class Learner:
                     fallback = self.scorer.of(self.fallback)(rollout, rows, with_full_logprobs=True).full_logprobs.float()
             sampled = mixture_logprobs(sampled, fallback, control.mix_weight[rows.to(control.mix_weight.device)])
         out["kl_exact"] = kl_exact(sampled, ref_full)
+        if self.teacher_exact:
+            out["teacher_full"] = teacher.full_logprobs.float()
+            out["teacher_kl"] = kl_exact(sampled, out["teacher_full"])
         pessimistic_full = getattr(self.reference, "pessimistic_full", None)
         if pessimistic_full is not None:  # a pessimistic ensemble (cory.drift.ensemble)
             args = (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
@@ -228,7 +248,9 @@ class Learner:
         """Shaped per-token rewards, the algorithm's advantages and returns, and the loss mask."""
         a, scored, mask = self.cfg.algo, rollout.scored, rollout.response_mask
         scores = self.adjust_scores(rollout)
-        rewards = shaped_rewards(scores, scored.kl, mask, self.controller.beta if self.kl_in_reward else 0.0)
+        d = self.cfg.distill
+        rewards = shaped_rewards(scores, scored.kl, mask, self.controller.beta if self.kl_in_reward else 0.0,
+                                 scored.teacher_kl, d.coef, d.task_coef)
         advantages, returns = self.algorithm.estimate(rewards, mask, scored.values, rollout.episode_ids, rollout.turn_index,
                                                       rollout.group_ids, a)
         keep = loss_mask(mask, rollout.finished, scores, rollout.episode_ids, rollout.turn_index, rollout.group_ids,
@@ -254,6 +276,13 @@ class Learner:
                 idx = torch.cat([rows_of[e] for e in order[start : start + size].tolist()])
                 micro = a.micro_batch_size or len(idx)
                 yield idx, [idx[i : i + micro] for i in range(0, len(idx), micro)]
+
+    def _teacher_kl(self, out, mb: Rollout) -> torch.Tensor | None:
+        """[B, Lr] the exact KL from this forward's distributions to the teacher's (distill.estimator=full)."""
+        if not self.teacher_exact:
+            return None
+        teacher = mb.scored.teacher_full_logprobs
+        return kl_exact(out.full_logprobs.float(), teacher.to(out.full_logprobs.device))
 
     def set_lr(self, iteration: int) -> float:
         lr = learning_rate(iteration, self.cfg.algo.lr, self.cfg.algo.warmup_iterations)
@@ -296,7 +325,7 @@ class Learner:
                 with ctx:
                     with self.accelerator.autocast():
                         out = self.scorer(mb, with_values=self.algorithm.needs_values, with_entropy=True,
-                                          with_full_logprobs=first_step and exact is not None)
+                                          with_full_logprobs=first_step and exact is not None or self.teacher_exact)
                         logprobs = out.logprobs
                         if mb.control is not None:  # train on the distribution actually sampled
                             logprobs = mixture_logprobs(logprobs, mb.control.fallback_logprobs, mb.control.mix_weight) * mb.response_mask
@@ -305,7 +334,8 @@ class Learner:
                         loss, info = objective(self.terms, logprobs, out.entropy, out.values, old_logprobs=mb.logprobs,
                                                ref_logprobs=mb.scored.ref_logprobs, old_values=mb.scored.values,
                                                advantages=mb.targets.advantages, returns=mb.targets.returns,
-                                               is_weight=mb.scored.is_weight, mask=mask, weights=weights, beta=beta)
+                                               is_weight=mb.scored.is_weight, mask=mask, weights=weights, beta=beta,
+                                               teacher_kl=self._teacher_kl(out, mb))
                     if first_step:
                         # Before the first optimizer step the policy is the behaviour policy: its
                         # recomputed log-probs must match generation's (logprob_gap ~ 0), and the
@@ -364,6 +394,7 @@ class Learner:
         reference_full = rollout.scored.ref_full_logprobs
         rollout = replace(rollout, scored=replace(rollout.scored, ref_full_logprobs=None), targets=self.targets(rollout))
         metrics, exact = self.update(rollout, generator, reference_full)
+        rollout = replace(rollout, scored=replace(rollout.scored, teacher_full_logprobs=None))
         if exact is not None:  # computed by the update's first pass
             rollout = replace(rollout, scored=replace(rollout.scored, kl_exact=exact))
         if weights is not None:

@@ -199,10 +199,13 @@ class ObjectiveTerms:
     value_loss: bool = False
     vf_coef: float = 0.0
     value_clip: float = 0.0
+    teacher_coef: float = 0.0
+    """On-policy distillation with the exact KL (distill.estimator=full): the weight of the per-token
+    KL to the teacher as a loss term, its direct gradient, which a reward cannot carry (0 = none)."""
 
 
 def objective(terms: ObjectiveTerms, logprobs, entropy, values, *, old_logprobs, ref_logprobs, old_values, advantages, returns,
-              is_weight, mask, weights, beta: float):
+              is_weight, mask, weights, beta: float, teacher_kl=None):
     """The scalar loss of one micro-batch and its diagnostics (detached tensors).
 
         l_t  = w_t * policy_loss_t                              (terms.policy_loss; w_t the importance
@@ -210,11 +213,13 @@ def objective(terms: ObjectiveTerms, logprobs, entropy, values, *, old_logprobs,
              + beta * KL_t(pi || pi_ref)                         (terms.kl_estimator; None: KL is in the reward)
              - ent_coef * H_t(pi)
              + vf_coef * value_loss_t                            (actor-critic only)
+             + teacher_coef * KL_t(pi || teacher)                (exact distillation: the direct gradient)
         loss = sum_t weights_t * l_t                            (the aggregation, applied once)
 
     logprobs, entropy, values: the policy's forward [B, L]; old_logprobs: behaviour log-probs;
     ref_logprobs; old_values, returns: the rollout's values and value targets (actor-critic);
-    is_weight: importance weights or None; mask: the loss mask; weights: `aggregate_weights`.
+    is_weight: importance weights or None; mask: the loss mask; weights: `aggregate_weights`;
+    teacher_kl: [B, L] the exact KL from the policy's forward to the teacher (with teacher_coef).
     """
     spec = POLICY_LOSSES[terms.policy_loss]
     pg, clipped = spec.fn(logprobs, old_logprobs, advantages, mask, **terms.policy_settings)
@@ -233,6 +238,9 @@ def objective(terms: ObjectiveTerms, logprobs, entropy, values, *, old_logprobs,
         vf = clipped_value_loss(values, old_values, returns, terms.value_clip)
         per_token = per_token + terms.vf_coef * vf
         info["loss/value"] = (vf.detach() * weights).sum()
+    if terms.teacher_coef:
+        per_token = per_token + terms.teacher_coef * teacher_kl
+        info["loss/teacher_kl"] = (teacher_kl.detach() * weights).sum()
     log_ratio = (logprobs - old_logprobs).detach()
     info["policy/approx_kl_k1"] = masked_mean(-log_ratio, mask)
     info["policy/approx_kl_k3"] = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)

@@ -38,6 +38,18 @@ from cory.trunk import decoder, prefix_top_cache, top_forward
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
+
+def tokenizer_mismatch(tokenizer, other, vocab_size: int, other_vocab_size: int) -> str | None:
+    """Why a model with `other` tokenizer (and `other_vocab_size` logits) cannot score this model's
+    token ids (`tokenizer`, `vocab_size`), or None: their vocabularies must map every token to the
+    same id, and their logits cover the same ids."""
+    if tokenizer.get_vocab() != other.get_vocab():
+        return f"its tokenizer differs ({len(other)} tokens against {len(tokenizer)}, or the same tokens under other ids)"
+    if vocab_size != other_vocab_size:
+        return f"its logits cover {other_vocab_size} token ids, the policy's {vocab_size}"
+    return None
+
+
 class PolicyModel(nn.Module):
     """The trainable module: a causal LM plus an optional scalar value head on the last hidden state.
 

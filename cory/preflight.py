@@ -1,5 +1,5 @@
 """Checks before a run starts, without loading weights: models, the environment, prompt files and
-a dry call of a reward function. Each failure is a one-line UsageError (or the reward's and prompt
+datasets (their split and columns), and a dry call of a reward function. Each failure is a one-line UsageError (or the reward's and prompt
 file's own one-line errors)."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from cory.lora import check_quantize
 from cory.paths import is_dir, shown
 from cory.rewards import BUILTIN_REWARDS, CLASSIFIER_MAX_TOKENS, RewardError, dry_run, is_function_spec, validate_spec
 from cory.tasks import BUILTIN_REWARD, load_prompt_file
+from cory.tasks.dataset_prompts import DatasetPrompts
 from cory.trunk import trunk_problem
 
 CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
@@ -144,11 +145,17 @@ def check_env(env_id: str, kwargs: dict) -> None:
     env.close()
 
 
-def dry_prompts(cfg: Config) -> list[str]:
-    """Two training prompts, read the way the run will read them (a prompt file is fully checked)."""
-    if cfg.task.prompt_file:
-        return load_prompt_file(cfg.task.prompt_file, cfg.task.prompt_column)[:2]
-    return reviews.prompts(2, seed=2024)
+def dry_prompts(cfg: Config) -> tuple[list[str], list | None]:
+    """Two training prompts, read the way the run will read them (a prompt file is fully checked; a
+    dataset's split opened and its columns checked), and their answers (task.answer_column) or None."""
+    t = cfg.task
+    if t.dataset:
+        stream = DatasetPrompts(t.dataset, t.split, t.prompt_column, t.answer_column, t.num_eval_prompts, cfg.train.seed)
+        prompts = stream.draw(2)
+        return prompts, stream.answers(prompts) if t.answer_column else None
+    if t.prompt_file:
+        return load_prompt_file(t.prompt_file, t.prompt_column)[:2], None
+    return reviews.prompts(2, seed=2024), None
 
 
 def check_prompt_lengths(cfg: Config, prompts: list[str]) -> None:
@@ -217,12 +224,12 @@ def preflight(cfg: Config) -> None:
         check_trainable_layers(cfg.model.name, cfg.model.trainable_layers)
     if cfg.generation.backend == "vllm":
         check_backend(cfg.model.name)
-    for name in [cfg.model.reference, cfg.model.trusted, *cfg.model.reference_ensemble]:
+    for name in [cfg.model.reference, cfg.model.trusted, *cfg.model.reference_ensemble, cfg.distill.teacher]:
         if name:
             check_model_name(name)
     if cfg.env.id:
         return
-    prompts = dry_prompts(cfg)
+    prompts, answers = dry_prompts(cfg)
     if cfg.task.name not in BUILTIN_REWARD:
         spec = cfg.task.reward
         try:
@@ -230,7 +237,7 @@ def preflight(cfg: Config) -> None:
         except (RewardError, ValueError) as e:
             raise UsageError(str(e).splitlines()[0]) from None
         if is_function_spec(spec):
-            dry_run(spec, prompts, cfg.task.reward_timeout)
+            dry_run(spec, prompts, cfg.task.reward_timeout, answers)
         elif spec not in BUILTIN_REWARDS:  # built-in rewards (vader) need no model
             check_model_name(spec, "classifier", cfg.task.reward_label)
     if cfg.task.prompt_file:

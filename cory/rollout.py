@@ -53,6 +53,12 @@ class TokenScores:
     """The pessimistic ensemble's missing mass h at each token."""
     is_weight: torch.Tensor | None = None
     """Importance weight of tokens another engine or precision sampled (`cory.losses.importance_weights`)."""
+    teacher_kl: torch.Tensor | None = None
+    """Reverse KL from the policy to the teacher (distill.teacher) by distill.estimator: k1 of the
+    sampled token, or exact over the vocabulary (of the distribution the token was drawn from)."""
+    teacher_full_logprobs: torch.Tensor | None = None
+    """[B, Lr, V] the teacher's whole distributions, with distill.estimator=full: the update's loss
+    term KL(pi || teacher) is taken against them."""
     ref_full_logprobs: torch.Tensor | None = None
     """[B, Lr, V] the reference's whole distributions, kept only while the exact KL waits for the
     update's first pass (`Learner.exact_kl_waits`)."""

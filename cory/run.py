@@ -9,7 +9,8 @@ Run directory (owned by one run: a fresh run refuses a directory that holds anot
     eval.jsonl           evaluations on the fixed prompt set (iteration 0 = the initial model)
     cory/                TensorBoard event files (accelerate trackers)
     checkpoints/iter_N/  accelerate state (safetensors weights, optimizer) + run_state_rank{r}.json
-                         (run id, iteration, RNG states, learner states, config) + DONE once complete;
+                         (run id, iteration, RNG states, learner states, config, the position in
+                         a task.dataset's stream) + DONE once complete;
                          FSDP runs keep each rank's shard in fsdp/rank{r}.safetensors
     final/               the trained policy (save_pretrained), loadable by AutoModelForCausalLM;
                          with model.lora.r the merged model, and the adapter alone in final/adapter/
@@ -205,9 +206,11 @@ def check_finite(learners: dict) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: RunState, learners: dict, keep: int,
-                    run_id: str = "", config: dict | None = None, extra: Callable[[Path], None] | None = None) -> Path:
+                    run_id: str = "", config: dict | None = None, extra: Callable[[Path], None] | None = None,
+                    task: dict | None = None) -> Path:
     """accelerate state (weights, optimizers) + per-rank JSON run state (+ whatever `extra(path)`
-    writes, e.g. FSDP shards, on every process); DONE marks it complete.
+    writes, e.g. FSDP shards, on every process; `task`: where the task's prompt stream stands);
+    DONE marks it complete.
 
     Only finite weights are saved. A checkpoint that cannot be written (a full disk) is removed and
     the run stops with RunError; the previous complete checkpoint stays.
@@ -228,6 +231,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: RunState,
         saved = {"run_id": run_id, **state.state_dict(), "learners": {k: v.state_dict() for k, v in learners.items()}}
         if config is not None:
             saved["config"] = config
+        if task:
+            saved["task"] = task
         (path / f"run_state_rank{accelerator.process_index}.json").write_text(json.dumps(saved, default=_json_default))
     except Exception as e:  # noqa: BLE001  (a full disk is an OSError from Python, a SafetensorError from safetensors)
         shutil.rmtree(path, ignore_errors=True)
@@ -249,23 +254,26 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: RunState,
     return path
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, state: RunState, learners: dict) -> None:
-    """Loads a checkpoint: accelerate reads tensors with weights_only=True, the run state is JSON."""
+def load_checkpoint(accelerator: Accelerator, path: Path, state: RunState, learners: dict, task=None) -> None:
+    """Loads a checkpoint: accelerate reads tensors with weights_only=True, the run state is JSON
+    (with the position of the `task`'s prompt stream, when it has one)."""
     saved = read_run_state(path, accelerator.process_index)
     accelerator.load_state(str(path))
     state.load_state_dict(saved)
     for name, learner in learners.items():
         learner.load_state_dict(saved["learners"][name])
+    if task is not None and task.stream is not None:
+        task.load_state_dict(saved["task"])
 
 
-def load_latest(accelerator: Accelerator, output_dir: Path, run_id: str, state: RunState, learners: dict) -> Path:
+def load_latest(accelerator: Accelerator, output_dir: Path, run_id: str, state: RunState, learners: dict, task=None) -> Path:
     """Loads the newest checkpoint of this run that loads; ones that fail are skipped with a warning
     (and set aside as iter_N.unloadable, so rotation never keeps them instead of good ones)."""
     candidates = checkpoints(output_dir, run_id)[::-1]
     failed = []
     for path in candidates:
         try:
-            load_checkpoint(accelerator, path, state, learners)
+            load_checkpoint(accelerator, path, state, learners, task)
         except Exception as e:  # noqa: BLE001  (any failure: truncated file, bad JSON, wrong shapes)
             reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
             warn(f"checkpoint {path.name} cannot be loaded ({type(e).__name__}: {reason}); trying an older one")
@@ -361,6 +369,10 @@ class Run:
     backend = None
     """The rollout engine when it holds resources (vLLM); released by `close`."""
 
+    task = None
+    """The `PromptTask` a run draws prompts from (None in an environment); a prompt stream's
+    position is saved with every checkpoint."""
+
     def close(self) -> None:
         """Release the rollout engine (its weights and KV cache)."""
         if self.backend is not None:
@@ -409,7 +421,7 @@ class Run:
         self._claim()
         history = self.output_dir / HISTORY_FILE
         if self.resume:
-            ckpt = self.resumed_from = load_latest(self.accelerator, self.output_dir, self.run_id, self.state, self.learners)
+            ckpt = self.resumed_from = load_latest(self.accelerator, self.output_dir, self.run_id, self.state, self.learners, self.task)
             for learner in self.learners.values():  # a forced change of weight decay takes effect (lr is set each step)
                 for group in learner.optimizer.param_groups:
                     group["weight_decay"] = self.cfg.algo.weight_decay
@@ -432,7 +444,8 @@ class Run:
 
     def checkpoint(self) -> Path:
         return save_checkpoint(self.accelerator, self.output_dir, self.state, self.learners, self.cfg.train.keep_checkpoints,
-                               run_id=self.run_id, config=flat_config(self.cfg), extra=self.save_extra)
+                               run_id=self.run_id, config=flat_config(self.cfg), extra=self.save_extra,
+                               task=self.task.state_dict() if self.task is not None else None)
 
     def save_extra(self, path: Path) -> None:
         """Files a kind of run adds to each checkpoint folder before it is marked complete."""

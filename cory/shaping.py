@@ -5,7 +5,8 @@ Applied once, for every algorithm, before the advantage estimator (`cory.advanta
     score'  = score + missing_eos_penalty x [cut at max_new_tokens]            (adjust_scores)
                     + overlong penalty (DAPO)
                     / running std of scores                                   (algo.normalize_rewards)
-    r_t     = -beta x KL_t  (+ score' at the turn's last token)                (shaped_rewards)
+    r_t     = -beta x KL_t - coef x KL^teacher_t                                 (shaped_rewards)
+              (+ task_coef x score' at the turn's last token)
     mask_t  = response mask, less cut responses (overlong filter) and groups    (loss_mask)
               whose episodes all scored the same (dynamic sampling)
 
@@ -39,11 +40,16 @@ def adjust_scores(scores: torch.Tensor, finished: torch.Tensor, lengths: torch.T
     return adjusted
 
 
-def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
-    """[B, L] per-token rewards: -beta * KL at every response token, plus the turn's score at its last token."""
+def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float,
+                   teacher_kl: torch.Tensor | None = None, teacher_coef: float = 0.0, task_coef: float = 1.0) -> torch.Tensor:
+    """[B, L] per-token rewards: -beta * KL to the reference at every response token, and with a
+    teacher (on-policy distillation) -teacher_coef * its reverse KL `teacher_kl` [B, L]; plus
+    task_coef * the turn's score at its last token."""
     rewards = -beta * kl * mask
+    if teacher_kl is not None:
+        rewards = rewards - teacher_coef * teacher_kl.to(rewards.dtype) * mask
     last = (mask.sum(-1) - 1).clamp_min(0).long()
-    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores.to(rewards.dtype)
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += task_coef * scores.to(rewards.dtype)
     return rewards
 
 

@@ -51,10 +51,10 @@ class TrainingRun(Run):
             self.sampler = Sampler(self.policy, env, sampling_params(cfg), max_turns=cfg.env.max_turns, control=control,
                                    backend=self.backend)
         else:
-            self.task = make_task(cfg.task)
+            self.task = make_task(cfg.task, cfg.train.seed, self.accelerator.process_index, self.accelerator.num_processes)
             self.sampler = Sampler(self.policy, TaskEnv(self.task), sampling_params(cfg), control=control, backend=self.backend)
         self.learner = Learner(self.policy, agents.reference, self.algorithm, cfg, self.accelerator,
-                               agents.parameters["policy"], fallback=fallback)
+                               agents.parameters["policy"], fallback=fallback, teacher=agents.teacher)
 
     @property
     def learners(self) -> dict:

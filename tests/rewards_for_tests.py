@@ -41,3 +41,17 @@ def never_returns(prompts, responses):
     import threading
 
     threading.Event().wait()
+
+
+def answer_in_response(prompts, responses, answers):
+    """1 where the response holds the prompt's reference answer (task.answer_column), else 0."""
+    return [float(str(a) in r) for r, a in zip(responses, answers)]
+
+
+ANSWERS_SEEN: list = []
+"""What `record_answers` was handed, for tests that check what a reward receives."""
+
+
+def record_answers(prompts, responses, answers):
+    ANSWERS_SEEN.append(list(zip(prompts, answers)))
+    return [0.0] * len(responses)

@@ -103,6 +103,8 @@ SWAP = {
     "cory:tiny-sentiment": "cory:micro-sentiment",
     "cory:tiny-agent": "cory:micro-agent",
     "cory:tiny-dialogue": "cory:micro-dialogue",
+    "cory:tiny-arith": "cory:micro-arith",
+    "cory:tiny-reviews@seed1": "cory:micro-reviews@seed1",
 }
 """The embedded models an example names -> the test-size models of the same recipe family (built in
 seconds into the session cache). cory:smollm2-135m-instruct stays itself (converted once per machine)."""
@@ -119,8 +121,8 @@ def example_overrides(path: Path) -> list[str]:
     """The overrides the example test adds to a file: the swaps above, then one iteration of a small
     batch with short answers and a small evaluation. Everything else is the file's own."""
     cfg = load_config(path)
-    out = [f"{key}={SWAP[value]}" for key, value in (("model.name", cfg.model.name), ("task.reward", cfg.task.reward))
-           if value in SWAP]
+    out = [f"{key}={SWAP[value]}" for key, value in (("model.name", cfg.model.name), ("task.reward", cfg.task.reward),
+                                                      ("distill.teacher", cfg.distill.teacher)) if value in SWAP]
     out += ["train.iterations=1", "train.batch_size=1",
             f"generation.max_new_tokens={min(cfg.generation.max_new_tokens, 8)}", "train.progress=false",
             "eval.samples_per_prompt=1"]
@@ -132,12 +134,13 @@ def example_overrides(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_runs_one_iteration_as_documented(path, tmp_path, zoo_cache, request):
+def test_example_runs_one_iteration_as_documented(path, tmp_path, zoo_cache, request, monkeypatch):
     """Each examples/*.yaml, through `cory train --config FILE --output-dir DIR` as documented, for
     one iteration. What is swapped: the tiny embedded models for their test-size versions (`SWAP`:
     cory:tiny-reviews -> cory:micro-reviews, cory:tiny-sentiment -> cory:micro-sentiment,
-    cory:tiny-agent -> cory:micro-agent, cory:tiny-dialogue -> cory:micro-dialogue, and the
-    teacher-student environment's student likewise), and the sizes (`example_overrides`: 1 iteration
+    cory:tiny-agent -> cory:micro-agent, cory:tiny-dialogue -> cory:micro-dialogue, cory:tiny-arith ->
+    cory:micro-arith, a distillation teacher cory:tiny-reviews@seed1 -> cory:micro-reviews@seed1, and
+    the teacher-student environment's student likewise), and the sizes (`example_overrides`: 1 iteration
     of one prompt or episode (times the algorithm's group size), at most 8 new tokens, 2 evaluation
     prompts or episodes of 1 sample, bandit horizon 5, conversations of 48 tokens). Every other key, the algorithm and its settings, the
     KL control, CORY, chat templates and rewards included, is the file's own. It checks that the file
@@ -146,6 +149,7 @@ def test_example_runs_one_iteration_as_documented(path, tmp_path, zoo_cache, req
     cfg = load_config(path)
     if cfg.model.name == "cory:smollm2-135m-instruct":
         request.getfixturevalue("smollm2")
+    monkeypatch.chdir(REPO)  # an example's data files are named from the repository's root, as documented
     out = tmp_path / "run"
     assert main(["train", "--config", str(path), "--output-dir", str(out), *example_overrides(path)]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

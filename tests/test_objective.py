@@ -42,8 +42,14 @@ def make_learner(path, overrides: list[str]):
     with torch.no_grad():  # the reference differs from the policy, so the KL is not ~0
         for p in reference.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
+    teacher = None
+    if cfg.distill.teacher:  # another perturbation of the same model: the teacher's KL is not ~0 either
+        teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval().requires_grad_(False)
+        with torch.no_grad():
+            for p in teacher.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2), dtype=p.dtype))
     on_cpu = os.environ.get("CORY_TEST_DEVICE", "cpu") == "cpu"
-    learner = Learner(policy, reference, algorithm, cfg, Accelerator(cpu=on_cpu))
+    learner = Learner(policy, reference, algorithm, cfg, Accelerator(cpu=on_cpu), teacher=teacher)
     params = [p for p in learner.module.parameters() if p.requires_grad]
     grads: list[torch.Tensor] = []
 
@@ -134,8 +140,10 @@ def token_mean(x, mask):
 @functools.lru_cache(maxsize=None)
 def _full_batch(path, algo, aggregation):
     """(learner, grads, rollout) after one step without micro-batching (reused across micro sizes)."""
+    # distill: the exact teacher KL, whose loss term is aggregated like every other term.
+    teacher = [f"distill.teacher={path}", "distill.estimator=full", "distill.task_coef=0.5"] if algo == "distill" else []
     learner, grads = make_learner(path, [f"algo.name={algo}", f"algo.loss_aggregation={aggregation}",
-                                         "algo.ent_coef=0.01", "kl.beta=0.1"])
+                                         "algo.ent_coef=0.01", "kl.beta=0.1", *teacher])
     rollout = synthetic_rollout(learner)
     learner.step(rollout)
     return learner, grads, rollout

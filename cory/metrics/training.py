@@ -31,6 +31,8 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         "truncated_rate": (~rollout.finished).float().mean().item(),
     }
     out.update(episode_kl_metrics(rollout))
+    if rollout.scored.teacher_kl is not None:  # on-policy distillation: the reverse KL to the teacher per episode
+        out["teacher_kl_mean"] = episode_sums(masked_sum(rollout.scored.teacher_kl, mask).float(), rollout.episode_ids).mean().item()
     control = rollout.control
     if control is not None and control.help is not None:
         out["help_rate"] = masked_mean(control.help.float(), mask).item()

@@ -6,7 +6,8 @@ builds one from a spec string:
     the chosen label (a one-logit reward model: that logit);
   - `vader`: the VADER compound sentiment score in [-1, 1] (the `vaderSentiment` package: a
     lexicon-and-rules analyzer of English text; any tokenizer's text, no model);
-  - `module:function`: a Python function with the reward signature (imported by name).
+  - `module:function`: a Python function with the reward signature (imported by name); with
+    task.answer_column it is also given `answers=` (each prompt's reference answer, a list).
 """
 
 from __future__ import annotations
@@ -173,16 +174,34 @@ def is_function_spec(spec: str) -> bool:
     return not zoo.is_zoo_name(spec) and not is_dir(spec) and ":" in spec and not spec.startswith((".", "/"))
 
 
-def dry_run(spec: str, prompts: list[str], timeout: float) -> None:
-    """Calls a reward function once on a dry sample (two prompts, two made-up responses), so that a
-    function that fails, hangs or returns the wrong thing stops the command before any work."""
-    fn = checked(_import_function(spec), spec, timeout)
+def dry_run(spec: str, prompts: list[str], timeout: float, answers: list | None = None) -> None:
+    """Calls a reward function once on a dry sample (two prompts, two made-up responses; with
+    `answers`, the prompts' answers too), so that a function that fails, hangs or returns the wrong
+    thing stops the command before any work."""
+    fn = _import_function(spec)
     prompts = (list(prompts) * 2)[:2]
-    fn(prompts, [" and it was good.", ""])
+    if answers is not None:
+        given = dict(zip(prompts, (list(answers) * 2)[:2]))
+        fn = with_answers(fn, lambda ps: [given[p] for p in ps])
+    checked(fn, spec, timeout)(prompts, [" and it was good.", ""])
 
 
-def load_reward(spec: str, label: str = "positive", on: str = "prompt+response", device=None, timeout: float = 0.0) -> RewardFn:
-    """A checked reward callable from a spec (see the module docstring)."""
+def with_answers(fn, answers: Callable[[list[str]], list]) -> RewardFn:
+    """A reward `fn(prompts, responses, answers=...)` as a `RewardFn`: `answers(prompts)` gives each
+    prompt's reference answer (task.answer_column)."""
+
+    def call(prompts: list[str], responses: list[str]) -> list[float]:
+        return fn(prompts, responses, answers=answers(prompts))
+
+    return call
+
+
+def load_reward(spec: str, label: str = "positive", on: str = "prompt+response", device=None, timeout: float = 0.0,
+                answers: Callable[[list[str]], list] | None = None) -> RewardFn:
+    """A checked reward callable from a spec (see the module docstring). `answers`: for a
+    `module:function` reward, the function is called with `answers=answers(prompts)` too."""
+    if answers is not None and not is_function_spec(spec):
+        raise RewardError(f"reward '{shown(spec)}' takes no answers: task.answer_column needs a module:function reward")
     if spec in BUILTIN_REWARDS:
         return checked(BUILTIN_REWARDS[spec](on), spec)
     if zoo.is_zoo_name(spec):
@@ -190,7 +209,8 @@ def load_reward(spec: str, label: str = "positive", on: str = "prompt+response",
     if is_dir(spec):
         return checked(ClassifierReward(spec, label, on, device=device), spec)
     if ":" in spec and not spec.startswith((".", "/")):
-        return checked(_import_function(spec), spec, timeout)
+        fn = _import_function(spec)
+        return checked(with_answers(fn, answers) if answers is not None else fn, spec, timeout)
     raise RewardError(f"reward '{shown(spec)}' is neither {', '.join(BUILTIN_REWARDS)}, a classifier folder, a cory: model, nor a module:function")
 
 

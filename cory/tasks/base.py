@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -44,6 +45,17 @@ def load_prompt_file(path: str | Path, column: str = "prompt") -> list[str]:
     return prompts
 
 
+class PromptStream(Protocol):
+    """Training prompts read in a run's order (`cory.tasks.dataset_prompts.DatasetPrompts`): its
+    position is part of a checkpoint."""
+
+    def draw(self, n: int) -> list[str]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 @dataclass
 class PromptTask:
     """Prompts to train on, a fixed evaluation set, and a reward for (prompt, response) pairs."""
@@ -52,10 +64,23 @@ class PromptTask:
     train_prompts: list[str]
     eval_prompts: list[str]
     reward: RewardFn
+    stream: PromptStream | None = None
+    """Training prompts read in order from a dataset (task.dataset) instead of drawn from train_prompts."""
 
     def sample_prompts(self, n: int, rng: np.random.Generator) -> list[str]:
+        """n training prompts: the stream's next ones, or drawn with replacement by the run's `rng`."""
+        if self.stream is not None:
+            return self.stream.draw(n)
         idx = rng.integers(0, len(self.train_prompts), size=n)
         return [self.train_prompts[i] for i in idx]
+
+    def state_dict(self) -> dict:
+        """Where the prompt stream stands (empty without one: the run's generator holds the order)."""
+        return self.stream.state_dict() if self.stream is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.stream is not None:
+            self.stream.load_state_dict(state)
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         return self.reward(prompts, responses)

@@ -1,4 +1,4 @@
-"""Task names -> builders. A builder takes a TaskConfig and returns a PromptTask."""
+"""Task names -> builders. A builder takes a TaskConfig (and the order of a dataset's rows) and returns a PromptTask."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Callable
 from cory.corpora import arithmetic, reviews
 from cory.rewards import load_reward
 from cory.tasks.base import PromptTask, load_prompt_file
+from cory.tasks.dataset_prompts import DatasetPrompts
 
 
 SENTIMENT_CHAT_PROMPT = 'Continue this movie review in one sentence: "{start}"'
@@ -23,34 +24,50 @@ CHAT_EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {"arithmetic": (ARITHMET
 """Task name -> example (user, assistant) turns put before every prompt when it is rendered as chat."""
 
 
-def sentiment_task(cfg) -> PromptTask:
+def user_prompts(cfg, seed: int = 0, rank: int = 0, world: int = 1) -> tuple[list[str], list[str], DatasetPrompts | None]:
+    """(training prompts, evaluation prompts, stream) from task.dataset (a stream; evaluation = its
+    first rows, held out) or task.prompt_file (evaluation = its first prompts)."""
+    if cfg.dataset:
+        stream = DatasetPrompts(cfg.dataset, cfg.split, cfg.prompt_column, cfg.answer_column, cfg.num_eval_prompts, seed, rank, world)
+        return [], stream.eval_prompts, stream
+    prompts = load_prompt_file(cfg.prompt_file, cfg.prompt_column)
+    return prompts, prompts[: cfg.num_eval_prompts], None
+
+
+def task_reward(cfg, stream: DatasetPrompts | None):
+    """task.reward, handed each prompt's answer (task.answer_column) when the data has one."""
+    answers = stream.answers if stream is not None and cfg.answer_column else None
+    return load_reward(cfg.reward, label=cfg.reward_label, on=cfg.reward_on, timeout=cfg.reward_timeout, answers=answers)
+
+
+def sentiment_task(cfg, **order) -> PromptTask:
     """Continue a movie review; the reward is the sentiment classifier's positive logit.
 
     Built-in prompts are the first 2-8 words of synthetic reviews held out from the pretraining
-    corpus of `cory:tiny-reviews`; the evaluation set is a disjoint fixed draw.
+    corpus of `cory:tiny-reviews`; the evaluation set is a disjoint fixed draw. task.prompt_file or
+    task.dataset replace them.
     """
-    if cfg.prompt_file:
-        prompts = load_prompt_file(cfg.prompt_file, cfg.prompt_column)
-        train, evals = prompts, prompts[: cfg.num_eval_prompts]
+    stream = None
+    if cfg.prompt_file or cfg.dataset:
+        train, evals, stream = user_prompts(cfg, **order)
     else:
         pool = reviews.prompts(cfg.num_train_prompts + cfg.num_eval_prompts, seed=2024)
         if getattr(cfg, "chat_template", False):
             # A chat model answers a bare review opening as a message; ask for the continuation.
             pool = [SENTIMENT_CHAT_PROMPT.format(start=p) for p in pool]
         evals, train = pool[: cfg.num_eval_prompts], pool[cfg.num_eval_prompts :]
-    reward = load_reward(cfg.reward, label=cfg.reward_label, on=cfg.reward_on, timeout=cfg.reward_timeout)
-    return PromptTask("sentiment", train, evals, reward)
+    return PromptTask("sentiment", train, evals, task_reward(cfg, stream), stream)
 
 
-def prompts_task(cfg) -> PromptTask:
-    """A user's prompts (`task.prompt_file`) with any reward (`task.reward`)."""
-    if not cfg.prompt_file:
-        raise ValueError("task 'prompts' needs task.prompt_file")
-    prompts = load_prompt_file(cfg.prompt_file, cfg.prompt_column)
-    return PromptTask("prompts", prompts, prompts[: cfg.num_eval_prompts], load_reward(cfg.reward, cfg.reward_label, cfg.reward_on, timeout=cfg.reward_timeout))
+def prompts_task(cfg, **order) -> PromptTask:
+    """A user's prompts (`task.prompt_file` or `task.dataset`) with any reward (`task.reward`)."""
+    if not (cfg.prompt_file or cfg.dataset):
+        raise ValueError("task 'prompts' needs task.prompt_file or task.dataset")
+    train, evals, stream = user_prompts(cfg, **order)
+    return PromptTask("prompts", train, evals, task_reward(cfg, stream), stream)
 
 
-def arithmetic_task(cfg) -> PromptTask:
+def arithmetic_task(cfg, **order) -> PromptTask:
     """Synthetic word problems (the offline GSM8K); reward 1 if the response's last number is right.
 
     Prompts are held out from `cory:tiny-arith`'s pretraining problems. `task.reward` is ignored.
@@ -71,7 +88,9 @@ BUILTIN_REWARD = {"arithmetic"}
 """Tasks that score responses themselves and ignore `task.reward`."""
 
 
-def make_task(cfg) -> PromptTask:
+def make_task(cfg, seed: int = 0, rank: int = 0, world: int = 1) -> PromptTask:
+    """The task of a TaskConfig. seed, rank, world: the order a dataset's training rows are read in
+    (train.seed) and this process's share of them."""
     if cfg.name not in TASKS:
         raise ValueError(f"unknown task '{cfg.name}'; tasks: {', '.join(sorted(TASKS))}")
-    return TASKS[cfg.name](cfg)
+    return TASKS[cfg.name](cfg, seed=seed, rank=rank, world=world)
