@@ -204,8 +204,12 @@ class AlgoConfig:
     """The overlong penalty at max_new_tokens (with overlong_buffer > 0)."""
     overlong_filter: bool = False
     """Leave responses cut at max_new_tokens without EOS out of the loss (DAPO's overlong filtering)."""
-    tis_cap: float = 2.0
-    """Rollouts from another engine (generation.backend=vllm) or precision (train.mixed_precision over float32 weights): weight tokens by min(pi_train_old / pi_engine, tis_cap) (0 = no weighting)."""
+    is_correction: str = "token-tis"
+    """Tokens sampled by another policy (generation.backend=vllm, train.mixed_precision over float32 weights), with r = pi_train_old / pi_behaviour: token-tis (weight min(r, is_cap)), token-mis (r, or 0 where r > is_cap), seq-tis / seq-mis (the same with the turn's product of ratios, every token of it alike), icepop (r, or 0 where r leaves [is_floor, is_cap]) or none (weight 1)."""
+    is_cap: float = 2.0
+    """The importance correction's upper bound C (>= 1, so that agreeing policies get weight 1)."""
+    is_floor: float = 0.5
+    """algo.is_correction=icepop: the lower bound of the ratios that keep their weight (in (0, 1])."""
 
 
 @dataclass
@@ -247,7 +251,7 @@ class TrainConfig:
     seed: int = 0
     """Seed for model-independent randomness: prompt order, sampling, initialisation of heads."""
     mixed_precision: str = "no"
-    """accelerate mixed precision: no, bf16 or fp16. Over float32 weights the trainer recomputes the sampled tokens' log-probs under autocast (algo.tis_cap); on a CPU without bf16 kernels bf16 is slower than no (a warning says so)."""
+    """accelerate mixed precision: no, bf16 or fp16. Over float32 weights the trainer recomputes the sampled tokens' log-probs under autocast (algo.is_correction); on a CPU without bf16 kernels bf16 is slower than no (a warning says so)."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every this many iterations (0 = only at the end)."""
     keep_checkpoints: int = 2
@@ -314,6 +318,7 @@ CHOICES = {
     "algo.name": tuple(sorted(ALGORITHMS)),
     "algo.baseline": ("none", "mean", "loo"),
     "algo.loss_aggregation": losses.AGGREGATIONS,
+    "algo.is_correction": losses.IS_CORRECTIONS,
     "kl.estimator": (*kl.ESTIMATORS, "full"),
     "kl.controller": tuple(kl.CONTROLLERS),
     "kl.penalty": ("auto", "reward", "loss"),
@@ -331,6 +336,7 @@ RENAMED = {
     "cory.lora_r": "model.lora.r",
     "cory.lora_alpha": "model.lora.alpha",
     "cory.lora_targets": "model.lora.targets",
+    "algo.tis_cap": "algo.is_cap (with algo.is_correction=token-tis, the default; algo.tis_cap=0 is algo.is_correction=none)",
 }
 """Keys that have moved: an old config gets one line naming the new key."""
 
@@ -551,19 +557,32 @@ def _check_algorithm_keys(cfg: Config) -> None:
         raise UsageError(f"algo.group_size must be at least 2 for {cfg.algo.name}" + (" with algo.baseline=loo" if not algo.grouped else ""))
     if a.loss_constant and a.loss_aggregation != "constant":
         raise UsageError("algo.loss_constant has no effect unless algo.loss_aggregation=constant")
-    if a.loss_constant < 0 or a.overlong_buffer < 0 or a.tis_cap < 0 or a.clip_range_high < 0:
-        raise UsageError("algo.loss_constant, overlong_buffer, tis_cap and clip_range_high must be >= 0")
-    if 0 < a.tis_cap < 1:
-        raise UsageError("bad value for config key 'algo.tis_cap': must be >= 1 (0 = off), so that agreeing engines get weight 1")
-    if a.tis_cap != AlgoConfig().tis_cap and cfg.generation.backend == "native" and cfg.train.mixed_precision == "no":
-        raise UsageError("algo.tis_cap only acts on tokens sampled by another engine or precision "
-                         "(generation.backend=vllm or train.mixed_precision); here the trainer samples them itself")
+    if a.loss_constant < 0 or a.overlong_buffer < 0 or a.clip_range_high < 0:
+        raise UsageError("algo.loss_constant, overlong_buffer and clip_range_high must be >= 0")
+    _check_importance_correction(cfg)
     if a.dual_clip and a.dual_clip <= 1:
         raise UsageError("bad value for config key 'algo.dual_clip': must be > 1 (0 = off)")
     if a.overlong_buffer > cfg.generation.max_new_tokens:
         raise UsageError("algo.overlong_buffer must be at most generation.max_new_tokens")
     if cfg.kl.estimator == "full" and not algo.kl_in_rewards(cfg.kl.penalty):
         raise UsageError(f"kl.estimator=full works only with KL in the reward (kl.penalty=reward) for {cfg.algo.name}")
+
+
+def _check_importance_correction(cfg: Config) -> None:
+    a, default = cfg.algo, AlgoConfig()
+    if a.is_cap < 1:
+        raise UsageError(f"bad value for config key 'algo.is_cap': {a.is_cap!r}; must be >= 1, so that agreeing policies get weight 1")
+    if not 0 < a.is_floor <= 1:
+        raise UsageError(f"bad value for config key 'algo.is_floor': {a.is_floor!r}; must be in (0, 1]")
+    if a.is_floor != default.is_floor and a.is_correction != "icepop":
+        raise UsageError("algo.is_floor has no effect unless algo.is_correction=icepop")
+    if a.is_cap != default.is_cap and a.is_correction == "none":
+        raise UsageError("algo.is_cap has no effect with algo.is_correction=none")
+    changed = [f"algo.{k}" for k in ("is_correction", "is_cap", "is_floor") if getattr(a, k) != getattr(default, k)]
+    other_policy = cfg.generation.backend != "native" or cfg.train.mixed_precision != "no"
+    if changed and not other_policy:
+        raise UsageError(f"{', '.join(changed)} only act on tokens sampled by another engine or precision "
+                         "(generation.backend=vllm or train.mixed_precision); here the trainer samples them itself")
 
 
 def episodes_per_iteration(cfg: Config) -> int:

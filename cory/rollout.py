@@ -97,7 +97,7 @@ class Rollout:
     engine_logprobs: torch.Tensor | None = None
     """[B, Lr] behaviour log-probs from a different sampling engine (e.g. vLLM); None for cory's own
     loop. When set, the learner recomputes `logprobs` with the trainer and corrects the mismatch by
-    truncated importance sampling (algo.tis_cap)."""
+    the importance correction (algo.is_correction)."""
     control: ControlOutput | None = None
     """What a sampling control (hard budget, asking for help) recorded per response token: the
     distribution each token was actually drawn from. None when sampling was not steered."""
