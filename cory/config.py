@@ -205,7 +205,7 @@ class AlgoConfig:
     overlong_filter: bool = False
     """Leave responses cut at max_new_tokens without EOS out of the loss (DAPO's overlong filtering)."""
     is_correction: str = "token-tis"
-    """Tokens sampled by another policy (generation.backend=vllm, train.mixed_precision over float32 weights), with r = pi_train_old / pi_behaviour: token-tis (weight min(r, is_cap)), token-mis (r, or 0 where r > is_cap), seq-tis / seq-mis (the same with the turn's product of ratios, every token of it alike), icepop (r, or 0 where r leaves [is_floor, is_cap]) or none (weight 1)."""
+    """Tokens sampled by another policy (generation.backend=vllm, train.mixed_precision over float32 weights, or an older version in an asynchronous run: train.max_staleness), with r = pi_train_old / pi_behaviour: token-tis (weight min(r, is_cap)), token-mis (r, or 0 where r > is_cap), seq-tis / seq-mis (the same with the turn's product of ratios, every token of it alike), icepop (r, or 0 where r leaves [is_floor, is_cap]) or none (weight 1)."""
     is_cap: float = 2.0
     """The importance correction's upper bound C (>= 1, so that agreeing policies get weight 1)."""
     is_floor: float = 0.5
@@ -268,6 +268,10 @@ class TrainConfig:
     """Shard the policy's weights, gradients and optimizer state over the processes with torch FSDP2 (CPU/gloo or GPUs; see cory.sharding)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of storing them (less memory, ~1/3 more compute)."""
+    max_staleness: int = 0
+    """Asynchronous rollouts: a worker process samples the next batches while the trainer updates, and no sample trains on weights more than this many versions (optimizer iterations) older than the trainer's; the worker's log-probs are corrected by algo.is_correction (0 = the synchronous loop: sample, then update, in one process)."""
+    worker_timeout: float = 300.0
+    """train.max_staleness > 0: seconds the trainer waits for the rollout worker (its start or a batch) before it stops the run with one line (exit 1)."""
     shared_prefix: bool = False
     """Score, update and evaluate the KL with the prompt prefix a batch's rows share (a chat template's system and example turns; at least 16 tokens) run once and its keys and values repeated for every row, gradients included: the same log-probs and gradients up to float rounding, (B - 1) x prefix tokens less forward and backward. One process; not with train.gradient_checkpointing."""
 
@@ -524,6 +528,7 @@ def check(cfg: Config) -> None:
     _check_lora_and_sharding(cfg)
     _check_generation_backend(cfg)
     _check_prompts(cfg)
+    _check_async(cfg)
     problem = template_problem(cfg.cory.observer_template)
     if problem:
         raise UsageError(f"bad value for config key 'cory.observer_template': {cfg.cory.observer_template!r}; {problem}")
@@ -579,10 +584,10 @@ def _check_importance_correction(cfg: Config) -> None:
     if a.is_cap != default.is_cap and a.is_correction == "none":
         raise UsageError("algo.is_cap has no effect with algo.is_correction=none")
     changed = [f"algo.{k}" for k in ("is_correction", "is_cap", "is_floor") if getattr(a, k) != getattr(default, k)]
-    other_policy = cfg.generation.backend != "native" or cfg.train.mixed_precision != "no"
+    other_policy = cfg.generation.backend != "native" or cfg.train.mixed_precision != "no" or cfg.train.max_staleness > 0
     if changed and not other_policy:
-        raise UsageError(f"{', '.join(changed)} only act on tokens sampled by another engine or precision "
-                         "(generation.backend=vllm or train.mixed_precision); here the trainer samples them itself")
+        raise UsageError(f"{', '.join(changed)} only act on tokens sampled by another engine, precision or weights version "
+                         "(generation.backend=vllm, train.mixed_precision or train.max_staleness); here the trainer samples them itself")
 
 
 def episodes_per_iteration(cfg: Config) -> int:
@@ -642,6 +647,23 @@ def _check_lora_and_sharding(cfg: Config) -> None:
                          "use one of train.shared_prefix and train.gradient_checkpointing")
 
 
+def _check_async(cfg: Config) -> None:
+    """What an asynchronous rollout worker (train.max_staleness > 0) cannot do yet, refused in one line."""
+    t = cfg.train
+    if not t.max_staleness:
+        if t.worker_timeout != TrainConfig().worker_timeout:
+            raise UsageError("train.worker_timeout has no effect unless train.max_staleness > 0")
+        return
+    if cfg.generation.backend != "native":
+        raise UsageError("train.max_staleness runs the native loop in a worker process; a vLLM engine in the worker is not "
+                         "implemented yet: use generation.backend=native, or train.max_staleness=0 with vLLM")
+    if t.fsdp:
+        raise UsageError("train.max_staleness needs whole weights to send to the worker: not with train.fsdp")
+    if cfg.cory.enabled:
+        raise UsageError("train.max_staleness is not implemented for CORY yet (its worker would need both agents and the "
+                         "role schedule): use train.max_staleness=0 with cory.enabled")
+
+
 def _check_prompts(cfg: Config) -> None:
     for section in ("task", "env"):
         if getattr(cfg, section).system_prompt and not getattr(cfg, section).chat_template:
@@ -658,13 +680,13 @@ def _check_prompts(cfg: Config) -> None:
 # -- value ranges: every number a user sets is checked, one line naming the key --------------------------
 _AT_LEAST_0 = ("model.trainable_layers", "algo.weight_decay", "algo.max_grad_norm", "algo.value_clip", "algo.vf_coef", "algo.warmup_iterations",
                "algo.minibatch_size", "algo.micro_batch_size", "kl.beta", "eval.temperature", "eval.seed", "train.seed",
-               "train.checkpoint_every", "train.eval_every", "train.num_threads", "env.pool_size",
+               "train.checkpoint_every", "train.eval_every", "train.num_threads", "env.pool_size", "train.max_staleness",
                "kl.hard_budget", "kl.budget")
 _AT_LEAST_1 = ("algo.group_size", "algo.epochs", "kl.horizon", "train.iterations", "train.batch_size", "train.keep_checkpoints",
                "eval.samples_per_prompt", "task.num_train_prompts", "task.num_eval_prompts", "env.eval_episodes",
                "env.max_turns", "cory.swap_every")
 _ABOVE_0 = ("algo.lr", "algo.clip_range", "generation.temperature", "kl.target", "kl.budget_lr",
-            "task.reward_timeout")
+            "task.reward_timeout", "train.worker_timeout")
 _UNIT = ("algo.gamma", "algo.turn_gamma", "algo.lam")
 
 

@@ -150,6 +150,22 @@ class Learner:
                              is_weight=weights.weight if weights is not None else None, ref_full_logprobs=joined.get("ref_full"))
         return replace(rollout, logprobs=logprobs, engine_logprobs=engine_logprobs, scored=scored), weights
 
+    @torch.no_grad()
+    def sampled_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """[B, Lr] the log-probs that sampling with the current weights records for the rollout's
+        tokens (full precision, evaluation mode; the mixture with the fallback where a sampling
+        control steered): what checks a behaviour policy's claimed log-probs."""
+        rollout = rollout.to(self.accelerator.device)
+        training = self.module.training
+        self.module.eval()
+        try:
+            logprobs = self.scorer(rollout).logprobs.float()
+        finally:
+            self.module.train(training)
+        if rollout.control is not None:
+            logprobs = mixture_logprobs(logprobs, rollout.control.fallback_logprobs, rollout.control.mix_weight)
+        return logprobs * rollout.response_mask
+
     def exact_kl_waits(self, rollout: Rollout) -> bool:
         """Whether the exact KL can be computed in the update's first pass, from the whole
         distributions that pass computes anyway, instead of in a pass of the policy in `score`:

@@ -104,6 +104,9 @@ class Rollout:
     trunk_hidden: torch.Tensor | None = None
     """[B, Lq + Lr, H] the frozen trunk's output at every column of [query | response], when only the
     top layers train (`cory.trunk`): kept from sampling, or filled by one pass in `Learner.score`."""
+    policy_version: torch.Tensor | None = None
+    """[B] the weights version (iterations trained) that sampled each row, in an asynchronous run
+    (`cory.rollout_worker`); None when the trainer sampled it itself."""
     scored: TokenScores | None = None
     """Added by `Learner.score`."""
     targets: Targets | None = None
