@@ -659,9 +659,6 @@ def _check_async(cfg: Config) -> None:
                          "implemented yet: use generation.backend=native, or train.max_staleness=0 with vLLM")
     if t.fsdp:
         raise UsageError("train.max_staleness needs whole weights to send to the worker: not with train.fsdp")
-    if cfg.cory.enabled:
-        raise UsageError("train.max_staleness is not implemented for CORY yet (its worker would need both agents and the "
-                         "role schedule): use train.max_staleness=0 with cory.enabled")
 
 
 def _check_prompts(cfg: Config) -> None:

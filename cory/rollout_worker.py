@@ -13,7 +13,7 @@ that train on it: with k = 1, batch i + 1 is sampled while batch i trains.
 Proof that the weights reached the sampler. Each batch carries its version (`Rollout.policy_version`,
 per row) and a checksum (sum and sum of squares in float64) of the parameters the worker loaded. The
 trainer compares it with the checksum of the version it sent, then recomputes the behaviour
-log-probs of a few rows (`VERIFY_ROWS`) with that version's weights (swapped into its model for
+log-probs of a few rows of each turn (`VERIFY_ROWS`) with that version's weights (swapped into its model for
 the pass when the batch is stale, then restored bit for bit) and compares them with the worker's
 (`async/behaviour_gap`, logged every iteration). Either check failing stops the run: a worker that
 dropped an update, or loaded it somewhere its sampler does not read, cannot go unnoticed. A batch
@@ -56,7 +56,8 @@ POLL_SECONDS = 1.0
 """How often a waiting trainer looks whether the worker is still alive."""
 
 VERIFY_ROWS = 2
-"""Rows of each batch whose behaviour log-probs the trainer recomputes with the batch's weights version."""
+"""Rows of each turn index of a batch whose behaviour log-probs the trainer recomputes with the batch's
+weights version (every turn, so that both agents of CORY are checked)."""
 
 VERIFY_ATOL = 1e-3
 """The largest gap (nats) between those and the worker's log-probs: the same weights give float
@@ -139,16 +140,23 @@ def serve(factory: Callable, cfg, names: list[str], first_index: int, sampler_st
         state.load_state_dict({"iteration": first_index, **sampler_state})
         version, index = -1, first_index
         while True:
+            waited = 0.0
             while True:  # the newest weights sent; wait for one recent enough for this batch
                 need = version < index - max_staleness
                 try:
-                    message = weights.get(timeout=timeout) if need else weights.get_nowait()
+                    message = weights.get(timeout=POLL_SECONDS) if need else weights.get_nowait()
                 except queue.Empty:
-                    if need:
+                    if not need:
+                        break
+                    waited += POLL_SECONDS
+                    parent = mp.parent_process()
+                    if parent is not None and not parent.is_alive():
+                        return  # the trainer is gone: nobody to sample for
+                    if waited >= timeout:
                         batches.put(("error", f"the rollout worker got no weights of version >= {index - max_staleness} "
                                               f"within train.worker_timeout={timeout:g} s"))
                         return
-                    break
+                    continue
                 if message is None:
                     return
                 version, flat = message
@@ -168,6 +176,18 @@ def serve(factory: Callable, cfg, names: list[str], first_index: int, sampler_st
         line = (str(e).splitlines() or [type(e).__name__])[0][:300]
         where = traceback.extract_tb(e.__traceback__)[-1]
         batches.put(("error", f"the rollout worker failed: {type(e).__name__}: {line} ({where.filename}:{where.lineno})"))
+
+
+def start_worker(factory: Callable, cfg, state: RunState, modules: dict[str, torch.nn.Module], learners: dict,
+                 threads: int) -> "AsyncRollouts | None":
+    """The rollout worker of a run whose state is `state` (None with train.max_staleness = 0, or when
+    nothing is left to train): it receives the parameters that the `learners`' optimizers hold, by the
+    agent names of `modules`, and continues the generators of `state.sampler` (a fresh run: the run's own)."""
+    if not cfg.train.max_staleness or state.iteration >= cfg.train.iterations:
+        return None
+    trained = {name: [p for group in learners[name].optimizer.param_groups for p in group["params"]] for name in modules}
+    sampler = state.sampler or {k: v for k, v in state.state_dict().items() if k in ("rng", "generator")}
+    return AsyncRollouts(factory, cfg, modules, trained, state.iteration, sampler, threads)
 
 
 class AsyncRollouts:
@@ -235,12 +255,23 @@ class AsyncRollouts:
         batch.rollout = replace(batch.rollout, engine_logprobs=batch.rollout.logprobs)
         return batch
 
+    def trained(self, batch: Batch, state: RunState, iterations: int) -> dict[str, float]:
+        """After `batch` trained (state.iteration counts it): the worker's generators go into the run
+        state (for the checkpoint), the new weights to the worker (unless it was the last iteration);
+        returns the iteration's version metrics."""
+        state.sampler = batch.sampler_state
+        published = self.publish(state.iteration) if state.iteration < iterations else 0.0
+        oldest = int(batch.rollout.policy_version.min())
+        return {"async/version_min": oldest, "async/version_max": int(batch.rollout.policy_version.max()),
+                "async/staleness_max": batch.index - oldest, "async/publish": published}
+
     def verify(self, batch: Batch, logprobs_of: Callable[[Rollout], torch.Tensor]) -> float:
         """The largest gap (nats) between the worker's log-probs of a few rows of `batch` and
         `logprobs_of` those rows (the trainer's model, `Learner.sampled_logprobs`) with the weights
         of the batch's version; RunError above `VERIFY_ATOL`. The trainer's weights are those of
         `self.version` again afterwards, bit for bit."""
-        rows = batch.rollout.select(torch.arange(min(VERIFY_ROWS, len(batch.rollout)))).compact()
+        turns = batch.rollout.turn_index.cpu()  # the first rows of every turn index: each agent of CORY is checked
+        rows = batch.rollout.select(torch.cat([(turns == t).nonzero()[:VERIFY_ROWS, 0] for t in turns.unique()])).compact()
         stale = batch.version != self.version
         if stale:
             load_flat(self.params, self.flats[batch.version])
@@ -267,8 +298,8 @@ class AsyncRollouts:
         self.process.join(1)
         if self.process.is_alive():
             self.process.terminate()
-            self.process.join(5)
-        if self.process.is_alive():
+            self.process.join(2)
+        if self.process.is_alive():  # a stopped process takes no SIGTERM
             self.process.kill()
             self.process.join(5)
         for q in (self.weights, self.batches):

@@ -368,9 +368,15 @@ class Run:
 
     backend = None
     """The rollout engine when it holds resources (vLLM); released by `close`."""
+    rollouts = None
+    """The asynchronous rollout worker (`cory.rollout_worker.AsyncRollouts`, train.max_staleness > 0),
+    started by a subclass's `_start`; stopped by `close`."""
 
     def close(self) -> None:
-        """Release the rollout engine (its weights and KV cache)."""
+        """Stop the rollout worker; release the rollout engine (its weights and KV cache)."""
+        if self.rollouts is not None:
+            self.rollouts.close()
+            self.rollouts = None
         if self.backend is not None:
             self.backend.close()
             self.backend = None

@@ -21,7 +21,7 @@ from cory.learner import Learner
 from cory.metrics.training import reduce_metrics
 from cory.policy import VALUE_HEAD_FILE
 from cory.rollout import Sampler
-from cory.rollout_worker import AsyncRollouts, WorkerSide
+from cory.rollout_worker import WorkerSide, start_worker
 from cory.run import Run
 from cory.sharding import gather_full, gathered_state_dict, load_sharded, release_full, save_sharded, shard_policy
 from cory.tasks import PromptTask, TaskEnv, make_task
@@ -74,8 +74,6 @@ class TrainingRun(Run):
         control, fallback = make_control(cfg, agents.reference, multi_turn=bool(cfg.env.id))
         self.backend = make_backends(cfg, agents.policies, agents.adapters, cfg.model.name, self.accelerator.num_processes)["policy"]
         self.sampler, self.task = make_sampler(cfg, self.policy, control, self.backend)
-        self.rollouts: AsyncRollouts | None = None
-        """The rollout worker (train.max_staleness > 0), started with the run."""
         self.learner = Learner(self.policy, agents.reference, self.algorithm, cfg, self.accelerator,
                                agents.parameters["policy"], fallback=fallback)
 
@@ -95,26 +93,21 @@ class TrainingRun(Run):
     def iterate(self) -> dict:
         """One rollout and one learner step; returns the iteration's metrics (mean over processes)."""
         t0 = time.perf_counter()
-        state, rollouts = self.state, self.rollouts
+        state, rollouts, checked = self.state, self.rollouts, {}
         if rollouts is None:
             rollout = self.sampler.collect(self.cfg.train.batch_size, state.rng, state.generator, group_size=self.algorithm.group_size)
             t_gen = time.perf_counter() - t0
         else:  # sampled by the worker while the previous iterations trained
             batch = rollouts.next(state.iteration)
-            rollout, t_gen, waited = batch.rollout, batch.seconds, time.perf_counter() - t0
-            gap = rollouts.verify(batch, self.learner.sampled_logprobs)
+            rollout, t_gen = batch.rollout, batch.seconds
+            checked = {"async/wait": time.perf_counter() - t0, "async/behaviour_gap": rollouts.verify(batch, self.learner.sampled_logprobs)}
         self.backend.pause()  # vLLM on a GPU: sleep while the trainer trains
         n_generated = int(rollout.response_mask.sum())
         _, metrics = self.learner.step(rollout, state.iteration, state.generator)
         self.backend.mark_stale()  # the engine gets the new weights before the next rollout
         state.iteration += 1
         if rollouts is not None:
-            state.sampler = batch.sampler_state
-            published = rollouts.publish(state.iteration) if state.iteration < self.cfg.train.iterations else 0.0
-            versions = rollout.policy_version
-            metrics.update({"async/version_min": int(versions.min()), "async/version_max": int(versions.max()),
-                            "async/staleness_max": state.iteration - 1 - int(versions.min()), "async/behaviour_gap": gap, "async/wait": waited,
-                            "async/publish": published})
+            metrics.update({**checked, **rollouts.trained(batch, state, self.cfg.train.iterations)})
         metrics.update({"time/generate": t_gen, "time/iteration": time.perf_counter() - t0,
                         "tokens_per_s/generate": n_generated / max(t_gen, 1e-9)})
         return reduce_metrics(self.accelerator, metrics)
@@ -131,18 +124,7 @@ class TrainingRun(Run):
             release_full(self.learner.module)
             load_sharded(self.resumed_from / "fsdp", self.learner.module, self.learner.optimizer)
             gather_full(self.learner.module)
-        state = self.state
-        if self.cfg.train.max_staleness and state.iteration < self.cfg.train.iterations:
-            trained = [p for group in self.learner.optimizer.param_groups for p in group["params"]]
-            sampler = state.sampler or {k: v for k, v in state.state_dict().items() if k in ("rng", "generator")}
-            self.rollouts = AsyncRollouts(rollout_side, self.cfg, {"policy": self.policy.module}, {"policy": trained},
-                                          state.iteration, sampler, self.threads)
-
-    def close(self) -> None:
-        if self.rollouts is not None:
-            self.rollouts.close()
-            self.rollouts = None
-        super().close()
+        self.rollouts = start_worker(rollout_side, self.cfg, self.state, {"policy": self.policy.module}, self.learners, self.threads)
 
     def save_final(self, evaluation: dict) -> None:
         final = self.output_dir / "final"

@@ -80,11 +80,24 @@ def test_a_multi_turn_environment_runs_asynchronously(tmp_path, micro_lm, traine
     zoo.build("cory:micro-agent", progress=False)
     out = tmp_path / "bandit"
     assert main(["train", "--output-dir", str(out), "model.name=cory:micro-agent", "env.id=cory/Bandit-v0",
-                 "env.kwargs={n_arms: 10, horizon: 3, cot: false, history: 10}", "env.eval_episodes=2", "algo.name=reinforce",
+                 "env.kwargs={n_arms: 10, horizon: 2, cot: false, history: 10}", "env.eval_episodes=2", "algo.name=reinforce",
                  "generation.max_new_tokens=6", "train.batch_size=2", "train.iterations=3", "train.max_staleness=1",
                  "train.log_with=[]", "train.progress=false"]) == 0
     assert all(((i - v) <= 1).all() for i, v in trained) and {int(v.max()) for _, v in trained} >= {0, 1}
-    assert all(len(v) == 6 for _, v in trained)  # 2 episodes of 3 turns, each row with its version
+    assert all(len(v) == 4 for _, v in trained)  # 2 episodes of 2 turns, each row with its version
+
+
+def test_cory_runs_asynchronously_with_both_agents_weights_in_the_worker(tmp_path, micro_lm, micro_rm, trained):
+    """Roles swap every iteration; each batch's rows of both turns (pioneer and observer) are checked
+    against their agent's log-probs at the batch's version (async/behaviour_gap)."""
+    out = tmp_path / "cory"
+    assert run(tmp_path, out, **{"cory.enabled": "true", "cory.swap_every": 1, "train.max_staleness": 1,
+                                 "train.iterations": 3, "train.batch_size": 4}) == 0
+    assert [i for i, _ in trained] == [0, 0, 1, 1, 2, 2]  # each agent's Learner trains on its own turn
+    assert all(v is not None and len(v) == 4 and ((i - v) <= 1).all() for i, v in trained)
+    log = rows(out)
+    assert [r["pioneer_is_a"] for r in log] == [1.0, 0.0, 1.0]
+    assert all(r["async/behaviour_gap"] < 1e-4 for r in log) and max(r["async/version_max"] for r in log) >= 1
 
 
 def test_a_worker_that_never_gets_new_weights_stops_the_run(tmp_path, capsys, micro_lm, micro_rm, monkeypatch):
@@ -107,7 +120,7 @@ def test_a_worker_that_never_gets_new_weights_stops_the_run(tmp_path, capsys, mi
 
     monkeypatch.setattr(AsyncRollouts, "publish", stale_publish)
     capsys.readouterr()
-    assert run(tmp_path, tmp_path / "run", **{"train.max_staleness": 1, "train.iterations": 4}) == 1
+    assert run(tmp_path, tmp_path / "run", **{"train.max_staleness": 1, "train.iterations": 3}) == 1
     [err] = capsys.readouterr().err.strip().splitlines()
     assert "does not hold the weights of version 1" in err
     assert not multiprocessing.active_children()
@@ -118,7 +131,7 @@ def test_a_worker_that_keeps_serving_old_weights_stops_the_run(tmp_path, capsys,
     that its Sampler does not use: its log-probs are not those of the version it reports."""
     monkeypatch.setattr(train_module, "rollout_side", async_faults.side_serving_old_weights)
     capsys.readouterr()
-    assert run(tmp_path, tmp_path / "run", **{"train.max_staleness": 1, "train.iterations": 4}) == 1
+    assert run(tmp_path, tmp_path / "run", **{"train.max_staleness": 1, "train.iterations": 3}) == 1
     [err] = capsys.readouterr().err.strip().splitlines()
     assert "log-probs are not those of weights version 1" in err
 
@@ -126,21 +139,21 @@ def test_a_worker_that_keeps_serving_old_weights_stops_the_run(tmp_path, capsys,
 def test_killing_the_worker_stops_the_run_in_one_line_and_it_resumes(tmp_path, capsys, micro_lm, micro_rm, monkeypatch, trained):
     step = Learner.step
 
-    def kill_at_3(self, rollout, iteration=0, generator=None):
-        if iteration == 3:
+    def kill_at_2(self, rollout, iteration=0, generator=None):
+        if iteration == 2:
             [worker] = multiprocessing.active_children()
             os.kill(worker.pid, signal.SIGKILL)
         return step(self, rollout, iteration, generator)
 
-    monkeypatch.setattr(Learner, "step", kill_at_3)
+    monkeypatch.setattr(Learner, "step", kill_at_2)
     out = tmp_path / "run"
-    settings = {"train.max_staleness": 1, "train.iterations": 7, "train.checkpoint_every": 1, "train.keep_checkpoints": 10}
+    settings = {"train.max_staleness": 1, "train.iterations": 5, "train.checkpoint_every": 1, "train.keep_checkpoints": 10}
     capsys.readouterr()
     assert run(tmp_path, out, **settings) == 1
     [err] = capsys.readouterr().err.strip().splitlines()
     assert "the rollout worker died (exit code -9)" in err and "--resume" in err
     done = sorted(p.name for p in (out / "checkpoints").iterdir() if (p / "DONE").exists())
-    assert done[-1] in ("iter_000004", "iter_000005")  # iterations 3 and 4 trained on batches sent before the kill
+    assert done[-1] in ("iter_000003", "iter_000004")  # batch 3 may have been sent before the kill
     last = out / "checkpoints" / done[-1]
     state = json.loads((last / "run_state_rank0.json").read_text())
     assert set(state["sampler"]) == {"rng", "generator"}
@@ -149,7 +162,7 @@ def test_killing_the_worker_stops_the_run_in_one_line_and_it_resumes(tmp_path, c
     trained.clear()
     resumed_at = state["iteration"]
     assert run(tmp_path, out, "--resume", **settings) == 0
-    assert [r["iteration"] for r in rows(out)] == list(range(1, 8))  # each iteration once
+    assert [r["iteration"] for r in rows(out)] == list(range(1, 6))  # each iteration once
     # The resumed worker starts from the checkpoint's weights: its first batch is version `resumed_at`.
     first_iteration, first_versions = trained[0]
     assert first_iteration == resumed_at and (first_versions == resumed_at).all()
@@ -157,7 +170,6 @@ def test_killing_the_worker_stops_the_run_in_one_line_and_it_resumes(tmp_path, c
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["train.max_staleness=1", "cory.enabled=true"], "not implemented for CORY"),
     (["train.max_staleness=1", "generation.backend=vllm"], "vLLM engine in the worker is not implemented"),
     (["train.worker_timeout=5"], "no effect unless train.max_staleness > 0"),
     (["train.max_staleness=-1"], "must be >= 0"),
