@@ -36,6 +36,7 @@ from cory.learner import Learner
 from cory.metrics.training import reduce_metrics
 from cory.policy import Policy
 from cory.rollout import Rollout, Sampler
+from cory.rollout_worker import WorkerSide, start_worker
 from cory.run import Run
 from cory.tasks import make_task
 from cory.tasks.pioneer_observer import PioneerObserverEnv, collective_rewards, resolve_template
@@ -63,8 +64,50 @@ class Agent:
         if self.adapter is not None:
             self.policy.model.set_adapter(self.adapter)
             # set_adapter freezes the other adapters; this agent's must stay trainable.
-            for p in self.learner.optimizer.param_groups[0]["params"]:
+            for p in self.learner.optimizer.param_groups[0]["params"] if self.learner is not None else ():
                 p.requires_grad_(True)
+
+
+def roles_at(cfg: Config, agents: dict[str, Agent], iteration: int) -> tuple[Agent, Agent]:
+    """(pioneer, observer) at an iteration: agent a pioneers first; roles swap every T."""
+    swapped = cfg.cory.exchange and (iteration // cfg.cory.swap_every) % 2 == 1
+    a, b = agents["a"], agents["b"]
+    return (b, a) if swapped else (a, b)
+
+
+def collect_episodes(cfg: Config, agents: dict[str, Agent], env: PioneerObserverEnv, control, group_size: int, iteration: int,
+                     rng, generator) -> Rollout:
+    """One iteration's pioneer/observer episodes, each agent generating its turn with its own backend."""
+    pioneer, observer = roles_at(cfg, agents, iteration)
+    sampler = Sampler(pioneer.policy, env, sampling_params(cfg), max_turns=2, control=control, backend=[pioneer, observer])
+    return sampler.collect(cfg.train.batch_size, rng, generator, group_size=group_size)
+
+
+def make_env(cfg: Config, process_index: int = 0, num_processes: int = 1) -> PioneerObserverEnv:
+    task = make_task(cfg.task, cfg.train.seed, process_index, num_processes)
+    return PioneerObserverEnv(task, resolve_template(cfg.cory.observer_template, task.name, cfg.task.chat_template), cfg.cory.observe)
+
+
+def make_cory_control(cfg: Config, reference):
+    """(control, fallback): one sampling control serves both agents, each response its own episode."""
+    control, fallback = make_control(cfg, reference, multi_turn=False)
+    return (EachTurnAnEpisode(control) if control is not None else None), fallback
+
+
+def cory_rollout_side(cfg: Config) -> WorkerSide:
+    """What the rollout worker of a CORY run builds (`cory.rollout_worker`): both agents (their
+    weights arrive from the trainer), the sampling control and the pioneer/observer environment."""
+    algorithm = make_algorithm(cfg)
+    built = build_agents(cfg, list(AGENTS), algorithm.needs_values)
+    control, _ = make_cory_control(cfg, built.reference)
+    backends = make_backends(cfg, built.policies, built.adapters, cfg.model.name)
+    agents = {n: Agent(n, built.policies[n], None, adapter=built.adapters[n], backend=backends[n]) for n in AGENTS}
+    env = make_env(cfg)
+
+    def collect(index, rng, generator):
+        return collect_episodes(cfg, agents, env, control, algorithm.group_size, index, rng, generator)
+
+    return WorkerSide({n: built.policies[n].module for n in AGENTS}, collect)
 
 
 class CoryRun(Run):
@@ -76,14 +119,14 @@ class CoryRun(Run):
             raise UsageError("CORY does not run under FSDP yet; use DDP (accelerate launch --multi_gpu)")
         if cfg.model.lora.r and self.accelerator.num_processes > 1:
             raise UsageError("CORY with model.lora.r (two adapters on one base) runs in one process; use full copies for data parallelism")
-        self.task = make_task(cfg.task, cfg.train.seed, self.accelerator.process_index, self.accelerator.num_processes)
+        if cfg.train.max_staleness and self.accelerator.num_processes > 1:
+            raise UsageError("train.max_staleness runs one trainer process and one rollout worker: launch a single process")
         algorithms = {n: make_algorithm(cfg) for n in AGENTS}
         self.group_size = algorithms["a"].group_size
         built = build_agents(cfg, list(AGENTS), algorithms["a"].needs_values)
         # One sampling control (hard budget or asking for help) serves both agents: each of their
         # responses is its own episode with its own budget.
-        control, fallback = make_control(cfg, built.reference, multi_turn=False)
-        self.control = EachTurnAnEpisode(control) if control is not None else None
+        self.control, fallback = make_cory_control(cfg, built.reference)
         self.agents = {
             n: Agent(n, built.policies[n], Learner(built.policies[n], built.reference, algorithms[n], cfg, self.accelerator,
                                                    built.parameters[n], fallback=fallback, teacher=built.teacher),
@@ -95,15 +138,17 @@ class CoryRun(Run):
         for n, agent in self.agents.items():
             agent.backend = backends[n]
         self.backend = backends["a"]
-        self.template = resolve_template(cfg.cory.observer_template, self.task.name, cfg.task.chat_template)
-        self.env = PioneerObserverEnv(self.task, self.template, cfg.cory.observe)
+        self.env = make_env(cfg, self.accelerator.process_index, self.accelerator.num_processes)
+        self.task = self.env.task
+
+    def _start(self, resume: bool | None = None) -> None:
+        super()._start(resume)
+        modules = {n: agent.policy.module for n, agent in self.agents.items()}
+        self.rollouts = start_worker(cory_rollout_side, self.cfg, self.state, modules, self.learners, self.threads)
 
     # -- schedule ------------------------------------------------------------------------------------
     def roles(self, iteration: int) -> tuple[Agent, Agent]:
-        """(pioneer, observer) at an iteration: agent a pioneers first; roles swap every T."""
-        swapped = self.cfg.cory.exchange and (iteration // self.cfg.cory.swap_every) % 2 == 1
-        a, b = self.agents["a"], self.agents["b"]
-        return (b, a) if swapped else (a, b)
+        return roles_at(self.cfg, self.agents, iteration)
 
     @property
     def learners(self) -> dict:
@@ -113,14 +158,20 @@ class CoryRun(Run):
         cfg, state = self.cfg, self.state
         t0 = time.perf_counter()
         pioneer, observer = self.roles(state.iteration)
-        sampler = Sampler(pioneer.policy, self.env, sampling_params(cfg), max_turns=2, control=self.control,
-                          backend=[pioneer, observer])
-        rollout = sampler.collect(cfg.train.batch_size, state.rng, state.generator, group_size=self.group_size)
+        rollouts, metrics = self.rollouts, {}
+        if rollouts is None:
+            rollout = collect_episodes(cfg, self.agents, self.env, self.control, self.group_size, state.iteration, state.rng,
+                                       state.generator)
+            t_gen = time.perf_counter() - t0
+        else:  # sampled by the worker while the previous iterations trained
+            batch = rollouts.next(state.iteration)
+            rollout, t_gen = batch.rollout, batch.seconds
+            metrics["async/wait"] = time.perf_counter() - t0
+            metrics["async/behaviour_gap"] = rollouts.verify(batch, lambda rows: self.sampled_logprobs(rows, (pioneer, observer)))
         observer.backend.pause()  # both agents share the engine: it sleeps once both have generated
-        r_p, r_o = self.env.task_scores
+        answered = rollout.select((rollout.turn_index == 1).nonzero()[:, 0])  # the observer's turn holds both scores
+        r_p, r_o = [info["pioneer_score"] for info in answered.infos], [info["observer_score"] for info in answered.infos]
         c = cfg.cory.partner_coef
-        t_gen = time.perf_counter() - t0
-        metrics: dict[str, float] = {}
         for role, agent, turn, own, partner in (("pioneer", pioneer, 0, r_p, r_o), ("observer", observer, 1, r_o, r_p)):
             agent.activate()
             _, m = agent.learner.step(own_turn(rollout, turn, collective_rewards(own, partner, c)), state.iteration, state.generator)
@@ -131,6 +182,8 @@ class CoryRun(Run):
                 metrics[f"{role}/{k}"] = v
                 metrics[f"{agent.name}/{k}"] = v
         state.iteration += 1
+        if rollouts is not None:
+            metrics.update(rollouts.trained(batch, state, cfg.train.iterations))
         metrics["pioneer_is_a"] = float(pioneer.name == "a")
         metrics["reward_mean"] = (metrics["pioneer/task_reward"] + metrics["observer/task_reward"]) / 2
         metrics["kl_mean"] = (metrics["pioneer/kl_mean"] + metrics["observer/kl_mean"]) / 2
@@ -138,6 +191,16 @@ class CoryRun(Run):
         metrics["tokens_per_s/generate"] = float(rollout.response_mask.sum()) / max(t_gen, 1e-9)
         metrics["time/iteration"] = time.perf_counter() - t0
         return reduce_metrics(self.accelerator, metrics)
+
+    def sampled_logprobs(self, rows: Rollout, roles: tuple[Agent, Agent]) -> torch.Tensor:
+        """[B, Lr] each row's log-probs by the agent whose turn it is (`Learner.sampled_logprobs`)."""
+        out = torch.zeros_like(rows.logprobs)
+        for turn, agent in enumerate(roles):
+            idx = (rows.turn_index == turn).nonzero()[:, 0]
+            if len(idx):
+                agent.activate()
+                out[idx] = agent.learner.sampled_logprobs(rows.select(idx)).to(out.device)
+        return out
 
     # -- evaluation and saving ----------------------------------------------------------------------
     def evaluate_all(self) -> dict:

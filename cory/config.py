@@ -211,8 +211,12 @@ class AlgoConfig:
     """The overlong penalty at max_new_tokens (with overlong_buffer > 0)."""
     overlong_filter: bool = False
     """Leave responses cut at max_new_tokens without EOS out of the loss (DAPO's overlong filtering)."""
-    tis_cap: float = 2.0
-    """Rollouts from another engine (generation.backend=vllm) or precision (train.mixed_precision over float32 weights): weight tokens by min(pi_train_old / pi_engine, tis_cap) (0 = no weighting)."""
+    is_correction: str = "token-tis"
+    """Tokens sampled by another policy (generation.backend=vllm, train.mixed_precision over float32 weights, or an older version in an asynchronous run: train.max_staleness), with r = pi_train_old / pi_behaviour: token-tis (weight min(r, is_cap)), token-mis (r, or 0 where r > is_cap), seq-tis / seq-mis (the same with the turn's product of ratios, every token of it alike), icepop (r, or 0 where r leaves [is_floor, is_cap]) or none (weight 1)."""
+    is_cap: float = 2.0
+    """The importance correction's upper bound C (>= 1, so that agreeing policies get weight 1)."""
+    is_floor: float = 0.5
+    """algo.is_correction=icepop: the lower bound of the ratios that keep their weight (in (0, 1])."""
 
 
 @dataclass
@@ -254,7 +258,7 @@ class TrainConfig:
     seed: int = 0
     """Seed for model-independent randomness: prompt order, sampling, initialisation of heads."""
     mixed_precision: str = "no"
-    """accelerate mixed precision: no, bf16 or fp16. Over float32 weights the trainer recomputes the sampled tokens' log-probs under autocast (algo.tis_cap); on a CPU without bf16 kernels bf16 is slower than no (a warning says so)."""
+    """accelerate mixed precision: no, bf16 or fp16. Over float32 weights the trainer recomputes the sampled tokens' log-probs under autocast (algo.is_correction); on a CPU without bf16 kernels bf16 is slower than no (a warning says so)."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every this many iterations (0 = only at the end)."""
     keep_checkpoints: int = 2
@@ -271,6 +275,10 @@ class TrainConfig:
     """Shard the policy's weights, gradients and optimizer state over the processes with torch FSDP2 (CPU/gloo or GPUs; see cory.sharding)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of storing them (less memory, ~1/3 more compute)."""
+    max_staleness: int = 0
+    """Asynchronous rollouts: a worker process samples the next batches while the trainer updates, and no sample trains on weights more than this many versions (optimizer iterations) older than the trainer's; the worker's log-probs are corrected by algo.is_correction (0 = the synchronous loop: sample, then update, in one process)."""
+    worker_timeout: float = 300.0
+    """train.max_staleness > 0: seconds the trainer waits for the rollout worker (its start or a batch) before it stops the run with one line (exit 1)."""
     shared_prefix: bool = False
     """Score, update and evaluate the KL with the prompt prefix a batch's rows share (a chat template's system and example turns; at least 16 tokens) run once and its keys and values repeated for every row, gradients included: the same log-probs and gradients up to float rounding, (B - 1) x prefix tokens less forward and backward. One process; not with train.gradient_checkpointing."""
 
@@ -336,6 +344,7 @@ CHOICES = {
     "algo.name": tuple(sorted(ALGORITHMS)),
     "algo.baseline": ("none", "mean", "loo"),
     "algo.loss_aggregation": losses.AGGREGATIONS,
+    "algo.is_correction": losses.IS_CORRECTIONS,
     "kl.estimator": (*kl.ESTIMATORS, "full"),
     "kl.controller": tuple(kl.CONTROLLERS),
     "kl.penalty": ("auto", "reward", "loss"),
@@ -354,6 +363,7 @@ RENAMED = {
     "cory.lora_r": "model.lora.r",
     "cory.lora_alpha": "model.lora.alpha",
     "cory.lora_targets": "model.lora.targets",
+    "algo.tis_cap": "algo.is_cap (with algo.is_correction=token-tis, the default; algo.tis_cap=0 is algo.is_correction=none)",
 }
 """Keys that have moved: an old config gets one line naming the new key."""
 
@@ -542,6 +552,7 @@ def check(cfg: Config) -> None:
     _check_generation_backend(cfg)
     _check_prompts(cfg)
     _check_distill(cfg)
+    _check_async(cfg)
     problem = template_problem(cfg.cory.observer_template)
     if problem:
         raise UsageError(f"bad value for config key 'cory.observer_template': {cfg.cory.observer_template!r}; {problem}")
@@ -575,19 +586,32 @@ def _check_algorithm_keys(cfg: Config) -> None:
         raise UsageError(f"algo.group_size must be at least 2 for {cfg.algo.name}" + (" with algo.baseline=loo" if not algo.grouped else ""))
     if a.loss_constant and a.loss_aggregation != "constant":
         raise UsageError("algo.loss_constant has no effect unless algo.loss_aggregation=constant")
-    if a.loss_constant < 0 or a.overlong_buffer < 0 or a.tis_cap < 0 or a.clip_range_high < 0:
-        raise UsageError("algo.loss_constant, overlong_buffer, tis_cap and clip_range_high must be >= 0")
-    if 0 < a.tis_cap < 1:
-        raise UsageError("bad value for config key 'algo.tis_cap': must be >= 1 (0 = off), so that agreeing engines get weight 1")
-    if a.tis_cap != AlgoConfig().tis_cap and cfg.generation.backend == "native" and cfg.train.mixed_precision == "no":
-        raise UsageError("algo.tis_cap only acts on tokens sampled by another engine or precision "
-                         "(generation.backend=vllm or train.mixed_precision); here the trainer samples them itself")
+    if a.loss_constant < 0 or a.overlong_buffer < 0 or a.clip_range_high < 0:
+        raise UsageError("algo.loss_constant, overlong_buffer and clip_range_high must be >= 0")
+    _check_importance_correction(cfg)
     if a.dual_clip and a.dual_clip <= 1:
         raise UsageError("bad value for config key 'algo.dual_clip': must be > 1 (0 = off)")
     if a.overlong_buffer > cfg.generation.max_new_tokens:
         raise UsageError("algo.overlong_buffer must be at most generation.max_new_tokens")
     if cfg.kl.estimator == "full" and not algo.kl_in_rewards(cfg.kl.penalty):
         raise UsageError(f"kl.estimator=full works only with KL in the reward (kl.penalty=reward) for {cfg.algo.name}")
+
+
+def _check_importance_correction(cfg: Config) -> None:
+    a, default = cfg.algo, AlgoConfig()
+    if a.is_cap < 1:
+        raise UsageError(f"bad value for config key 'algo.is_cap': {a.is_cap!r}; must be >= 1, so that agreeing policies get weight 1")
+    if not 0 < a.is_floor <= 1:
+        raise UsageError(f"bad value for config key 'algo.is_floor': {a.is_floor!r}; must be in (0, 1]")
+    if a.is_floor != default.is_floor and a.is_correction != "icepop":
+        raise UsageError("algo.is_floor has no effect unless algo.is_correction=icepop")
+    if a.is_cap != default.is_cap and a.is_correction == "none":
+        raise UsageError("algo.is_cap has no effect with algo.is_correction=none")
+    changed = [f"algo.{k}" for k in ("is_correction", "is_cap", "is_floor") if getattr(a, k) != getattr(default, k)]
+    other_policy = cfg.generation.backend != "native" or cfg.train.mixed_precision != "no" or cfg.train.max_staleness > 0
+    if changed and not other_policy:
+        raise UsageError(f"{', '.join(changed)} only act on tokens sampled by another engine, precision or weights version "
+                         "(generation.backend=vllm, train.mixed_precision or train.max_staleness); here the trainer samples them itself")
 
 
 def episodes_per_iteration(cfg: Config) -> int:
@@ -647,6 +671,23 @@ def _check_lora_and_sharding(cfg: Config) -> None:
                          "use one of train.shared_prefix and train.gradient_checkpointing")
 
 
+def _check_async(cfg: Config) -> None:
+    """What an asynchronous rollout worker (train.max_staleness > 0) cannot do yet, refused in one line."""
+    t = cfg.train
+    if not t.max_staleness:
+        if t.worker_timeout != TrainConfig().worker_timeout:
+            raise UsageError("train.worker_timeout has no effect unless train.max_staleness > 0")
+        return
+    if cfg.generation.backend != "native":
+        raise UsageError("train.max_staleness runs the native loop in a worker process; a vLLM engine in the worker is not "
+                         "implemented yet: use generation.backend=native, or train.max_staleness=0 with vLLM")
+    if t.fsdp:
+        raise UsageError("train.max_staleness needs whole weights to send to the worker: not with train.fsdp")
+    if cfg.task.dataset:
+        raise UsageError("train.max_staleness with task.dataset is not implemented yet: the worker would consume the "
+                         "dataset stream whose position the trainer checkpoints; use train.max_staleness=0")
+
+
 def _check_prompts(cfg: Config) -> None:
     for section in ("task", "env"):
         if getattr(cfg, section).system_prompt and not getattr(cfg, section).chat_template:
@@ -686,13 +727,13 @@ def _check_distill(cfg: Config) -> None:
 # -- value ranges: every number a user sets is checked, one line naming the key --------------------------
 _AT_LEAST_0 = ("model.trainable_layers", "algo.weight_decay", "algo.max_grad_norm", "algo.value_clip", "algo.vf_coef", "algo.warmup_iterations",
                "algo.minibatch_size", "algo.micro_batch_size", "kl.beta", "eval.temperature", "eval.seed", "train.seed",
-               "train.checkpoint_every", "train.eval_every", "train.num_threads", "env.pool_size",
+               "train.checkpoint_every", "train.eval_every", "train.num_threads", "env.pool_size", "train.max_staleness",
                "kl.hard_budget", "kl.budget", "distill.coef", "distill.task_coef")
 _AT_LEAST_1 = ("algo.group_size", "algo.epochs", "kl.horizon", "train.iterations", "train.batch_size", "train.keep_checkpoints",
                "eval.samples_per_prompt", "task.num_train_prompts", "task.num_eval_prompts", "env.eval_episodes",
                "env.max_turns", "cory.swap_every")
 _ABOVE_0 = ("algo.lr", "algo.clip_range", "generation.temperature", "kl.target", "kl.budget_lr",
-            "task.reward_timeout")
+            "task.reward_timeout", "train.worker_timeout")
 _UNIT = ("algo.gamma", "algo.turn_gamma", "algo.lam")
 
 

@@ -139,13 +139,14 @@ class Learner:
         mask = rollout.response_mask
         logprobs, weights = rollout.logprobs, None
         if engine_logprobs is not None:
-            # Another engine (or precision) sampled: the trainer's own log-probs are the old policy's,
-            # and tokens are weighted by the truncated ratio pi_train_old / pi_engine.
+            # Another engine, precision or weights version sampled: the trainer's own log-probs are the
+            # old policy's, and tokens are weighted by algo.is_correction of pi_train_old / pi_behaviour.
             current = joined["current"]
             if rollout.control is not None:  # the token came from the mixture with the fallback
                 current = mixture_logprobs(current, rollout.control.fallback_logprobs, rollout.control.mix_weight)
             logprobs = current * mask
-            weights = importance_weights(logprobs, engine_logprobs.to(logprobs.dtype), mask, self.cfg.algo.tis_cap)
+            a = self.cfg.algo
+            weights = importance_weights(logprobs, engine_logprobs.to(logprobs.dtype), mask, a.is_correction, a.is_cap, a.is_floor)
         kl = joined["kl_exact"] if estimator == "full" else per_token_kl(estimator, logprobs, joined["ref"])
         teacher_kl = None
         if self.teacher is not None:  # exact, or k1 of the (possibly recomputed) log-probs the update starts from
@@ -160,6 +161,22 @@ class Learner:
                              teacher_full_logprobs=joined.get("teacher_full"),
                              is_weight=weights.weight if weights is not None else None, ref_full_logprobs=joined.get("ref_full"))
         return replace(rollout, logprobs=logprobs, engine_logprobs=engine_logprobs, scored=scored), weights
+
+    @torch.no_grad()
+    def sampled_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """[B, Lr] the log-probs that sampling with the current weights records for the rollout's
+        tokens (full precision, evaluation mode; the mixture with the fallback where a sampling
+        control steered): what checks a behaviour policy's claimed log-probs."""
+        rollout = rollout.to(self.accelerator.device)
+        training = self.module.training
+        self.module.eval()
+        try:
+            logprobs = self.scorer(rollout).logprobs.float()
+        finally:
+            self.module.train(training)
+        if rollout.control is not None:
+            logprobs = mixture_logprobs(logprobs, rollout.control.fallback_logprobs, rollout.control.mix_weight)
+        return logprobs * rollout.response_mask
 
     def exact_kl_waits(self, rollout: Rollout) -> bool:
         """Whether the exact KL can be computed in the update's first pass, from the whole
@@ -398,9 +415,9 @@ class Learner:
         if exact is not None:  # computed by the update's first pass
             rollout = replace(rollout, scored=replace(rollout.scored, kl_exact=exact))
         if weights is not None:
-            metrics.update({"tis/log_ratio_abs_mean": float(weights.log_ratio_abs_mean),
-                            "tis/log_ratio_abs_max": float(weights.log_ratio_abs_max),
-                            "tis/capped_fraction": float(weights.capped_fraction)})
+            metrics.update({"is/log_ratio_abs_mean": float(weights.log_ratio_abs_mean),
+                            "is/log_ratio_abs_max": float(weights.log_ratio_abs_max),
+                            weights.metric: float(weights.corrected_fraction)})
         metrics.update(rollout_metrics(rollout))
         metrics.update({"beta": beta, "lr": lr, "time/update": time.perf_counter() - t0})
         # The controllers hold the KL of whole episodes (all turns of one), not of single turns.

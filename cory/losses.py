@@ -130,30 +130,69 @@ VALUE_LOSS_KEYS = ("value_clip", "vf_coef")
 
 
 # -- importance corrections -------------------------------------------------------------------------
+IS_CORRECTIONS = ("token-tis", "token-mis", "seq-tis", "seq-mis", "icepop", "none")
+"""`algo.is_correction`: how tokens sampled by another policy (another engine, precision, or an
+older version of the weights in an asynchronous run) are weighted, with r = pi_train_old / pi_behaviour
+and C = `algo.is_cap`:
+
+    token-tis   w_t = min(r_t, C)                                   truncated importance sampling, per token
+    token-mis   w_t = r_t if r_t <= C else 0                        masked importance sampling, per token
+    seq-tis     w_t = min(R, C),  R = prod_t r_t over the sequence  truncated, per sequence (turn)
+    seq-mis     w_t = R if R <= C else 0                            masked, per sequence
+    icepop      w_t = r_t if floor <= r_t <= C else 0                IcePop: tokens outside [floor, C] masked
+    none        w_t = 1
+"""
+
+
 @dataclass
 class ImportanceWeights:
-    """Truncated importance sampling of tokens sampled by another engine or precision."""
+    """The importance correction of tokens sampled by another policy (`IS_CORRECTIONS`)."""
 
     weight: torch.Tensor
-    """[B, L] min(pi_train_old / pi_engine, cap) on masked tokens (1 with cap 0: no weighting), 0 elsewhere."""
+    """[B, L] each token's weight on masked tokens (1 with `none`), 0 elsewhere."""
     log_ratio_abs_mean: torch.Tensor
-    """0-d: mean |log pi_train_old - log pi_engine| over masked tokens (the engines' mismatch)."""
+    """0-d: mean |log pi_train_old - log pi_behaviour| over masked tokens (the measured mismatch)."""
     log_ratio_abs_max: torch.Tensor
-    capped_fraction: torch.Tensor
-    """0-d: share of masked tokens whose ratio the cap truncated."""
+    corrected_fraction: torch.Tensor
+    """0-d: share of tokens (token-level modes, icepop) or sequences (seq-level) truncated or masked."""
+    metric: str
+    """The name that share is logged under (`is/truncated_tokens`, `is/masked_sequences`, ...)."""
 
 
-def importance_weights(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor, cap: float) -> ImportanceWeights:
-    """Token-level truncated importance sampling (TIS) for rollouts sampled by another engine."""
-    log_ratio = (old_logprobs - engine_logprobs) * mask
-    ratio = torch.exp(log_ratio)
-    weight = ratio.clamp(max=cap) if cap > 0 else torch.ones_like(ratio)
+def importance_weights(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor,
+                       correction: str = "token-tis", cap: float = 2.0, floor: float = 0.5) -> ImportanceWeights:
+    """The weights of `correction` (see `IS_CORRECTIONS`) for [B, L] log-probs of the trainer's old
+    policy and of the policy that sampled, over the response `mask` [B, L]."""
+    log_ratio = (old_logprobs - behaviour_logprobs) * mask
     m = mask.bool()
+    level = "sequences" if correction.startswith("seq-") else "tokens"
+    if level == "sequences":  # R = exp(sum of the sequence's log-ratios), every token of it weighted alike
+        ratio = torch.exp(log_ratio.sum(-1, keepdim=True)).expand_as(log_ratio)
+    else:
+        ratio = torch.exp(log_ratio)
+    if correction in ("token-tis", "seq-tis"):
+        hit, weight, kind = ratio > cap, ratio.clamp(max=cap), "truncated"
+    elif correction in ("token-mis", "seq-mis"):
+        hit, kind = ratio > cap, "masked"
+        weight = torch.where(hit, torch.zeros_like(ratio), ratio)
+    elif correction == "icepop":
+        hit, kind = (ratio > cap) | (ratio < floor), "masked"
+        weight = torch.where(hit, torch.zeros_like(ratio), ratio)
+    elif correction == "none":
+        hit, weight, kind = torch.zeros_like(m), torch.ones_like(ratio), "truncated"
+    else:
+        raise ValueError(f"unknown importance correction {correction!r}; choose one of: {', '.join(IS_CORRECTIONS)}")
+    if level == "sequences":
+        rows = m.any(-1)
+        share = (hit.any(-1) & rows).to(log_ratio.dtype).sum() / rows.sum().clamp_min(1)
+    else:
+        share = masked_mean(hit.to(log_ratio.dtype), mask)
     return ImportanceWeights(
         weight=torch.where(m, weight, torch.zeros_like(weight)),
         log_ratio_abs_mean=masked_mean(log_ratio.abs(), mask),
         log_ratio_abs_max=torch.where(m, log_ratio.abs(), torch.zeros_like(log_ratio)).max(),
-        capped_fraction=masked_mean(((ratio > cap) & (cap > 0)).to(log_ratio.dtype), mask),
+        corrected_fraction=share,
+        metric=f"is/{kind}_{level}",
     )
 
 

@@ -103,13 +103,16 @@ class Rollout:
     engine_logprobs: torch.Tensor | None = None
     """[B, Lr] behaviour log-probs from a different sampling engine (e.g. vLLM); None for cory's own
     loop. When set, the learner recomputes `logprobs` with the trainer and corrects the mismatch by
-    truncated importance sampling (algo.tis_cap)."""
+    the importance correction (algo.is_correction)."""
     control: ControlOutput | None = None
     """What a sampling control (hard budget, asking for help) recorded per response token: the
     distribution each token was actually drawn from. None when sampling was not steered."""
     trunk_hidden: torch.Tensor | None = None
     """[B, Lq + Lr, H] the frozen trunk's output at every column of [query | response], when only the
     top layers train (`cory.trunk`): kept from sampling, or filled by one pass in `Learner.score`."""
+    policy_version: torch.Tensor | None = None
+    """[B] the weights version (iterations trained) that sampled each row, in an asynchronous run
+    (`cory.rollout_worker`); None when the trainer sampled it itself."""
     scored: TokenScores | None = None
     """Added by `Learner.score`."""
     targets: Targets | None = None

@@ -50,7 +50,7 @@ RUN_ENTRIES = (RUN_FILE, "config.yaml", HISTORY_FILE, "metrics.jsonl", "eval.jso
                "final", "agents", "cory", "plots")
 """What a run writes in its directory: any of these means the directory holds a run."""
 RESUMABLE_KEYS = ("train.iterations", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
-                  "train.log_with", "train.progress", "train.num_threads")
+                  "train.log_with", "train.progress", "train.num_threads", "train.max_staleness", "train.worker_timeout")
 """Config keys that --resume may change (recorded in config_history.jsonl); others need --force."""
 
 
@@ -117,19 +117,25 @@ class RunState:
     iteration: int
     rng: np.random.Generator
     generator: torch.Generator
+    sampler: dict | None = None
+    """Asynchronous rollouts: the rollout worker's generators (`rng`, `generator`) after the last
+    batch trained, where a resumed worker continues (`cory.rollout_worker`); None otherwise."""
 
     @classmethod
     def fresh(cls, seed: int, rank: int) -> "RunState":
         return cls(0, np.random.default_rng([seed, rank]), torch.Generator().manual_seed(seed * 1_000_003 + rank))
 
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "rng": self.rng.bit_generator.state,
-                "generator": self.generator.get_state().tolist()}
+        state = {"iteration": self.iteration, "rng": self.rng.bit_generator.state, "generator": self.generator.get_state().tolist()}
+        if self.sampler is not None:
+            state["sampler"] = self.sampler
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
         self.rng.bit_generator.state = state["rng"]
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.sampler = state.get("sampler")
 
 
 def _json_default(value):
@@ -346,7 +352,9 @@ class Run:
         # Nothing is written before _start: a run that fails while building leaves no trace.
         self.accelerator = make_accelerator(cfg, self.output_dir)
         set_seed(cfg.train.seed)
-        torch.set_num_threads(cpu_threads(cfg.train.num_threads, self.accelerator.num_processes))
+        # An asynchronous run's rollout worker is a process of its own.
+        self.threads = cpu_threads(cfg.train.num_threads, self.accelerator.num_processes + (cfg.train.max_staleness > 0))
+        torch.set_num_threads(self.threads)
         self.state = RunState.fresh(cfg.train.seed, self.accelerator.process_index)
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.eval_path = self.output_dir / "eval.jsonl"
@@ -368,13 +376,19 @@ class Run:
 
     backend = None
     """The rollout engine when it holds resources (vLLM); released by `close`."""
+    rollouts = None
+    """The asynchronous rollout worker (`cory.rollout_worker.AsyncRollouts`, train.max_staleness > 0),
+    started by a subclass's `_start`; stopped by `close`."""
 
     task = None
     """The `PromptTask` a run draws prompts from (None in an environment); a prompt stream's
     position is saved with every checkpoint."""
 
     def close(self) -> None:
-        """Release the rollout engine (its weights and KV cache)."""
+        """Stop the rollout worker; release the rollout engine (its weights and KV cache)."""
+        if self.rollouts is not None:
+            self.rollouts.close()
+            self.rollouts = None
         if self.backend is not None:
             self.backend.close()
             self.backend = None

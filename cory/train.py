@@ -21,9 +21,36 @@ from cory.learner import Learner
 from cory.metrics.training import reduce_metrics
 from cory.policy import VALUE_HEAD_FILE
 from cory.rollout import Sampler
+from cory.rollout_worker import WorkerSide, start_worker
 from cory.run import Run
 from cory.sharding import gather_full, gathered_state_dict, load_sharded, release_full, save_sharded, shard_policy
-from cory.tasks import TaskEnv, make_task
+from cory.tasks import PromptTask, TaskEnv, make_task
+
+
+def make_sampler(cfg: Config, policy, control, backend, process_index: int = 0,
+                 num_processes: int = 1) -> tuple[Sampler, PromptTask | None]:
+    """A single-agent run's Sampler (its task, or its text environment) and the task (None for an
+    environment): the trainer's and the rollout worker's alike."""
+    if cfg.env.id:
+        env = GymTextEnvBatch(cfg.env.id, cfg.env.pool_size or None, pool_seed=cfg.train.seed, **cfg.env.kwargs)
+        return Sampler(policy, env, sampling_params(cfg), max_turns=cfg.env.max_turns, control=control, backend=backend), None
+    task = make_task(cfg.task, cfg.train.seed, process_index, num_processes)
+    return Sampler(policy, TaskEnv(task), sampling_params(cfg), control=control, backend=backend), task
+
+
+def rollout_side(cfg: Config) -> WorkerSide:
+    """What the rollout worker of a single-agent run builds (`cory.rollout_worker`): the trainer's
+    policy (its weights arrive from the trainer), sampling control and Sampler."""
+    algorithm = make_algorithm(cfg)
+    agents = build_agents(cfg, ["policy"], algorithm.needs_values)
+    control, _ = make_control(cfg, agents.reference, multi_turn=bool(cfg.env.id))
+    backend = make_backends(cfg, agents.policies, agents.adapters, cfg.model.name)["policy"]
+    sampler, _ = make_sampler(cfg, agents.policies["policy"], control, backend)
+
+    def collect(index, rng, generator):
+        return sampler.collect(cfg.train.batch_size, rng, generator, group_size=algorithm.group_size)
+
+    return WorkerSide({"policy": agents.policies["policy"].module}, collect)
 
 
 class TrainingRun(Run):
@@ -43,16 +70,12 @@ class TrainingRun(Run):
         self.policy, self.adapter = agents.policies["policy"], agents.adapters["policy"]
         if self.fsdp:
             shard_policy(self.policy.module)
+        if cfg.train.max_staleness and self.accelerator.num_processes > 1:
+            raise UsageError("train.max_staleness runs one trainer process and one rollout worker: launch a single process")
         control, fallback = make_control(cfg, agents.reference, multi_turn=bool(cfg.env.id))
         self.backend = make_backends(cfg, agents.policies, agents.adapters, cfg.model.name, self.accelerator.num_processes)["policy"]
-        if cfg.env.id:
-            self.task = None
-            env = GymTextEnvBatch(cfg.env.id, cfg.env.pool_size or None, pool_seed=cfg.train.seed, **cfg.env.kwargs)
-            self.sampler = Sampler(self.policy, env, sampling_params(cfg), max_turns=cfg.env.max_turns, control=control,
-                                   backend=self.backend)
-        else:
-            self.task = make_task(cfg.task, cfg.train.seed, self.accelerator.process_index, self.accelerator.num_processes)
-            self.sampler = Sampler(self.policy, TaskEnv(self.task), sampling_params(cfg), control=control, backend=self.backend)
+        self.sampler, self.task = make_sampler(cfg, self.policy, control, self.backend, self.accelerator.process_index,
+                                               self.accelerator.num_processes)
         self.learner = Learner(self.policy, agents.reference, self.algorithm, cfg, self.accelerator,
                                agents.parameters["policy"], fallback=fallback, teacher=agents.teacher)
 
@@ -72,13 +95,21 @@ class TrainingRun(Run):
     def iterate(self) -> dict:
         """One rollout and one learner step; returns the iteration's metrics (mean over processes)."""
         t0 = time.perf_counter()
-        rollout = self.sampler.collect(self.cfg.train.batch_size, self.state.rng, self.state.generator, group_size=self.algorithm.group_size)
+        state, rollouts, checked = self.state, self.rollouts, {}
+        if rollouts is None:
+            rollout = self.sampler.collect(self.cfg.train.batch_size, state.rng, state.generator, group_size=self.algorithm.group_size)
+            t_gen = time.perf_counter() - t0
+        else:  # sampled by the worker while the previous iterations trained
+            batch = rollouts.next(state.iteration)
+            rollout, t_gen = batch.rollout, batch.seconds
+            checked = {"async/wait": time.perf_counter() - t0, "async/behaviour_gap": rollouts.verify(batch, self.learner.sampled_logprobs)}
         self.backend.pause()  # vLLM on a GPU: sleep while the trainer trains
-        t_gen = time.perf_counter() - t0
         n_generated = int(rollout.response_mask.sum())
-        _, metrics = self.learner.step(rollout, self.state.iteration, self.state.generator)
+        _, metrics = self.learner.step(rollout, state.iteration, state.generator)
         self.backend.mark_stale()  # the engine gets the new weights before the next rollout
-        self.state.iteration += 1
+        state.iteration += 1
+        if rollouts is not None:
+            metrics.update({**checked, **rollouts.trained(batch, state, self.cfg.train.iterations)})
         metrics.update({"time/generate": t_gen, "time/iteration": time.perf_counter() - t0,
                         "tokens_per_s/generate": n_generated / max(t_gen, 1e-9)})
         return reduce_metrics(self.accelerator, metrics)
@@ -95,6 +126,7 @@ class TrainingRun(Run):
             release_full(self.learner.module)
             load_sharded(self.resumed_from / "fsdp", self.learner.module, self.learner.optimizer)
             gather_full(self.learner.module)
+        self.rollouts = start_worker(rollout_side, self.cfg, self.state, {"policy": self.policy.module}, self.learners, self.threads)
 
     def save_final(self, evaluation: dict) -> None:
         final = self.output_dir / "final"

@@ -585,7 +585,7 @@ def drift_page() -> tuple[str, list[list[str]]]:
 
 # -- performance ------------------------------------------------------------------------------------------
 def performance_page() -> tuple[str, list[list[str]]]:
-    lines = [HEADER.format(sources="zoo_build, throughput*, vs_trl*, rollout, shared_prefix, memory and cory_memory .json"),
+    lines = [HEADER.format(sources="zoo_build, throughput*, vs_trl*, rollout, shared_prefix, async, memory and cory_memory .json"),
              "", "# Speed and memory", ""]
     headline = []
     z = load("zoo_build")
@@ -688,6 +688,9 @@ def performance_page() -> tuple[str, list[list[str]]]:
          f"{num(full['reference_s'] / shared['reference_s'], 2)}x", f"{num(full['tokens'] / shared['tokens'], 2)}x"],
         ["policy forward and backward", num(full["update_s"], 2), num(shared["update_s"], 2),
          f"{num(full['update_s'] / shared['update_s'], 2)}x", f"{num(full['tokens'] / shared['tokens'], 2)}x"]])
+
+    if (RESULTS / "async.json").exists():
+        lines += async_section(load("async"), headline)
 
     m = load("memory")
     meta, rows_m = m["meta"], m["rows"]
@@ -798,6 +801,38 @@ def trunk_section(headline: list) -> list[str]:
             lines += ["Final reward against all layers, paired by seed (97.5% intervals: Bonferroni over the two "
                       "comparisons; margin ±0.1):", ""] + table(["arm", "difference", "interval", "verdict"], rows)
             lines += img("trunk_learning.png", "reward and reward-KL curves of each arm")
+    return lines
+
+
+def async_section(a: dict, headline: list) -> list[str]:
+    """Asynchronous rollouts (benchmarks/async.py): iterations per hour and reward per sample by k."""
+    s, runs = a["settings"], a["runs"]
+    base = {r["seed"]: r for r in runs if r["k"] == 0}
+    ks = sorted({r["k"] for r in runs})
+    lines = ["## Asynchronous rollouts", "",
+             f"`python benchmarks/async.py {s['argv']}` ({a['date']}): `cory:smollm2-135m-instruct`, sentiment with chat "
+             f"prompts, VADER reward, GRPO (group 4), LoRA r 8, {s['batch_size']} prompts x 4 samples and at most "
+             f"{s['new_tokens']} new tokens per iteration, {s['iterations']} iterations, seeds {', '.join(map(str, s['seeds']))}; "
+             "trainer and rollout worker one thread each, the synchronous run (k = 0) one thread. Iterations per hour are "
+             "3600 / the median seconds per iteration, leaving out the first iteration (the worker's start); reward per sample is the mean training reward over all "
+             "iterations; speed-up and reward difference are paired by seed. The machine was shared with other work: the "
+             "1-minute load averages before and after each run are listed, and the timings move with them.", ""]
+    rows = []
+    for k in ks:
+        rs = [r for r in runs if r["k"] == k]
+        speed = ci([r["iterations_per_hour"] / base[r["seed"]]["iterations_per_hour"] for r in rs]) if k else None
+        reward_diff = ci([r["reward_per_sample"] - base[r["seed"]]["reward_per_sample"] for r in rs]) if k else None
+        rows.append([str(k), fmt(ci([r["iterations_per_hour"] for r in rs]), 0), f"{fmt(speed, 2)}x" if k else "1x",
+                     fmt(ci([r["reward_per_sample"] for r in rs])), fmt(reward_diff, 3, sign=True) if k else "-",
+                     str(max(r.get("staleness_max", 0) for r in rs)),
+                     ", ".join(f"{r['load_before']:.1f}/{r['load_after']:.1f}" for r in rs)])
+        if k == max(ks) and k:
+            equal = "equal within the interval" if sig(reward_diff) == 0 else "different"
+            headline.append([f"asynchronous rollouts (k = {k}), SmolLM2 on 2 CPU cores",
+                             f"{fmt(speed, 2)}x the synchronous iterations per hour (goal >= 1.4x: {against_target(speed, 1.4)}); "
+                             f"reward per sample {fmt(reward_diff, 3, sign=True)} ({equal})"])
+    lines += table(["k", "iterations / hour", "speed-up", "reward per sample", "reward - k = 0's", "max staleness",
+                    "load averages (before/after)"], rows)
     return lines
 
 

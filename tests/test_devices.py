@@ -58,7 +58,7 @@ def compute(device) -> dict:
         "adjusted": adjust_scores(x["scores"], x["finished"], m.sum(-1), missing_eos_penalty=-1.0, overlong_buffer=2,
                                   overlong_penalty_at_max=1.0, max_new_tokens=5),
         "loss_mask": loss_mask(m, x["finished"], x["scores"], ep, ti, gid, overlong_filter=True, dynamic_sampling=True),
-        "tis": losses.importance_weights(x["old"], x["logprobs"], m, 1.5).weight,
+        "tis": losses.importance_weights(x["old"], x["logprobs"], m, "token-tis", 1.5).weight,
         "weights": losses.aggregate_weights(m, "seq-mean", losses.loss_counts(m), 5.0),
     }
     a = AlgoConfig(baseline="loo", dual_clip=3.0)

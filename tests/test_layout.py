@@ -24,7 +24,7 @@ LAYERS = [
     ("agents",),
     ("metrics", "evaluate"),
     ("config",),
-    ("preflight", "learner", "build", "run"),
+    ("preflight", "learner", "build", "run", "rollout_worker"),
     ("train", "coevolve", "report"),
     ("api", "cli", "__main__"),
 ]

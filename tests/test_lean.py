@@ -148,13 +148,13 @@ def test_bf16_weights_train_checkpoint_and_resume_exactly(tmp_path, micro_lm, mi
 def test_mixed_precision_recomputes_the_old_log_probs_under_autocast(tmp_path, micro_lm, micro_rm):
     """float32 weights sample in float32; the update runs under bf16 autocast. The old policy's
     log-probs are the trainer's own under autocast, so PPO's first ratio is 1 (logprob_gap ~ 0),
-    and the float32 / bf16 gap is measured (tis/*) and corrected like another engine's."""
+    and the float32 / bf16 gap is measured (is/*) and corrected like another engine's."""
     out = tmp_path / "run"
     assert main(["train", "--output-dir", str(out)] + micro_overrides(
         tmp_path, **{"train.mixed_precision": "bf16", "algo.name": "ppo", "train.iterations": 1})) == 0
     [row] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["logprob_gap"] < 1e-3
-    assert row["tis/log_ratio_abs_mean"] > 1e-3  # bf16 rounding: the gap the recomputation removes
+    assert row["is/log_ratio_abs_mean"] > 1e-3  # bf16 rounding: the gap the recomputation removes
 
 
 @pytest.fixture
@@ -168,7 +168,7 @@ def back_to_full_precision(tmp_path):
 
 
 @pytest.mark.parametrize("cap", [0.0, 2.0])
-def test_mixed_precision_old_log_probs_are_the_trainers_and_tis_cap_weights_them(tmp_path, micro_lm, cap, back_to_full_precision):
+def test_mixed_precision_old_log_probs_are_the_trainers_and_the_correction_weights_them(tmp_path, micro_lm, cap, back_to_full_precision):
     from transformers import AutoModelForCausalLM
 
     from cory.algorithms import make_algorithm
@@ -179,7 +179,7 @@ def test_mixed_precision_old_log_probs_are_the_trainers_and_tis_cap_weights_them
     from cory.rollout import rollout_from_generation
 
     make_accelerator(load_config(None, micro_overrides(tmp_path)), tmp_path)  # an earlier run in this process, no mixed precision
-    cfg = load_config(None, micro_overrides(tmp_path, **{"train.mixed_precision": "bf16", "algo.tis_cap": cap}))
+    cfg = load_config(None, micro_overrides(tmp_path, **{"train.mixed_precision": "bf16", **({"algo.is_cap": cap} if cap else {"algo.is_correction": "none"})}))
     accelerator = make_accelerator(cfg, tmp_path)
     policy = Policy.from_pretrained(str(micro_lm))
     reference = AutoModelForCausalLM.from_pretrained(micro_lm).eval().requires_grad_(False)
@@ -198,7 +198,8 @@ def test_mixed_precision_old_log_probs_are_the_trainers_and_tis_cap_weights_them
     assert torch.allclose(weight, expected, atol=1e-6)
 
 
-def test_tis_cap_is_refused_where_the_trainer_samples_itself(tmp_path, micro_lm, micro_rm):
+@pytest.mark.parametrize("key,value", [("algo.is_cap", 3), ("algo.is_correction", "icepop")])
+def test_importance_correction_is_refused_where_the_trainer_samples_itself(tmp_path, micro_lm, micro_rm, key, value):
     out = tmp_path / "run"
-    assert main(["train", "--output-dir", str(out)] + micro_overrides(tmp_path, **{"algo.tis_cap": 3})) == 2
+    assert main(["train", "--output-dir", str(out)] + micro_overrides(tmp_path, **{key: value})) == 2
     assert not out.exists()

@@ -312,27 +312,27 @@ def tis_rollouts(learner, noise: float):
 
 
 def test_truncated_importance_sampling_is_a_no_op_when_the_engines_agree(micro_lm):
-    learner, grads = make_learner(micro_lm, ["algo.name=grpo", "kl.beta=0.1", "algo.tis_cap=2", "generation.backend=vllm"])
+    learner, grads = make_learner(micro_lm, ["algo.name=grpo", "kl.beta=0.1", "generation.backend=vllm"])
     own, _ = tis_rollouts(learner, 0.0)
     from dataclasses import replace
 
     learner.step(own)
     _, metrics = learner.step(replace(own, engine_logprobs=own.logprobs.clone(), logprobs=own.logprobs.clone()))
     assert rel(grads[1], grads[0]) < 1e-12
-    assert metrics["tis/log_ratio_abs_max"] < 1e-6 and metrics["tis/capped_fraction"] == 0
+    assert metrics["is/log_ratio_abs_max"] < 1e-6 and metrics["is/truncated_tokens"] == 0
 
 
 def test_truncated_importance_sampling_weights_and_logs_a_perturbed_engine(micro_lm):
     cap = 1.5
-    learner, grads = make_learner(micro_lm, ["algo.name=grpo", "kl.beta=0", f"algo.tis_cap={cap}", "generation.backend=vllm"])
+    learner, grads = make_learner(micro_lm, ["algo.name=grpo", "kl.beta=0", f"algo.is_cap={cap}", "generation.backend=vllm"])
     own, perturbed = tis_rollouts(learner, 0.5)
     _, metrics = learner.step(perturbed)
     m = own.response_mask.double()
     log_ratio = (own.logprobs - perturbed.engine_logprobs) * m
-    assert metrics["tis/log_ratio_abs_mean"] == pytest.approx(float((log_ratio.abs() * m).sum() / m.sum()), rel=1e-5)
-    assert metrics["tis/log_ratio_abs_max"] == pytest.approx(float(log_ratio.abs().max()), rel=1e-5)
+    assert metrics["is/log_ratio_abs_mean"] == pytest.approx(float((log_ratio.abs() * m).sum() / m.sum()), rel=1e-5)
+    assert metrics["is/log_ratio_abs_max"] == pytest.approx(float(log_ratio.abs().max()), rel=1e-5)
     share = float(((log_ratio.exp() > cap).double() * m).sum() / m.sum())
-    assert 0 < share < 1 and metrics["tis/capped_fraction"] == pytest.approx(share)
+    assert 0 < share < 1 and metrics["is/truncated_tokens"] == pytest.approx(share)
 
     def loss(out, r, ref):  # old = the trainer's own log-probs; each token weighted by min(old / engine, cap)
         old, engine = own.logprobs.to(out.logprobs.device), perturbed.engine_logprobs.to(out.logprobs.device)

@@ -26,7 +26,7 @@ from cory.scoring import Scorer
 from conftest import micro_overrides, random_llama
 
 LOGPROB_TOL = 1e-4
-GAP = "tis/log_ratio_abs_mean"
+GAP = "is/log_ratio_abs_mean"
 """The logged mean |log pi_trainer - log pi_engine| of the sampled tokens (the learner recomputes the
 behaviour log-probs of engine rollouts and compares)."""
 PROMPTS = ["The movie was", "I did not expect the acting to be", "This film", "What a story, the ending was so",

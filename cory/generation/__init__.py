@@ -13,7 +13,7 @@ Every backend renders prompts with `Policy.encode_prompts(prompts, params)` and 
   After each optimizer step the trainer's weights (or, with LoRA, its adapters) are pushed into the
   engine in memory before the next generation. The engine's sampled log-probs become the behaviour
   log-probs and are also kept as `Generation.engine_logprobs`, so that the learner can measure and
-  correct the engine/trainer mismatch (`tis/log_ratio_abs_mean`, truncated importance sampling).
+  correct the engine/trainer mismatch (`is/log_ratio_abs_mean`, `algo.is_correction`).
 """
 
 from __future__ import annotations

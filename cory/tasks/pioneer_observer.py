@@ -73,7 +73,9 @@ class PioneerObserverEnv:
     Turn 1: the observation is the task's prompt and the pioneer answers it. Turn 2: the observation
     is the observer's prompt built from the prompt and the pioneer's answer (`observer_prompts`), and
     the observer answers it; the episode ends. Both answers are then scored as answers to the
-    original prompt; `task_scores` holds (pioneer's, observer's) for the run to share out."""
+    original prompt; `task_scores` holds (pioneer's, observer's) for the run to share out, and the
+    observer's turn carries both in its infos (`pioneer_score`, `observer_score`), so that a rollout
+    sampled elsewhere (an asynchronous worker) holds them."""
 
     def __init__(self, task: PromptTask, template: str, observe: bool = True):
         self.prompts_env = TaskEnv(task)
@@ -97,4 +99,4 @@ class PioneerObserverEnv:
             return observations, [0.0] * n, [False] * n, [{} for _ in range(n)]
         # Both answers are judged as answers to the original prompt.
         self.task_scores = (self.task.score(self.prompts, self.pioneer_texts), self.task.score(self.prompts, responses))
-        return [""] * n, list(self.task_scores[1]), [True] * n, [{} for _ in range(n)]
+        return [""] * n, list(self.task_scores[1]), [True] * n, [{"pioneer_score": p, "observer_score": o} for p, o in zip(*self.task_scores)]

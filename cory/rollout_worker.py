@@ -1,0 +1,308 @@
+"""Asynchronous rollouts (`train.max_staleness` = k > 0): a worker process samples the next batches
+while the trainer updates, on weights at most k versions old.
+
+Versions. The weights after i iterations are version i, and iteration i trains batch i. The
+trainer publishes version i at the start of the run (or of a resumed run) and after every
+iteration: the trained parameters (all of them, or only the LoRA adapters, the top layers and the
+value head: whatever the optimizers hold) flattened into one float32 tensor in shared memory, sent
+through a `torch.multiprocessing` queue (no file of the run directory is ever read back, and no
+pickle crosses between runs). Before sampling batch i the worker takes the newest version it has
+been sent, waiting for one >= i - k, so no batch is more than k versions older than the weights
+that train on it: with k = 1, batch i + 1 is sampled while batch i trains.
+
+Proof that the weights reached the sampler. Each batch carries its version (`Rollout.policy_version`,
+per row) and a checksum (sum and sum of squares in float64) of the parameters the worker loaded. The
+trainer compares it with the checksum of the version it sent, then recomputes the behaviour
+log-probs of a few rows of each turn (`VERIFY_ROWS`) with that version's weights (swapped into its model for
+the pass when the batch is stale, then restored bit for bit) and compares them with the worker's
+(`async/behaviour_gap`, logged every iteration). Either check failing stops the run: a worker that
+dropped an update, or loaded it somewhere its sampler does not read, cannot go unnoticed. A batch
+whose rows are more than k versions old stops the run too.
+
+Behaviour log-probs. The worker's log-probs become `Rollout.engine_logprobs`: the Learner recomputes
+the trainer's own (the old policy of PPO's ratio) and weights each token by `algo.is_correction` of
+their ratio, logging the mismatch (`is/log_ratio_abs_mean`) every iteration.
+
+Failures. Every wait has a timeout (`train.worker_timeout`); the trainer also looks at the worker
+every second. A worker that dies, raises, or sends nothing in time stops the run with one line
+(RunError, exit 1); the checkpoints already written are untouched.
+
+Resume. The worker's generators (prompt draws, token sampling) travel with each batch; the
+checkpoint after iteration i keeps the ones that follow batch i - 1 (`RunState.sampler`). A resumed
+run starts a fresh worker from them and from version i: batch i draws the same prompts as in the
+uninterrupted run, but the batches that were in flight when it stopped are sampled again with the
+checkpoint's weights (staleness 0), so the tokens, and what follows, may differ. Iterations,
+versions, weights, optimizer and learner state resume exactly; no batch index is skipped or trained twice.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import time
+import traceback
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+
+from cory.errors import RunError
+from cory.rollout import Rollout
+from cory.run import RunState
+
+POLL_SECONDS = 1.0
+"""How often a waiting trainer looks whether the worker is still alive."""
+
+VERIFY_ROWS = 2
+"""Rows of each turn index of a batch whose behaviour log-probs the trainer recomputes with the batch's
+weights version (every turn, so that both agents of CORY are checked)."""
+
+VERIFY_ATOL = 1e-3
+"""The largest gap (nats) between those and the worker's log-probs: the same weights give float
+rounding (~1e-6); another version gives the drift of an optimizer step or more."""
+
+CHECKSUM_RTOL = 1e-9
+"""Relative tolerance of the weight checksum (float64 sums of the same values in another order
+differ by ~1e-15; one optimizer step moves them by far more)."""
+
+
+@dataclass
+class WorkerSide:
+    """What a worker process builds from the config: the modules whose parameters it receives by
+    name (`agent/parameter`), and `collect(index, rng, generator)`, which samples batch `index`."""
+
+    modules: dict[str, torch.nn.Module]
+    collect: Callable[[int, np.random.Generator, torch.Generator], Rollout]
+
+
+@dataclass
+class Batch:
+    """What the worker sends for one batch."""
+
+    index: int
+    """The iteration that trains it."""
+    version: int
+    """The weights version that sampled it."""
+    checksum: tuple[float, float]
+    """Sum and sum of squares (float64) of the parameters the sampler held."""
+    rollout: Rollout
+    sampler_state: dict
+    """The worker's generators after this batch (`RunState.state_dict`)."""
+    seconds: float
+    """Time the worker took to sample it."""
+
+
+def named_parameters(modules: dict[str, torch.nn.Module], names: list[str]) -> list[torch.nn.Parameter]:
+    """The parameters `agent/parameter` of `modules`, in the order of `names`."""
+    found = {f"{agent}/{n}": p for agent, m in modules.items() for n, p in m.named_parameters()}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise RunError(f"the rollout worker's model has no parameter {missing[0]} (of {len(missing)} missing)")
+    return [found[n] for n in names]
+
+
+def flatten(params: list[torch.nn.Parameter], shared: bool = False) -> torch.Tensor:
+    """One float32 vector of the parameters' values (in shared memory when `shared`)."""
+    out = torch.empty(sum(p.numel() for p in params), dtype=torch.float32)
+    if shared:
+        out.share_memory_()
+    torch.cat([p.detach().reshape(-1).float().cpu() for p in params], out=out)
+    return out
+
+
+def checksum(flat: torch.Tensor) -> tuple[float, float]:
+    x = flat.double()
+    return float(x.sum()), float((x * x).sum())
+
+
+def same_checksum(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return all(math.isclose(x, y, rel_tol=CHECKSUM_RTOL, abs_tol=1e-12) for x, y in zip(a, b))
+
+
+@torch.no_grad()
+def load_flat(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        p.copy_(flat[offset : offset + p.numel()].view(p.shape).to(p.dtype))
+        offset += p.numel()
+
+
+def serve(factory: Callable, cfg, names: list[str], first_index: int, sampler_state: dict, max_staleness: int,
+          threads: int, timeout: float, weights: mp.Queue, batches: mp.Queue) -> None:
+    """The worker process: builds its side with `factory(cfg)`, then samples batch after batch."""
+    try:
+        torch.set_num_threads(threads)
+        side = factory(cfg)
+        params = named_parameters(side.modules, names)
+        state = RunState.fresh(0, 0)
+        state.load_state_dict({"iteration": first_index, **sampler_state})
+        version, index = -1, first_index
+        while True:
+            waited = 0.0
+            while True:  # the newest weights sent; wait for one recent enough for this batch
+                need = version < index - max_staleness
+                try:
+                    message = weights.get(timeout=POLL_SECONDS) if need else weights.get_nowait()
+                except queue.Empty:
+                    if not need:
+                        break
+                    waited += POLL_SECONDS
+                    parent = mp.parent_process()
+                    if parent is not None and not parent.is_alive():
+                        return  # the trainer is gone: nobody to sample for
+                    if waited >= timeout:
+                        batches.put(("error", f"the rollout worker got no weights of version >= {index - max_staleness} "
+                                              f"within train.worker_timeout={timeout:g} s"))
+                        return
+                    continue
+                if message is None:
+                    return
+                version, flat = message
+                load_flat(params, flat)
+                del flat
+            t0 = time.perf_counter()
+            rollout = side.collect(index, state.rng, state.generator)
+            rollout = replace(rollout, policy_version=torch.full((len(rollout),), version, dtype=torch.long))
+            held = checksum(flatten(params))
+            sampled = state.state_dict()
+            sampled.pop("iteration")
+            batches.put(("batch", Batch(index, version, held, rollout, sampled, time.perf_counter() - t0)))
+            index += 1
+    except KeyboardInterrupt:
+        return
+    except Exception as e:  # noqa: BLE001  (any failure reaches the trainer as one line)
+        line = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        batches.put(("error", f"the rollout worker failed: {type(e).__name__}: {line} ({where.filename}:{where.lineno})"))
+
+
+def start_worker(factory: Callable, cfg, state: RunState, modules: dict[str, torch.nn.Module], learners: dict,
+                 threads: int) -> "AsyncRollouts | None":
+    """The rollout worker of a run whose state is `state` (None with train.max_staleness = 0, or when
+    nothing is left to train): it receives the parameters that the `learners`' optimizers hold, by the
+    agent names of `modules`, and continues the generators of `state.sampler` (a fresh run: the run's own)."""
+    if not cfg.train.max_staleness or state.iteration >= cfg.train.iterations:
+        return None
+    trained = {name: [p for group in learners[name].optimizer.param_groups for p in group["params"]] for name in modules}
+    sampler = state.sampler or {k: v for k, v in state.state_dict().items() if k in ("rng", "generator")}
+    return AsyncRollouts(factory, cfg, modules, trained, state.iteration, sampler, threads)
+
+
+class AsyncRollouts:
+    """The trainer's side of the worker: starts it, publishes weights versions, and hands over
+    batches after checking their version and checksum."""
+
+    def __init__(self, factory: Callable, cfg, modules: dict[str, torch.nn.Module], parameters: dict[str, list],
+                 first_index: int, sampler_state: dict, threads: int):
+        """`modules` by agent name and the `parameters` of each that train (what is sent);
+        `factory` (a module-level function, run in the worker) builds the worker's `WorkerSide`."""
+        t = cfg.train
+        self.max_staleness, self.timeout = t.max_staleness, t.worker_timeout
+        by_param = {id(p): f"{agent}/{n}" for agent, m in modules.items() for n, p in m.named_parameters()}
+        self.names = [by_param[id(p)] for agent in modules for p in parameters[agent]]
+        self.params = named_parameters(modules, self.names)
+        self.sent: dict[int, tuple[float, float]] = {}
+        self.flats: dict[int, torch.Tensor] = {}
+        """The weights of the versions a batch may still come from (the last k + 1)."""
+        self.version = first_index
+        ctx = mp.get_context("spawn")
+        self.weights, self.batches = ctx.Queue(), ctx.Queue()
+        self.process = ctx.Process(target=serve, name="cory-rollout-worker", daemon=True,
+                                   args=(factory, cfg, self.names, first_index, sampler_state, t.max_staleness, threads,
+                                         t.worker_timeout, self.weights, self.batches))
+        self.process.start()
+        self.publish(first_index)
+
+    def publish(self, version: int) -> float:
+        """Sends the trained parameters as `version`; returns the seconds it took."""
+        t0 = time.perf_counter()
+        flat = flatten(self.params, shared=True)
+        self.sent[version], self.flats[version], self.version = checksum(flat), flat, version
+        for old in [v for v in self.sent if v < version - self.max_staleness]:
+            del self.sent[old], self.flats[old]
+        self.weights.put((version, flat))
+        return time.perf_counter() - t0
+
+    def next(self, index: int) -> Batch:
+        """Batch `index`, checked: RunError (one line) if the worker died, failed, sent nothing
+        within the timeout, or sent samples too stale or from weights it was not sent."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                kind, payload = self.batches.get(timeout=POLL_SECONDS)
+                break
+            except queue.Empty:
+                if not self.process.is_alive():
+                    raise RunError(f"the rollout worker died (exit code {self.process.exitcode}) before sending batch {index}; "
+                                   "the last checkpoint is kept: continue with --resume") from None
+                if time.monotonic() > deadline:
+                    raise RunError(f"the rollout worker sent no batch {index} within train.worker_timeout={self.timeout:g} s; "
+                                   "the last checkpoint is kept: continue with --resume") from None
+        if kind == "error":
+            raise RunError(f"{payload}; the last checkpoint is kept")
+        batch: Batch = payload
+        if batch.index != index:
+            raise RunError(f"the rollout worker sent batch {batch.index} where batch {index} was due")
+        oldest = int(batch.rollout.policy_version.min())
+        if index - oldest > self.max_staleness or batch.version not in self.sent:
+            raise RunError(f"the rollout worker sampled batch {index} with weights version {oldest}, more than "
+                           f"train.max_staleness={self.max_staleness} versions old")
+        if not same_checksum(batch.checksum, self.sent[batch.version]):
+            raise RunError(f"the rollout worker's sampler does not hold the weights of version {batch.version} it reports "
+                           "(checksum mismatch): the weights did not reach it")
+        batch.rollout = replace(batch.rollout, engine_logprobs=batch.rollout.logprobs)
+        return batch
+
+    def trained(self, batch: Batch, state: RunState, iterations: int) -> dict[str, float]:
+        """After `batch` trained (state.iteration counts it): the worker's generators go into the run
+        state (for the checkpoint), the new weights to the worker (unless it was the last iteration);
+        returns the iteration's version metrics."""
+        state.sampler = batch.sampler_state
+        published = self.publish(state.iteration) if state.iteration < iterations else 0.0
+        oldest = int(batch.rollout.policy_version.min())
+        return {"async/version_min": oldest, "async/version_max": int(batch.rollout.policy_version.max()),
+                "async/staleness_max": batch.index - oldest, "async/publish": published}
+
+    def verify(self, batch: Batch, logprobs_of: Callable[[Rollout], torch.Tensor]) -> float:
+        """The largest gap (nats) between the worker's log-probs of a few rows of `batch` and
+        `logprobs_of` those rows (the trainer's model, `Learner.sampled_logprobs`) with the weights
+        of the batch's version; RunError above `VERIFY_ATOL`. The trainer's weights are those of
+        `self.version` again afterwards, bit for bit."""
+        turns = batch.rollout.turn_index.cpu()  # the first rows of every turn index: each agent of CORY is checked
+        rows = batch.rollout.select(torch.cat([(turns == t).nonzero()[:VERIFY_ROWS, 0] for t in turns.unique()])).compact()
+        stale = batch.version != self.version
+        if stale:
+            load_flat(self.params, self.flats[batch.version])
+        try:
+            ours = logprobs_of(rows)
+        finally:
+            if stale:
+                load_flat(self.params, self.flats[self.version])
+        theirs = rows.logprobs.to(ours.device)
+        gap = float(torch.where(rows.response_mask.to(ours.device).bool(), (ours - theirs).abs(), 0.0).max()) if ours.numel() else 0.0
+        if not gap <= VERIFY_ATOL:
+            raise RunError(f"the rollout worker's log-probs are not those of weights version {batch.version} (gap {gap:.3g} nats): "
+                           "the weights did not reach its sampler")
+        return gap
+
+    def close(self) -> None:
+        """Stops the worker (it holds nothing to save: batches in flight are dropped)."""
+        if self.process is None:
+            return
+        try:
+            self.weights.put(None)
+        except (OSError, ValueError):
+            pass
+        self.process.join(1)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(2)
+        if self.process.is_alive():  # a stopped process takes no SIGTERM
+            self.process.kill()
+            self.process.join(5)
+        for q in (self.weights, self.batches):
+            q.cancel_join_thread()
+            q.close()
+        self.process = None
