@@ -7,14 +7,17 @@
    sampled responses, `--samples` an iteration), per seed:
    - distill: algo.name=distill with the teacher (k1 per-token reward, no task reward: distill.task_coef=0);
    - rl: GRPO on the task reward, the teacher's own recipe.
+   Both students keep the example's kl.beta (its KL penalty to the base model): the yaml's value
+   overrides distill's own default of 0.
 3. Each model answers the fixed evaluation prompts (the run's final evaluation, fixed seed). The
-   reward recovered per sample is (reward - base reward) / (teacher reward - base reward): 1 means
-   the teacher's gain is all there. Reported with 95% t-intervals over the seeds, and the paired
-   difference distill - rl.
+   measure is the fraction of the teacher's gain recovered at equal sample budget,
+   (reward - base reward) / (teacher reward - base reward): 1 means the teacher's gain is all there.
+   Reported with 95% t-intervals over the seeds, and the paired difference distill - rl.
 
 One CPU thread (torch.set_num_threads(1)).
 
     python benchmarks/distill.py [--seeds 0 1 2] [--iterations 6] [--teacher-iterations 20] [--lr 1e-4] [--quick]
+    python benchmarks/distill.py --report-only     # rewrite distill.md from distill.json, running nothing
 Writes benchmarks/results/distill.{json,md}.
 """
 
@@ -35,12 +38,69 @@ from cory.metrics import t_interval
 RESULTS = Path(__file__).parent / "results"
 EXAMPLE = Path(__file__).parents[1] / "examples" / "smollm2_sentiment.yaml"
 MODEL = "cory:smollm2-135m-instruct"
+GROUP = 4
+"""GRPO's samples per prompt (the example's algo.group_size): the rl runs' and the teacher's."""
+TEACHER_SEED = 100
+QUICK = {"prompts": 2, "eval_prompts": 8, "max_new_tokens": 16}
+"""--quick's settings."""
 
 
 def run(overrides: list[str], out: Path) -> dict:
     """A run of examples/smollm2_sentiment.yaml with `overrides`; its summary (initial and final evaluation)."""
     cfg = load_config(EXAMPLE, ["train.log_with=[]", "train.progress=false", "train.num_threads=1", *overrides])
     return train(cfg, out, overwrite=True)
+
+
+def student_kl_beta() -> float:
+    """The kl.beta a distill student runs with: the example's (a yaml value beats distill's default of 0)."""
+    return load_config(EXAMPLE, ["algo.name=distill", "distill.teacher=teacher", f"train.batch_size={GROUP}"]).kl.beta
+
+
+def write_report(result: dict) -> str:
+    """benchmarks/results/distill.md from the JSON result (settings a result predates are derived:
+    prompts from samples_per_iteration / the group size, the rest from the script's constants and
+    --quick, the students' kl.beta from the example as it stands, and the report says so)."""
+    st, derived = dict(result["settings"]), []
+
+    def setting(key: str, value, how: str):
+        if key not in st:
+            st[key] = value
+            derived.append(f"{key} ({how})")
+
+    setting("group_size", GROUP, "the script's GRPO group size")
+    setting("prompts", st["samples_per_iteration"] // st["group_size"], "samples_per_iteration / group size" +
+            (f", as --quick's {QUICK['prompts']}" if st.get("quick") else ""))
+    setting("teacher_seed", TEACHER_SEED, "the script's teacher seed")
+    setting("students_kl_beta", student_kl_beta(), "examples/smollm2_sentiment.yaml's kl.beta as it stands")
+    base, teacher = result["base_reward"], result["teacher_reward"]
+    runs, recovered, paired = result["runs"], result["recovered"], result["distill_minus_rl"]
+    seeds = st["seeds"]
+    lines = [
+        "# On-policy distillation against RL from scratch (SmolLM2-135M-Instruct): the fraction of the teacher's "
+        "gain recovered at equal sample budget", "",
+        f"Teacher: examples/smollm2_sentiment.yaml (GRPO, VADER's score of the response, chat prompts, kl.beta "
+        f"{st['students_kl_beta']:g}) at lr {st['lr']:g} for {st['teacher_iterations']} iterations of {st['prompts']} prompts "
+        f"x {st['group_size']} samples, {st['max_new_tokens']} new tokens, seed {st['teacher_seed']}; evaluated on "
+        f"{st['eval_prompts']} fixed prompts x 2 samples.", "",
+        f"Students, from the base model, seeds {seeds}, at the teacher's lr {st['lr']:g} and new tokens, "
+        f"{st['iterations']} iterations of {st['samples_per_iteration']} sampled responses each: distill (algo.name=distill, "
+        f"k1, distill.task_coef=0: {st['samples_per_iteration']} prompts x 1 sample) and rl (GRPO on the task reward, "
+        f"{st['prompts']} prompts x {st['group_size']}). Both inherit the example's kl.beta={st['students_kl_beta']:g}, "
+        "the KL penalty to the base model (the yaml's value beats distill's default of 0). "
+        f"1 CPU thread{' (reduced: --quick)' if st.get('quick') else ''}.", "",
+        f"Measure: (reward - base) / (teacher - base) of the evaluation reward, the fraction of the teacher's gain "
+        f"recovered at equal sample budget. Base {base:.3f}, teacher {teacher:.3f}.", "",
+        "| method | fraction of the teacher's gain recovered (95% CI over seeds) | final rewards by seed |", "|---|---|---|"]
+    for m, v in recovered.items():
+        by_seed = ", ".join(f"{r['reward']:.3f}" for r in runs[m].values())
+        lines.append(f"| {m} | {v['mean']:.2f} ± {v['half_width']:.2f} | {by_seed} |")
+    lines += ["", f"Paired difference distill - rl: {paired['mean']:+.2f} ± {paired['half_width']:.2f}. "
+              f"Total time {result['seconds'] / 60:.1f} min.", ""]
+    if derived:
+        lines += [f"Not recorded in distill.json, derived: {'; '.join(derived)}.", ""]
+    text = "\n".join(lines)
+    (RESULTS / "distill.md").write_text(text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,11 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--quick", action="store_true", help="a reduced run: 2 prompts an iteration, 8 evaluation prompts, 16 tokens")
+    ap.add_argument("--report-only", action="store_true", help="rewrite distill.md from distill.json; run nothing")
     args = ap.parse_args(argv)
+    if args.report_only:
+        report = write_report(json.loads((RESULTS / "distill.json").read_text()))
+        print(report)
+        return 0
     if args.quick:
-        args.prompts, args.eval_prompts, args.max_new_tokens = 2, 8, 16
+        args.prompts, args.eval_prompts, args.max_new_tokens = QUICK["prompts"], QUICK["eval_prompts"], QUICK["max_new_tokens"]
     torch.set_num_threads(1)
-    group = 4
+    group = GROUP
     samples = args.prompts * group
     common = [f"task.num_eval_prompts={args.eval_prompts}", f"generation.max_new_tokens={args.max_new_tokens}",
               "eval.samples_per_prompt=2", "eval.seed=1234", f"algo.lr={args.lr}"]
@@ -66,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         teacher = tmp / "teacher"
         summary = run([*common, f"train.iterations={args.teacher_iterations}", f"train.batch_size={args.prompts}",
-                       "train.seed=100"], teacher)
+                       f"train.seed={TEACHER_SEED}"], teacher)
         base_reward = summary["initial_eval"]["reward_mean"]
         teacher_reward = summary["final_eval"]["reward_mean"]
         t_teacher = time.perf_counter() - t0
@@ -88,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     paired = t_interval([runs["distill"][s]["recovered"] - runs["rl"][s]["recovered"] for s in args.seeds])
     result = {
         "settings": {"model": MODEL, "seeds": args.seeds, "iterations": args.iterations, "teacher_iterations": args.teacher_iterations, "lr": args.lr,
-                     "samples_per_iteration": samples, "eval_prompts": args.eval_prompts, "max_new_tokens": args.max_new_tokens,
-                     "quick": args.quick, "threads": 1},
+                     "prompts": args.prompts, "group_size": group, "samples_per_iteration": samples,
+                     "eval_prompts": args.eval_prompts, "max_new_tokens": args.max_new_tokens, "teacher_seed": TEACHER_SEED,
+                     "students_kl_beta": student_kl_beta(), "quick": args.quick, "threads": 1},
         "base_reward": base_reward, "teacher_reward": teacher_reward, "teacher_seconds": t_teacher,
         "runs": {m: {str(s): r for s, r in rs.items()} for m, rs in runs.items()},
         "recovered": {m: {"mean": v[0], "half_width": v[1]} for m, v in recovered.items()},
@@ -98,19 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "distill.json").write_text(json.dumps(result, indent=2))
-    lines = ["# On-policy distillation against RL from scratch (SmolLM2-135M-Instruct)", "",
-             f"Teacher: {args.teacher_iterations} GRPO iterations of examples/smollm2_sentiment.yaml; students from the base model, "
-             f"{args.iterations} iterations of {samples} sampled responses each, seeds {args.seeds}; 1 CPU thread"
-             f"{' (reduced: --quick)' if args.quick else ''}.", "",
-             f"Evaluation reward (VADER, {args.eval_prompts} fixed prompts x 2 samples): base {base_reward:.3f}, "
-             f"teacher {teacher_reward:.3f}.", "",
-             "| method | reward recovered per sample (95% CI over seeds) | final rewards by seed |", "|---|---|---|"]
-    for m, (mu, h) in recovered.items():
-        by_seed = ", ".join(f"{r['reward']:.3f}" for r in runs[m].values())
-        lines.append(f"| {m} | {mu:.2f} ± {h:.2f} | {by_seed} |")
-    lines += ["", f"Paired difference distill - rl: {paired[0]:+.2f} ± {paired[1]:.2f}. Total time {result['seconds'] / 60:.1f} min.", ""]
-    (RESULTS / "distill.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    print(write_report(result))
     return 0
 
 

@@ -105,7 +105,12 @@ def load_teacher(cfg: Config, policy: Policy, dtype) -> torch.nn.Module | None:
                                  AutoConfig.from_pretrained(path).vocab_size)
     if problem:
         raise UsageError(f"distill.teacher {cfg.distill.teacher} cannot grade {cfg.model.name}'s tokens: {problem}")
-    return load_reference(cfg.distill.teacher, dtype)
+    teacher = load_reference(cfg.distill.teacher, dtype)
+    vocab_size = policy.model.config.vocab_size
+    if teacher.config.vocab_size > vocab_size:  # padding rows beyond every token: cut off, as if sliced before the softmax
+        teacher.resize_token_embeddings(vocab_size)
+        teacher.requires_grad_(False)
+    return teacher
 
 
 def make_reference(cfg: Config, dtype) -> torch.nn.Module:

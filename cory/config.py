@@ -31,6 +31,7 @@ from cory.generation.sampling import SAMPLING_KEYS, SamplingParams, sampling_pro
 from cory.paths import is_file
 from cory.rewards import is_function_spec
 from cory.tasks import BUILTIN_REWARD, TASKS
+from cory.tasks.dataset_prompts import DEFAULT_SPLIT
 from cory.tasks.pioneer_observer import template_problem
 
 
@@ -74,8 +75,8 @@ class TaskConfig:
     """Optional JSONL or CSV file of prompts (column `prompt_column`) replacing the built-in ones."""
     dataset: str = ""
     """Prompts from a dataset instead (through the `datasets` library, streamed): a local parquet or JSONL file, a folder of them, an Arrow folder (`save_to_disk`), or a hub id. Its first num_eval_prompts rows are the evaluation set, held out; the rest are read in epochs shuffled by train.seed, and the position is part of a checkpoint."""
-    split: str = "train"
-    """With task.dataset: the split to read."""
+    split: str = DEFAULT_SPLIT
+    """With task.dataset: the split to read (an Arrow folder that holds one Dataset, without splits, takes only the default)."""
     prompt_column: str = "prompt"
     """The column (CSV, task.dataset) or key (JSONL) that holds the prompt text."""
     answer_column: str = ""
@@ -89,7 +90,7 @@ class TaskConfig:
     reward_timeout: float = 300.0
     """Seconds a Python reward function may take for one batch before the run stops with an error."""
     num_train_prompts: int = 2048
-    """How many built-in training prompts to draw from (held out from the model's pretraining)."""
+    """How many built-in training prompts to draw from (held out from the model's pretraining); not with task.dataset, whose rows after the evaluation set all train."""
     num_eval_prompts: int = 64
     """Size of the fixed evaluation set of prompts."""
     chat_template: bool = False
@@ -154,7 +155,7 @@ class GenerationConfig:
 @dataclass
 class AlgoConfig:
     name: str = "reinforce"
-    """The RL algorithm, by registered name: reinforce, a2c, ppo, rloo, grpo, dr_grpo, dapo, gspo, cispo."""
+    """The RL algorithm, by registered name: reinforce, a2c, ppo, rloo, grpo, dr_grpo, dapo, gspo, cispo, or distill (on-policy distillation from distill.teacher, which it needs)."""
     lr: float = 1e-4
     """AdamW learning rate."""
     weight_decay: float = 0.0
@@ -706,20 +707,36 @@ def _check_prompts(cfg: Config) -> None:
     unused = [f"task.{k}" for k in ("split", "answer_column") if getattr(t, k) != getattr(defaults, k)]
     if unused and not t.dataset:
         raise UsageError(f"{', '.join(unused)} only act with task.dataset")
+    if t.dataset and t.num_train_prompts != defaults.num_train_prompts:
+        raise UsageError("task.num_train_prompts has no effect with task.dataset: every row after the evaluation set "
+                         "(task.num_eval_prompts) trains; leave it unset")
     if t.dataset and (cfg.env.id or t.name in BUILTIN_REWARD):
         raise UsageError(f"task.dataset has no effect {'with env.id' if cfg.env.id else f'for task.name={t.name}, whose prompts and reward are its own'}")
     if t.answer_column and not is_function_spec(t.reward):
         raise UsageError(f"task.answer_column hands answers to a module:function reward; task.reward={t.reward} takes none")
 
 
+SCORE_SHAPING_KEYS = ("missing_eos_penalty", "overlong_buffer", "overlong_penalty", "normalize_rewards")
+"""algo.* keys that act only on the task's score (`cory.shaping.adjust_scores`, running-std scaling)."""
+
+
 def _check_distill(cfg: Config) -> None:
-    """A teacher's keys act only with a teacher; algo.name=distill needs one."""
+    """A teacher's keys act only with a teacher; algo.name=distill needs one; with distill.task_coef=0
+    the keys that shape the task's score act on nothing."""
     d, defaults = cfg.distill, DistillConfig(**algorithm_defaults(cfg.algo.name).get("distill", {}))
     if not d.teacher:
         changed = [f"distill.{k}" for k in ("coef", "estimator", "task_coef") if getattr(d, k) != getattr(defaults, k)]
         if changed or cfg.algo.name == "distill":
             raise UsageError(f"{', '.join(changed) or 'algo.name=distill'} needs a teacher: set distill.teacher")
         return
+    if not d.task_coef:
+        algo = AlgoConfig(**algorithm_defaults(cfg.algo.name).get("algo", {}))
+        changed = [f"algo.{k}" for k in SCORE_SHAPING_KEYS if getattr(cfg.algo, k) != getattr(algo, k)]
+        if cfg.cory.enabled and cfg.cory.partner_coef != CoryConfig().partner_coef:
+            changed.append("cory.partner_coef")
+        if changed:
+            raise UsageError(f"{', '.join(changed)} only shape the task's score, which distill.task_coef=0 leaves out of the "
+                             "rewards: leave them unset, or set distill.task_coef > 0")
     if d.estimator == "full" and (cfg.kl.hard_budget or cfg.kl.help_threshold):
         raise UsageError("distill.estimator=full trains on the policy's whole distributions, not the mixtures that "
                          "kl.hard_budget and kl.help_threshold sample: use distill.estimator=k1 with them")

@@ -42,11 +42,17 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 def tokenizer_mismatch(tokenizer, other, vocab_size: int, other_vocab_size: int) -> str | None:
     """Why a model with `other` tokenizer (and `other_vocab_size` logits) cannot score this model's
     token ids (`tokenizer`, `vocab_size`), or None: their vocabularies must map every token to the
-    same id, and their logits cover the same ids."""
+    same id. The other model may have more logits than this one where the extra rows are padding
+    beyond every token (Qwen2.5-7B's 152064 against 0.5B's 151936): they are cut off (`load_teacher`).
+    Fewer logits are refused: a token this model can sample would have no probability there."""
     if tokenizer.get_vocab() != other.get_vocab():
         return f"its tokenizer differs ({len(other)} tokens against {len(tokenizer)}, or the same tokens under other ids)"
-    if vocab_size != other_vocab_size:
-        return f"its logits cover {other_vocab_size} token ids, the policy's {vocab_size}"
+    if other_vocab_size < vocab_size:
+        return (f"its logits cover {other_vocab_size} token ids, fewer than the policy's {vocab_size}: a token the policy "
+                "can sample would have no probability under it")
+    if other_vocab_size > vocab_size and len(other) > vocab_size:
+        return (f"its logits cover {other_vocab_size} token ids and its tokenizer {len(other)} tokens, more than the "
+                f"policy's {vocab_size} logits")
     return None
 
 

@@ -28,7 +28,8 @@
 #   3. throughput on the embedded models (benchmarks/throughput.py: each phase of an iteration, tokens/s);
 #   4. the memory table (benchmarks/memory.py, SmolLM2-135M's shape with random weights, no download);
 #   5. short training runs on the embedded models (tokens/s, iteration time, peak GPU memory).
-# Left out with one line each when absent: SmolLM2's tests, vLLM, QLoRA (bitsandbytes), the docs-site build (mkdocs).
+# Left out with one line each when absent: SmolLM2's tests, vLLM, QLoRA (bitsandbytes), the docs-site build (mkdocs),
+# the tests of task.dataset (the optional datasets library).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -182,6 +183,10 @@ EOF
     echo "vLLM: not run (vllm is not importable by $VLLM_PY); tests/test_vllm.py and tests/test_backends_chat.py are left out" | tee -a "$SUMMARY"
   fi
 
+  if ! "$PY" -c "import datasets" 2>/dev/null; then
+    echo "datasets: not installed (an optional dependency, nor shipped); the tests of task.dataset are left out" | tee -a "$SUMMARY"
+    export GPU_CHECK_NO_DATASETS=1
+  fi
   if ! "$PY" -c "import mkdocs" 2>/dev/null; then
     echo "docs site: not built (mkdocs is not installed, nor shipped); the tests that build it are left out" | tee -a "$SUMMARY"
     export GPU_CHECK_NO_MKDOCS=1

@@ -4,8 +4,10 @@
   or through another fixture: without the SmolLM2 file and without a registry it cannot be built.
 - GPU_CHECK_NO_MKDOCS=1 leaves out every test whose own source names mkdocs (the docs-site build),
   where mkdocs is not installed.
-- The tests left out are written to $GPU_CHECK_LEFT_OUT, one a line: "smollm2 <node id>" or
-  "mkdocs <node id>".
+- GPU_CHECK_NO_DATASETS=1 leaves out the tests of task.dataset (tests/test_datasets.py and the run
+  of examples/dataset.yaml), where the optional `datasets` library is not installed.
+- The tests left out are written to $GPU_CHECK_LEFT_OUT, one a line: "smollm2 <node id>",
+  "mkdocs <node id>" or "datasets <node id>".
 - GPU_CHECK_TALLY=FILE appends one line per test outcome ("passed tests/x.py::t") as it is reported,
   so that a suite stopped at its time cap still leaves its counts and its failures.
 
@@ -35,7 +37,8 @@ def _names_mkdocs(item) -> bool:
 def pytest_collection_modifyitems(config, items):
     no_smollm2 = os.environ.get("GPU_CHECK_NO_SMOLLM2") == "1"
     no_mkdocs = os.environ.get("GPU_CHECK_NO_MKDOCS") == "1"
-    if not (no_smollm2 or no_mkdocs):
+    no_datasets = os.environ.get("GPU_CHECK_NO_DATASETS") == "1"
+    if not (no_smollm2 or no_mkdocs or no_datasets):
         return
     keep, drop = [], []
     for item in items:
@@ -43,6 +46,8 @@ def pytest_collection_modifyitems(config, items):
             drop.append(("smollm2", item))
         elif no_mkdocs and _names_mkdocs(item):
             drop.append(("mkdocs", item))
+        elif no_datasets and (item.nodeid.startswith("tests/test_datasets.py") or item.nodeid.endswith("[dataset]")):
+            drop.append(("datasets", item))
         else:
             keep.append(item)
     if drop:

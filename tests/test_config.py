@@ -206,3 +206,10 @@ def test_cory_config_into_a_closed_pipe_exits_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_the_algo_name_description_names_every_registered_algorithm():
+    from cory.algorithms import ALGORITHMS
+
+    doc = field_docs()["algo.name"]
+    assert [name for name in ALGORITHMS if name not in doc] == []

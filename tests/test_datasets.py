@@ -12,9 +12,13 @@ from safetensors.torch import load_file
 from conftest import micro_overrides
 from cory.cli import main
 from cory.corpora import reviews
+from cory.tasks.base import TaskEnv
 from cory.tasks.dataset_prompts import DatasetPrompts
 from cory.tasks.registry import make_task
-from cory.config import load_config
+from cory.config import TaskConfig, load_config
+
+DEFAULT_TRAIN_PROMPTS = {"task.num_train_prompts": TaskConfig().num_train_prompts}
+"""micro_overrides sets task.num_train_prompts, which task.dataset refuses: back to its default."""
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +66,7 @@ def test_answers_reach_a_function_reward_with_their_prompts(tmp_path, parquet):
 
 def run_cli(out, parquet, *extra, resume=False):
     overrides = micro_overrides(out.parent, **{"task.dataset": str(parquet), "task.prompt_column": "text", "task.num_eval_prompts": 4,
-                                               "train.batch_size": 6, "train.checkpoint_every": 2})
+                                               "train.batch_size": 6, "train.checkpoint_every": 2, **DEFAULT_TRAIN_PROMPTS})
     argv = ["train", "--output-dir", str(out), *(["--resume"] if resume else []), *overrides, *extra]
     assert main(argv) == 0
 
@@ -89,7 +93,7 @@ def test_a_parquet_dataset_trains_and_resumes_exactly(tmp_path, parquet, micro_l
 def refused(tmp_path, capsys, *overrides) -> str:
     out = tmp_path / "refused"
     capsys.readouterr()  # what writing the test's data printed
-    assert main(["train", "--output-dir", str(out), *micro_overrides(tmp_path), *overrides]) == 2
+    assert main(["train", "--output-dir", str(out), *micro_overrides(tmp_path, **DEFAULT_TRAIN_PROMPTS), *overrides]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and not out.exists(), err
     return err
@@ -116,8 +120,55 @@ def test_bad_datasets_are_refused_in_one_line(tmp_path, capsys, parquet, table, 
     assert "the hub cannot be reached" in err
 
 
+def test_without_the_datasets_library_a_dataset_run_is_refused_in_one_line(tmp_path, capsys, parquet, monkeypatch):
+    """`datasets` is an optional dependency (`cory[datasets]`): where it is not installed, a run that
+    names task.dataset says what to install, in one line, and writes nothing."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "datasets" or m.startswith("datasets.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    err = refused(tmp_path, capsys, f"task.dataset={parquet}", "task.prompt_column=text")
+    assert "pip install 'cory[datasets]'" in err
+
+
 def test_dataset_keys_that_cannot_act_are_refused(tmp_path, capsys, parquet):
     assert "only act with task.dataset" in refused(tmp_path, capsys, "task.split=test")
     err = refused(tmp_path, capsys, f"task.dataset={parquet}", "task.answer_column=answer")
     assert "module:function" in err
     assert "has no effect" in refused(tmp_path, capsys, f"task.dataset={parquet}", "task.name=arithmetic")
+
+
+def test_rows_with_equal_prompts_pass_their_own_answers_to_the_reward(tmp_path):
+    """Two evaluation rows and two training rows share their prompt text but not their answer: each
+    answer reaches the reward with its own row, through a group of 2 samples a prompt (TaskEnv) and
+    the evaluation set."""
+    import rewards_for_tests
+
+    rows = {"text": ["Twin", "Twin", "Same opening", "Same opening", "Other", "Another"],
+            "answer": ["e1", "e2", "a", "b", "c", "d"]}
+    datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "twins.parquet"))
+    task = make_task(TaskConfig(name="prompts", dataset=str(tmp_path / "twins.parquet"), prompt_column="text",
+                                answer_column="answer", reward="rewards_for_tests:record_answers", num_eval_prompts=2), seed=1)
+    rewards_for_tests.ANSWERS_SEEN.clear()
+    env = TaskEnv(task)
+    prompts = env.reset(4, None, group_size=2)  # the whole epoch of training rows
+    env.step(["x"] * len(prompts))
+    task.score(task.eval_prompts, ["x"] * 2)
+    trained, evaluated = rewards_for_tests.ANSWERS_SEEN
+    expected = sorted((p, a) for p, a in zip(rows["text"][2:], rows["answer"][2:]) for _ in range(2))
+    assert sorted(trained) == expected
+    assert evaluated == [("Twin", "e1"), ("Twin", "e2")]
+
+
+def test_a_split_of_an_arrow_folder_without_splits_is_refused(tmp_path, capsys, table):
+    """save_to_disk of one Dataset has no splits: the default split reads it, another is refused."""
+    table.save_to_disk(str(tmp_path / "single"))
+    assert DatasetPrompts(str(tmp_path / "single"), prompt_column="text", num_eval=4).eval_prompts == table["text"][:4]
+    err = refused(tmp_path, capsys, f"task.dataset={tmp_path / 'single'}", "task.prompt_column=text", "task.split=test")
+    assert "task.split=test has no effect" in err and "without splits" in err
+
+
+def test_num_train_prompts_with_a_dataset_is_refused(tmp_path, capsys, parquet):
+    err = refused(tmp_path, capsys, f"task.dataset={parquet}", "task.prompt_column=text", "task.num_train_prompts=100")
+    assert "task.num_train_prompts has no effect with task.dataset" in err

@@ -10,13 +10,16 @@ from transformers import AutoModelForCausalLM
 
 from conftest import micro_overrides
 from cory.algorithms import make_algorithm
-from cory.build import eval_params, load_reference, make_accelerator
+from cory.build import eval_params, load_reference, load_teacher, make_accelerator
 from cory.cli import main
 from cory.config import load_config
+from cory.drift.exact import kl_exact
+from cory.errors import UsageError
 from cory.evaluate import evaluate
 from cory.generation.sampling import SamplingParams
 from cory.learner import Learner
-from cory.policy import Policy
+from cory.losses import ObjectiveTerms, aggregate_weights, loss_counts, objective
+from cory.policy import Policy, tokenizer_mismatch
 from cory.rollout import rollout_from_generation
 from cory.scoring import Scorer
 from cory.tasks import make_task
@@ -140,3 +143,96 @@ def test_distillation_keys_without_a_teacher_are_refused(tmp_path, capsys):
     for overrides in (["algo.name=distill"], ["distill.coef=2"], ["distill.estimator=full"]):
         assert main(["train", "--output-dir", str(tmp_path / "run"), *overrides]) == 2
         assert "set distill.teacher" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean", "constant"])
+def test_the_exact_teacher_loss_term_and_its_gradient_match_a_hand_computation(aggregation):
+    """distill.estimator=full's loss term, coef x sum_v q(v) (log q(v) - log p(v)) at each masked
+    position, aggregated as the loss aggregates (token-mean: over the minibatch's tokens; seq-mean:
+    per sequence, then over sequences; constant: sum / (C x sequences)): its value and its gradient
+    with respect to the student's logits, against plain torch and autograd of the hand expression.
+    The policy term is silenced (zero advantages) so that only the teacher's term is left."""
+    B, L, V, coef, constant = 3, 5, 7, 0.7, 4.0
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, L, V, generator=g, dtype=torch.float64)
+    teacher_logits = torch.randn(B, L, V, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float64)
+    tokens = torch.randint(0, V, (B, L), generator=g)
+
+    # The code's: log_softmax, kl_exact and the objective with teacher_coef (as Learner._teacher_kl feeds it).
+    student = logits.clone().requires_grad_(True)
+    logq = torch.log_softmax(student, dim=-1)
+    logp = torch.log_softmax(teacher_logits, dim=-1)
+    logprobs = logq.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    terms = ObjectiveTerms(policy_loss="vanilla", policy_settings={"clip_range": 0.2, "clip_range_high": 0.2, "dual_clip": 0.0},
+                           teacher_coef=coef)
+    weights = aggregate_weights(mask, aggregation, loss_counts(mask), constant)
+    loss, info = objective(terms, logprobs, None, None, old_logprobs=logprobs.detach(), ref_logprobs=None, old_values=None,
+                           advantages=torch.zeros(B, L, dtype=torch.float64), returns=None, is_weight=None, mask=mask,
+                           weights=weights, beta=0.0, teacher_kl=kl_exact(logq, logp))
+    loss.backward()
+
+    # By hand.
+    x = logits.clone().requires_grad_(True)
+    hand_logq = x - x.exp().sum(-1, keepdim=True).log()
+    hand_logp = teacher_logits - teacher_logits.exp().sum(-1, keepdim=True).log()
+    kl = (hand_logq.exp() * (hand_logq - hand_logp)).sum(-1)  # [B, L]
+    lengths, sequences = mask.sum(-1, keepdim=True), (mask.sum(-1) > 0).sum()
+    w = {"token-mean": mask / mask.sum(), "seq-mean": mask / (lengths * sequences), "constant": mask / (constant * sequences)}[aggregation]
+    hand = coef * (w * kl).sum()
+    hand.backward()
+
+    assert abs(loss.item() - hand.item()) < 1e-6 and hand.item() > 0
+    assert abs(info["loss/teacher_kl"].item() - hand.item() / coef) < 1e-6
+    assert torch.allclose(student.grad, x.grad, atol=1e-6, rtol=0)
+    assert x.grad[mask == 0].abs().max() == 0 and x.grad[mask == 1].abs().max() > 1e-3
+
+
+def test_a_teacher_padded_to_more_logits_grades_as_if_sliced_and_a_smaller_one_is_refused(micro_lm, tmp_path):
+    """Same tokenizer, logits padded to another size (as Qwen2.5-7B's 152064 against 0.5B's 151936):
+    the padding rows are cut off, so the teacher's log-probs are its padded logits' first V entries,
+    renormalised. A teacher with fewer logits than the student is refused in one line."""
+    policy = Policy.from_pretrained(str(micro_lm))
+    tok, vocab = policy.tokenizer, policy.model.config.vocab_size
+    assert tokenizer_mismatch(tok, tok, vocab, vocab) is None
+    assert tokenizer_mismatch(tok, tok, vocab, vocab + 128) is None
+    why = tokenizer_mismatch(tok, tok, vocab, vocab - 1)
+    assert why and str(vocab - 1) in why and "fewer" in why and "\n" not in why
+    padded = AutoModelForCausalLM.from_pretrained(str(micro_lm))
+    padded.resize_token_embeddings(vocab + 128, mean_resizing=False)
+    with torch.no_grad():  # padding rows that would carry real mass if they were not cut off
+        padded.get_output_embeddings().weight[vocab:] = padded.get_output_embeddings().weight[:128] * 3
+    padded.save_pretrained(tmp_path / "padded")
+    tok.save_pretrained(tmp_path / "padded")
+    cfg = load_config(None, micro_overrides(tmp_path) + [f"distill.teacher={tmp_path / 'padded'}"])
+    teacher = load_teacher(cfg, policy, torch.float32)
+    assert teacher.config.vocab_size == vocab and not any(p.requires_grad for p in teacher.parameters())
+    ids = torch.tensor([[1, 5, 9, 30, 7]])
+    with torch.no_grad():
+        want = torch.log_softmax(padded(ids).logits[..., :vocab], -1)
+        whole = torch.log_softmax(padded(ids).logits, -1)[..., :vocab]
+        got = torch.log_softmax(teacher(ids).logits, -1)
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, whole, atol=1e-3)
+
+
+@pytest.mark.parametrize("algo", ["distill", "ppo"])
+def test_score_shaping_keys_are_refused_when_distill_task_coef_leaves_the_score_out(algo):
+    """With distill.task_coef=0 the task's score is multiplied away: the keys that only shape it
+    (missing-EOS and overlong penalties, reward normalisation; CORY's partner weight) act on nothing."""
+    base = [f"algo.name={algo}", f"distill.teacher={TEACHER}", "distill.task_coef=0"]
+    for extra in (["algo.missing_eos_penalty=-1"], ["algo.normalize_rewards=true"], ["algo.overlong_buffer=4"],
+                  ["algo.overlong_penalty=2"], ["cory.enabled=true", "cory.partner_coef=0.5"]):
+        with pytest.raises(UsageError) as e:
+            load_config(None, [*base, *extra])
+        msg = str(e.value)
+        assert extra[-1].split("=")[0] in msg and "distill.task_coef=0" in msg and "\n" not in msg, msg
+        load_config(None, [*base[:-1], "distill.task_coef=0.5", *extra])  # with a share of the score they act
+    load_config(None, base)
+
+
+def test_a_score_shaping_key_with_distill_alone_exits_2_in_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--output-dir", str(out), "algo.name=distill", f"distill.teacher={TEACHER}",
+                 "algo.missing_eos_penalty=-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "algo.missing_eos_penalty" in err and not out.exists(), err

@@ -33,7 +33,7 @@ layer or a lower one. Every top-level module or package of cory/ is in exactly o
 environments sit below the zoo (the agent models pretrain on their transcripts); the one that
 talks to a student model (`teacher_student`) sits above the models and rewards it loads."""
 
-OPTIONAL = ("vllm", "bitsandbytes", "trl", "deepspeed")
+OPTIONAL = ("vllm", "bitsandbytes", "trl", "deepspeed", "datasets")
 """Optional dependencies: imported where they are used, so that cory runs without them."""
 
 

@@ -23,15 +23,29 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
-from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
-from datasets.distributed import split_dataset_by_node
 from huggingface_hub import HfApi
 from huggingface_hub.errors import RepositoryNotFoundError
 
 from cory.paths import is_dir, is_file, shown
 from cory.tasks.base import TaskDataError
+
+if TYPE_CHECKING:
+    from datasets import IterableDataset
+
+
+def _library():
+    """The `datasets` library: an optional dependency (`pip install 'cory[datasets]'`, in the dev extra),
+    imported when a run names task.dataset."""
+    try:
+        import datasets
+        import datasets.distributed
+    except ImportError:
+        raise TaskDataError("task.dataset needs the datasets library, which is not installed: "
+                            "pip install 'cory[datasets]'") from None
+    return datasets
+
 
 FILE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 """A local data file's suffix -> the `datasets` builder that reads it."""
@@ -42,6 +56,25 @@ SHUFFLE_BUFFER = 1000
 HUB_TIMEOUT = 10.0
 """Seconds to wait for the hub's answer about a dataset id."""
 
+DEFAULT_SPLIT = "train"
+"""The split read unless task.split names another (that of a single data file, as `datasets` names it)."""
+
+
+class Row(str):
+    """A prompt drawn from a dataset, carrying its row's answer (task.answer_column): prompts pass
+    through the run as these very objects (repeated for a group, handed to the reward), so two rows
+    with the same prompt text keep their own answers."""
+
+    answer: object
+
+    def __new__(cls, text: str, answer: object):
+        row = super().__new__(cls, text)
+        row.answer = answer
+        return row
+
+    def __reduce__(self):
+        return Row, (str(self), self.answer)
+
 
 def _reason(e: BaseException) -> str:
     return shown((str(e).splitlines() or [type(e).__name__])[0][:160])
@@ -51,22 +84,26 @@ def _looks_local(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in FILE_FORMATS or spec.count("/") > 1
 
 
-def open_split(spec: str, split: str) -> IterableDataset:
-    """The split `split` of the dataset `spec` as a stream (see the module docstring)."""
+def open_split(spec: str, split: str = DEFAULT_SPLIT) -> IterableDataset:
+    """The split `split` of the dataset `spec` as a stream (see the module docstring). An Arrow
+    folder that holds one Dataset has no splits: another split than the default is refused."""
     path = Path(spec).expanduser()
     if is_file(path):
         builder = FILE_FORMATS.get(path.suffix.lower())
         if builder is None:
             raise TaskDataError(f"task.dataset {shown(spec)}: a {path.suffix or 'suffix-less'} file is not a dataset; "
                                 f"use {', '.join(FILE_FORMATS)}, a folder of them or an Arrow folder")
-        return _split(_load(lambda: datasets.load_dataset(builder, data_files=str(path), streaming=True), spec), spec, split)
+        return _split(_load(lambda: _library().load_dataset(builder, data_files=str(path), streaming=True), spec), spec, split)
     if is_dir(path):
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # written by save_to_disk
-            saved = _load(lambda: datasets.load_from_disk(str(path)), spec)
-            if isinstance(saved, Dataset):
+            saved = _load(lambda: _library().load_from_disk(str(path)), spec)
+            if isinstance(saved, _library().Dataset):
+                if split != DEFAULT_SPLIT:
+                    raise TaskDataError(f"task.split={shown(split)} has no effect: task.dataset {shown(spec)} holds one Dataset "
+                                        f"without splits (saved by save_to_disk); leave task.split unset")
                 return saved.to_iterable_dataset()
             return _split(saved, spec, split).to_iterable_dataset()
-        return _split(_load(lambda: datasets.load_dataset(str(path), streaming=True), spec), spec, split)
+        return _split(_load(lambda: _library().load_dataset(str(path), streaming=True), spec), spec, split)
     if _looks_local(spec):
         raise TaskDataError(f"task.dataset not found: {shown(spec)}")
     # One request first: without a network the library would retry for half a minute.
@@ -77,7 +114,7 @@ def open_split(spec: str, split: str) -> IterableDataset:
     except Exception as e:  # noqa: BLE001  (no network, offline mode, a refused request: the library's own message)
         raise TaskDataError(f"task.dataset '{shown(spec)}' is no local file or folder, and the hub cannot be reached "
                             f"to read it ({_reason(e)})") from None
-    return _split(_load(lambda: datasets.load_dataset(spec, streaming=True), spec), spec, split)
+    return _split(_load(lambda: _library().load_dataset(spec, streaming=True), spec), spec, split)
 
 
 def _load(load, spec: str):
@@ -88,7 +125,7 @@ def _load(load, spec: str):
 
 
 def _split(splits, spec: str, split: str):
-    if not isinstance(splits, (DatasetDict, IterableDatasetDict)):
+    if not isinstance(splits, (_library().DatasetDict, _library().IterableDatasetDict)):
         return splits
     if split not in splits:
         raise TaskDataError(f"task.dataset {shown(spec)} has no split '{shown(split)}' (splits: {', '.join(splits)}; task.split)")
@@ -99,9 +136,10 @@ class DatasetPrompts:
     """The prompts (and answers) of one split of a dataset: a fixed evaluation set and a stream of
     training rows in the run's order (module docstring). `draw(n)` reads the next n training
     prompts; `answers(prompts)` gives the answer column's value of prompts drawn in the latest batch
-    or in the evaluation set."""
+    or in the evaluation set. With an answer column, prompts are `Row`s that carry their own row's
+    answer, so rows with equal prompts and different answers each pass on their own."""
 
-    def __init__(self, spec: str, split: str = "train", prompt_column: str = "prompt", answer_column: str = "",
+    def __init__(self, spec: str, split: str = DEFAULT_SPLIT, prompt_column: str = "prompt", answer_column: str = "",
                  num_eval: int = 0, seed: int = 0, rank: int = 0, world: int = 1):
         self.spec, self.split, self.prompt_column, self.answer_column = spec, split, prompt_column, answer_column
         stream = open_split(spec, split)
@@ -118,21 +156,25 @@ class DatasetPrompts:
                                 f"evaluation set (task.num_eval_prompts={num_eval}): none are left to train on")
         evals = [self._row(r) for r in head[:num_eval]]
         self.eval_prompts = [p for p, _ in evals]
-        self.eval_answers = dict(evals)
+        self.eval_answers = dict(evals)  # by text: only for a prompt passed as plain text
         train = stream.skip(num_eval)
         if world > 1:
-            train = split_dataset_by_node(train, rank=rank, world_size=world)
+            train = _library().distributed.split_dataset_by_node(train, rank=rank, world_size=world)
         self.train = train.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
         self.epoch, self.taken = 0, 0
         self._rows = self._open()
         self.latest: dict[str, object] = {}
 
     def _row(self, row: dict) -> tuple[str, object]:
+        """(prompt, answer) of a row; with an answer column the prompt is a `Row` carrying the answer."""
         prompt = row[self.prompt_column]
         if not isinstance(prompt, str):
             raise TaskDataError(f"task.dataset {shown(self.spec)}: column '{shown(self.prompt_column)}' holds "
                                 f"{type(prompt).__name__} values, not text")
-        return prompt, row[self.answer_column] if self.answer_column else None
+        if not self.answer_column:
+            return prompt, None
+        answer = row[self.answer_column]
+        return Row(prompt, answer), answer
 
     def _open(self):
         """The training rows of the current epoch from row `taken` on."""
@@ -163,8 +205,10 @@ class DatasetPrompts:
         return [p for p, _ in out]
 
     def answers(self, prompts: list[str]) -> list:
-        """The answer column's value for each prompt (of the latest batch or the evaluation set)."""
-        return [self.latest[p] if p in self.latest else self.eval_answers[p] for p in prompts]
+        """The answer column's value for each prompt (of the latest batch or the evaluation set): a
+        `Row`'s own answer; a prompt passed as plain text is looked up by its text."""
+        return [p.answer if isinstance(p, Row) else self.latest[p] if p in self.latest else self.eval_answers[p]
+                for p in prompts]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "taken": self.taken}
