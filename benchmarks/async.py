@@ -1,22 +1,34 @@
 """Asynchronous rollouts (train.max_staleness = k) against the synchronous loop (k = 0) on
-SmolLM2-135M-Instruct (`cory:smollm2-135m-instruct`), on this CPU: trainer and rollout worker one
-thread (one core) each; the synchronous run one thread too.
+SmolLM2-135M-Instruct (`cory:smollm2-135m-instruct`), on this CPU (2 cores). Four modes per seed:
+- k = 0 with one thread (`train.num_threads=1`: half the machine, the same threads per process as
+  the asynchronous runs);
+- k = 0 with two threads (the whole machine: the fair baseline, and the headline's);
+- k = 1 and k = 2 (--staleness): trainer and rollout worker one thread (one core) each.
 
 The run: the sentiment task with chat prompts, VADER's score of the response as the reward, GRPO
 (group 4), LoRA r 8 on every linear layer (only the adapters travel to the worker), the default
-importance correction (token-level TIS, cap 2). For each k in --staleness and each seed:
+importance correction (token-level TIS, cap 2). For each mode and each seed:
 - iterations per hour: 3600 / the median `time/iteration` of iterations 2..N (the first one also
-  waits for the worker to start and load the model, so both modes drop it; the median, because the
+  waits for the worker to start and load the model, so every mode drops it; the median, because the
   shared machine's other work stalls some iterations many times over); evaluation and checkpoints
   are outside `time/iteration`;
 - reward per sample: the mean training reward (`reward_mean`, VADER on the sampled responses) over
   all iterations, and its curve per iteration;
 - the worker's versions: the largest staleness trained on, and the measured behaviour gap.
-Means over seeds with 95% t-intervals; the speedup is k's iterations per hour over k = 0's, per seed
-then averaged. The machine is shared: the 1-minute load average is recorded before and after each run.
+Means over seeds with 95% t-intervals. The speed-up of each k > 0 is its iterations per hour over
+each baseline's, paired by seed (the ratio per seed, then its t-interval); the headline is against
+k = 0 on two threads. The machine is shared: the 1-minute load average is recorded before and after
+each run.
 
-    python benchmarks/async.py [--iterations 30] [--seeds 0 1 2] [--staleness 0 1 2] [--batch-size 2]
-Writes benchmarks/results/async.{json,md} (--out to change).
+Defaults (12 iterations, 16 new tokens, 3 seeds x 4 modes) are meant to finish in about 20 minutes
+on 2 quiet cores (an estimate from the per-iteration costs of benchmarks/throughput.py, not a
+measurement).
+
+    python benchmarks/async.py [--iterations 12] [--seeds 0 1 2] [--staleness 1 2] [--sync-threads 1 2]
+                               [--batch-size 2] [--new-tokens 16]
+Writes benchmarks/results/async.{json,md} (--out to change). Each run records `k` and `threads`
+(the torch threads of each process: k > 0 runs two processes) and `mode`; `baseline` names the
+headline's baseline mode.
 """
 
 from __future__ import annotations
@@ -38,19 +50,27 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "cory:smollm2-135m-instruct"
 
 
-def overrides(k: int, seed: int, args) -> list[str]:
-    out = [f"model.name={MODEL}", "model.lora.r=8", "model.lora.alpha=16", "task.name=sentiment", "task.chat_template=true",
-           "task.reward=vader", "task.reward_on=response", "task.num_eval_prompts=2", "eval.samples_per_prompt=1",
-           f"generation.max_new_tokens={args.new_tokens}", "algo.name=grpo", "algo.group_size=4", "algo.lr=3e-5",
-           "kl.beta=0.05", "kl.exact_accounting=false", f"train.iterations={args.iterations}",
-           f"train.batch_size={args.batch_size}", f"train.seed={seed}", "train.num_threads=1", "train.log_with=[]",
-           "train.progress=false", f"train.max_staleness={k}"]
-    return out
+ASYNC_THREADS = 1
+"""Torch threads of the trainer and of the worker in a k > 0 run (one core each)."""
 
 
-def one_run(k: int, seed: int, args, root: Path) -> dict:
-    cfg = load_config(None, overrides(k, seed, args))
-    out = root / f"k{k}_seed{seed}"
+def mode(k: int, threads: int) -> str:
+    """A run's mode: `k=0, 1 thread`, `k=0, 2 threads`, `k=1`, ..."""
+    return f"k=0, {threads} thread{'s' * (threads != 1)}" if k == 0 else f"k={k}"
+
+
+def overrides(k: int, threads: int, seed: int, args) -> list[str]:
+    return [f"model.name={MODEL}", "model.lora.r=8", "model.lora.alpha=16", "task.name=sentiment", "task.chat_template=true",
+            "task.reward=vader", "task.reward_on=response", "task.num_eval_prompts=2", "eval.samples_per_prompt=1",
+            f"generation.max_new_tokens={args.new_tokens}", "algo.name=grpo", "algo.group_size=4", "algo.lr=3e-5",
+            "kl.beta=0.05", "kl.exact_accounting=false", f"train.iterations={args.iterations}",
+            f"train.batch_size={args.batch_size}", f"train.seed={seed}", f"train.num_threads={threads}", "train.log_with=[]",
+            "train.progress=false", f"train.max_staleness={k}"]
+
+
+def one_run(k: int, threads: int, seed: int, args, root: Path) -> dict:
+    cfg = load_config(None, overrides(k, threads, seed, args))
+    out = root / f"k{k}_t{threads}_seed{seed}"
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     train(cfg, out, overwrite=True)
@@ -58,7 +78,8 @@ def one_run(k: int, seed: int, args, root: Path) -> dict:
     rows = read_jsonl(out / "metrics.jsonl")
     timed = [r["time/iteration"] for r in rows[1:]]
     result = {
-        "k": k, "seed": seed, "iterations": len(rows), "wall_s": wall,
+        "k": k, "threads": threads, "mode": mode(k, threads), "cores": threads * (2 if k else 1), "seed": seed,
+        "iterations": len(rows), "wall_s": wall,
         "iterations_per_hour": 3600 / statistics.median(timed),
         "seconds_per_iteration": statistics.median(timed),
         "seconds_per_iteration_mean": sum(timed) / len(timed),
@@ -78,76 +99,101 @@ def one_run(k: int, seed: int, args, root: Path) -> dict:
     return result
 
 
-def summarise(runs: list[dict], staleness: list[int]) -> dict:
-    by_k = {k: sorted((r for r in runs if r["k"] == k), key=lambda r: r["seed"]) for k in staleness}
-    base = {r["seed"]: r for r in by_k.get(0, [])}
+def summarise(runs: list[dict], baseline: str) -> dict:
+    """Per mode (in the order run): iterations per hour and reward per sample (t-intervals over
+    seeds); for k > 0, `speedup_vs` and `reward_diff_vs` each k = 0 mode, paired by seed, and
+    `speedup` / `reward_diff` against `baseline`."""
+    modes = list(dict.fromkeys(r["mode"] for r in runs))
+    by_mode = {m: sorted((r for r in runs if r["mode"] == m), key=lambda r: r["seed"]) for m in modes}
+    bases = {m: {r["seed"]: r for r in rs} for m, rs in by_mode.items() if rs[0]["k"] == 0}
     summary = {}
-    for k, rs in by_k.items():
-        s = {"iterations_per_hour": t_interval([r["iterations_per_hour"] for r in rs]),
+    for m, rs in by_mode.items():
+        s = {"k": rs[0]["k"], "threads": rs[0]["threads"],
+             "iterations_per_hour": t_interval([r["iterations_per_hour"] for r in rs]),
              "reward_per_sample": t_interval([r["reward_per_sample"] for r in rs]),
              "load": [round(r["load_before"], 2) for r in rs] + [round(r["load_after"], 2) for r in rs]}
-        if base and k:
-            s["speedup"] = t_interval([r["iterations_per_hour"] / base[r["seed"]]["iterations_per_hour"] for r in rs if r["seed"] in base])
-        summary[k] = s
+        if rs[0]["k"]:
+            s["speedup_vs"], s["reward_diff_vs"] = {}, {}
+            for b, base in bases.items():
+                paired = [(r, base[r["seed"]]) for r in rs if r["seed"] in base]
+                if paired:
+                    s["speedup_vs"][b] = t_interval([r["iterations_per_hour"] / o["iterations_per_hour"] for r, o in paired])
+                    s["reward_diff_vs"][b] = t_interval([r["reward_per_sample"] - o["reward_per_sample"] for r, o in paired])
+            if baseline in s["speedup_vs"]:
+                s["speedup"], s["reward_diff"] = s["speedup_vs"][baseline], s["reward_diff_vs"][baseline]
+        summary[m] = s
     return summary
 
 
 def markdown(results: dict) -> str:
-    a, summary = results["settings"], results["summary"]
+    a, summary, baseline = results["settings"], results["summary"], results["baseline"]
+    bases = [m for m, s in summary.items() if s["k"] == 0]
     lines = ["# Asynchronous rollouts on SmolLM2-135M-Instruct (CPU)", "",
              f"Generated by `python benchmarks/async.py {a['argv']}` on {results['date']} ({results['cpus']} CPUs, "
-             "shared with other work: the 1-minute load averages around each run are listed). Trainer and rollout worker "
-             "one thread each; the synchronous run (k = 0) one thread. Sentiment task with chat prompts, VADER reward, GRPO "
+             "shared with other work: the 1-minute load averages around each run are listed). Asynchronous runs (k > 0): "
+             f"trainer and rollout worker {ASYNC_THREADS} thread each. The synchronous loop (k = 0) is measured with "
+             f"{' and with '.join(str(summary[m]['threads']) for m in bases)} threads; speed-ups are paired by seed against each, "
+             f"the headline against `{baseline}` (the whole machine). Sentiment task with chat prompts, VADER reward, GRPO "
              f"(group 4), LoRA r 8, {a['batch_size']} prompts x 4 samples per iteration, {a['new_tokens']} new tokens at most, "
              f"{a['iterations']} iterations, seeds {a['seeds']}. Iterations per hour are 3600 / the median seconds per "
-             "iteration, leaving out the first iteration (which waits for the worker to start); reward per sample is the mean training reward over all iterations. "
-             "Means over seeds with 95% t-intervals.", "",
-             "| k | iterations / hour | speedup vs k = 0 | reward per sample | load averages |",
-             "|---|---|---|---|---|"]
-    for k, s in summary.items():
-        ips, rew = s["iterations_per_hour"], s["reward_per_sample"]
-        speed = f"{s['speedup'][0]:.2f} ± {s['speedup'][1]:.2f}" if "speedup" in s else "1"
-        lines.append(f"| {k} | {ips[0]:.0f} ± {ips[1]:.0f} | {speed} | {rew[0]:.3f} ± {rew[1]:.3f} | "
-                     f"{', '.join(map(str, s['load']))} |")
+             "iteration, leaving out the first iteration (which waits for the worker to start); reward per sample is the mean "
+             "training reward over all iterations. Means over seeds with 95% t-intervals.", ""]
+    header = ["mode", "cores", "iterations / hour"] + [f"speed-up vs {b}" for b in bases] + \
+             [f"reward difference vs {baseline}", "reward per sample", "load averages"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    ci = lambda v, d: f"{v[0]:.{d}f} ± {v[1]:.{d}f}"
+    for m, s in summary.items():
+        cores = s["threads"] * (2 if s["k"] else 1)
+        speeds = [ci(s["speedup_vs"][b], 2) if s["k"] and b in s.get("speedup_vs", {}) else ("1" if m == b else "-") for b in bases]
+        diff = ci(s["reward_diff"], 3) if "reward_diff" in s else "-"
+        lines.append(f"| {m} | {cores} | {ci(s['iterations_per_hour'], 0)} | " + " | ".join(speeds) +
+                     f" | {diff} | {ci(s['reward_per_sample'], 3)} | {', '.join(map(str, s['load']))} |")
     lines += ["", "Per run, medians over iterations 2..N (seconds per iteration: the trainer's wall time; generate: the sampler's time for a batch; "
               "update: the learner's step; wait: time the trainer waited for the worker's batch; publish: sending the "
               "weights; gap: the largest behaviour log-prob gap at the batch's own version):", "",
-              "| k | seed | s / iteration | generate s | update s | wait s | publish s | max staleness | gap | reward per sample |",
+              "| mode | seed | s / iteration | generate s | update s | wait s | publish s | max staleness | gap | reward per sample |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         extra = (f"{r['wait_s']:.2f} | {r['publish_s']:.3f} | {r['staleness_max']} | {r['behaviour_gap_max']:.1e}" if r["k"]
                  else "- | - | 0 | -")
-        lines.append(f"| {r['k']} | {r['seed']} | {r['seconds_per_iteration']:.2f} | {r['generate_s']:.2f} | {r['update_s']:.2f} | "
+        lines.append(f"| {r['mode']} | {r['seed']} | {r['seconds_per_iteration']:.2f} | {r['generate_s']:.2f} | {r['update_s']:.2f} | "
                      f"{extra} | {r['reward_per_sample']:.3f} |")
     lines += ["", "Reward per sample by iteration (mean over seeds):", "",
-              "| k | " + " | ".join(str(i + 1) for i in range(a["iterations"])) + " |",
+              "| mode | " + " | ".join(str(i + 1) for i in range(a["iterations"])) + " |",
               "|---|" + "---|" * a["iterations"]]
-    for k in summary:
-        curves = [r["reward_curve"] for r in results["runs"] if r["k"] == int(k)]
+    for m in summary:
+        curves = [r["reward_curve"] for r in results["runs"] if r["mode"] == m]
         means = [sum(c[i] for c in curves) / len(curves) for i in range(a["iterations"])]
-        lines.append(f"| {k} | " + " | ".join(f"{m:.2f}" for m in means) + " |")
+        lines.append(f"| {m} | " + " | ".join(f"{v:.2f}" for v in means) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iterations", type=int, default=30)
+    ap.add_argument("--iterations", type=int, default=12)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--staleness", type=int, nargs="+", default=[1, 2], help="the values of k > 0 to measure")
+    ap.add_argument("--sync-threads", type=int, nargs="+", default=[1, 2],
+                    help="torch threads of the synchronous baselines (k = 0); the largest is the headline's baseline")
     ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--out", default=str(RESULTS / "async"), help="results path without suffix")
     args = ap.parse_args()
+    if args.iterations < 2 or any(k < 1 for k in args.staleness) or any(t < 1 for t in args.sync_threads):
+        ap.error("--iterations must be >= 2, --staleness values >= 1 (k = 0 is --sync-threads), --sync-threads >= 1")
+    modes = [(0, t) for t in args.sync_threads] + [(k, ASYNC_THREADS) for k in args.staleness]
     runs = []
     with tempfile.TemporaryDirectory(prefix="cory-async-") as root:
         for seed in args.seeds:  # seeds outermost: the modes of one seed run close in time (similar load)
-            for k in args.staleness:
-                runs.append(one_run(k, seed, args, Path(root)))
+            for k, threads in modes:
+                runs.append(one_run(k, threads, seed, args, Path(root)))
     argv = (f"--iterations {args.iterations} --seeds {' '.join(map(str, args.seeds))} --staleness "
-            f"{' '.join(map(str, args.staleness))} --batch-size {args.batch_size} --new-tokens {args.new_tokens}")
+            f"{' '.join(map(str, args.staleness))} --sync-threads {' '.join(map(str, args.sync_threads))} "
+            f"--batch-size {args.batch_size} --new-tokens {args.new_tokens}")
+    baseline = mode(0, max(args.sync_threads))
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
-               "settings": {**vars(args), "argv": argv}, "runs": runs,
-               "summary": {str(k): v for k, v in summarise(runs, args.staleness).items()}}
+               "settings": {**vars(args), "async_threads": ASYNC_THREADS, "argv": argv}, "baseline": baseline, "runs": runs,
+               "summary": summarise(runs, baseline)}
     Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2))
     Path(args.out).with_suffix(".md").write_text(markdown(results))
     print(markdown(results))

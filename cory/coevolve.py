@@ -164,10 +164,8 @@ class CoryRun(Run):
                                        state.generator)
             t_gen = time.perf_counter() - t0
         else:  # sampled by the worker while the previous iterations trained
-            batch = rollouts.next(state.iteration)
+            batch = rollouts.take(state.iteration, lambda rows: self.sampled_logprobs(rows, (pioneer, observer)))
             rollout, t_gen = batch.rollout, batch.seconds
-            metrics["async/wait"] = time.perf_counter() - t0
-            metrics["async/behaviour_gap"] = rollouts.verify(batch, lambda rows: self.sampled_logprobs(rows, (pioneer, observer)))
         observer.backend.pause()  # both agents share the engine: it sleeps once both have generated
         answered = rollout.select((rollout.turn_index == 1).nonzero()[:, 0])  # the observer's turn holds both scores
         r_p, r_o = [info["pioneer_score"] for info in answered.infos], [info["observer_score"] for info in answered.infos]
@@ -183,7 +181,7 @@ class CoryRun(Run):
                 metrics[f"{agent.name}/{k}"] = v
         state.iteration += 1
         if rollouts is not None:
-            metrics.update(rollouts.trained(batch, state, cfg.train.iterations))
+            metrics.update(rollouts.trained(batch, state))
         metrics["pioneer_is_a"] = float(pioneer.name == "a")
         metrics["reward_mean"] = (metrics["pioneer/task_reward"] + metrics["observer/task_reward"]) / 2
         metrics["kl_mean"] = (metrics["pioneer/kl_mean"] + metrics["observer/kl_mean"]) / 2

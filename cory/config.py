@@ -277,9 +277,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of storing them (less memory, ~1/3 more compute)."""
     max_staleness: int = 0
-    """Asynchronous rollouts: a worker process samples the next batches while the trainer updates, and no sample trains on weights more than this many versions (optimizer iterations) older than the trainer's; the worker's log-probs are corrected by algo.is_correction (0 = the synchronous loop: sample, then update, in one process)."""
+    """Asynchronous rollouts: a worker process samples the next batches while the trainer updates, and no sample trains on weights more than this many versions (optimizer iterations) older than the trainer's; the worker's log-probs are corrected by algo.is_correction (0 = the synchronous loop: sample, then update, in one process). Cannot change on --resume (only with --force)."""
     worker_timeout: float = 300.0
-    """train.max_staleness > 0: seconds the trainer waits for the rollout worker (its start or a batch) before it stops the run with one line (exit 1)."""
+    """train.max_staleness > 0: seconds the trainer waits for each batch from the rollout worker (its start included) before it stops the run with one line (exit 1); the worker itself waits for new weights as long as the trainer lives."""
     shared_prefix: bool = False
     """Score, update and evaluate the KL with the prompt prefix a batch's rows share (a chat template's system and example turns; at least 16 tokens) run once and its keys and values repeated for every row, gradients included: the same log-probs and gradients up to float rounding, (B - 1) x prefix tokens less forward and backward. One process; not with train.gradient_checkpointing."""
 

@@ -23,21 +23,31 @@ Behaviour log-probs. The worker's log-probs become `Rollout.engine_logprobs`: th
 the trainer's own (the old policy of PPO's ratio) and weights each token by `algo.is_correction` of
 their ratio, logging the mismatch (`is/log_ratio_abs_mean`) every iteration.
 
-Failures. Every wait has a timeout (`train.worker_timeout`); the trainer also looks at the worker
+Failures. The trainer waits for each batch at most `train.worker_timeout`, and looks at the worker
 every second. A worker that dies, raises, or sends nothing in time stops the run with one line
-(RunError, exit 1); the checkpoints already written are untouched.
+(RunError, exit 1); the checkpoints already written are untouched. The worker waits for new weights
+as long as the trainer lives (an evaluation or a checkpoint may take longer than the timeout), and
+exits when the trainer is gone: its output queue never holds up its exit (`cancel_join_thread`).
+It samples batches `first_index` .. `train.iterations` - 1 and no more, then waits to be closed.
+
+Random streams. A fresh worker's generators come from a stream of their own, derived from
+`train.seed` and the first batch index (`worker_generators`), not from a copy of the trainer's (whose
+generator shuffles minibatches): the two processes never replay each other's random numbers.
 
 Resume. The worker's generators (prompt draws, token sampling) travel with each batch; the
 checkpoint after iteration i keeps the ones that follow batch i - 1 (`RunState.sampler`). A resumed
 run starts a fresh worker from them and from version i: batch i draws the same prompts as in the
 uninterrupted run, but the batches that were in flight when it stopped are sampled again with the
 checkpoint's weights (staleness 0), so the tokens, and what follows, may differ. Iterations,
-versions, weights, optimizer and learner state resume exactly; no batch index is skipped or trained twice.
+versions, weights, optimizer and learner state resume exactly; no batch index is skipped or trained
+twice. `train.max_staleness` cannot change on --resume (`cory.run.RESUMABLE_KEYS`); forced to 0, the
+trainer continues the worker's generators itself (`Run._start`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import queue
 import time
 import traceback
@@ -53,7 +63,11 @@ from cory.rollout import Rollout
 from cory.run import RunState
 
 POLL_SECONDS = 1.0
-"""How often a waiting trainer looks whether the worker is still alive."""
+"""How often a waiting trainer looks whether the worker is still alive (and a waiting worker whether
+the trainer is)."""
+
+WORKER_STREAM = 0xC0A5
+"""The spawn key that sets the worker's random stream apart from the trainer's (`worker_generators`)."""
 
 VERIFY_ROWS = 2
 """Rows of each turn index of a batch whose behaviour log-probs the trainer recomputes with the batch's
@@ -92,6 +106,8 @@ class Batch:
     """The worker's generators after this batch (`RunState.state_dict`)."""
     seconds: float
     """Time the worker took to sample it."""
+    metrics: dict | None = None
+    """The trainer's checks of it (`AsyncRollouts.take`): `async/wait`, `async/behaviour_gap`."""
 
 
 def named_parameters(modules: dict[str, torch.nn.Module], names: list[str]) -> list[torch.nn.Parameter]:
@@ -129,64 +145,97 @@ def load_flat(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
         offset += p.numel()
 
 
-def serve(factory: Callable, cfg, names: list[str], first_index: int, sampler_state: dict, max_staleness: int,
-          threads: int, timeout: float, weights: mp.Queue, batches: mp.Queue) -> None:
-    """The worker process: builds its side with `factory(cfg)`, then samples batch after batch."""
+class _Stop(Exception):
+    """The worker is done: the trainer closed it, or is gone."""
+
+
+def _parent_alive(ppid: int) -> bool:
+    parent = mp.parent_process()
+    if parent is not None:
+        return parent.is_alive()
+    return os.getppid() == ppid  # re-parented: the trainer is gone
+
+
+def _receive(weights: mp.Queue, wait: bool, ppid: int):
+    """The next message from the trainer; with `wait`, for as long as the trainer lives (no timeout:
+    an evaluation or a checkpoint may keep it busy), else None when none is waiting. Raises _Stop when
+    the trainer closes the worker or is gone."""
+    while True:
+        try:
+            message = weights.get(timeout=POLL_SECONDS) if wait else weights.get_nowait()
+        except queue.Empty:
+            if not wait:
+                return None
+            if not _parent_alive(ppid):
+                raise _Stop from None  # nobody to sample for
+            continue
+        if message is None:
+            raise _Stop
+        return message
+
+
+def serve(factory: Callable, cfg, names: list[str], first_index: int, last_index: int, sampler_state: dict,
+          max_staleness: int, threads: int, weights: mp.Queue, batches: mp.Queue) -> None:
+    """The worker process: builds its side with `factory(cfg)`, samples batches `first_index` ..
+    `last_index` - 1, then waits until the trainer closes it (or is gone), so that everything it sent
+    can be read. Its exit never waits for the trainer to read the queue (a trainer killed with an
+    unread batch in the pipe would block it forever)."""
+    batches.cancel_join_thread()
+    ppid = os.getppid()
     try:
-        torch.set_num_threads(threads)
-        side = factory(cfg)
-        params = named_parameters(side.modules, names)
-        state = RunState.fresh(0, 0)
-        state.load_state_dict({"iteration": first_index, **sampler_state})
-        version, index = -1, first_index
-        while True:
-            waited = 0.0
-            while True:  # the newest weights sent; wait for one recent enough for this batch
-                need = version < index - max_staleness
-                try:
-                    message = weights.get(timeout=POLL_SECONDS) if need else weights.get_nowait()
-                except queue.Empty:
-                    if not need:
+        try:
+            torch.set_num_threads(threads)
+            side = factory(cfg)
+            params = named_parameters(side.modules, names)
+            state = RunState.fresh(0, 0)
+            state.load_state_dict({"iteration": first_index, **sampler_state})
+            version = -1
+            for index in range(first_index, last_index):
+                while True:  # the newest weights sent; wait for one recent enough for this batch
+                    message = _receive(weights, version < index - max_staleness, ppid)
+                    if message is None:
                         break
-                    waited += POLL_SECONDS
-                    parent = mp.parent_process()
-                    if parent is not None and not parent.is_alive():
-                        return  # the trainer is gone: nobody to sample for
-                    if waited >= timeout:
-                        batches.put(("error", f"the rollout worker got no weights of version >= {index - max_staleness} "
-                                              f"within train.worker_timeout={timeout:g} s"))
-                        return
-                    continue
-                if message is None:
-                    return
-                version, flat = message
-                load_flat(params, flat)
-                del flat
-            t0 = time.perf_counter()
-            rollout = side.collect(index, state.rng, state.generator)
-            rollout = replace(rollout, policy_version=torch.full((len(rollout),), version, dtype=torch.long))
-            held = checksum(flatten(params))
-            sampled = state.state_dict()
-            sampled.pop("iteration")
-            batches.put(("batch", Batch(index, version, held, rollout, sampled, time.perf_counter() - t0)))
-            index += 1
-    except KeyboardInterrupt:
+                    version, flat = message
+                    load_flat(params, flat)
+                    del flat
+                t0 = time.perf_counter()
+                rollout = side.collect(index, state.rng, state.generator)
+                rollout = replace(rollout, policy_version=torch.full((len(rollout),), version, dtype=torch.long))
+                held = checksum(flatten(params))
+                sampled = state.state_dict()
+                sampled.pop("iteration")
+                batches.put(("batch", Batch(index, version, held, rollout, sampled, time.perf_counter() - t0)))
+        except _Stop:
+            return
+        except Exception as e:  # noqa: BLE001  (any failure reaches the trainer as one line)
+            line = (str(e).splitlines() or [type(e).__name__])[0][:300]
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            batches.put(("error", f"the rollout worker failed: {type(e).__name__}: {line} ({where.filename}:{where.lineno})"))
+        while True:  # everything is sent (versions that still arrive are not needed)
+            _receive(weights, True, ppid)
+    except (_Stop, KeyboardInterrupt):
         return
-    except Exception as e:  # noqa: BLE001  (any failure reaches the trainer as one line)
-        line = (str(e).splitlines() or [type(e).__name__])[0][:300]
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        batches.put(("error", f"the rollout worker failed: {type(e).__name__}: {line} ({where.filename}:{where.lineno})"))
+
+
+def worker_generators(seed: int, first_index: int = 0) -> dict:
+    """The generators (`RunState.state_dict`'s `rng` and `generator`) of a worker that starts at batch
+    `first_index` with no saved ones: a stream of their own, spawned from `train.seed`, never the
+    trainer's (`RunState.fresh`), whose generator also shuffles minibatches."""
+    sequence = np.random.SeedSequence(seed, spawn_key=(WORKER_STREAM, first_index))
+    generator = torch.Generator().manual_seed(int(sequence.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+    return {"rng": np.random.default_rng(sequence).bit_generator.state, "generator": generator.get_state().tolist()}
 
 
 def start_worker(factory: Callable, cfg, state: RunState, modules: dict[str, torch.nn.Module], learners: dict,
                  threads: int) -> "AsyncRollouts | None":
     """The rollout worker of a run whose state is `state` (None with train.max_staleness = 0, or when
     nothing is left to train): it receives the parameters that the `learners`' optimizers hold, by the
-    agent names of `modules`, and continues the generators of `state.sampler` (a fresh run: the run's own)."""
+    agent names of `modules`, and continues the generators of `state.sampler` (a fresh worker: its own
+    stream, `worker_generators`)."""
     if not cfg.train.max_staleness or state.iteration >= cfg.train.iterations:
         return None
     trained = {name: [p for group in learners[name].optimizer.param_groups for p in group["params"]] for name in modules}
-    sampler = state.sampler or {k: v for k, v in state.state_dict().items() if k in ("rng", "generator")}
+    sampler = state.sampler or worker_generators(cfg.train.seed, state.iteration)
     return AsyncRollouts(factory, cfg, modules, trained, state.iteration, sampler, threads)
 
 
@@ -199,7 +248,7 @@ class AsyncRollouts:
         """`modules` by agent name and the `parameters` of each that train (what is sent);
         `factory` (a module-level function, run in the worker) builds the worker's `WorkerSide`."""
         t = cfg.train
-        self.max_staleness, self.timeout = t.max_staleness, t.worker_timeout
+        self.max_staleness, self.timeout, self.iterations = t.max_staleness, t.worker_timeout, t.iterations
         by_param = {id(p): f"{agent}/{n}" for agent, m in modules.items() for n, p in m.named_parameters()}
         self.names = [by_param[id(p)] for agent in modules for p in parameters[agent]]
         self.params = named_parameters(modules, self.names)
@@ -207,11 +256,15 @@ class AsyncRollouts:
         self.flats: dict[int, torch.Tensor] = {}
         """The weights of the versions a batch may still come from (the last k + 1)."""
         self.version = first_index
+        self.received = first_index - 1
+        """The last batch index the worker sent."""
         ctx = mp.get_context("spawn")
         self.weights, self.batches = ctx.Queue(), ctx.Queue()
         self.process = ctx.Process(target=serve, name="cory-rollout-worker", daemon=True,
-                                   args=(factory, cfg, self.names, first_index, sampler_state, t.max_staleness, threads,
-                                         t.worker_timeout, self.weights, self.batches))
+                                   args=(factory, cfg, self.names, first_index, t.iterations, sampler_state, t.max_staleness,
+                                         threads, self.weights, self.batches))
+        self.exitcode: int | None = None
+        """The worker's exit code once closed (0: it stopped when told)."""
         self.process.start()
         self.publish(first_index)
 
@@ -225,6 +278,16 @@ class AsyncRollouts:
         self.weights.put((version, flat))
         return time.perf_counter() - t0
 
+    def take(self, index: int, logprobs_of: Callable[[Rollout], torch.Tensor]) -> Batch:
+        """Batch `index` to train on, checked (`next`, then `verify` with `logprobs_of`); its
+        `metrics` hold the time the trainer waited for it and the measured behaviour gap. After it
+        trained, `trained` hands the new weights to the worker."""
+        t0 = time.perf_counter()
+        batch = self.next(index)
+        waited = time.perf_counter() - t0
+        batch.metrics = {"async/wait": waited, "async/behaviour_gap": self.verify(batch, logprobs_of)}
+        return batch
+
     def next(self, index: int) -> Batch:
         """Batch `index`, checked: RunError (one line) if the worker died, failed, sent nothing
         within the timeout, or sent samples too stale or from weights it was not sent."""
@@ -235,14 +298,21 @@ class AsyncRollouts:
                 break
             except queue.Empty:
                 if not self.process.is_alive():
-                    raise RunError(f"the rollout worker died (exit code {self.process.exitcode}) before sending batch {index}; "
-                                   "the last checkpoint is kept: continue with --resume") from None
+                    raise RunError(self._died(index)) from None
                 if time.monotonic() > deadline:
                     raise RunError(f"the rollout worker sent no batch {index} within train.worker_timeout={self.timeout:g} s; "
                                    "the last checkpoint is kept: continue with --resume") from None
+            except Exception as e:  # noqa: BLE001  (a batch's tensors are fetched from the worker as it is read)
+                self.process.join(POLL_SECONDS)  # a worker killed after it sent the batch: its tensors are gone with it
+                if not self.process.is_alive():
+                    raise RunError(self._died(index)) from None
+                line = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                raise RunError(f"batch {index} from the rollout worker cannot be read ({type(e).__name__}: {line}); "
+                               "the last checkpoint is kept: continue with --resume") from None
         if kind == "error":
             raise RunError(f"{payload}; the last checkpoint is kept")
         batch: Batch = payload
+        self.received = batch.index
         if batch.index != index:
             raise RunError(f"the rollout worker sent batch {batch.index} where batch {index} was due")
         oldest = int(batch.rollout.policy_version.min())
@@ -255,14 +325,18 @@ class AsyncRollouts:
         batch.rollout = replace(batch.rollout, engine_logprobs=batch.rollout.logprobs)
         return batch
 
-    def trained(self, batch: Batch, state: RunState, iterations: int) -> dict[str, float]:
-        """After `batch` trained (state.iteration counts it): the worker's generators go into the run
-        state (for the checkpoint), the new weights to the worker (unless it was the last iteration);
-        returns the iteration's version metrics."""
+    def _died(self, index: int) -> str:
+        return (f"the rollout worker died (exit code {self.process.exitcode}) before sending batch {index}; "
+                "the last checkpoint is kept: continue with --resume")
+
+    def trained(self, batch: Batch, state: RunState) -> dict[str, float]:
+        """After `batch` (from `take`) trained (state.iteration counts it): the worker's generators go
+        into the run state (for the checkpoint), the new weights to the worker (unless it was the
+        last iteration); returns the iteration's async metrics (`take`'s checks and the versions)."""
         state.sampler = batch.sampler_state
-        published = self.publish(state.iteration) if state.iteration < iterations else 0.0
+        published = self.publish(state.iteration) if state.iteration < self.iterations else 0.0
         oldest = int(batch.rollout.policy_version.min())
-        return {"async/version_min": oldest, "async/version_max": int(batch.rollout.policy_version.max()),
+        return {**(batch.metrics or {}), "async/version_min": oldest, "async/version_max": int(batch.rollout.policy_version.max()),
                 "async/staleness_max": batch.index - oldest, "async/publish": published}
 
     def verify(self, batch: Batch, logprobs_of: Callable[[Rollout], torch.Tensor]) -> float:
@@ -288,20 +362,23 @@ class AsyncRollouts:
         return gap
 
     def close(self) -> None:
-        """Stops the worker (it holds nothing to save: batches in flight are dropped)."""
+        """Stops the worker (it holds nothing to save: batches in flight are dropped). A worker that
+        sent its last batch is idle and exits when told; one that is still sampling is terminated
+        after a second."""
         if self.process is None:
             return
         try:
             self.weights.put(None)
         except (OSError, ValueError):
             pass
-        self.process.join(1)
+        self.process.join(min(self.timeout, 30.0) if self.received >= self.iterations - 1 else POLL_SECONDS)
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(2)
         if self.process.is_alive():  # a stopped process takes no SIGTERM
             self.process.kill()
             self.process.join(5)
+        self.exitcode = self.process.exitcode
         for q in (self.weights, self.batches):
             q.cancel_join_thread()
             q.close()

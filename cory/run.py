@@ -50,8 +50,11 @@ RUN_ENTRIES = (RUN_FILE, "config.yaml", HISTORY_FILE, "metrics.jsonl", "eval.jso
                "final", "agents", "cory", "plots")
 """What a run writes in its directory: any of these means the directory holds a run."""
 RESUMABLE_KEYS = ("train.iterations", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
-                  "train.log_with", "train.progress", "train.num_threads", "train.max_staleness", "train.worker_timeout")
-"""Config keys that --resume may change (recorded in config_history.jsonl); others need --force."""
+                  "train.log_with", "train.progress", "train.num_threads", "train.worker_timeout")
+"""Config keys that --resume may change (recorded in config_history.jsonl); others need --force.
+Not train.max_staleness: the synchronous loop samples with the trainer's generators, an asynchronous
+run with the worker's (`RunState.sampler`), so a change of k changes the data stream (forced to 0,
+the trainer takes the worker's generators over: `Run._start`)."""
 
 
 def check_output_dir(output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
@@ -439,6 +442,10 @@ class Run:
             for learner in self.learners.values():  # a forced change of weight decay takes effect (lr is set each step)
                 for group in learner.optimizer.param_groups:
                     group["weight_decay"] = self.cfg.algo.weight_decay
+            if self.state.sampler is not None and not self.cfg.train.max_staleness:
+                # An asynchronous run forced on synchronously: the trainer samples the next batch, so it
+                # continues the prompt and token streams of the worker that sampled the last one.
+                self.state.load_state_dict({**self.state.state_dict(), **self.state.sampler, "sampler": None})
             if self.is_main:
                 _truncate_jsonl(self.metrics_path, self.state.iteration)
                 # The final evaluation of a finished run is redone (and its row rewritten) below.

@@ -95,21 +95,20 @@ class TrainingRun(Run):
     def iterate(self) -> dict:
         """One rollout and one learner step; returns the iteration's metrics (mean over processes)."""
         t0 = time.perf_counter()
-        state, rollouts, checked = self.state, self.rollouts, {}
+        state, rollouts = self.state, self.rollouts
         if rollouts is None:
             rollout = self.sampler.collect(self.cfg.train.batch_size, state.rng, state.generator, group_size=self.algorithm.group_size)
             t_gen = time.perf_counter() - t0
         else:  # sampled by the worker while the previous iterations trained
-            batch = rollouts.next(state.iteration)
+            batch = rollouts.take(state.iteration, self.learner.sampled_logprobs)
             rollout, t_gen = batch.rollout, batch.seconds
-            checked = {"async/wait": time.perf_counter() - t0, "async/behaviour_gap": rollouts.verify(batch, self.learner.sampled_logprobs)}
         self.backend.pause()  # vLLM on a GPU: sleep while the trainer trains
         n_generated = int(rollout.response_mask.sum())
         _, metrics = self.learner.step(rollout, state.iteration, state.generator)
         self.backend.mark_stale()  # the engine gets the new weights before the next rollout
         state.iteration += 1
         if rollouts is not None:
-            metrics.update({**checked, **rollouts.trained(batch, state, self.cfg.train.iterations)})
+            metrics.update(rollouts.trained(batch, state))
         metrics.update({"time/generate": t_gen, "time/iteration": time.perf_counter() - t0,
                         "tokens_per_s/generate": n_generated / max(t_gen, 1e-9)})
         return reduce_metrics(self.accelerator, metrics)

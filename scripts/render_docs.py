@@ -805,34 +805,36 @@ def trunk_section(headline: list) -> list[str]:
 
 
 def async_section(a: dict, headline: list) -> list[str]:
-    """Asynchronous rollouts (benchmarks/async.py): iterations per hour and reward per sample by k."""
-    s, runs = a["settings"], a["runs"]
-    base = {r["seed"]: r for r in runs if r["k"] == 0}
-    ks = sorted({r["k"] for r in runs})
+    """Asynchronous rollouts (benchmarks/async.py): iterations per hour and reward per sample by mode,
+    the speed-ups paired by seed against each synchronous baseline (the summary the script wrote)."""
+    s, summary, baseline = a["settings"], a["summary"], a["baseline"]
+    bases = [m for m, x in summary.items() if x["k"] == 0]
     lines = ["## Asynchronous rollouts", "",
-             f"`python benchmarks/async.py {s['argv']}` ({a['date']}): `cory:smollm2-135m-instruct`, sentiment with chat "
-             f"prompts, VADER reward, GRPO (group 4), LoRA r 8, {s['batch_size']} prompts x 4 samples and at most "
-             f"{s['new_tokens']} new tokens per iteration, {s['iterations']} iterations, seeds {', '.join(map(str, s['seeds']))}; "
-             "trainer and rollout worker one thread each, the synchronous run (k = 0) one thread. Iterations per hour are "
-             "3600 / the median seconds per iteration, leaving out the first iteration (the worker's start); reward per sample is the mean training reward over all "
-             "iterations; speed-up and reward difference are paired by seed. The machine was shared with other work: the "
-             "1-minute load averages before and after each run are listed, and the timings move with them.", ""]
+             f"`python benchmarks/async.py {s['argv']}` ({a['date']}, {a['cpus']} CPUs): `cory:smollm2-135m-instruct`, "
+             f"sentiment with chat prompts, VADER reward, GRPO (group 4), LoRA r 8, {s['batch_size']} prompts x 4 samples "
+             f"and at most {s['new_tokens']} new tokens per iteration, {s['iterations']} iterations, seeds "
+             f"{', '.join(map(str, s['seeds']))}. The synchronous run (k = 0) is measured with one thread and with two (the "
+             f"whole machine); an asynchronous run gives the trainer and the rollout worker {s['async_threads']} thread each. "
+             "Iterations per hour are 3600 / the median seconds per iteration, leaving out the first (the worker's start); "
+             "reward per sample is the mean training reward over all iterations. Speed-ups and reward differences are "
+             f"paired by seed, against each baseline; the headline is against `{baseline}`. The 1-minute load averages "
+             "before and after each run are listed.", ""]
     rows = []
-    for k in ks:
-        rs = [r for r in runs if r["k"] == k]
-        speed = ci([r["iterations_per_hour"] / base[r["seed"]]["iterations_per_hour"] for r in rs]) if k else None
-        reward_diff = ci([r["reward_per_sample"] - base[r["seed"]]["reward_per_sample"] for r in rs]) if k else None
-        rows.append([str(k), fmt(ci([r["iterations_per_hour"] for r in rs]), 0), f"{fmt(speed, 2)}x" if k else "1x",
-                     fmt(ci([r["reward_per_sample"] for r in rs])), fmt(reward_diff, 3, sign=True) if k else "-",
-                     str(max(r.get("staleness_max", 0) for r in rs)),
-                     ", ".join(f"{r['load_before']:.1f}/{r['load_after']:.1f}" for r in rs)])
-        if k == max(ks) and k:
-            equal = "equal within the interval" if sig(reward_diff) == 0 else "different"
-            headline.append([f"asynchronous rollouts (k = {k}), SmolLM2 on 2 CPU cores",
-                             f"{fmt(speed, 2)}x the synchronous iterations per hour (goal >= 1.4x: {against_target(speed, 1.4)}); "
-                             f"reward per sample {fmt(reward_diff, 3, sign=True)} ({equal})"])
-    lines += table(["k", "iterations / hour", "speed-up", "reward per sample", "reward - k = 0's", "max staleness",
-                    "load averages (before/after)"], rows)
+    for m, x in summary.items():
+        speeds = [f"{fmt(x['speedup_vs'][b], 2)}x" if x["k"] and b in x["speedup_vs"] else "-" for b in bases]
+        diff = fmt(x["reward_diff_vs"][baseline], 3, sign=True) if x["k"] and baseline in x["reward_diff_vs"] else "-"
+        rows.append([m, fmt(x["iterations_per_hour"], 0), *speeds, fmt(x["reward_per_sample"]), diff,
+                     ", ".join(f"{v:.1f}" for v in x["load"])])
+    lines += table(["mode", "iterations / hour", *[f"speed-up vs {b}" for b in bases], "reward per sample",
+                    f"reward - {baseline}'s", "load averages"], rows)
+    ks = [m for m, x in summary.items() if x["k"] and "speedup" in x]
+    if ks:
+        best = max(ks, key=lambda m: summary[m]["speedup"][0])
+        x = summary[best]
+        equal = "equal within the interval" if sig(x["reward_diff"]) == 0 else "different"
+        headline.append([f"asynchronous rollouts ({best}), SmolLM2 on 2 CPU cores",
+                         f"{fmt(x['speedup'], 2)}x the iterations per hour of `{baseline}` (goal >= 1.4x: "
+                         f"{against_target(x['speedup'], 1.4)}); reward per sample {fmt(x['reward_diff'], 3, sign=True)} ({equal})"])
     return lines
 
 

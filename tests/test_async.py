@@ -6,19 +6,26 @@ import json
 import multiprocessing
 import os
 import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import async_faults
 from conftest import micro_overrides
+from cory import rollout_worker
 from cory import train as train_module
 from cory.cli import main
 from cory.config import load_config
 from cory.errors import UsageError
 from cory.learner import Learner
+from cory.rollout import Sampler
 from cory.rollout_worker import AsyncRollouts
+from cory.run import RunState
 
 
 def run(tmp_path, out, *flags, **extra):
@@ -43,10 +50,47 @@ def trained(monkeypatch):
     return seen
 
 
-def test_max_staleness_0_is_the_synchronous_loop_bit_for_bit(tmp_path, micro_lm, micro_rm, trained):
-    run(tmp_path, tmp_path / "sync")
+@pytest.fixture
+def workers(monkeypatch):
+    """Every AsyncRollouts (the trainer's side of a worker) started in this process."""
+    started = []
+    init = AsyncRollouts.__init__
+
+    def recording(self, *args, **kwargs):
+        started.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncRollouts, "__init__", recording)
+    return started
+
+
+def rollout_workers() -> list:
+    """The live rollout worker processes of this process (other tests may leave other children)."""
+    return [p for p in multiprocessing.active_children() if p.name == "cory-rollout-worker"]
+
+
+def test_max_staleness_0_starts_no_worker_and_is_the_synchronous_loop_bit_for_bit(tmp_path, micro_lm, micro_rm, trained,
+                                                                                monkeypatch):
+    """k = 0 against a run whose trainer never enters cory.rollout_worker (start_worker replaced by
+    None): the same metrics and weights, and no worker process at any step of either (a worker's
+    start raises)."""
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a rollout worker was started")
+
+    monkeypatch.setattr(AsyncRollouts, "__init__", no_worker)
+    workers_seen = []
+    step = Learner.step
+
+    def watching(self, rollout, iteration=0, generator=None):
+        workers_seen.append(rollout_workers())
+        return step(self, rollout, iteration, generator)
+
+    monkeypatch.setattr(Learner, "step", watching)
     assert run(tmp_path, tmp_path / "k0", **{"train.max_staleness": 0}) == 0
-    assert all(versions is None for _, versions in trained)  # sampled by the trainer itself: no worker
+    monkeypatch.setattr(train_module, "start_worker", lambda *args, **kwargs: None)  # nothing of cory.rollout_worker runs
+    assert run(tmp_path, tmp_path / "sync") == 0
+    assert len(trained) == 4 and all(versions is None for _, versions in trained)  # sampled by the trainer itself
+    assert workers_seen == [[]] * 4
     a, b = rows(tmp_path / "sync"), rows(tmp_path / "k0")
     drop = ("time/", "tokens_per_s/")
     assert [{k: v for k, v in r.items() if not k.startswith(drop)} for r in a] == \
@@ -136,13 +180,15 @@ def test_a_worker_that_keeps_serving_old_weights_stops_the_run(tmp_path, capsys,
     assert "log-probs are not those of weights version 1" in err
 
 
-def test_killing_the_worker_stops_the_run_in_one_line_and_it_resumes(tmp_path, capsys, micro_lm, micro_rm, monkeypatch, trained):
+def test_killing_the_worker_stops_the_run_in_one_line_and_it_resumes(tmp_path, capsys, micro_lm, micro_rm, monkeypatch, trained,
+                                                                      workers):
+    """The worker is killed while batch 2 trains; it may or may not have sent batch 3 (whose tensors
+    die with it: the trainer cannot read them) - either way the run stops with the same line."""
     step = Learner.step
 
     def kill_at_2(self, rollout, iteration=0, generator=None):
         if iteration == 2:
-            [worker] = multiprocessing.active_children()
-            os.kill(worker.pid, signal.SIGKILL)
+            os.kill(workers[-1].process.pid, signal.SIGKILL)
         return step(self, rollout, iteration, generator)
 
     monkeypatch.setattr(Learner, "step", kill_at_2)
@@ -152,6 +198,7 @@ def test_killing_the_worker_stops_the_run_in_one_line_and_it_resumes(tmp_path, c
     assert run(tmp_path, out, **settings) == 1
     [err] = capsys.readouterr().err.strip().splitlines()
     assert "the rollout worker died (exit code -9)" in err and "--resume" in err
+    assert workers[-1].exitcode == -signal.SIGKILL
     done = sorted(p.name for p in (out / "checkpoints").iterdir() if (p / "DONE").exists())
     assert done[-1] in ("iter_000003", "iter_000004")  # batch 3 may have been sent before the kill
     last = out / "checkpoints" / done[-1]
@@ -167,6 +214,149 @@ def test_killing_the_worker_stops_the_run_in_one_line_and_it_resumes(tmp_path, c
     first_iteration, first_versions = trained[0]
     assert first_iteration == resumed_at and (first_versions == resumed_at).all()
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_the_worker_waits_for_weights_while_the_trainer_is_busy_longer_than_the_timeout(tmp_path, micro_lm, micro_rm,
+                                                                                         monkeypatch, trained, workers):
+    """The initial evaluation keeps the trainer busy for 3 x train.worker_timeout after the worker
+    (k = 1) sent batches 0 and 1 and started to wait for version 1 (which follows iteration 0): the
+    worker keeps waiting, and the run ends normally."""
+    timeout = 1.0
+    taken = {}
+    next_batch = AsyncRollouts.next
+    monkeypatch.setattr(AsyncRollouts, "next", lambda self, index: taken.pop(index) if index in taken else next_batch(self, index))
+    evaluate = train_module.TrainingRun.evaluate_all
+
+    def busy_first_evaluation(self):
+        if self.state.iteration == 0:
+            # The trainer's own patience is not under test (nor the worker's start-up time): only the
+            # worker's, which got train.worker_timeout = 1 s before the fix.
+            self.rollouts.timeout = 120.0
+            taken.update({i: next_batch(self.rollouts, i) for i in (0, 1)})  # the worker now waits for version 1
+            time.sleep(3 * timeout)  # the trainer is busy (a long evaluation or checkpoint)
+        return evaluate(self)
+
+    monkeypatch.setattr(train_module.TrainingRun, "evaluate_all", busy_first_evaluation)
+    out = tmp_path / "run"
+    assert run(tmp_path, out, **{"train.max_staleness": 1, "train.iterations": 3, "train.worker_timeout": timeout}) == 0
+    assert [i for i, _ in trained] == [0, 1, 2] and not taken
+    assert [int(v.max()) for _, v in trained][:2] == [0, 0] and int(trained[2][1].min()) >= 1  # batch 2 waited for version 1
+    assert workers[-1].exitcode == 0
+
+
+def test_the_worker_samples_only_the_batches_the_trainer_takes_and_stops_when_closed(tmp_path, micro_lm, micro_rm, monkeypatch,
+                                                                                    trained, workers):
+    """k = 2: no batch after the last iteration's is sampled, and the worker, idle once it sent the
+    last one, exits by itself when the run closes it (exit code 0, not a signal)."""
+    log = tmp_path / "sampled"
+    monkeypatch.setenv(async_faults.SAMPLED_LOG, str(log))
+    monkeypatch.setattr(train_module, "rollout_side", async_faults.side_recording_batches)
+    assert run(tmp_path, tmp_path / "run", **{"train.max_staleness": 2, "train.iterations": 3}) == 0
+    assert [i for i, _ in trained] == [0, 1, 2]
+    assert async_faults.sampled_indices(log) == [0, 1, 2]
+    assert workers[-1].exitcode == 0 and not rollout_workers()
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie that its new parent did not reap yet counts)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def test_a_worker_exits_when_its_trainer_is_killed_with_a_batch_unread(tmp_path, monkeypatch):
+    """A trainer process that never reads is SIGKILLed once its worker samples a batch larger than
+    the pipe's buffer: the worker exits on its own (its queue does not hold up its exit)."""
+    log, pid_file = tmp_path / "sampled", tmp_path / "worker.pid"
+    monkeypatch.setenv(async_faults.SAMPLED_LOG, str(log))
+    cfg = load_config(None, ["train.max_staleness=1", "train.iterations=4"])
+    trainer = multiprocessing.get_context("spawn").Process(target=async_faults.trainer_that_never_reads, args=(cfg, str(pid_file)))
+    trainer.start()
+    worker = None
+    try:
+        deadline = time.monotonic() + 120
+        while not async_faults.sampled_indices(log):  # the worker is sampling batch 0
+            assert trainer.is_alive() and time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        worker = int(pid_file.read_text())
+        os.kill(trainer.pid, signal.SIGKILL)
+        trainer.join()
+        deadline = time.monotonic() + 30
+        while not _gone(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(worker), "the orphaned rollout worker is still running"
+    finally:
+        if trainer.is_alive():
+            trainer.kill()
+            trainer.join()
+        if worker is not None and not _gone(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def _draws(sampler: dict, n: int = 64) -> tuple[np.ndarray, torch.Tensor]:
+    rng = np.random.default_rng()
+    rng.bit_generator.state = sampler["rng"]
+    generator = torch.Generator()
+    generator.set_state(torch.tensor(sampler["generator"], dtype=torch.uint8))
+    return rng.random(n), torch.rand(n, generator=generator)
+
+
+def test_a_fresh_worker_draws_from_a_random_stream_of_its_own(monkeypatch):
+    """Not a copy of the trainer's generators (whose torch generator shuffles minibatches): distinct
+    streams, the same for the same seed, another for another seed; a saved one is continued."""
+    started = []
+    monkeypatch.setattr(rollout_worker, "AsyncRollouts", lambda *args: started.append(args) or args)
+    module = torch.nn.Linear(2, 2)
+    learner = SimpleNamespace(optimizer=torch.optim.SGD(module.parameters(), lr=0.1))
+
+    def worker_streams(seed, state=None):
+        cfg = load_config(None, ["train.max_staleness=1", f"train.seed={seed}"])
+        state = state or RunState.fresh(seed, 0)
+        before = json.dumps(state.state_dict())
+        rollout_worker.start_worker(None, cfg, state, {"policy": module}, {"policy": learner}, 1)
+        assert json.dumps(state.state_dict()) == before  # the trainer's generators are left as they were
+        return started[-1][5]
+
+    trainer = _draws(RunState.fresh(3, 0).state_dict())
+    worker = _draws(worker_streams(3))
+    assert not np.isin(worker[0], trainer[0]).any() and not torch.isin(worker[1], trainer[1]).any()
+    again, other = _draws(worker_streams(3)), _draws(worker_streams(4))
+    assert np.array_equal(again[0], worker[0]) and torch.equal(again[1], worker[1])
+    assert not np.isin(other[0], worker[0]).any() and not torch.isin(other[1], worker[1]).any()
+    resumed = RunState.fresh(3, 0)
+    resumed.sampler = worker_streams(4)
+    assert worker_streams(3, resumed) is resumed.sampler  # a resumed worker continues the saved generators
+
+
+def test_max_staleness_cannot_change_on_resume_and_forced_to_0_the_trainer_continues_the_workers_streams(
+        tmp_path, capsys, micro_lm, micro_rm, monkeypatch, trained):
+    out = tmp_path / "run"
+    assert run(tmp_path, out, **{"train.max_staleness": 1, "train.iterations": 2}) == 0
+    for k, shown in ((0, "train.max_staleness (1 -> 0)"), (2, "train.max_staleness (1 -> 2)")):
+        capsys.readouterr()
+        assert run(tmp_path, out, "--resume", **{"train.max_staleness": k, "train.iterations": 3}) == 2
+        [err] = capsys.readouterr().err.strip().splitlines()
+        assert shown in err and "--force" in err
+    saved = json.loads((out / "checkpoints" / "iter_000002" / "run_state_rank0.json").read_text())["sampler"]
+    drawn = []
+    collect = Sampler.collect
+
+    def recording(self, n, rng, generator=None, group_size=1):
+        drawn.append((rng.bit_generator.state, generator.get_state().tolist()))
+        return collect(self, n, rng, generator, group_size)
+
+    monkeypatch.setattr(Sampler, "collect", recording)
+    trained.clear()
+    assert run(tmp_path, out, "--resume", "--force", **{"train.max_staleness": 0, "train.iterations": 3}) == 0
+    # The synchronous trainer samples batch 2 where the worker would have: with its generators.
+    assert drawn[0] == (saved["rng"], saved["generator"])
+    assert [(i, v) for i, v in trained] == [(2, None)]
+    assert [r["iteration"] for r in rows(out)] == [1, 2, 3]
+    assert "sampler" not in json.loads((out / "checkpoints" / "iter_000003" / "run_state_rank0.json").read_text())
+    last = json.loads((out / "config_history.jsonl").read_text().splitlines()[-1])
+    assert last["forced"] and last["changed"]["train.max_staleness"] == [1, 0]
 
 
 @pytest.mark.parametrize("overrides,message", [
