@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -823,10 +824,14 @@ def async_section(a: dict, headline: list) -> list[str]:
     for m, x in summary.items():
         speeds = [f"{fmt(x['speedup_vs'][b], 2)}x" if x["k"] and b in x["speedup_vs"] else "-" for b in bases]
         diff = fmt(x["reward_diff_vs"][baseline], 3, sign=True) if x["k"] and baseline in x["reward_diff_vs"] else "-"
+        mine = [r for r in a["runs"] if r["mode"] == m]
         rows.append([m, fmt(x["iterations_per_hour"], 0), *speeds, fmt(x["reward_per_sample"]), diff,
+                     num(statistics.median(r["generate_s"] for r in mine), 2), num(statistics.median(r["update_s"] for r in mine), 2),
                      ", ".join(f"{v:.1f}" for v in x["load"])])
     lines += table(["mode", "iterations / hour", *[f"speed-up vs {b}" for b in bases], "reward per sample",
-                    f"reward - {baseline}'s", "load averages"], rows)
+                    f"reward - {baseline}'s", "generation s", "update s", "load averages"], rows)
+    lines += ["Generation and update: the median over seeds of each run's median seconds per iteration (for k > 0, "
+              "the worker's sampling of a batch and the trainer's update, which overlap).", ""]
     ks = [m for m, x in summary.items() if x["k"] and "speedup" in x]
     if ks:
         best = max(ks, key=lambda m: summary[m]["speedup"][0])

@@ -116,19 +116,32 @@ def test_a_distilled_student_moves_its_exact_kl_to_the_teacher_down(tmp_path, mi
 
 def test_a_teacher_reward_combines_with_task_rewards_cory_and_environments(tmp_path, micro_lm, micro_rm, teacher):
     """The teacher's reward beside a task reward (ppo), in CORY (each agent graded by the teacher)
-    and in a multi-turn bandit (every turn's tokens graded): each trains and logs its teacher KL."""
+    and in a multi-turn bandit (every turn's tokens graded): each logs its teacher KL, and the
+    teacher's term reaches the objective: against the same run with distill.coef=0 (the same samples
+    in the first iteration, before any update) the first iteration's losses differ and the task
+    rewards do not."""
     runs = {
-        "ppo": {"algo.name": "ppo", "distill.teacher": TEACHER, "distill.coef": 0.1},
-        "cory": {"cory.enabled": True, "distill.teacher": TEACHER, "distill.estimator": "full"},
-        "bandit": {"env.id": "cory/Bandit-v0", "env.kwargs": "{n_arms: 3, horizon: 2, history: 1, cot: false}",
-                   "env.eval_episodes": 2, "algo.name": "distill", "distill.teacher": TEACHER, "distill.task_coef": 1.0},
+        "ppo": ({"algo.name": "ppo", "distill.teacher": TEACHER}, 0.1),
+        "cory": ({"cory.enabled": True, "distill.teacher": TEACHER, "distill.estimator": "full"}, 1.0),
+        "bandit": ({"env.id": "cory/Bandit-v0", "env.kwargs": "{n_arms: 3, horizon: 2, history: 1, cot: false}",
+                    "env.eval_episodes": 2, "algo.name": "distill", "distill.teacher": TEACHER, "distill.task_coef": 1.0}, 1.0),
     }
-    for name, extra in runs.items():
-        out = tmp_path / name
-        assert main(["train", "--output-dir", str(out), *micro_overrides(tmp_path, **{"train.batch_size": 4, **extra})]) == 0
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        keys = [k for k in rows[-1] if k.endswith("teacher_kl_mean")]
-        assert keys and all(rows[-1][k] > 0 for k in keys), (name, rows[-1])
+    for name, (extra, coef) in runs.items():
+        first = {}
+        for c in (coef, 0.0):
+            out = tmp_path / f"{name}_{c}"
+            overrides = micro_overrides(tmp_path, **{"train.batch_size": 4, **extra, "distill.coef": c})
+            assert main(["train", "--output-dir", str(out), *overrides]) == 0
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            first[c] = rows[0]
+            if c:
+                keys = [k for k in rows[-1] if k.endswith("teacher_kl_mean")]
+                assert keys and all(rows[-1][k] > 0 for k in keys), (name, rows[-1])
+        losses = [k for k in first[coef] if "loss/" in k and k in first[0.0]]
+        rewards = [k for k in first[coef] if k.split("/")[-1] == "reward_mean" and k in first[0.0]]
+        assert losses and rewards, (name, sorted(first[coef]))
+        assert any(first[coef][k] != first[0.0][k] for k in losses), (name, {k: (first[coef][k], first[0.0][k]) for k in losses})
+        assert all(first[coef][k] == first[0.0][k] for k in rewards), (name, {k: (first[coef][k], first[0.0][k]) for k in rewards})
 
 
 def test_a_teacher_with_another_tokenizer_is_refused_in_one_line(tmp_path, capsys, micro_lm, micro_rm, micro_arith):
