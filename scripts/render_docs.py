@@ -316,7 +316,28 @@ def cory_page() -> tuple[str, list[list[str]]]:
                     verdict = (f"claim (a) at equal iterations {a_it[0]}: CORY - PPO reward {fmt(a_it[1], 2, sign=True)}, "
                                f"KL {fmt(a_it[2], 1, sign=True)}")
                 headline.append([f"CORY vs PPO, {what}", verdict])
+    lines += cory_pilot_section()
     return "\n".join(lines), headline
+
+
+def cory_pilot_section() -> list[str]:
+    """The pilot of the next real-model experiment (benchmarks/cory_pilot.py): does single-agent RL learn?"""
+    if not (RESULTS / "cory_pilot.json").exists():
+        return []
+    d = load("cory_pilot")
+    s = d["settings"]
+    lines = ["## The pilot of the next real-model experiment", "",
+             "The SmolLM2 runs above are too short for either method to learn. Before the comparison is run again, "
+             f"`python benchmarks/cory_pilot.py` asks whether single-agent GRPO learns on SmolLM2 at all: the sentiment task "
+             f"with chat prompts and VADER of the response alone, LoRA r 16 on the top 8 layers, 8 prompts x 4 answers, "
+             f"{s['iterations']} iterations, at most {s['new_tokens']} new tokens, seed 0; learning rates tried in order until "
+             f"the final evaluation reward (64 prompts x 2) exceeds the initial by more than {num(s['pass_se'], 0)} standard errors.", ""]
+    lines += table(["lr", "initial reward", "final reward", "gain / SE", "passes", "final KL", "end of turn", "s / iteration"],
+                   [[f"{r['lr']:.0e}", num(r["initial_reward"], 3), num(r["final_reward"], 3), num(r["gain_in_se"], 1, sign=True),
+                     "yes" if r["passes"] else "no", num(r["final_kl"], 2),
+                     f"{num(r['initial_eos_rate'], 2)} -> {num(r['final_eos_rate'], 2)}", num(r["seconds_per_iteration"], 1)]
+                    for r in d["runs"]])
+    return lines
 
 
 # -- decision making --------------------------------------------------------------------------------------
