@@ -20,8 +20,12 @@ two could only say that neither learned. Declared before the runs:
   reported; none is left out.
 - What the main experiment takes from it: the passing run's learning rate, iterations, group size
   and answer length, and its wall time per iteration for the budget.
+- `--kl-check`, after a passing pilot: does the KL coefficient control the KL? The passing settings
+  run again at each kl.beta of `KL_BETAS`; the KL control acts where the final evaluation's exact
+  episode KL at the larger beta is below that at the smaller by more than two standard errors
+  (SE = sqrt(s1^2 / n1 + s2^2 / n2) over the evaluation's answers).
 
-    python benchmarks/cory_pilot.py [--iterations 30] [--new-tokens 48] [--threads 2] [--report-only]
+    python benchmarks/cory_pilot.py [--iterations 30] [--new-tokens 48] [--threads 2] [--kl-check] [--report-only]
 Writes benchmarks/results/cory_pilot.{json,md} (results are written after every run).
 """
 
@@ -42,18 +46,22 @@ from cory.config import load_config
 RESULTS = Path(__file__).parent / "results"
 EXAMPLE = Path(__file__).parent.parent / "examples" / "smollm2_sentiment.yaml"
 LRS = [1e-3, 2e-3, 5e-4]
+KL_BETAS = (0.05, 0.5)
+"""kl.beta of the KL check: the pilot's, and ten times it."""
 PASS_SE = 2.0
 """The pilot passes where the final evaluation reward exceeds the initial by more than this many SE."""
 
 
 def episode_kl(row: dict) -> float:
-    """An evaluation's episode KL to the reference: the exact one where the run accounts it."""
+    """An evaluation's episode KL to the reference: the exact one where the run accounts it (its
+    standard deviation likewise: `kl_exact_std`, else `kl_std`)."""
     return row.get("kl_exact_mean", row["kl_mean"])
 
 
-def run_one(lr: float, args) -> dict:
-    """One single-agent run at learning rate `lr`: its evaluations, the gain and its standard error."""
-    overrides = ["model.trainable_layers=8", "model.lora.r=16", "model.lora.alpha=32", f"algo.lr={lr}",
+def run_one(lr: float, args, beta: float = KL_BETAS[0]) -> dict:
+    """One single-agent run at learning rate `lr` and kl.beta `beta`: its evaluations, the reward's
+    gain and its standard error, the final KL and its standard deviation."""
+    overrides = ["model.trainable_layers=8", "model.lora.r=16", "model.lora.alpha=32", f"algo.lr={lr}", f"kl.beta={beta}",
                  "algo.group_size=4", "train.batch_size=8", f"train.iterations={args.iterations}", "train.seed=0",
                  f"generation.max_new_tokens={args.new_tokens}", "kl.exact_accounting=true", "task.num_eval_prompts=64",
                  "eval.samples_per_prompt=2", "train.eval_every=10", "train.checkpoint_every=0", "train.log_with=[]",
@@ -69,14 +77,14 @@ def run_one(lr: float, args) -> dict:
     first, last = evals[0], evals[-1]
     se = math.sqrt(first["reward_std"] ** 2 / first["n"] + last["reward_std"] ** 2 / last["n"])
     gain = last["reward_mean"] - first["reward_mean"]
-    row = {"lr": lr, "iterations": args.iterations, "new_tokens": args.new_tokens, "wall_s": wall,
+    row = {"lr": lr, "beta": beta, "iterations": args.iterations, "new_tokens": args.new_tokens, "wall_s": wall,
            "seconds_per_iteration": sum(m["time/iteration"] for m in metrics) / len(metrics),
            "initial_reward": first["reward_mean"], "final_reward": last["reward_mean"], "gain": gain, "se": se,
            "gain_in_se": gain / se if se else math.nan, "passes": bool(gain > PASS_SE * se),
-           "initial_eos_rate": first["eos_rate"], "final_eos_rate": last["eos_rate"], "final_kl": episode_kl(last),
+           "initial_eos_rate": first["eos_rate"], "final_eos_rate": last["eos_rate"], "final_kl": episode_kl(last), "final_kl_std": last.get("kl_exact_std", last.get("kl_std")), "final_n": last["n"],
            "curve": [{"iteration": e["iteration"], "reward": e["reward_mean"], "kl": episode_kl(e), "eos_rate": e["eos_rate"]}
                      for e in evals]}
-    print(f"lr {lr:.0e}: reward {row['initial_reward']:.3f} -> {row['final_reward']:.3f} ({row['gain_in_se']:+.1f} SE), "
+    print(f"lr {lr:.0e}, beta {beta:g}: reward {row['initial_reward']:.3f} -> {row['final_reward']:.3f} ({row['gain_in_se']:+.1f} SE), "
           f"KL {row['final_kl']:.2f}, end of turn {row['final_eos_rate']:.2f}, {wall:.0f} s", flush=True)
     return row
 
@@ -106,11 +114,30 @@ def report(result: dict) -> list[str]:
     if drift:
         lines += ["Degeneration: " + "; ".join(drift) + ". The main experiment's KL coefficients and its curves along "
                   "training (the frontier) have to show how much of the reward comes with that drift.", ""]
+    if result.get("kl_check"):
+        runs = result["kl_check"]
+        betas = " and ".join(f"{r['beta']:g}" for r in runs)
+        lines += [f"## KL check: the passing settings at kl.beta {betas}", "",
+                  "| kl.beta | final reward | final exact episode KL (± SD) | end of turn | wall time |", "|---|---|---|---|---|"]
+        lines += [f"| {r['beta']:g} | {r['final_reward']:.3f} | {r['final_kl']:.2f} ± {r['final_kl_std']:.2f} | "
+                  f"{r['final_eos_rate']:.2f} | {r['wall_s']:.0f} s |" for r in runs]
+        c = kl_control(runs)
+        lines += ["", f"KL at kl.beta {c['high']:g} minus at {c['low']:g}: {c['diff']:+.2f} nats, {c['diff_in_se']:+.1f} SE: "
+                  + ("the coefficient controls the KL." if c["acts"] else "no significant control of the KL."), ""]
     lines += ["Evaluation curves (reward / exact episode KL / end-of-turn rate by iteration):", ""]
-    for r in result["runs"]:
-        lines.append(f"- lr {r['lr']:.0e}: " + ", ".join(f"{p['iteration']}: {p['reward']:.3f} / {p['kl']:.2f} / "
+    for r in result["runs"] + result.get("kl_check", []):
+        lines.append(f"- lr {r['lr']:.0e}, kl.beta {r.get('beta', KL_BETAS[0]):g}: " + ", ".join(f"{p['iteration']}: {p['reward']:.3f} / {p['kl']:.2f} / "
                                                          f"{p['eos_rate']:.2f}" for p in r["curve"]))
     return lines
+
+
+def kl_control(runs: list[dict]) -> dict:
+    """The declared KL check: the final KL at the larger beta minus at the smaller, in standard errors."""
+    low, high = min(runs, key=lambda r: r["beta"]), max(runs, key=lambda r: r["beta"])
+    se = math.sqrt(low["final_kl_std"] ** 2 / low["final_n"] + high["final_kl_std"] ** 2 / high["final_n"])
+    diff = high["final_kl"] - low["final_kl"]
+    return {"low": low["beta"], "high": high["beta"], "diff": diff, "diff_in_se": diff / se if se else math.nan,
+            "acts": bool(-diff > PASS_SE * se)}
 
 
 def write(result: dict) -> None:
@@ -124,12 +151,24 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=30)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kl-check", action="store_true", help="after a passing pilot: its settings at each kl.beta of KL_BETAS")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the results JSON")
     args = ap.parse_args()
     if args.report_only:
         write(json.loads((RESULTS / "cory_pilot.json").read_text()))
         return
     torch.set_num_threads(args.threads)
+    if args.kl_check:
+        result = json.loads((RESULTS / "cory_pilot.json").read_text())
+        passing = [r for r in result["runs"] if r["passes"]]
+        if not passing:
+            ap.error("--kl-check runs after a passing pilot: benchmarks/results/cory_pilot.json has none")
+        result["kl_check"] = []
+        for beta in KL_BETAS:
+            result["kl_check"].append(run_one(passing[0]["lr"], args, beta))
+            write(result)
+        print("\n".join(report(result)))
+        return
     result = {"settings": {"iterations": args.iterations, "new_tokens": args.new_tokens, "threads": args.threads,
                            "lrs": LRS, "pass_se": PASS_SE}, "runs": []}
     for lr in LRS:

@@ -42,7 +42,8 @@ def evaluate(
     over tokens of log q - log p of the sampled tokens) of the policy's answers from it; with
     `exact_kl`, also `kl_exact_mean`: the exact episode KL along the same answers (sum over their
     tokens of the full-vocabulary KL[q || p] at each position, as `kl.exact_accounting` logs it in
-    training). `backend` samples (default: the policy's native loop).
+    training). `kl_std` and `kl_exact_std` are their sample standard deviations over the answers.
+    `backend` samples (default: the policy's native loop).
     """
     generate = backend.generate if backend is not None else policy.generate
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -74,10 +75,16 @@ def evaluate(
         "samples": [{"prompt": p, "response": t} for p, t in list(zip(all_prompts, texts))[: num_samples_shown * samples_per_prompt : samples_per_prompt]],
     }
     if reference is not None:
-        out["kl_mean"] = sum(kls) / len(kls)
+        out["kl_mean"], out["kl_std"] = mean_std(kls)
         if exact_kl:
-            out["kl_exact_mean"] = sum(exact) / len(exact)
+            out["kl_exact_mean"], out["kl_exact_std"] = mean_std(exact)
     return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) of per-episode values."""
+    std = torch.tensor(values, dtype=torch.float64).std().item() if len(values) > 1 else 0.0
+    return sum(values) / len(values), std
 
 
 EVAL_POOL_OFFSET = 10_000

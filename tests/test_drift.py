@@ -104,9 +104,12 @@ def test_evaluation_exact_kl_is_the_training_accounting_on_the_same_answers(tmp_
     gen = policy.generate(prompts, params, generator=torch.Generator().manual_seed(7))
     learner = Learner(policy, reference, make_algorithm(cfg), cfg, make_accelerator(cfg, tmp_path))
     scored, _ = learner.score(rollout_from_generation(gen, prompts, [0.0] * len(prompts)))
-    by_training = scored.scored.kl_exact.sum(-1).mean().item()
+    per_episode = scored.scored.kl_exact.sum(-1).tolist()
+    by_training = sum(per_episode) / len(per_episode)
     assert by_training > 0
     assert res["kl_exact_mean"] == pytest.approx(by_training, rel=1e-5)
+    by_hand = math.sqrt(sum((x - by_training) ** 2 for x in per_episode) / (len(per_episode) - 1))  # sample std
+    assert by_hand > 0 and res["kl_exact_std"] == pytest.approx(by_hand, rel=1e-4)
 
 
 def test_hard_budget_holds_over_multi_turn_episodes_and_training_uses_the_sampled_mixture(tmp_path, micro_lm):
