@@ -81,7 +81,8 @@ def run_one(lr: float, args, beta: float = KL_BETAS[0]) -> dict:
            "seconds_per_iteration": sum(m["time/iteration"] for m in metrics) / len(metrics),
            "initial_reward": first["reward_mean"], "final_reward": last["reward_mean"], "gain": gain, "se": se,
            "gain_in_se": gain / se if se else math.nan, "passes": bool(gain > PASS_SE * se),
-           "initial_eos_rate": first["eos_rate"], "final_eos_rate": last["eos_rate"], "final_kl": episode_kl(last), "final_kl_std": last.get("kl_exact_std", last.get("kl_std")), "final_n": last["n"],
+           "initial_eos_rate": first["eos_rate"], "final_eos_rate": last["eos_rate"], "final_kl": episode_kl(last),
+           "final_kl_std": last.get("kl_exact_std", last.get("kl_std")), "final_n": last["n"],
            "curve": [{"iteration": e["iteration"], "reward": e["reward_mean"], "kl": episode_kl(e), "eos_rate": e["eos_rate"]}
                      for e in evals]}
     print(f"lr {lr:.0e}, beta {beta:g}: reward {row['initial_reward']:.3f} -> {row['final_reward']:.3f} ({row['gain_in_se']:+.1f} SE), "
@@ -118,14 +119,21 @@ def report(result: dict) -> list[str]:
         runs = result["kl_check"]
         betas = " and ".join(f"{r['beta']:g}" for r in runs)
         lines += [f"## KL check: the passing settings at kl.beta {betas}", "",
-                  "| kl.beta | final reward | final exact episode KL (± SD) | end of turn | wall time |", "|---|---|---|---|---|"]
-        lines += [f"| {r['beta']:g} | {r['final_reward']:.3f} | {r['final_kl']:.2f} ± {r['final_kl_std']:.2f} | "
-                  f"{r['final_eos_rate']:.2f} | {r['wall_s']:.0f} s |" for r in runs]
+                  "| kl.beta | final reward | reward gain / SE | final exact episode KL (± SD) | end of turn | wall time |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['beta']:g} | {r['final_reward']:.3f} | {r['gain_in_se']:+.1f} | {r['final_kl']:.2f} ± "
+                  f"{r['final_kl_std']:.2f} | {r['final_eos_rate']:.2f} | {r['wall_s']:.0f} s |" for r in runs]
         c = kl_control(runs)
         lines += ["", f"KL at kl.beta {c['high']:g} minus at {c['low']:g}: {c['diff']:+.2f} nats, {c['diff_in_se']:+.1f} SE: "
                   + ("the coefficient controls the KL." if c["acts"] else "no significant control of the KL."), ""]
     lines += ["Evaluation curves (reward / exact episode KL / end-of-turn rate by iteration):", ""]
+    shown = []
     for r in result["runs"] + result.get("kl_check", []):
+        if r["curve"] in shown:  # the KL check's run at the pilot's beta repeats the pilot's run exactly
+            lines.append(f"- lr {r['lr']:.0e}, kl.beta {r.get('beta', KL_BETAS[0]):g} (KL check): the pilot's curve again, "
+                         "to the last digit")
+            continue
+        shown.append(r["curve"])
         lines.append(f"- lr {r['lr']:.0e}, kl.beta {r.get('beta', KL_BETAS[0]):g}: " + ", ".join(f"{p['iteration']}: {p['reward']:.3f} / {p['kl']:.2f} / "
                                                          f"{p['eos_rate']:.2f}" for p in r["curve"]))
     return lines

@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from coevolution import best_combined, paired, runs_of, swap_every, value  # noqa: E402  (the CORY results' own aggregation)
+from cory_pilot import kl_control  # noqa: E402  (the pilot's declared KL check)
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
@@ -337,6 +338,17 @@ def cory_pilot_section() -> list[str]:
                      "yes" if r["passes"] else "no", num(r["final_kl"], 2),
                      f"{num(r['initial_eos_rate'], 2)} -> {num(r['final_eos_rate'], 2)}", num(r["seconds_per_iteration"], 1)]
                     for r in d["runs"]])
+    if d.get("kl_check"):
+        runs = sorted(d["kl_check"], key=lambda r: r["beta"])
+        c = kl_control(runs)
+        lines += [f"Does the KL coefficient control the KL? The passing settings at kl.beta {num(c['low'], 2)} and "
+                  f"{num(c['high'], 2)} (`--kl-check`; the control acts where the final exact episode KL at the larger "
+                  "coefficient is lower by more than two standard errors):", ""]
+        lines += table(["kl.beta", "final reward", "reward gain / SE", "final exact episode KL (± SD)", "end of turn"],
+                       [[num(r["beta"], 2), num(r["final_reward"], 3), num(r["gain_in_se"], 1, sign=True),
+                         f"{num(r['final_kl'], 2)} ± {num(r['final_kl_std'], 2)}", num(r["final_eos_rate"], 2)] for r in runs])
+        lines += [f"Difference {num(c['diff'], 2, sign=True)} nats, {num(c['diff_in_se'], 1, sign=True)} standard errors: "
+                  + ("the coefficient controls the KL." if c["acts"] else "no significant control of the KL."), ""]
     return lines
 
 
