@@ -57,6 +57,15 @@ T_9875 = {2: 25.452, 3: 6.205, 4: 4.177, 5: 3.495}
 comparisons at 0.025 (Bonferroni over two)."""
 
 
+NOT_LEARNED = "inconclusive (the all-layers arm's gain is not above its interval)"
+"""Every comparison's verdict where the all-layers arm learned nothing measurable (rule 3)."""
+
+
+def all_layers_gain(main: list[dict]) -> tuple[float, float]:
+    """The all-layers arm's final minus initial reward over the main seeds: mean and 95% half-width."""
+    return interval([r["final_reward"] - r["initial_reward"] for r in main if r["arm"] == "all 30"])
+
+
 def run_one(arm: str, lr: float, seed: int, threads: int) -> dict:
     """One run of `arm` at learning rate `lr`: its evaluation curve and wall time."""
     overrides = [f"model.trainable_layers={ARMS[arm]}", f"algo.lr={lr}", f"train.seed={seed}", f"train.iterations={ITERATIONS}",
@@ -144,13 +153,12 @@ def report(result: dict) -> list[str]:
                 lines.append(f"| {arm} | {kept[arm]:.0e} | " + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in cells[:3])
                              + f" | {cells[3][0]:.0f} ± {cells[3][1]:.0f} s |")
         learned = result["learned"]
-        base = [r for r in main if r["arm"] == "all 30"]
-        gain, half = interval([r["final_reward"] - r["initial_reward"] for r in base])
+        gain, half = all_layers_gain(main)
         lines += ["", f"All 30 layers, final minus initial reward: {gain:+.3f} ± {half:.3f} "
                   f"({'learning shown' if learned else 'no learning shown: the interval reaches zero'}).", "", "Paired by seed against all 30 layers (final reward; Bonferroni-corrected over the two comparisons, "
                   f"margin ±{MARGIN}):", "", "| arm | difference | corrected interval | verdict |", "|---|---|---|---|"]
         for arm, c in result["comparisons"].items():
-            verdict = c["verdict"] if learned else "inconclusive (the all-layers arm's gain is not above its interval)"
+            verdict = c["verdict"] if learned else NOT_LEARNED
             lines.append(f"| {arm} | {c['mean']:+.3f} | [{c['mean'] - c['half_corrected']:+.3f}, "
                          f"{c['mean'] + c['half_corrected']:+.3f}] | {verdict} |")
         lines += ["", "![reward and reward-KL curves](trunk_learning.png)"]
@@ -182,8 +190,7 @@ def main() -> None:
     result = {"threads": args.threads, "kl_max": args.kl_max, "pilot": pilot, "kept_lr": kept, "main": []}
     if not args.pilot_only:
         result["main"] = [run_one(arm, kept[arm], seed, args.threads) for seed in args.seeds for arm in ARMS]
-        base = [r for r in result["main"] if r["arm"] == "all 30"]
-        gain = interval([r["final_reward"] - r["initial_reward"] for r in base])
+        gain = all_layers_gain(result["main"])
         result["learned"] = bool(gain[0] - gain[1] > 0)
         result["comparisons"] = {arm: paired(result["main"], arm) for arm in ("top 8", "top 4")}
         plot(result["main"], RESULTS / "trunk_learning.png")

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from coevolution import best_combined, paired, runs_of, swap_every, value  # noqa: E402  (the CORY results' own aggregation)
 from cory_pilot import kl_control  # noqa: E402  (the pilot's declared KL check)
+from trunk_learning import NOT_LEARNED, all_layers_gain  # noqa: E402  (the top-layer comparison's rule 3)
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
@@ -827,9 +828,9 @@ def trunk_section(headline: list) -> list[str]:
                       ""] + table(["arm", "learning rate", "initial reward", "final reward", "final KL", "wall time s"], rows)
             rows = [[arm, num(c["mean"], 3, sign=True), f"[{num(c['mean'] - c['half_corrected'], 3, sign=True)}, "
                      f"{num(c['mean'] + c['half_corrected'], 3, sign=True)}]",
-                     c["verdict"] if r["learned"] else "inconclusive (the all-layers arm's gain is not above its interval)"]
+                     c["verdict"] if r["learned"] else NOT_LEARNED]
                     for arm, c in r["comparisons"].items()]
-            gain = ci(x["final_reward"] - x["initial_reward"] for x in r["main"] if x["arm"] == "all 30")
+            gain = all_layers_gain(r["main"])
             lines += [f"All 30 layers, final minus initial reward: {fmt(gain, sign=True)}"
                       f" ({'learning shown' if r['learned'] else 'no learning shown: the interval reaches zero'}).", ""]
             lines += ["Final reward against all layers, paired by seed (97.5% intervals: Bonferroni over the two "

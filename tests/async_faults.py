@@ -66,3 +66,13 @@ def trainer_that_never_reads(cfg, pid_file: str) -> None:
                              worker_generators(cfg.train.seed), 1)
     Path(pid_file).write_text(str(rollouts.process.pid))
     time.sleep(600)
+
+
+def side_falling_silent(cfg) -> WorkerSide:
+    """A worker that starts and then stays silent: alive, never sending a batch."""
+    side = rollout_side(cfg)
+
+    def collect(index, rng, generator):
+        time.sleep(600)
+
+    return WorkerSide(side.modules, collect)

@@ -180,6 +180,19 @@ def test_a_worker_that_keeps_serving_old_weights_stops_the_run(tmp_path, capsys,
     assert "log-probs are not those of weights version 1" in err
 
 
+def test_a_silent_worker_stops_the_run_after_train_worker_timeout(tmp_path, capsys, micro_lm, micro_rm, monkeypatch, workers):
+    """A worker that lives but sends nothing: the run stops with one line naming the key, exit 1,
+    after train.worker_timeout (here 3 s, not the default 300 s), and the worker is stopped."""
+    monkeypatch.setattr(train_module, "rollout_side", async_faults.side_falling_silent)
+    capsys.readouterr()
+    t0 = time.monotonic()
+    assert run(tmp_path, tmp_path / "run", **{"train.max_staleness": 1, "train.iterations": 4, "train.worker_timeout": 3}) == 1
+    waited = time.monotonic() - t0
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert "sent no batch 0 within train.worker_timeout=3 s" in err and "--resume" in err
+    assert 3 <= waited < 120 and not rollout_workers()
+
+
 def test_killing_the_worker_stops_the_run_in_one_line_and_it_resumes(tmp_path, capsys, micro_lm, micro_rm, monkeypatch, trained,
                                                                       workers):
     """The worker is killed while batch 2 trains; it may or may not have sent batch 3 (whose tensors
