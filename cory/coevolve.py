@@ -210,12 +210,13 @@ class CoryRun(Run):
             agent.activate()
             res = evaluate(agent.policy, self.task.eval_prompts, self.task.reward, eval_params(cfg),
                            cfg.eval.samples_per_prompt, cfg.eval.seed, reference=eval_scorer(cfg, agent.learner.reference),
-                           backend=agent)
+                           backend=agent, exact_kl=cfg.kl.exact_accounting)
             per_agent[n] = res
             for k, v in res.items():
                 if isinstance(v, (int, float)):
                     out[f"{n}/{k}"] = v
             out["samples"] += [{"agent": n, **s} for s in res["samples"]]
+            out[f"{n}/answers"] = res["answers"]
         for k in ("reward_mean", "kl_mean", "response_length", "eos_rate"):
             out[k] = sum(r[k] for r in per_agent.values()) / len(per_agent)
         out["best_agent"] = max(per_agent, key=lambda n: per_agent[n]["reward_mean"])

@@ -243,7 +243,7 @@ class KLConfig:
     budget_note: bool = True
     """Hard budget in multi-turn runs: append the budget left to each observation."""
     exact_accounting: bool = True
-    """Log each episode's exact KL (full-vocabulary sum over its tokens). Read from the update's first forward, which computes the policy's whole distributions anyway; a pass of the policy of its own only where that cannot serve (a sampling control, values or recomputed log-probs, several minibatches, adapter dropout, vLLM's samples)."""
+    """Log each episode's exact KL (full-vocabulary sum over its tokens), in training and in every evaluation on the fixed prompts (`kl_exact_mean`). Read from the update's first forward, which computes the policy's whole distributions anyway; a pass of the policy of its own only where that cannot serve (a sampling control, values or recomputed log-probs, several minibatches, adapter dropout, vLLM's samples)."""
     help_threshold: float = 0.0
     """Ensemble reference: defer to model.trusted where the missing mass h exceeds this (0 = never ask for help)."""
     help_scope: str = "token"

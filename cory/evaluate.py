@@ -43,6 +43,9 @@ def evaluate(
     `exact_kl`, also `kl_exact_mean`: the exact episode KL along the same answers (sum over their
     tokens of the full-vocabulary KL[q || p] at each position, as `kl.exact_accounting` logs it in
     training). `kl_std` and `kl_exact_std` are their sample standard deviations over the answers.
+    `answers` holds the per-answer values behind the means (`reward`, `length`, `finished`, and
+    `kl` / `kl_exact` where measured), in prompt order with each prompt's samples together, so that
+    two models evaluated on the same prompts can be compared prompt by prompt.
     `backend` samples (default: the policy's native loop).
     """
     generate = backend.generate if backend is not None else policy.generate
@@ -73,11 +76,14 @@ def evaluate(
         "eos_rate": sum(finished) / len(finished),
         "n": len(r),
         "samples": [{"prompt": p, "response": t} for p, t in list(zip(all_prompts, texts))[: num_samples_shown * samples_per_prompt : samples_per_prompt]],
+        "answers": {"reward": [float(x) for x in rewards], "length": [int(x) for x in lengths], "finished": [bool(x) for x in finished]},
     }
     if reference is not None:
         out["kl_mean"], out["kl_std"] = mean_std(kls)
+        out["answers"]["kl"] = kls
         if exact_kl:
             out["kl_exact_mean"], out["kl_exact_std"] = mean_std(exact)
+            out["answers"]["kl_exact"] = exact
     return out
 
 

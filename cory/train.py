@@ -90,7 +90,7 @@ class TrainingRun(Run):
             return evaluate_env(self.policy, cfg.env.id, cfg.env.kwargs, cfg.env.eval_episodes, eval_params(cfg),
                                 seed=cfg.eval.seed, reference=reference, max_turns=cfg.env.max_turns, backend=self.backend)
         return evaluate(self.policy, self.task.eval_prompts, self.task.reward, eval_params(cfg), cfg.eval.samples_per_prompt,
-                        cfg.eval.seed, reference=reference, backend=self.backend)
+                        cfg.eval.seed, reference=reference, backend=self.backend, exact_kl=cfg.kl.exact_accounting)
 
     def iterate(self) -> dict:
         """One rollout and one learner step; returns the iteration's metrics (mean over processes)."""

@@ -110,6 +110,11 @@ def test_evaluation_exact_kl_is_the_training_accounting_on_the_same_answers(tmp_
     assert res["kl_exact_mean"] == pytest.approx(by_training, rel=1e-5)
     by_hand = math.sqrt(sum((x - by_training) ** 2 for x in per_episode) / (len(per_episode) - 1))  # sample std
     assert by_hand > 0 and res["kl_exact_std"] == pytest.approx(by_hand, rel=1e-4)
+    # The per-answer values behind the means, in prompt order, for comparisons prompt by prompt.
+    assert res["answers"]["kl_exact"] == pytest.approx(per_episode, rel=1e-5)
+    assert res["answers"]["length"] == gen.response_mask.sum(-1).tolist()
+    assert res["answers"]["reward"] == [0.0] * len(prompts)
+    assert sum(res["answers"]["kl"]) / len(prompts) == pytest.approx(res["kl_mean"])
 
 
 def test_hard_budget_holds_over_multi_turn_episodes_and_training_uses_the_sampled_mixture(tmp_path, micro_lm):
