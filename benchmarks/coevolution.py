@@ -23,49 +23,17 @@ a task's results replace that task's earlier ones and keep the others. --quick (
 tiny batch, two betas, one seed) writes to a temporary folder instead; --report only rewrites the
 Markdown and the plots from the JSON.
 
-`--model real` runs the same comparison on the pretrained `cory:smollm2-135m-instruct` (REAL_TASKS):
-- sentiment: openings of the zoo's movie reviews continued as plain text, reward VADER of prompt +
-  response, the observer prompted with the paper's template
-  `I can make this sentence "<query + pioneer>" more positive: <query>`;
-- arithmetic: the word problems as chat turns after the task's one-shot example, the observer's
-  prompt holding the pioneer's answer as the paper's `Reference:` line before `Answer:`, reward 1
-  if the response's last number is right.
-Both methods train LoRA adapters (r 16) in float32 (bf16 autocast is ~20x slower on a CPU without
-bf16 instructions, such as this AVX2 machine): PPO one adapter on the frozen base, CORY
-two adapters on one shared frozen base; the frozen base is every run's reference. The KL in the
-training penalty (`kl.estimator=full`), in the curves and in the final evaluation is the exact
-episode KL (the full-vocabulary sum along the sampled answers, `kl.exact_accounting`). Sanity checks
-stop the script where they fail: every run's own evaluation at iteration 0 equals this script's
-fresh evaluation of the initial model (reward and KL 0); each saved model (each CORY agent alone,
-from the bare evaluation prompts) evaluated fresh matches the run's own final evaluation; the
-exact episode KL is logged at every iteration and is 0 at the first (the adapters start at zero).
-Results are written after every seed, so an interrupted run keeps the seeds it finished.
+`--out` writes elsewhere; `--merge` joins the seeds of result files whose runs differ only in their
+seeds (e.g. one seed per process, each with its own `--seeds` and `--out`) into `--out`'s, and
+`--together` says the parts ran at once (the task's wall time is then the longest part's).
 
-Before any training, `--observer-check` asks whether the untrained model, as CORY's observer, uses
-the pioneer's answer at all (and, on arithmetic, a correct worked answer): see `observer_check`.
-
-The committed report came from (one seed per process, one thread each, the three processes at once
-on the two cores, then merged with --together, which reports the longest part as the task's time):
-    for s in 0 1 2; do python benchmarks/coevolution.py --model real --tasks sentiment --threads 1 --seeds $s --out /tmp/s$s & done; wait
-    python benchmarks/coevolution.py --model real --merge /tmp/s0/cory_real.json /tmp/s1/cory_real.json /tmp/s2/cory_real.json --together
-    for s in 0 1 2; do python benchmarks/coevolution.py --model real --tasks arithmetic --threads 1 --seeds $s --out /tmp/a$s & done; wait
-    python benchmarks/coevolution.py --model real --merge /tmp/a0/cory_real.json /tmp/a1/cory_real.json /tmp/a2/cory_real.json --together
-    python benchmarks/coevolution.py --model real --observer-check --tasks arithmetic sentiment --threads 1
-(sentiment: 40 minutes, arithmetic: 54 minutes, each the three seeds at once on two cores; the
-observer check: 4 minutes for arithmetic, about 5 for sentiment). Arithmetic's prompts carry the system turn and the one-shot example of the chat template:
-they share their first ~80 tokens, which `generation.shared_prefix` and `train.shared_prefix` run
-once per batch (one PPO iteration of 8 prompts, 48 new tokens, one thread, four processes sharing
-the two cores: update 91 s before, 52 s after, generation 24 s and 20 s;
-benchmarks/results/shared_prefix.md measures the passes alone). With 3 iterations and 48 new tokens,
-before those switches, the three seeds took 121-123 minutes.
-    python benchmarks/coevolution.py --model real --quick                          (a smoke run)
-Writes benchmarks/results/cory_real.{json,md} and cory_real_<task>_{curves,frontier}.png.
+CORY against single-agent RL on a pretrained model (SmolLM2-135M-Instruct) is a separate experiment:
+benchmarks/cory_real.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import math
@@ -81,17 +49,12 @@ import torch
 
 from cory.api import train
 from cory.build import eval_params, eval_scorer, load_reference
-from cory.coevolve import CoryRun
 from cory.config import CoryConfig, load_config
-from cory.corpora import arithmetic
 from cory.evaluate import evaluate
 from cory.metrics import t_interval as interval
 from cory.policy import Policy
 from cory.report import read_jsonl
-from cory.run import check_output_dir
 from cory.tasks import make_task
-from cory.tasks.pioneer_observer import observer_prompts
-from cory.train import TrainingRun
 
 matplotlib.use("Agg")
 
@@ -126,59 +89,11 @@ COMMON = ["algo.name=ppo", "algo.epochs=2", "algo.minibatch_size=16", "kl.contro
 # minibatch sizes had to divide the batch.
 QUICK = ["train.batch_size=8", "task.num_eval_prompts=8", "algo.minibatch_size=0"]
 CORY_VARIANTS = {"cory": [], "cory-no-exchange": ["cory.exchange=false"], "cory-no-observe": ["cory.observe=false"]}
-# The pretrained model (--model real). Sized to the time this machine had (see the docstring); the
-# paper ran 100 iterations of 256 (IMDB) or 32 (GSM8K) prompts on 0.8B-7B models.
-REAL_MODEL = "cory:smollm2-135m-instruct"
-REAL_TASKS = {
-    "sentiment": {
-        "overrides": [f"model.name={REAL_MODEL}", "task.name=sentiment", "task.reward=vader", "task.reward_on=prompt+response",
-                      "cory.observer_template=continuation", "generation.max_new_tokens=12", "algo.lr=1e-3",
-                      "train.batch_size=8", "task.num_eval_prompts=32",
-                      # roles exchange twice within a run, so that the no-exchange ablation differs from CORY
-                      "cory.swap_every=2"],
-        "iterations": 5,
-        "betas": [0.01, 0.05, 0.2],
-        "main_beta": 0.05,
-    },
-    "arithmetic": {
-        "overrides": [f"model.name={REAL_MODEL}", "task.name=arithmetic", "task.chat_template=true",
-                      "cory.observer_template=qa", "generation.max_new_tokens=40", "algo.lr=5e-4",
-                      # the system and one-shot turns every prompt shares run once per batch
-                      "generation.shared_prefix=true", "train.shared_prefix=true",
-                      "train.batch_size=8", "task.num_eval_prompts=16",
-                      # roles exchange within a short run, so that the no-exchange ablation differs from CORY
-                      "cory.swap_every=1"],
-        # 2 iterations and 40 new tokens: what fits the 60 minutes of the 3 seeds on the two cores
-        "iterations": 2,
-        "betas": [0.003, 0.01, 0.03],
-        "main_beta": 0.01,
-    },
-}
-REAL_COMMON = ["algo.name=ppo", "algo.epochs=2", "algo.minibatch_size=8", "kl.controller=fixed", "kl.estimator=full",
-               "kl.exact_accounting=true", "generation.temperature=1.0", "eval.temperature=1.0",
-               "eval.samples_per_prompt=2", "train.log_with=[]", "train.progress=false"]
-# algo.minibatch_size=0: the whole batch of 4, as REAL_COMMON's 8 gave it before minibatch sizes had to divide the batch.
-REAL_QUICK = ["train.batch_size=4", "task.num_eval_prompts=4", "generation.max_new_tokens=8", "cory.swap_every=1",
-              "algo.minibatch_size=0"]
-# PPO: one adapter on the frozen base; CORY (model.lora.r > 0): two adapters on one shared frozen base.
-LORA = {"single": ["model.lora.r=16", "model.lora.alpha=32"], "pair": ["model.lora.r=16", "model.lora.alpha=32"]}
-MODES = {
-    "tiny": {"tasks": TASKS, "common": COMMON, "quick": QUICK, "single": [], "pair": [], "exact": False, "name": "cory",
-             "about": ("Against the paper's setup: embedded models of about 1.2M parameters instead of GPT2-Large / Llama-2-7b; a fixed "
-                       "KL coefficient (the frontier's beta) instead of the adaptive controller; the k1 estimator instead of the exact "
-                       "KL; the same learning rate for PPO and CORY; far fewer iterations; role exchange every 5 iterations and "
-                       "optimizer and controller states kept across exchanges, as in cory.")},
-    "real": {"tasks": REAL_TASKS, "common": REAL_COMMON, "quick": REAL_QUICK, "exact": True, "name": "cory_real", **LORA,
-             "about": ("Model: the pretrained SmolLM2-135M-Instruct (`cory:smollm2-135m-instruct`), LoRA r 16 (alpha 32) on every "
-                       "linear layer, float32 (this AVX2 CPU has no bf16 matmul kernels: bf16 autocast made the update ~20x slower, benchmarks/results/throughput_smollm2-135m-instruct_small.md), the CPU threads of each task's `train.num_threads`. Against the paper's setup: a 135M model instead of GPT2-Large "
-                       "(774M) / Llama-2-7b; VADER instead of the IMDB classifier; synthetic reviews and word problems instead of "
-                       "IMDB and GSM8K; a fixed KL coefficient (the frontier's beta) instead of the adaptive controller; the same "
-                       "learning rate for PPO and CORY; far fewer iterations and prompts per iteration (each task's settings below) "
-                       "than the paper's 100 iterations of 256 (IMDB) / 32 (GSM8K) prompts; 2 PPO epochs of minibatches of 8 "
-                       "instead of 4 epochs of the whole batch; 12 (sentiment) or 40 (arithmetic) new tokens; role exchange every "
-                       "`cory.swap_every` iterations (5 unless a task's overrides say otherwise) with optimizer and controller states kept across exchanges, as in cory. The KL (training "
-                       "penalty, curves, final figures) is the exact episode KL.")},
-}
+# What differs from the paper (the report's preamble).
+ABOUT = ("Against the paper's setup: embedded models of about 1.2M parameters instead of GPT2-Large / Llama-2-7b; a fixed "
+         "KL coefficient (the frontier's beta) instead of the adaptive controller; the k1 estimator instead of the exact "
+         "KL; the same learning rate for PPO and CORY; far fewer iterations; role exchange every 5 iterations and "
+         "optimizer and controller states kept across exchanges, as in cory.")
 METHODS = {
     "ppo": "PPO, equal iterations",
     "ppo-2x": "PPO, equal samples (2x iterations)",
@@ -210,12 +125,11 @@ def distinct_share(text: str) -> float:
 
 # -- runs ---------------------------------------------------------------------------------------------
 class Judge:
-    """A task's fixed evaluation: the task, its frozen reference and the evaluation settings. With
-    `exact`, the KL reported is the exact episode KL (`evaluate(exact_kl=True)`), else the sampled
-    k1 sum."""
+    """A task's fixed evaluation: the task, its frozen reference and the evaluation settings. The KL
+    reported is the sampled k1 sum."""
 
-    def __init__(self, cfg, exact: bool = False):
-        self.cfg, self.exact = cfg, exact
+    def __init__(self, cfg):
+        self.cfg = cfg
         self.task = make_task(cfg.task)
         # The reference scored at the evaluation temperature, with the run's prefix sharing.
         self.reference = eval_scorer(cfg, load_reference(cfg.model.name, torch.float32))
@@ -228,226 +142,64 @@ class Judge:
         # One sample per row, every row returned: the same draws as the run's own final evaluation.
         prompts = [p for p in self.task.eval_prompts for _ in range(cfg.eval.samples_per_prompt)]
         res = evaluate(policy, prompts, self.task.reward, self.params, 1, cfg.eval.seed, reference=self.reference,
-                       num_samples_shown=len(prompts), exact_kl=self.exact)
+                       num_samples_shown=len(prompts))
         texts = [s["response"] for s in res["samples"]]
-        kl = res["kl_exact_mean"] if self.exact else res["kl_mean"]
-        out = {"reward": res["reward_mean"], "kl": kl, "combined": res["reward_mean"] - beta * kl,
-               "repeat_share": statistics.fmean(map(repeats_word, texts)), "distinct": statistics.fmean(map(distinct_share, texts)),
-               "missing_eos": 1.0 - res["eos_rate"], "length": res["response_length"], "n": res["n"],
-               "examples": res["samples"][:4]}
-        if self.exact:
-            out["kl_k1"] = res["kl_mean"]
-        return out
+        kl = res["kl_mean"]
+        return {"reward": res["reward_mean"], "kl": kl, "combined": res["reward_mean"] - beta * kl,
+                "repeat_share": statistics.fmean(map(repeats_word, texts)), "distinct": statistics.fmean(map(distinct_share, texts)),
+                "missing_eos": 1.0 - res["eos_rate"], "length": res["response_length"], "n": res["n"],
+                "examples": res["samples"][:4]}
 
 
-def curves(run_dir: Path, agents: list[str], kl_key: str = "kl_mean") -> dict:
+def curves(run_dir: Path, agents: list[str]) -> dict:
     """Per-iteration training figures per agent (own task reward, episode KL, share cut without EOS)."""
     rows = read_jsonl(run_dir / "metrics.jsonl")
     if agents == ["policy"]:
-        return {"policy": {"reward": [r["reward_mean"] for r in rows], "kl": [r[kl_key] for r in rows],
+        return {"policy": {"reward": [r["reward_mean"] for r in rows], "kl": [r["kl_mean"] for r in rows],
                            "missing_eos": [r["truncated_rate"] for r in rows]}}
-    out = {n: {"reward": [r[f"{n}/task_reward"] for r in rows], "kl": [r[f"{n}/{kl_key}"] for r in rows],
+    out = {n: {"reward": [r[f"{n}/task_reward"] for r in rows], "kl": [r[f"{n}/kl_mean"] for r in rows],
                "missing_eos": [r[f"{n}/truncated_rate"] for r in rows]} for n in agents}
     out["pioneer_is_a"] = [r["pioneer_is_a"] for r in rows]
     return out
 
 
-EXACT_KL = "episode_kl/exact_mean"
-"""The metrics.jsonl key of the mean exact episode KL over an iteration's samples (kl.exact_accounting)."""
-
-
-class SanityError(RuntimeError):
-    """A check of the experiment's own plumbing failed: the figures would not mean what they say."""
-
-
-def judged(base):
-    """`base` (TrainingRun or CoryRun) whose evaluations are the Judge's, on the models in memory
-    (the real mode: no evaluation is done twice, nothing is written that is not read).
-
-    - At iteration 0 the run evaluates the initial model itself only where `live_initial` is set;
-      otherwise its row is `initial`, the Judge's fresh evaluation of the initial model, which the
-      live runs are checked against (`check_run`).
-    - Evaluation rows hold the Judge's figures per agent under `agents` (CORY: each agent activated
-      and answering alone from the evaluation prompts), plus the flat numbers the run logs.
-    - The final model is written only where `save` is set, checkpoints only where `keep_checkpoint`
-      is (PPO's first phase, which the equal-samples phase resumes).
-    """
-
-    class Judged(base):
-        judge: Judge
-        beta = 0.0
-        initial: dict | None = None
-        live_initial = True
-        save = False
-        keep_checkpoint = True
-
-        def evaluate_all(self) -> dict:
-            if self.state.iteration == 0 and not self.live_initial:
-                agents = {n: {**self.initial, "combined": self.initial["reward"]} for n in self.agent_names()}
-            else:
-                agents = {}
-                for n in self.agent_names():
-                    policy = self.policy if n == "policy" else self.agents[n].policy
-                    if n != "policy":
-                        self.agents[n].activate()
-                    agents[n] = self.judge(policy, self.beta)
-            flat = {f"{'' if n == 'policy' else n + '/'}{k}_mean": a[k] for n, a in agents.items() for k in ("reward", "kl")}
-            flat["reward_mean"] = statistics.fmean(a["reward"] for a in agents.values())
-            flat["best_agent"] = max(agents, key=lambda n: agents[n]["reward"])
-            return {**flat, "agents": agents, "live": self.state.iteration > 0 or self.live_initial}
-
-        def agent_names(self) -> list[str]:
-            return ["policy"] if not hasattr(self, "agents") else list(self.agents)
-
-        def save_final(self, evaluation: dict) -> None:
-            if self.save:
-                super().save_final(evaluation)
-
-        def checkpoint(self):
-            if self.keep_checkpoint:
-                return super().checkpoint()
-            return None
-
-    Judged.__name__ = f"Judged{base.__name__}"
-    return Judged
-
-
-def train_judged(cfg, out: Path, judge: Judge, beta: float, initial: dict, resume: bool = False, **flags) -> list[dict]:
-    """Trains like `cory.api.train` with the evaluations of `judged`; returns the eval rows."""
-    check_output_dir(out, resume)
-    run = judged(CoryRun if cfg.cory.enabled else TrainingRun)(cfg, out, resume=resume)
-    run.judge, run.beta, run.initial = judge, beta, initial
-    for k, v in flags.items():
-        setattr(run, k, v)
-    try:
-        run.run()
-    finally:
-        run.close()
-    return read_jsonl(out / "eval.jsonl")
-
-
-def check_run(run_dir: Path, rows: list[dict], initial: dict, eval_prompts: list[str], judge: Judge | None = None,
-              saved: dict[str, Path] | None = None) -> dict:
-    """The real mode's checks on one finished run (raises SanityError); returns the largest gaps.
-
-    - Where the run evaluated the initial model itself (`live`), it equals the Judge's fresh
-      evaluation of the initial model loaded from its folder: reward to 1e-6, exact KL 0.
-    - Every evaluated sample answers a bare evaluation prompt (CORY's agents answer alone).
-    - Where models were saved (`saved`: agent -> folder, CORY's agents merged into standalone
-      models), the Judge's fresh evaluation of each folder matches the run's own final evaluation
-      (within 0.1: a merged copy may flip a sample where rounding differs).
-    - The exact episode KL is logged at every iteration, finite, and 0 at the first (the adapters
-      start at zero, so the policy is the reference).
-    """
-    gaps = {"initial_reward": 0.0, "final_reward": 0.0, "first_exact_kl": 0.0, "live_initial": 0, "saved": 0}
-    first, last = rows[0], rows[-1]
-    if first["iteration"] == 0 and first["live"]:
-        for agent, a in first["agents"].items():
-            gap = abs(a["reward"] - initial["reward"])
-            if gap > 1e-6 or abs(a["kl"]) > 1e-6:
-                raise SanityError(f"{run_dir}: the run's initial evaluation of {agent} (reward {a['reward']}, KL {a['kl']}) "
-                                  f"differs from a fresh evaluation of the initial model (reward {initial['reward']}, KL 0)")
-            gaps["initial_reward"] = max(gaps["initial_reward"], gap)
-            gaps["live_initial"] += 1
-    alone = set(eval_prompts)
-    for row in rows:
-        for a in row["agents"].values():
-            strays = [e["prompt"] for e in a["examples"] if e["prompt"] not in alone]
-            if strays:
-                raise SanityError(f"{run_dir}: an evaluation answered a prompt that is not a bare evaluation prompt: {strays[0]!r}")
-    for agent, folder in (saved or {}).items():
-        fresh = judge(folder, 0.0)["reward"]
-        gap = abs(last["agents"][agent]["reward"] - fresh)
-        if gap > 0.1:
-            raise SanityError(f"{run_dir}: the run's final evaluation of {agent} (reward {last['agents'][agent]['reward']}) differs "
-                              f"from its saved model's, evaluated fresh ({fresh})")
-        gaps["final_reward"] = max(gaps["final_reward"], gap)
-        gaps["saved"] += 1
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
-    keys = [EXACT_KL] if "policy" in last["agents"] else [f"{a}/{EXACT_KL}" for a in last["agents"]]
-    for r in metrics:
-        for k in keys:
-            if k not in r or not math.isfinite(r[k]):
-                raise SanityError(f"{run_dir}: iteration {r['iteration']} logs no finite exact episode KL ({k})")
-    if metrics[0]["iteration"] == 1:
-        gaps["first_exact_kl"] = max(abs(metrics[0][k]) for k in keys)
-        if gaps["first_exact_kl"] > 1e-4:
-            raise SanityError(f"{run_dir}: exact episode KL {gaps['first_exact_kl']} at the first iteration, where the policy "
-                              "is the reference")
-    return gaps
-
-
-def run_ppo(overrides: list[str], beta: float, seed: int, iterations: int, batch: int, judge: Judge,
-            initial: dict | None = None, checked: bool = False) -> list[dict]:
-    """PPO to `iterations`, evaluated; then resumed to 2 x `iterations` (the same run continued exactly).
-    With `initial` (the real mode) the run evaluates through `judged` and is checked by `check_run`;
-    `checked` adds the live initial evaluation and the saved model's fresh evaluation."""
+def run_ppo(overrides: list[str], beta: float, seed: int, iterations: int, batch: int, judge: Judge) -> list[dict]:
+    """PPO to `iterations`, evaluated; then resumed to 2 x `iterations` (the same run continued exactly)."""
     records, wall = [], 0.0
-    kl_key = EXACT_KL if judge.exact else "kl_mean"
     with tempfile.TemporaryDirectory() as out:
         for method, its in (("ppo", iterations), ("ppo-2x", 2 * iterations)):
             cfg = load_config(None, overrides + [f"train.iterations={its}"])
             t0 = time.perf_counter()
-            second = method == "ppo-2x"
-            if initial is None:
-                train(cfg, out, resume=second)
-                wall += time.perf_counter() - t0
-                agents = {"policy": judge(Path(out) / "final", beta)}
-            else:
-                rows = train_judged(cfg, Path(out), judge, beta, initial, resume=second, live_initial=checked,
-                                    save=checked and second, keep_checkpoint=not second)
-                wall += time.perf_counter() - t0
-                agents = rows[-1]["agents"]
-            record = {"method": method, "beta": beta, "seed": seed, "iterations": its, "samples": its * batch,
-                      "wall_s": wall, "agents": agents, "curves": curves(Path(out), ["policy"], kl_key)}
-            if initial is not None:
-                saved = {"policy": Path(out) / "final"} if checked and second else None
-                record["checks"] = check_run(Path(out), rows, initial, judge.task.eval_prompts, judge, saved)
-            records.append(record)
+            train(cfg, out, resume=method == "ppo-2x")
+            wall += time.perf_counter() - t0
+            agents = {"policy": judge(Path(out) / "final", beta)}
+            records.append({"method": method, "beta": beta, "seed": seed, "iterations": its, "samples": its * batch,
+                            "wall_s": wall, "agents": agents, "curves": curves(Path(out), ["policy"])})
     return records
 
 
-def run_cory(variant: str, overrides: list[str], beta: float, seed: int, iterations: int, batch: int, judge: Judge,
-             initial: dict | None = None, checked: bool = False) -> dict:
+def run_cory(variant: str, overrides: list[str], beta: float, seed: int, iterations: int, batch: int, judge: Judge) -> dict:
     cfg = load_config(None, overrides + CORY_VARIANTS[variant] + ["cory.enabled=true", f"train.iterations={iterations}"])
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        if initial is None:
-            train(cfg, out)
-            wall = time.perf_counter() - t0
-            agents = {n: judge(Path(out) / "agents" / n, beta) for n in ("a", "b")}
-        else:
-            rows = train_judged(cfg, Path(out), judge, beta, initial, live_initial=checked, save=checked, keep_checkpoint=False)
-            wall = time.perf_counter() - t0
-            agents = rows[-1]["agents"]
-        record = {"method": variant, "beta": beta, "seed": seed, "iterations": iterations, "samples": 2 * iterations * batch,
-                  "wall_s": wall, "agents": agents, "curves": curves(Path(out), ["a", "b"], EXACT_KL if judge.exact else "kl_mean")}
-        if initial is not None:
-            saved = {n: Path(out) / "agents" / n for n in ("a", "b")} if checked else None
-            record["checks"] = check_run(Path(out), rows, initial, judge.task.eval_prompts, judge, saved)
-        return record
+        train(cfg, out)
+        wall = time.perf_counter() - t0
+        agents = {n: judge(Path(out) / "agents" / n, beta) for n in ("a", "b")}
+        return {"method": variant, "beta": beta, "seed": seed, "iterations": iterations, "samples": 2 * iterations * batch,
+                "wall_s": wall, "agents": agents, "curves": curves(Path(out), ["a", "b"])}
 
 
-def run_task(task: str, seeds: list[int], quick: bool, mode: dict | None = None, threads: int = 0, on_seed=None,
-             iterations: int = 0) -> dict:
-    """Every run of a task; `on_seed(result)` is called with the result so far after each seed."""
-    mode = mode or MODES["tiny"]
-    real = mode["exact"]
-    spec = mode["tasks"][task]
+def run_task(task: str, seeds: list[int], quick: bool, threads: int = 0, iterations: int = 0) -> dict:
+    """Every run of a task."""
+    spec = TASKS[task]
     iterations = iterations or (2 if quick else spec["iterations"])
-    if quick and real:
-        betas = [spec["main_beta"]]
-    else:
-        betas = sorted({spec["betas"][0], spec["main_beta"]}) if quick else spec["betas"]
-    base = mode["common"] + spec["overrides"] + (mode["quick"] if quick else []) + ([f"train.num_threads={threads}"] if threads else [])
+    betas = sorted({spec["betas"][0], spec["main_beta"]}) if quick else spec["betas"]
+    base = COMMON + spec["overrides"] + (QUICK if quick else []) + ([f"train.num_threads={threads}"] if threads else [])
     cfg = load_config(None, base)
     batch = cfg.train.batch_size
-    judge = Judge(cfg, exact=real)
+    judge = Judge(cfg)
     t_start = time.perf_counter()
     initial = judge(cfg.model.name, 0.0)
-    # k1 compares the sampler's KV-cache log-probs with one full forward: equal up to rounding.
-    if real and (abs(initial["kl"]) > 1e-6 or abs(initial["kl_k1"]) > 1e-4):
-        raise SanityError(f"the initial model's KL to itself is {initial['kl']} (exact), {initial['kl_k1']} (k1), not 0")
     print(f"{task}: initial model reward {initial['reward']:.3f}, repeats {initial['repeat_share']:.3f}, "
           f"no-EOS {initial['missing_eos']:.3f}, length {initial['length']:.1f} ({time.perf_counter() - t_start:.0f} s)", flush=True)
     records = []
@@ -455,107 +207,22 @@ def run_task(task: str, seeds: list[int], quick: bool, mode: dict | None = None,
     def show(r: dict) -> None:
         cells = ", ".join(f"{n}: reward {a['reward']:.3f} KL {a['kl']:.2f} repeats {a['repeat_share']:.2f} "
                           f"no-EOS {a['missing_eos']:.2f}" for n, a in r["agents"].items())
-        clock = f"; {datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}, {(time.perf_counter() - t_start) / 60:.1f} min in" if real else ""
-        print(f"{task} {r['method']:<16} beta {r['beta']:<6} seed {r['seed']}: {cells} ({r['wall_s']:.0f} s{clock})", flush=True)
+        print(f"{task} {r['method']:<16} beta {r['beta']:<6} seed {r['seed']}: {cells} ({r['wall_s']:.0f} s)", flush=True)
 
-    def settings(done: list[int]) -> dict:
-        return {"overrides": base, "iterations": iterations, "batch_size": batch, "betas": betas,
-                "main_beta": spec["main_beta"], "seeds": done, "quick": quick,
-                **({"single_overrides": mode["single"], "cory_overrides": mode["pair"]} if real else {})}
-
-    done = []
     for seed in seeds:
         for beta in betas:
             overrides = base + [f"kl.beta={beta}", f"train.seed={seed}"]
-            # Real mode: each seed's first PPO and first CORY run are checked in full (check_run).
-            check, checked = (initial, beta == betas[0]) if real else (None, False)
-            new = run_ppo(overrides + mode["single"], beta, seed, iterations, batch, judge, check, checked)
+            new = run_ppo(overrides, beta, seed, iterations, batch, judge)
             for r in new:
                 show(r)
             variants = list(CORY_VARIANTS) if beta == spec["main_beta"] else ["cory"]
             for v in variants:
-                new.append(run_cory(v, overrides + mode["pair"], beta, seed, iterations, batch, judge, check, checked and v == "cory"))
+                new.append(run_cory(v, overrides, beta, seed, iterations, batch, judge))
                 show(new[-1])
             records += new
-        done.append(seed)
-        if on_seed is not None:
-            on_seed({"settings": settings(done), "wall_s": time.perf_counter() - t_start, "initial": initial, "runs": records})
-    return {"settings": settings(done), "wall_s": time.perf_counter() - t_start, "initial": initial, "runs": records}
-
-
-def observer_check(task: str, threads: int = 0, samples: int = 4) -> dict:
-    """Before any training: does the initial model, as CORY's observer, use the pioneer's answer?
-
-    For every evaluation prompt (x `samples`), at the task's evaluation temperature: the initial model
-    answers the prompt (the pioneer); answers it again blind (an independent second sample); answers
-    as the observer of that pioneer answer (the task's observer template, as CORY's runs render it);
-    and on arithmetic also as the observer of the correct worked answer (an oracle reference: the
-    most a reference could give). Every answer is scored as an answer to the original prompt.
-    `copies`: arithmetic, the observer's last number equals its reference's; sentiment, the share of
-    the observer's words found in the pioneer's answer (the blind sample's share is the baseline)."""
-    spec = REAL_TASKS[task]
-    cfg = load_config(None, REAL_COMMON + spec["overrides"])
-    if threads:
-        torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    template = next(o.split("=", 1)[1] for o in spec["overrides"] if o.startswith("cory.observer_template="))
-    judge_task = make_task(cfg.task)
-    params = eval_params(cfg)
-    policy = Policy.from_pretrained(cfg.model.name)
-    prompts = [p for p in judge_task.eval_prompts for _ in range(samples)]
-    gen = torch.Generator().manual_seed(cfg.eval.seed)
-    answer = lambda ps: policy.generate(ps, params, generator=gen).texts  # noqa: E731
-    pioneer = answer(prompts)
-    arms = {"blind": answer(prompts), "observer of the pioneer": answer(observer_prompts(prompts, pioneer, template))}
-    refs = {"observer of the pioneer": pioneer, "blind": pioneer}
-    if task == "arithmetic":
-        worked = {q.prompt: q.answer for q in arithmetic.heldout_problems(cfg.task.num_train_prompts + cfg.task.num_eval_prompts)}
-        oracle = [worked[p] for p in prompts]
-        arms["observer of the correct answer"] = answer(observer_prompts(prompts, oracle, template))
-        refs["observer of the correct answer"] = oracle
-
-    def copies(text: str, ref: str) -> float:
-        if task == "arithmetic":
-            a, b = arithmetic.last_number(text), arithmetic.last_number(ref)
-            return float(a is not None and a == b)
-        mine, theirs = words(text), set(words(ref))
-        return sum(w in theirs for w in mine) / len(mine) if mine else 0.0
-
-    base = judge_task.score(prompts, pioneer)
-    out = {"task": task, "template": template, "n": len(prompts), "samples_per_prompt": samples,
-           "pioneer": {"reward": interval(base)}, "arms": {}}
-    blind = judge_task.score(prompts, arms["blind"])
-    for name, texts in arms.items():
-        scores = judge_task.score(prompts, texts)
-        out["arms"][name] = {
-            "reward": interval(scores),
-            "minus_blind": interval([a - b for a, b in zip(scores, blind)]) if name != "blind" else None,
-            "copies": interval([copies(t, r) for t, r in zip(texts, refs[name])]),
-            "examples": [{"prompt": p, "reference": r, "response": t} for p, r, t in list(zip(prompts, refs[name], texts))[:3]],
-        }
-    out["wall_s"] = time.perf_counter() - t0
-    return out
-
-
-def observer_lines(check: dict) -> list[str]:
-    copies = ("the observer's last number equals its reference's (blind: equals the pioneer's)" if check["task"] == "arithmetic"
-              else "share of the answer's words found in the pioneer's answer")
-    lines = ["### Before training: does the initial model read the pioneer's answer?", "",
-             (f"{check['n']} answers per row ({check['samples_per_prompt']} per evaluation prompt), the untrained model at the "
-              f"evaluation temperature; the observer's prompt is the `{check['template']}` template of CORY's runs; every answer "
-              f"is scored against the original prompt. Copies: {copies}. Differences paired by prompt, 95% intervals. "
-              f"{check['wall_s']:.0f} s."), "",
-             "| answer | reward | minus blind | copies |", "|---|---|---|---|",
-             f"| pioneer (from the prompt) | {fmt(tuple(check['pioneer']['reward']))} | | |"]
-    for name, a in check["arms"].items():
-        diff = fmt(tuple(a["minus_blind"])) if a["minus_blind"] else ""
-        lines.append(f"| {name} | {fmt(tuple(a['reward']))} | {diff} | {fmt(tuple(a['copies']))} |")
-    lines.append("")
-    for name, a in check["arms"].items():
-        ex = a["examples"][0]
-        flat = lambda t: " ".join(t.split())  # noqa: E731  (one line per example)
-        lines.append(f"- {name}: `{flat(ex['prompt'])[-60:]}` with reference `{flat(ex['reference'])[:60]}` -> `{flat(ex['response'])[:80]}`")
-    return lines + [""]
+    settings = {"overrides": base, "iterations": iterations, "batch_size": batch, "betas": betas,
+                "main_beta": spec["main_beta"], "seeds": seeds, "quick": quick}
+    return {"settings": settings, "wall_s": time.perf_counter() - t_start, "initial": initial, "runs": records}
 
 
 # -- aggregation ----------------------------------------------------------------------------------------
@@ -710,7 +377,7 @@ def task_time(result: dict) -> str:
         return (f"Time: {max(walls) / 60:.1f} min of wall time on this machine's two cores: the {len(walls)} seeds' processes "
                 f"ran at once, one seed each at {note} ({parts} min).")
     return (f"Time: {sum(walls) / 60:.1f} min of {len(walls)} processes in all, one seed each at {note} "
-            f"({parts} min), side by side on the two cores (the script's docstring says how many at a time).")
+            f"({parts} min).")
 
 
 def task_report(task: str, result: dict, png_prefix: str) -> list[str]:
@@ -720,10 +387,7 @@ def task_report(task: str, result: dict, png_prefix: str) -> list[str]:
     lines = [f"## {task}", "",
              (f"Settings: {its} iterations (PPO also resumed to {2 * its}), {s['batch_size']} prompts per iteration, "
              f"KL coefficients {betas} (main comparison and ablations at {beta}), seeds {s['seeds']}; "
-             f"overrides `{' '.join(s['overrides'])}`"
-             + (f"; PPO adds `{' '.join(s['single_overrides'])}`, CORY `{' '.join(s['cory_overrides'])}`" if "single_overrides" in s else "")
-             + f". {task_time(result)}"), "",
-             *checks_note(result),
+             f"overrides `{' '.join(s['overrides'])}`. {task_time(result)}"), "",
              f"### Final evaluation at beta = {beta}", "",
              ("Fixed prompt set, each agent answering alone; mean ± 95% interval over seeds. Combined = reward - beta x KL. "
              "Repeats: share of responses with a word twice or more in a row; distinct: mean share of distinct words; "
@@ -771,25 +435,6 @@ def task_report(task: str, result: dict, png_prefix: str) -> list[str]:
                 lines.append(f"- {METHODS[method]}{'' if agent == 'policy' else f', agent {agent}'}: "
                              f"`{ex['prompt']}` -> `{ex['response']}`")
     return lines + [""] + verdicts(task, result)
-
-
-def checks_note(result: dict) -> list[str]:
-    """The real mode's sanity checks (check_run), as they passed: every run reached the report."""
-    checked = [r["checks"] for r in result["runs"] if "checks" in r]
-    if not checked:
-        return []
-    worst = {k: max(c[k] for c in checked) for k in ("initial_reward", "final_reward", "first_exact_kl")}
-    live, saved = sum(c["live_initial"] for c in checked), sum(c["saved"] for c in checked)
-    return [(f"Sanity checks (the script stops on a failure), all passed: {live} runs' own evaluations of the initial model "
-             f"(each seed's first PPO run and both agents of its first CORY run) equal this script's fresh evaluation of the "
-             f"initial model loaded from its folder (largest reward gap {worst['initial_reward']:.1e}, KL 0; the initial "
-             f"model's exact KL to itself {result['initial']['kl']:.1e}); the other runs' rows for iteration 0 are that fresh "
-             f"evaluation. {saved} saved models (each seed's first PPO run at 2x iterations, and both agents of its first CORY "
-             f"run merged into standalone models) evaluated fresh from their folders match their runs' own final evaluations "
-             f"(largest reward gap {worst['final_reward']:.3f}, tolerance 0.1). Every evaluation answered bare evaluation "
-             f"prompts (CORY's agents alone). The exact episode KL is logged at every iteration of every run and is "
-             f"{worst['first_exact_kl']:.1e} at most at the first (the adapters start at zero). The KL in this report is that "
-             "exact episode KL (training: the run's `episode_kl/exact_mean`; final: `evaluate(exact_kl=True)`)."), ""]
 
 
 def verdicts(task: str, result: dict) -> list[str]:
@@ -949,47 +594,31 @@ def overall(holds: list[bool], budgets) -> str:
     return "does not hold"
 
 
-def write(results: dict, out_dir: Path, mode: dict | None = None, quiet: bool = False) -> None:
-    mode = mode or MODES["tiny"]
-    name = mode["name"]
+def write(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/coevolution.py" + (" --model real" if mode["exact"] else "")
-    title = "# CORY-PPO against single-agent PPO" + (" on SmolLM2-135M-Instruct" if mode["exact"] else "")
-    lines = [title, "",
-             (f"`{command}` (see its docstring for what runs). CORY's figures are the mean of its two agents, "
-             "each answering alone from the prompt, unless a row names an agent. Intervals: 95% t-intervals over seeds."), "",
-             mode["about"], ""]
+    lines = ["# CORY-PPO against single-agent PPO", "",
+             ("`python benchmarks/coevolution.py` (see its docstring for what runs). CORY's figures are the mean of its two "
+             "agents, each answering alone from the prompt, unless a row names an agent. Intervals: 95% t-intervals over seeds."), "",
+             ABOUT, ""]
     for task, result in results.items():
-        prefix = f"{name}_{task}"
-        check = observer_lines(result["observer_check"]) if "observer_check" in result else []
-        if "runs" not in result:  # only the before-training check was run
-            lines += [f"## {task}", "", *check, ("No training runs of this task are in this report: they take about an hour per "
-                                                 "seed on this machine (the script's docstring says why they were not run)."), ""]
-            continue
+        prefix = f"cory_{task}"
         plot_curves(task, result, out_dir / f"{prefix}_curves.png")
         plot_frontier(task, result, out_dir / f"{prefix}_frontier.png")
-        report = task_report(task, result, prefix)
-        lines += report[:2] + check + report[2:]
-    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=1))
-    (out_dir / f"{name}.md").write_text("\n".join(lines))
-    if not quiet:
-        print("\n".join(lines))
+        lines += task_report(task, result, prefix)
+    (out_dir / "cory.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "cory.md").write_text("\n".join(lines))
+    print("\n".join(lines))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    ap.add_argument("--model", choices=list(MODES), default="tiny",
-                    help="tiny: the embedded 1M-parameter models (cory.*); real: SmolLM2-135M-Instruct (cory_real.*)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: OMP_NUM_THREADS, else all cores)")
     ap.add_argument("--iterations", type=int, default=0, help="iterations per run (0: the task's setting)")
-    ap.add_argument("--quick", action="store_true",
-                    help="a smoke run: 2 iterations of a tiny batch, one seed (tiny: 2 betas; real: the main beta, 8 new tokens)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 2 iterations of a tiny batch, two betas, one seed")
     ap.add_argument("--report", action="store_true", help="only rewrite the Markdown and the plots from the JSON")
     ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON, Markdown and plots (default benchmarks/results)")
-    ap.add_argument("--observer-check", action="store_true",
-                    help="--model real: only the before-training check of the observer (kept in the report beside the task's runs)")
     ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
                     help="combine these result files' seeds (runs with equal settings, e.g. one seed per process) into --out")
     ap.add_argument("--together", action="store_true",
@@ -997,39 +626,20 @@ def main() -> None:
     args = ap.parse_args()
     if args.together and not args.merge:
         raise SystemExit("--together describes merged parts: give --merge too")
-    mode = MODES[args.model]
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = args.seeds if args.seeds is not None else [0] if args.quick else [0, 1, 2]
     out_dir = Path(tempfile.mkdtemp(prefix="cory_quick_")) if args.quick else Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    saved = out_dir / f"{mode['name']}.json"
+    saved = out_dir / "cory.json"
     results = json.loads(saved.read_text()) if saved.exists() else {}
-
-    def keep_check(task: str, result: dict) -> dict:
-        """A task's new result keeps the task's before-training observer check."""
-        old = results.get(task, {})
-        return {**result, "observer_check": old["observer_check"]} if "observer_check" in old else result
-
     if args.merge:
         for task, merged in merge_seeds([json.loads(Path(f).read_text()) for f in args.merge]).items():
-            results[task] = keep_check(task, {**merged, "together": args.together})
-        args.report = True
-    if args.observer_check:
-        if not mode["exact"]:
-            raise SystemExit("--observer-check needs --model real")
-        for task in args.tasks:
-            results[task] = {**results.get(task, {}), "observer_check": observer_check(task, args.threads)}
-            write(results, out_dir, mode, quiet=True)
+            results[task] = {**merged, "together": args.together}
         args.report = True
     for task in [] if args.report else args.tasks:
-
-        def partial(result: dict, task: str = task) -> None:
-            write({**results, task: keep_check(task, result)}, out_dir, mode, quiet=True)
-
-        results[task] = keep_check(task, run_task(task, seeds, args.quick, mode, args.threads,
-                                                  on_seed=partial if mode["exact"] else None, iterations=args.iterations))
-    write(results, out_dir, mode)
+        results[task] = run_task(task, seeds, args.quick, args.threads, iterations=args.iterations)
+    write(results, out_dir)
     print(f"written to {out_dir}")
 
 
@@ -1043,7 +653,7 @@ def merge_seeds(parts: list[dict]) -> dict:
         if not pieces:
             continue
         first = pieces[0]
-        same = lambda r: {k: v for k, v in r["settings"].items() if k != "seeds"}  # noqa: E731
+        same = lambda r: {k: v for k, v in r["settings"].items() if k != "seeds"}
         for other in pieces[1:]:
             if same(other) != same(first):
                 raise SystemExit(f"--merge: {task}: the parts' settings differ")

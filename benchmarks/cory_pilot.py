@@ -21,9 +21,13 @@ two could only say that neither learned. Declared before the runs:
 - What the main experiment takes from it: the passing run's learning rate, iterations, group size
   and answer length, and its wall time per iteration for the budget.
 - `--kl-check`, after a passing pilot: does the KL coefficient control the KL? The passing settings
-  run again at each kl.beta of `KL_BETAS`; the KL control acts where the final evaluation's exact
+  run again at each kl.beta of `KL_BETAS`; the KL control acts where the final evaluation's
   episode KL at the larger beta is below that at the smaller by more than two standard errors
   (SE = sqrt(s1^2 / n1 + s2^2 / n2) over the evaluation's answers).
+- The evaluations' episode KL: the committed runs' evaluations logged the sampled estimate (the sum
+  over each answer of log q - log p of its tokens, whose mean is the sequence KL); evaluations now
+  account the exact one as well (`kl.exact_accounting`), which a rerun reports instead. `kl_kind`
+  in the results says which.
 
     python benchmarks/cory_pilot.py [--iterations 30] [--new-tokens 48] [--threads 2] [--kl-check] [--report-only]
 Writes benchmarks/results/cory_pilot.{json,md} (results are written after every run).
@@ -58,6 +62,12 @@ def episode_kl(row: dict) -> float:
     return row.get("kl_exact_mean", row["kl_mean"])
 
 
+def kl_name(run: dict) -> str:
+    """What a run's reported KL is (runs written before evaluations accounted the exact KL have no `kl_kind`)."""
+    return "exact episode KL" if run.get("kl_kind") == "exact" else "sampled episode KL"
+
+
+
 def run_one(lr: float, args, beta: float = KL_BETAS[0]) -> dict:
     """One single-agent run at learning rate `lr` and kl.beta `beta`: its evaluations, the reward's
     gain and its standard error, the final KL and its standard deviation."""
@@ -83,6 +93,7 @@ def run_one(lr: float, args, beta: float = KL_BETAS[0]) -> dict:
            "gain_in_se": gain / se if se else math.nan, "passes": bool(gain > PASS_SE * se),
            "initial_eos_rate": first["eos_rate"], "final_eos_rate": last["eos_rate"], "final_kl": episode_kl(last),
            "final_kl_std": last.get("kl_exact_std", last.get("kl_std")), "final_n": last["n"],
+           "kl_kind": "exact" if "kl_exact_mean" in last else "sampled",
            "curve": [{"iteration": e["iteration"], "reward": e["reward_mean"], "kl": episode_kl(e), "eos_rate": e["eos_rate"]}
                      for e in evals]}
     print(f"lr {lr:.0e}, beta {beta:g}: reward {row['initial_reward']:.3f} -> {row['final_reward']:.3f} ({row['gain_in_se']:+.1f} SE), "
@@ -119,14 +130,14 @@ def report(result: dict) -> list[str]:
         runs = result["kl_check"]
         betas = " and ".join(f"{r['beta']:g}" for r in runs)
         lines += [f"## KL check: the passing settings at kl.beta {betas}", "",
-                  "| kl.beta | final reward | reward gain / SE | final exact episode KL (± SD) | end of turn | wall time |",
+                  f"| kl.beta | final reward | reward gain / SE | final {kl_name(runs[0])} (± SD) | end of turn | wall time |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['beta']:g} | {r['final_reward']:.3f} | {r['gain_in_se']:+.1f} | {r['final_kl']:.2f} ± "
                   f"{r['final_kl_std']:.2f} | {r['final_eos_rate']:.2f} | {r['wall_s']:.0f} s |" for r in runs]
         c = kl_control(runs)
         lines += ["", f"KL at kl.beta {c['high']:g} minus at {c['low']:g}: {c['diff']:+.2f} nats, {c['diff_in_se']:+.1f} SE: "
                   + ("the coefficient controls the KL." if c["acts"] else "no significant control of the KL."), ""]
-    lines += ["Evaluation curves (reward / exact episode KL / end-of-turn rate by iteration):", ""]
+    lines += [f"Evaluation curves (reward / {kl_name(result['runs'][0])} / end-of-turn rate by iteration):", ""]
     shown = []
     for r in result["runs"] + result.get("kl_check", []):
         if r["curve"] in shown:  # the KL check's run at the pilot's beta repeats the pilot's run exactly

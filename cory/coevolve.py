@@ -107,7 +107,11 @@ def cory_rollout_side(cfg: Config) -> WorkerSide:
     def collect(index, rng, generator):
         return collect_episodes(cfg, agents, env, control, algorithm.group_size, index, rng, generator)
 
-    return WorkerSide({n: built.policies[n].module for n in AGENTS}, collect)
+    def loaded():
+        for backend in backends.values():
+            backend.mark_stale()
+
+    return WorkerSide({n: built.policies[n].module for n in AGENTS}, collect, loaded)
 
 
 class CoryRun(Run):

@@ -277,7 +277,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of storing them (less memory, ~1/3 more compute)."""
     max_staleness: int = 0
-    """Asynchronous rollouts: a worker process samples the next batches while the trainer updates, and no sample trains on weights more than this many versions (optimizer iterations) older than the trainer's; the worker's log-probs are corrected by algo.is_correction (0 = the synchronous loop: sample, then update, in one process). Cannot change on --resume (only with --force)."""
+    """Asynchronous rollouts: a worker process samples the next batches (with generation.backend: the native loop, or a vLLM engine of its own) while the trainer updates, and no sample trains on weights more than this many versions (optimizer iterations) older than the trainer's; the worker's log-probs are corrected by algo.is_correction (0 = the synchronous loop: sample, then update, in one process). Cannot change on --resume (only with --force)."""
     worker_timeout: float = 300.0
     """train.max_staleness > 0: seconds the trainer waits for each batch from the rollout worker (its start included) before it stops the run with one line (exit 1); the worker itself waits for new weights as long as the trainer lives."""
     shared_prefix: bool = False
@@ -679,9 +679,6 @@ def _check_async(cfg: Config) -> None:
         if t.worker_timeout != TrainConfig().worker_timeout:
             raise UsageError("train.worker_timeout has no effect unless train.max_staleness > 0")
         return
-    if cfg.generation.backend != "native":
-        raise UsageError("train.max_staleness runs the native loop in a worker process; a vLLM engine in the worker is not "
-                         "implemented yet: use generation.backend=native, or train.max_staleness=0 with vLLM")
     if t.fsdp:
         raise UsageError("train.max_staleness needs whole weights to send to the worker: not with train.fsdp")
     if cfg.task.dataset:

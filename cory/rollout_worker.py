@@ -19,6 +19,12 @@ the pass when the batch is stale, then restored bit for bit) and compares them w
 dropped an update, or loaded it somewhere its sampler does not read, cannot go unnoticed. A batch
 whose rows are more than k versions old stops the run too.
 
+Engines. The worker samples with the run's backend: the native loop reads the modules it loads the
+weights into; a vLLM engine (generation.backend=vllm, its own engine in the worker process) is told
+after each load (`WorkerSide.loaded`) and reloads the weights, or syncs the LoRA adapters, in place
+before its next batch, as the synchronous loop's engine does after every step. The log-prob check
+above then covers the engine: an engine still serving the old weights fails it.
+
 Behaviour log-probs. The worker's log-probs become `Rollout.engine_logprobs`: the Learner recomputes
 the trainer's own (the old policy of PPO's ratio) and weights each token by `algo.is_correction` of
 their ratio, logging the mismatch (`is/log_ratio_abs_mean`) every iteration.
@@ -82,13 +88,20 @@ CHECKSUM_RTOL = 1e-9
 differ by ~1e-15; one optimizer step moves them by far more)."""
 
 
+def _nothing() -> None:
+    """A sampler that reads the modules' weights directly needs no word of new ones."""
+
+
 @dataclass
 class WorkerSide:
     """What a worker process builds from the config: the modules whose parameters it receives by
-    name (`agent/parameter`), and `collect(index, rng, generator)`, which samples batch `index`."""
+    name (`agent/parameter`), `collect(index, rng, generator)`, which samples batch `index`, and
+    `loaded()`, called after new weights were loaded into the modules (a vLLM engine's backends mark
+    themselves stale, so that the engine reloads them in place before it samples again)."""
 
     modules: dict[str, torch.nn.Module]
     collect: Callable[[int, np.random.Generator, torch.Generator], Rollout]
+    loaded: Callable[[], None] = _nothing
 
 
 @dataclass
@@ -191,13 +204,17 @@ def serve(factory: Callable, cfg, names: list[str], first_index: int, last_index
             state.load_state_dict({"iteration": first_index, **sampler_state})
             version = -1
             for index in range(first_index, last_index):
+                arrived = False
                 while True:  # the newest weights sent; wait for one recent enough for this batch
                     message = _receive(weights, version < index - max_staleness, ppid)
                     if message is None:
                         break
                     version, flat = message
                     load_flat(params, flat)
+                    arrived = True
                     del flat
+                if arrived:
+                    side.loaded()
                 t0 = time.perf_counter()
                 rollout = side.collect(index, state.rng, state.generator)
                 rollout = replace(rollout, policy_version=torch.full((len(rollout),), version, dtype=torch.long))

@@ -50,7 +50,7 @@ def rollout_side(cfg: Config) -> WorkerSide:
     def collect(index, rng, generator):
         return sampler.collect(cfg.train.batch_size, rng, generator, group_size=algorithm.group_size)
 
-    return WorkerSide({"policy": agents.policies["policy"].module}, collect)
+    return WorkerSide({"policy": agents.policies["policy"].module}, collect, backend.mark_stale)
 
 
 class TrainingRun(Run):

@@ -33,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from coevolution import best_combined, paired, runs_of, swap_every, value  # noqa: E402  (the CORY results' own aggregation)
-from cory_pilot import kl_control  # noqa: E402  (the pilot's declared KL check)
+import cory_real  # noqa: E402  (the real-model experiment's own analysis and report)
+from cory_pilot import kl_control, kl_name  # noqa: E402  (the pilot's declared KL check and what its KL is)
 from trunk_learning import NOT_LEARNED, all_layers_gain  # noqa: E402  (the top-layer comparison's rule 3)
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
@@ -182,10 +183,9 @@ def every(n: int) -> str:
     return "every iteration" if n == 1 else f"every {n} iterations"
 
 
-def cory_task(task: str, result: dict, real: bool, png: str) -> tuple[list[str], dict]:
+def cory_task(task: str, result: dict, png: str) -> tuple[list[str], dict]:
     s, init = result["settings"], result["initial"]
     beta, seeds = s["main_beta"], s["seeds"]
-    kl_name = "exact episode KL" if real else "episode KL (sampled k1)"
     parts = result.get("part_wall_s")
     time = (f"{minutes(result['wall_s'])} of wall time, the {len(parts)} seeds' processes at once"
             if parts else f"{minutes(result['wall_s'])} of wall time")
@@ -210,7 +210,7 @@ def cory_task(task: str, result: dict, real: bool, png: str) -> tuple[list[str],
     lines += [f"Final evaluation at beta = {beta}, each model answering the fixed prompts alone (CORY: each agent "
               "without its partner); mean ± 95% interval over seeds. Repeats: share of answers with a word twice in a "
               "row; no EOS: share cut at the length limit.", ""]
-    lines += table(["model", "samples generated", "reward", kl_name, "repeats", "no EOS"], rows)
+    lines += table(["model", "samples generated", "reward", "episode KL (sampled k1)", "repeats", "no EOS"], rows)
 
     gains = {m: ci([value(r, "reward") - init["reward"] for r in runs_of(result, m, beta).values()])
              for m in ("ppo", "ppo-2x", "cory") if runs_of(result, m, beta)}
@@ -279,47 +279,49 @@ def cory_task(task: str, result: dict, real: bool, png: str) -> tuple[list[str],
     return lines, claims
 
 
-def observer_lines(check: dict) -> list[str]:
-    rows = [["pioneer (from the prompt)", fmt(check["pioneer"]["reward"]), "", ""]]
-    for arm, v in check["arms"].items():
-        rows.append([arm, fmt(v["reward"]), fmt(v["minus_blind"], sign=True) if v["minus_blind"] else "",
-                     fmt(v["copies"])])
-    copies = ("the share of the answer's words found in the pioneer's answer" if check["task"] == "sentiment"
-              else "the share of answers whose last number equals the reference's")
-    return [f"Before training, does the untrained model read its partner's answer as CORY's observer? "
-            f"{check['n']} answers per row (template `{check['template']}`), each scored as an answer to the original "
-            f"prompt; differences paired by prompt, 95% intervals. Copies: {copies}.", ""] + table(
-        ["answer", "reward", "minus blind", "copies"], rows)
-
-
 def cory_page() -> tuple[str, list[list[str]]]:
-    tiny, real = load("cory"), load("cory_real")
-    lines = [HEADER.format(sources="cory.json and cory_real.json"), "", "# CORY against single-agent PPO", "",
-             "`python benchmarks/coevolution.py` (embedded models) and `--model real` (SmolLM2-135M-Instruct, LoRA r 16). "
-             "CORY's figures are the mean of its two agents, each answering alone from the prompt, unless a row names an "
-             "agent. Intervals: 95% t-intervals over seeds; differences are paired by seed. The benchmark's own reports, "
-             "with samples and every KL coefficient, are benchmarks/results/cory.md and cory_real.md.", ""]
+    tiny = load("cory")
+    lines = [HEADER.format(sources="cory.json, cory_real.json and cory_pilot.json"), "", "# CORY against single-agent RL", "",
+             "Embedded models: `python benchmarks/coevolution.py` (CORY-PPO against PPO; CORY's figures are the mean of its two "
+             "agents, each answering alone from the prompt, unless a row names an agent; 95% t-intervals over seeds, "
+             "differences paired by seed). SmolLM2-135M-Instruct: `python benchmarks/cory_real.py` (CORY against "
+             "single-agent GRPO, its protocol declared in the script before the run; paired by seed and prompt). The "
+             "benchmarks' own reports are benchmarks/results/cory.md and cory_real.md.", ""]
     headline = []
-    for title, result, real, png in (("Embedded models (about 1.2M parameters)", tiny, False, "cory"),
-                                      ("SmolLM2-135M-Instruct", real, True, "cory_real")):
-        lines += [f"## {title}", ""]
-        for task, res in result.items():
-            if res.get("observer_check"):
-                lines += [f"### {task}: the observer before training", ""] + observer_lines(res["observer_check"])
-            body, claims = cory_task(task, res, real, png)
-            lines += body
-            if task == "sentiment" or real:
-                a_it = claims[("a", "equal iterations")]
-                what = (f"{task}, {'SmolLM2' if real else 'embedded models'}")
-                if not claims["learned"]:
-                    verdict = ("inconclusive: no method's reward rose significantly (PPO "
-                               f"{fmt(claims['gains']['ppo'], sign=True)}, CORY {fmt(claims['gains']['cory'], sign=True)})")
-                else:
-                    verdict = (f"claim (a) at equal iterations {a_it[0]}: CORY - PPO reward {fmt(a_it[1], 2, sign=True)}, "
-                               f"KL {fmt(a_it[2], 1, sign=True)}")
-                headline.append([f"CORY vs PPO, {what}", verdict])
+    lines += ["## Embedded models (about 1.2M parameters)", ""]
+    for task, res in tiny.items():
+        body, claims = cory_task(task, res, "cory")
+        lines += body
+        if task == "sentiment":
+            a_it = claims[("a", "equal iterations")]
+            if not claims["learned"]:
+                verdict = ("inconclusive: no method's reward rose significantly (PPO "
+                           f"{fmt(claims['gains']['ppo'], sign=True)}, CORY {fmt(claims['gains']['cory'], sign=True)})")
+            else:
+                verdict = (f"claim (a) at equal iterations {a_it[0]}: CORY - PPO reward {fmt(a_it[1], 2, sign=True)}, "
+                           f"KL {fmt(a_it[2], 1, sign=True)}")
+            headline.append(["CORY vs PPO, sentiment, embedded models", verdict])
+    lines += cory_real_section(headline)
     lines += cory_pilot_section()
     return "\n".join(lines), headline
+
+
+def cory_real_section(headline: list[list[str]]) -> list[str]:
+    """The real-model experiment, as its own script reports it (the images served from img/)."""
+    if not (RESULTS / "cory_real.json").exists():
+        return []
+    result = load("cory_real")
+    if "runs" not in result or not cory_real.seeds_of(result):
+        return []
+    body = cory_real.report(result)
+    lines = ["## SmolLM2-135M-Instruct", ""] + [line.replace("](cory_real_", "](img/cory_real_") for line in body[1:]]
+    a = cory_real.analyse(result)
+    n = result["settings"]["iterations"]
+    headline.append(["CORY vs single-agent GRPO, sentiment, SmolLM2",
+                     f"{a['primary_verdict']}: at equal samples CORY - GRPO exact KL {a['kl_equal_samples'].show(2)} nats, "
+                     f"reward {a['reward_equal_samples'].show(2)} (margin -{cory_real.MARGIN:.2f}); {len(cory_real.seeds_of(result))} "
+                     f"seeds, {n} CORY iterations"])
+    return lines
 
 
 def cory_pilot_section() -> list[str]:
@@ -328,13 +330,14 @@ def cory_pilot_section() -> list[str]:
         return []
     d = load("cory_pilot")
     s = d["settings"]
-    lines = ["## The pilot of the next real-model experiment", "",
-             "The SmolLM2 runs above are too short for either method to learn. Before the comparison is run again, "
-             f"`python benchmarks/cory_pilot.py` asks whether single-agent GRPO learns on SmolLM2 at all: the sentiment task "
+    lines = ["## The pilot of the SmolLM2 experiment", "",
+             "Before the comparison ran, "
+             f"`python benchmarks/cory_pilot.py` asked whether single-agent GRPO learns on SmolLM2 at all: the sentiment task "
              f"with chat prompts and VADER of the response alone, LoRA r 16 on the top 8 layers, 8 prompts x 4 answers, "
              f"{s['iterations']} iterations, at most {s['new_tokens']} new tokens, seed 0; learning rates tried in order until "
              f"the final evaluation reward (64 prompts x 2) exceeds the initial by more than {num(s['pass_se'], 0)} standard errors.", ""]
-    lines += table(["lr", "initial reward", "final reward", "gain / SE", "passes", "final KL", "end of turn", "s / iteration"],
+    lines += table(["lr", "initial reward", "final reward", "gain / SE", "passes", f"final {kl_name(d['runs'][0])}", "end of turn",
+                    "s / iteration"],
                    [[f"{r['lr']:.0e}", num(r["initial_reward"], 3), num(r["final_reward"], 3), num(r["gain_in_se"], 1, sign=True),
                      "yes" if r["passes"] else "no", num(r["final_kl"], 2),
                      f"{num(r['initial_eos_rate'], 2)} -> {num(r['final_eos_rate'], 2)}", num(r["seconds_per_iteration"], 1)]
@@ -343,9 +346,9 @@ def cory_pilot_section() -> list[str]:
         runs = sorted(d["kl_check"], key=lambda r: r["beta"])
         c = kl_control(runs)
         lines += [f"Does the KL coefficient control the KL? The passing settings at kl.beta {num(c['low'], 2)} and "
-                  f"{num(c['high'], 2)} (`--kl-check`; the control acts where the final exact episode KL at the larger "
+                  f"{num(c['high'], 2)} (`--kl-check`; the control acts where the final {kl_name(runs[0])} at the larger "
                   "coefficient is lower by more than two standard errors):", ""]
-        lines += table(["kl.beta", "final reward", "reward gain / SE", "final exact episode KL (± SD)", "end of turn"],
+        lines += table(["kl.beta", "final reward", "reward gain / SE", f"final {kl_name(runs[0])} (± SD)", "end of turn"],
                        [[num(r["beta"], 2), num(r["final_reward"], 3), num(r["gain_in_se"], 1, sign=True),
                          f"{num(r['final_kl'], 2)} ± {num(r['final_kl_std'], 2)}", num(r["final_eos_rate"], 2)] for r in runs])
         lines += [f"Difference {num(c['diff'], 2, sign=True)} nats, {num(c['diff_in_se'], 1, sign=True)} standard errors: "
@@ -880,7 +883,7 @@ def async_section(a: dict, headline: list) -> list[str]:
 # -- the pages ------------------------------------------------------------------------------------------
 RESULT_PAGES = {
     "algorithms.md": ("Algorithms", algorithms_page),
-    "cory.md": ("CORY against PPO", cory_page),
+    "cory.md": ("CORY against single-agent RL", cory_page),
     "decision-making.md": ("Decision-making agents", decisions_page),
     "drift.md": ("Drift control", drift_page),
     "performance.md": ("Speed and memory", performance_page),

@@ -76,3 +76,10 @@ def side_falling_silent(cfg) -> WorkerSide:
         time.sleep(600)
 
     return WorkerSide(side.modules, collect)
+
+
+def side_whose_engine_is_not_told(cfg) -> WorkerSide:
+    """Loads every version into the modules (its checksum is right) but never tells the backend: a
+    vLLM engine keeps serving the weights it loaded first."""
+    side = rollout_side(cfg)
+    return WorkerSide(side.modules, side.collect)

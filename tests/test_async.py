@@ -373,7 +373,6 @@ def test_max_staleness_cannot_change_on_resume_and_forced_to_0_the_trainer_conti
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["train.max_staleness=1", "generation.backend=vllm"], "vLLM engine in the worker is not implemented"),
     (["train.worker_timeout=5"], "no effect unless train.max_staleness > 0"),
     (["train.max_staleness=-1"], "must be >= 0"),
 ])

@@ -235,6 +235,42 @@ def test_without_sync_the_gap_shows(tmp_path, micro_lm, micro_rm, monkeypatch):
     assert rows[0][GAP] < LOGPROB_TOL and rows[1][GAP] > 100 * LOGPROB_TOL
 
 
+@pytest.mark.parametrize("lora", [0, 8])
+def test_an_asynchronous_run_samples_on_a_vllm_engine_in_the_worker(tmp_path, micro_lm, micro_rm, lora):
+    """train.max_staleness=1 with generation.backend=vllm: the worker's own engine samples every
+    batch from the version it reports (whole weights, or the LoRA adapters on the top layer), within
+    one version of the trainer's."""
+    from cory.api import train
+
+    extra = {"train.max_staleness": 1, "train.iterations": 3, "algo.lr": 3e-2, "model.lora.r": lora,
+             "model.trainable_layers": 1 if lora else 0}
+    train(load_config(None, _vllm_overrides(tmp_path, **extra)), tmp_path / "run")
+    rows = _metrics(tmp_path / "run")
+    assert len(rows) == 3 and max(r["async/version_max"] for r in rows) >= 1
+    assert all(r["async/staleness_max"] <= 1 and r["async/behaviour_gap"] < LOGPROB_TOL for r in rows), rows
+    # The weights moved between versions (a stale batch's behaviour log-probs differ from the trainer's
+    # at training time), so an engine left on older weights would have shown in the gap above.
+    stale = [r["is/log_ratio_abs_mean"] for r in rows if r["async/staleness_max"] == 1]
+    assert stale and max(stale) > 100 * LOGPROB_TOL, rows
+
+
+def test_an_engine_in_the_worker_that_is_not_told_of_new_weights_stops_the_run(tmp_path, capsys, micro_lm, micro_rm,
+                                                                               monkeypatch):
+    """The worker loads each version into its modules but does not tell the engine: the engine keeps
+    sampling the first weights, and the trainer's check of the log-probs stops the run in one line."""
+    import async_faults
+    from cory import train as train_module
+    from cory.cli import main
+
+    monkeypatch.setattr(train_module, "rollout_side", async_faults.side_whose_engine_is_not_told)
+    capsys.readouterr()
+    code = main(["train", "--output-dir", str(tmp_path / "run")] + _vllm_overrides(
+        tmp_path, **{"train.max_staleness": 1, "train.iterations": 3, "algo.lr": 3e-2}))
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # the run's one line, after the engine's own logging
+    assert err.startswith("cory train: error: ") and "log-probs are not those of weights version" in err
+
+
 @pytest.mark.parametrize("shared_base", [False, True])
 def test_cory_run_on_vllm(tmp_path, micro_lm, micro_rm, shared_base):
     from cory.api import train
