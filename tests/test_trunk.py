@@ -330,3 +330,25 @@ def test_a_groups_prompt_runs_once_and_each_answer_samples_as_if_it_ran_its_own(
     assert_close(once.logprobs, each.logprobs, "log-probs")
     assert_close(once.trunk_hidden, each.trunk_hidden, "trunk states")
     assert not torch.equal(once.response_ids[0], once.response_ids[2])  # the group's answers still differ
+
+
+@pytest.mark.parametrize("identical", [True, False])
+def test_trunk_states_sampled_with_a_shared_prefix_equal_the_whole_depth(deep, tmp_path, identical):
+    """With generation.shared_prefix the trunk states kept from sampling equal the trunk's output of
+    the sampled sequences at full depth, and those kept by the same sampling without the shared
+    prefix: for distinct prompts (their common lead run once) and for a batch whose prompts are all
+    one (a bandit episode's first turn: the whole prompt is shared, and prefilled once)."""
+    _, built = agents(deep, tmp_path)
+    policy = built.policies["policy"]
+    prompts = [LEAD + (PROMPTS[1] if identical else p) for p in PROMPTS]
+    shared = policy.generate(prompts, SamplingParams(max_new_tokens=6, shared_prefix=True), torch.Generator().manual_seed(2))
+    plain = policy.generate(prompts, SamplingParams(max_new_tokens=6), torch.Generator().manual_seed(2))
+    assert shared.trunk_hidden is not None and plain.trunk_hidden is not None
+    assert torch.equal(shared.response_ids, plain.response_ids)
+    ids, mask, positions = sequence_layout(shared.query_ids, shared.query_mask, shared.response_ids, shared.response_mask)
+    recomputed = trunk_states(policy.model, policy.module.trunk_depth, ids, mask, positions)
+    assert shared.trunk_hidden.shape == recomputed.shape
+    real = mask.bool()
+    real[:, -1] = False  # the last sampled token is never fed back: its column is 0
+    assert_close(shared.trunk_hidden[real], recomputed[real], "shared-prefix trunk states vs whole depth")
+    assert_close(shared.trunk_hidden[real], plain.trunk_hidden[real], "shared-prefix trunk states vs no shared prefix")

@@ -248,16 +248,17 @@ class KVStepper:
     """A causal LM following a batch token by token with its own KV cache.
 
     `prefill(query_ids, query_mask)` runs the left-padded prompts (with `shared_prefix`, their
-    shared prefix once, its cache repeated for every row) and returns the last position's logits
-    [B, V]; each `advance(token [B])` appends one token per row and returns the next logits. The
-    attention mask and the KV cache (`PreallocatedLayer`) are allocated for `capacity` new tokens
-    (they grow if more come)."""
+    shared prefix once, its cache repeated for every row: `prefix` tokens, 0 when none ran) and
+    returns the last position's logits [B, V]; each `advance(token [B])` appends one token per row
+    and returns the next logits. The attention mask and the KV cache (`PreallocatedLayer`) are
+    allocated for `capacity` new tokens (they grow if more come)."""
 
     def __init__(self, lm: nn.Module, capacity: int = 64, recorder: TrunkRecorder | None = None):
         self.lm = lm
         self.capacity = capacity
         self.recorder = recorder
         self.recording = recorder.recording if recorder is not None else contextlib.nullcontext
+        self.prefix = 0
 
     def prefill(self, query_ids: torch.Tensor, query_mask: torch.Tensor, shared_prefix: bool = False,
                 store: PrefixStore | None = None, pad_id: int = 0) -> torch.Tensor:
@@ -281,7 +282,7 @@ class KVStepper:
         device = query_ids.device
         self.attention = torch.ones((batch, lq + self.capacity), dtype=torch.long, device=device)
         self.length = lq
-        prefix = shared_prefix_length(query_ids, query_mask) if shared_prefix else 0
+        prefix = self.prefix = shared_prefix_length(query_ids, query_mask) if shared_prefix else 0
         if prefix:
             laid, laid_mask, shared = lay_out_prefix(query_ids, query_mask, prefix, pad_id)
             self.attention[:, :lq] = laid_mask
@@ -338,20 +339,20 @@ def sample(
     prefix store spared part of the prefix).
     """
     if not trunk_depth:
-        return (*_sample(lm, query_ids, query_mask, params, generator, logits_hook, stop_ids, pad_id, decode, prefix_store), None)
+        return _sample(lm, query_ids, query_mask, params, generator, logits_hook, stop_ids, pad_id, decode, prefix_store)
     with TrunkRecorder(lm, trunk_depth) as recorder:
-        out = _sample(lm, query_ids, query_mask, params, generator, logits_hook, stop_ids, pad_id, decode, prefix_store, recorder)
-    return (*out, _trunk_columns(recorder.states, query_ids, query_mask, params))
+        return _sample(lm, query_ids, query_mask, params, generator, logits_hook, stop_ids, pad_id, decode, prefix_store, recorder)
 
 
-def _trunk_columns(states: list[torch.Tensor], query_ids, query_mask, params: SamplingParams) -> torch.Tensor | None:
-    """The trunk states recorded by the loop as [B, Lq + n, H] in the left-padded layout."""
-    prefix = shared_prefix_length(query_ids, query_mask) if params.shared_prefix else 0
+def _trunk_columns(states: list[torch.Tensor], query_mask, prefix: int) -> torch.Tensor | None:
+    """The trunk states recorded by the loop as [B, Lq + n, H] in the left-padded layout; `prefix`:
+    the shared prefix the prefill ran once (`KVStepper.prefix`, not recomputed here: the prefill
+    decides it on the distinct prompts, and a batch of one prompt repeated has none)."""
     if prefix:
         first = states.pop(0)
         if first.shape[:2] != (1, prefix):  # the store held part of the prefix: not all of it was run
             return None
-        laid = torch.cat([first.expand(query_ids.shape[0], -1, -1), states.pop(0)], dim=1)
+        laid = torch.cat([first.expand(query_mask.shape[0], -1, -1), states.pop(0)], dim=1)
         query = restore_states(laid, query_mask, prefix)
     else:
         query = states.pop(0)
@@ -399,7 +400,8 @@ def _sample(lm, query_ids, query_mask, params, generator, logits_hook, stop_ids,
             break
         logits = stepper.advance(token)
 
-    return out_ids[:, :steps], out_mask[:, :steps], out_logprobs[:, :steps], done
+    trunk = _trunk_columns(recorder.states, query_mask, stepper.prefix) if recorder is not None else None
+    return out_ids[:, :steps], out_mask[:, :steps], out_logprobs[:, :steps], done, trunk
 
 
 def stop_window(stop_strings: tuple[str, ...]) -> int:
