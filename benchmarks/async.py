@@ -6,8 +6,9 @@ SmolLM2-135M-Instruct (`cory:smollm2-135m-instruct`), on this CPU (2 cores). Fou
 - k = 1 and k = 2 (--staleness): trainer and rollout worker one thread (one core) each.
 
 The run: the sentiment task with chat prompts, VADER's score of the response as the reward, GRPO
-(group 4), LoRA r 8 on every linear layer (only the adapters travel to the worker), the default
-importance correction (token-level TIS, cap 2). For each mode and each seed:
+(group 4), LoRA r 8 on every linear layer, or on those of the top K layers (`--trainable-layers K`,
+which makes the update cheaper and generation the larger share); only the adapters travel to the
+worker; the default importance correction (token-level TIS, cap 2). For each mode and each seed:
 - iterations per hour: 3600 / the median `time/iteration` of iterations 2..N (the first one also
   waits for the worker to start and load the model, so every mode drops it; the median, because the
   shared machine's other work stalls some iterations many times over); evaluation and checkpoints
@@ -25,7 +26,7 @@ on 2 quiet cores (an estimate from the per-iteration costs of benchmarks/through
 measurement).
 
     python benchmarks/async.py [--iterations 12] [--seeds 0 1 2] [--staleness 1 2] [--sync-threads 1 2]
-                               [--batch-size 2] [--new-tokens 16]
+                               [--batch-size 2] [--new-tokens 16] [--trainable-layers 0]
 Writes benchmarks/results/async.{json,md} (--out to change). Each run records `k` and `threads`
 (the torch threads of each process: k > 0 runs two processes) and `mode`; `baseline` names the
 headline's baseline mode.
@@ -60,12 +61,19 @@ def mode(k: int, threads: int) -> str:
 
 
 def overrides(k: int, threads: int, seed: int, args) -> list[str]:
-    return [f"model.name={MODEL}", "model.lora.r=8", "model.lora.alpha=16", "task.name=sentiment", "task.chat_template=true",
+    return [f"model.name={MODEL}", "model.lora.r=8", "model.lora.alpha=16", f"model.trainable_layers={args.trainable_layers}",
+            "task.name=sentiment", "task.chat_template=true",
             "task.reward=vader", "task.reward_on=response", "task.num_eval_prompts=2", "eval.samples_per_prompt=1",
             f"generation.max_new_tokens={args.new_tokens}", "algo.name=grpo", "algo.group_size=4", "algo.lr=3e-5",
             "kl.beta=0.05", "kl.exact_accounting=false", f"train.iterations={args.iterations}",
             f"train.batch_size={args.batch_size}", f"train.seed={seed}", f"train.num_threads={threads}", "train.log_with=[]",
             "train.progress=false", f"train.max_staleness={k}"]
+
+
+def layers(settings: dict) -> str:
+    """Where the adapters sit (results written before --trainable-layers existed: every layer)."""
+    k = settings.get("trainable_layers", 0)
+    return f"the top {k} layers (the frozen trunk run once per sequence)" if k else "every layer"
 
 
 def one_run(k: int, threads: int, seed: int, args, root: Path) -> dict:
@@ -134,7 +142,7 @@ def markdown(results: dict) -> str:
              f"trainer and rollout worker {ASYNC_THREADS} thread each. The synchronous loop (k = 0) is measured with "
              f"{' and with '.join(str(summary[m]['threads']) for m in bases)} threads; speed-ups are paired by seed against each, "
              f"the headline against `{baseline}` (the whole machine). Sentiment task with chat prompts, VADER reward, GRPO "
-             f"(group 4), LoRA r 8, {a['batch_size']} prompts x 4 samples per iteration, {a['new_tokens']} new tokens at most, "
+             f"(group 4), LoRA r 8 on {layers(a)}, {a['batch_size']} prompts x 4 samples per iteration, {a['new_tokens']} new tokens at most, "
              f"{a['iterations']} iterations, seeds {a['seeds']}. Iterations per hour are 3600 / the median seconds per "
              "iteration, leaving out the first iteration (which waits for the worker to start); reward per sample is the mean "
              "training reward over all iterations. Means over seeds with 95% t-intervals.", ""]
@@ -177,6 +185,8 @@ def main() -> None:
                     help="torch threads of the synchronous baselines (k = 0); the largest is the headline's baseline")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--trainable-layers", type=int, default=0,
+                    help="model.trainable_layers: LoRA on the top K layers only, the frozen trunk run once per sequence (0: every layer)")
     ap.add_argument("--out", default=str(RESULTS / "async"), help="results path without suffix")
     args = ap.parse_args()
     if args.iterations < 2 or any(k < 1 for k in args.staleness) or any(t < 1 for t in args.sync_threads):

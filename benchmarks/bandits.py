@@ -18,34 +18,75 @@ Writes benchmarks/results/bandits.{json,md} and bandits_{regret,coverage,frequen
 bandits_quick.*; a smoke run of a minute or two).
 
 `--model real`: the same questions for `cory:smollm2-135m-instruct`, cut to fit about an hour of one
-core. Prompts are chat turns after one example turn that shows the answer format; evaluation is greedy.
+core. Prompts are chat turns after one example turn that shows the answer format; evaluation is greedy
+(stage `bandit` also evaluates at temperature 1).
 Stage `probes`: the untrained model plays Gaussian bandits (5/10/20 arms, button and continuous, with
 and without chain of thought, horizon 50, the last 5 steps shown) next to UCB1 and random, answers
-frequency-bias and knowing-doing probes; the report puts the paper's Gemma2 figures beside it. Stage
-`bandit`: REINFORCE with the Monte-Carlo baseline, the -5 invalid-action penalty and the exploration
-bonus, LoRA on the top 4 layers, on 5-armed bandits of horizon 10; before/after against UCB1 and
-random on the same held-out bandits, and the training run's initial evaluation checked against a
-fresh one. Stage `ttt`: PPO (value head + GAE) on tic-tac-toe against a random opponent. Stages can
-run in separate invocations; each merges its results into the report.
+frequency-bias and knowing-doing probes; the report puts the paper's Gemma2 figures beside it. Coverage
+is judged on the arms the model named in valid answers: an invalid answer executes a random arm, so
+executed coverage measures that fallback where answers are often invalid (the continuous variant), and
+the button and continuous variants are never averaged. Stage `ttt`: PPO (value head + GAE) on
+tic-tac-toe against a random opponent. Stages can run in separate invocations; each merges its results
+into the report.
 
-    python benchmarks/bandits.py --model real [--stages probes bandit ttt report] [--iterations 6] [--quick]
+Stage `bandit` is a pilot and its result, declared here before the runs (issue 24):
+- Task: 5-armed Gaussian bandits (button variant, sigma 1, horizon 10, the last 5 steps shown, no chain
+  of thought), training instances from a pool of 512, the -5 invalid-action penalty, an exploration bonus
+  of 1 for a valid answer naming an arm not yet executed, rewards standardised (`REAL_BANDIT_ENV`).
+- Training (`REAL_BANDIT_TRAIN`): REINFORCE with the Monte-Carlo baseline (the batch's mean return of the
+  turns at the same step), rewards-to-go discounted once per environment step (algo.turn_gamma 0.5) and
+  not within a turn (algo.gamma 1: the committed run's algo.gamma 0.5 discounted token by token, so a
+  turn's reward reached the first tokens of its answer at 0.5^5, about 3%), kl.beta 0.05, LoRA r 16 on
+  the top 4 decoder layers (model.trainable_layers=4: the frozen trunk runs once per sequence), the
+  shared prompt prefix run once, 4 episodes an iteration in 2 optimizer steps of 2 episodes,
+  `PILOT_ITERATIONS` (16) iterations, seed 0, one thread (train.num_threads=1). A tiny run measured 62-74
+  s an iteration here (the committed run: 212 s).
+- Evaluation: 32 held-out bandits (the evaluation pool of seed 0, disjoint from the training pool), played
+  by the untrained and the fine-tuned model on the same instances with the same sampling seed, at
+  temperature 1 (as training samples) and greedy (as the paper evaluates).
+- Primary endpoint: the mean shaped episode return (what training maximises: standardised reward, bonus
+  and penalty) at temperature 1, fine-tuned minus untrained, paired by held-out instance; SE = the paired
+  differences' standard deviation / sqrt(32). The pilot passes where the difference exceeds 2 SE.
+- Settings tried in order, every run reported: run 1 at lr 1e-3; only if it fails, run 2 at lr 3e-4
+  where run 1's last training KL exceeded 2 nats (it moved without learning), else at lr 3e-3 (it barely
+  moved). At most two runs: each costs about 20 minutes of one thread.
+- The stage's result is the passing run itself (nothing is run twice); where no run passes, the last run
+  tried, marked as not passing.
+- Claims, on the differences paired by held-out bandit, with the project's paired bootstrap
+  (`cory.metrics.stats`: one training seed, so the bandits are resampled; 95% percentile interval,
+  bootstrap p-value) and its three verdicts "supported", "contradicted", "inconclusive": "fine-tuning
+  raised the reward" on the primary endpoint; secondary, with Holm's correction over them: "lowered
+  regret" (greedy, the paper's evaluation; and at temperature 1), "raised the share of arms it named"
+  (greedy; temperature 1), "raised the share of valid answers" (temperature 1; greedy), "raised the
+  greedy shaped return". Where the pilot did not pass nothing was learned, and no claim is "supported":
+  those verdicts read "inconclusive". (This bullet was amended after the first run started and before
+  any of its results: the claims first used normal intervals and p-values; the pass rule is unchanged.)
+- Probes after fine-tuning as well as before: the frequency-bias (16) and knowing-doing (16, chain of
+  thought, 96 tokens) probes of stage `probes`' 5-armed button cell (horizon 50), on the untrained and
+  the fine-tuned model, the same probes (same seed, same histories), with paired per-probe differences.
+
+    python benchmarks/bandits.py --model real [--stages probes bandit ttt report] [--quick]
 Writes benchmarks/results/bandits_real.{json,md}, bandits_real_{coverage,frequency}.png and
 bandits_real_ft_{regret,coverage}.png (--quick: bandits_real_quick.*). The committed report came from
 
     python benchmarks/bandits.py --model real --fresh --stages probes --cot 0
     python benchmarks/bandits.py --model real --stages probes --cot 1 --arms 10 20 --variants button --kd-arms
     python benchmarks/bandits.py --model real --stages ttt --ttt-iterations 10 --ttt-batch 8 --games 32
-    python benchmarks/bandits.py --model real --stages bandit --iterations 6
+    python benchmarks/bandits.py --model real --stages bandit
+    python benchmarks/bandits.py --model real --stages probes --cot 0 --variants continuous --kd-arms
     python benchmarks/bandits.py --model real --stages report
-(the probes 29 minutes of one thread on a loaded machine; the tic-tac-toe and bandit stages ran side
-by side with other benchmarks, at one thread each on the two cores: their wall and CPU times are in
-the report).
+(the probes 29 minutes of one thread on a loaded machine; the tic-tac-toe stage ran side by side with
+other benchmarks, at one thread on each of the two cores; the bandit stage 27 minutes at one thread
+beside other runs. The fifth line measured the continuous cells again for the arms they named: every
+other column repeated the first measurement exactly. The wall and CPU times of every stage are in the
+report).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -70,6 +111,7 @@ from cory.generation.sampling import SamplingParams
 from cory.metrics import coverage, coverage_curves, plot_coverage, plot_curves, plot_regret, regret_curves
 from cory.metrics import t_interval as interval
 from cory.metrics.model_probes import frequency_bias_probe, knowing_doing_probe
+from cory.metrics.stats import INCONCLUSIVE, SUPPORTED, directional_verdict, holm, paired_bootstrap
 from cory.policy import Policy
 from cory.train import TrainingRun
 
@@ -201,9 +243,9 @@ def pooled_by_repeats(summaries: list[dict]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--iterations", type=int, help="bandit fine-tuning iterations (tiny: 22 of 8 episodes; real: 6)")
+    ap.add_argument("--iterations", type=int, help="bandit fine-tuning iterations (tiny: 22 of 8 episodes; real: 16 of 4)")
     ap.add_argument("--ttt-iterations", type=int, help="tic-tac-toe fine-tuning iterations (tiny: 40 of 32 games; real: 4)")
-    ap.add_argument("--episodes", type=int, help="bandits per evaluation (tiny: 64; real: 8)")
+    ap.add_argument("--episodes", type=int, help="bandits per evaluation (tiny: 64; real: 32 held out)")
     ap.add_argument("--probes", type=int, help="frequency-bias probes per evaluation (tiny: 100; real: 16 per cell)")
     ap.add_argument("--games", type=int, help="tic-tac-toe games per evaluation (tiny: 200; real: 16)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: one seed, 2 iterations, small evaluations")
@@ -229,9 +271,10 @@ def main() -> None:
     real.add_argument("--batch", type=int, default=4, help="bandit episodes per fine-tuning iteration")
     real.add_argument("--sanity-episodes", type=int, default=4,
                       help="bandits in the training run's own evaluations, checked against a fresh evaluation")
+    real.add_argument("--pilot-runs", type=int, default=PILOT_MAX_RUNS, help="stage bandit: at most this many pilot runs")
     real.add_argument("--ttt-batch", type=int, default=8, help="tic-tac-toe games per fine-tuning iteration")
     args = ap.parse_args()
-    defaults = {"tiny": (22, 40, 64, 100, 200), "real": (6, 4, 8, 16, 16)}[args.model]
+    defaults = {"tiny": (22, 40, 64, 100, 200), "real": (PILOT_ITERATIONS, 4, PILOT_EPISODES, 16, 16)}[args.model]
     for key, value in zip(("iterations", "ttt_iterations", "episodes", "probes", "games"), defaults):
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -240,6 +283,7 @@ def main() -> None:
             args.seeds, args.arms, args.variants, args.horizon, args.probe_episodes, args.probes = args.seeds[:1], [5], ["button"], 4, 2, 2
             args.kd_arms, args.kd_probes, args.kd_tokens, args.cot_tokens = [5], 2, 16, 16
             args.iterations, args.train_horizon, args.episodes, args.batch, args.sanity_episodes = 1, 3, 2, 2, 2
+            args.pilot_runs = 1
             args.ttt_iterations, args.games, args.ttt_batch = 1, 2, 2
         main_real(args)
         return
@@ -386,6 +430,19 @@ def episode_interval(records, key) -> tuple[float, float]:
     return interval([key(r) for r in records])
 
 
+def named_share(record) -> float:
+    """The share of arms an agent named itself in valid answers (the random arm an invalid answer
+    executes is left out)."""
+    return len({a for a in record.actions if a is not None}) / record.n_actions
+
+
+EPISODE_VALUES = {"shaped_return": lambda r: r.total_reward, "regret": lambda r: r.total_regret,
+                  "named_coverage": named_share, "valid_rate": lambda r: r.valid_rate}
+"""Per-episode values kept with every evaluation (`per_episode`), so paired statistics can be recomputed
+from the results file: the shaped return (what training maximises), the final cumulative regret, the
+share of arms named in valid answers, the share of valid answers."""
+
+
 def real_bandit_row(records, example_label: int | None = None) -> dict:
     row = bandit_row(records)
     row["regret_curves"], row["coverage_curves"] = regret_curves(records).tolist(), coverage_curves(records).tolist()
@@ -394,12 +451,39 @@ def real_bandit_row(records, example_label: int | None = None) -> dict:
     row["valid_ci"] = episode_interval(records, lambda r: r.valid_rate)[1]
     # Invalid answers execute a random arm, which counts in `coverage`; this counts only the arms the
     # agent named itself.
-    own = [len({a for a in r.actions if a is not None}) / r.n_actions for r in records]
-    row["own_coverage"], row["own_coverage_ci"] = interval(own)
+    row["own_coverage"], row["own_coverage_ci"] = episode_interval(records, named_share)
+    row["shaped_return"], row["shaped_return_ci"] = episode_interval(records, lambda r: r.total_reward)
+    row["per_episode"] = [{"instance": r.instance_seed, **{k: f(r) for k, f in EPISODE_VALUES.items()}} for r in records]
     if example_label is not None:
         answered = [a for r in records for a in r.actions if a is not None]
         row["example_label_rate"] = sum(a == example_label for a in answered) / len(answered) if answered else float("nan")
     return row
+
+
+def named_coverage(cell: dict) -> tuple[float, float] | None:
+    """(mean, 95% half-width) of the share of arms a probe cell's model named in valid answers: stored
+    by probe stages run since it was recorded; for older cells where every answer was valid it equals
+    the executed coverage (every executed arm was named); otherwise unknown (None)."""
+    if "own_coverage" in cell:
+        return cell["own_coverage"], cell["own_coverage_ci"]
+    if cell["valid_rate"] == 1.0:
+        return cell["coverage"], cell["coverage_ci"]
+    return None
+
+
+def differences(before: list[dict], after: list[dict], key: str) -> list[float]:
+    """after - before of the per-episode value `key` (`per_episode` rows), paired by held-out instance."""
+    base = {e["instance"]: e[key] for e in before}
+    return [e[key] - base[e["instance"]] for e in after if e["instance"] in base]
+
+
+def paired(before: list[dict], after: list[dict], key: str) -> dict:
+    """The pilot's test: mean of the paired differences, SE (their sd / sqrt(n)), 95% half-width, n."""
+    diffs = differences(before, after, key)
+    n = len(diffs)
+    mean, half = interval(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
+    return {"mean": mean, "se": se, "half": half, "n": n}
 
 
 def ci_cell(mean: float, half: float, fmt: str = ".2f") -> str:
@@ -438,24 +522,101 @@ def real_fine_tune(config: Path, out: str) -> dict:
             "iteration_s": [r.get("time/iteration") for r in rows]}
 
 
-# Fine-tuning settings (cut to fit an hour of one core, see the report): REINFORCE with the Monte-Carlo
-# baseline on rewards-to-go, the -5 invalid-action penalty (the environment's default), the exploration
-# bonus, LoRA on the top layers only (the backward pass stops there), exact KL accounting off (it costs
-# one more forward pass over every turn).
+# Tic-tac-toe fine-tuning (stage `ttt`, as committed): PPO, LoRA adapters on layers 26-29 only (the
+# backward pass stops there), exact KL accounting off (it costs one more forward pass over every turn).
 REAL_LORA_LAYERS = (26, 27, 28, 29)
 REAL_LORA_TARGETS = [f"layers.{i}.{m}" for i in REAL_LORA_LAYERS
                      for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
-REAL_BANDIT_TRAIN = {
-    "env.pool_size": 512, "algo.name": "reinforce", "algo.baseline": "mean", "algo.gamma": 0.5, "algo.lr": 1e-3,
-    "kl.beta": 0.05, "kl.exact_accounting": False, "model.lora.r": 16, "model.lora.alpha": 32,
-    "model.lora.targets": REAL_LORA_TARGETS,
-}
-REAL_BANDIT_ENV = {"exploration_bonus": 1.0, "reward_norm": "standard"}
 REAL_TTT_TRAIN = {
     "algo.name": "ppo", "algo.gamma": 1.0, "algo.lr": 1e-3, "kl.beta": 0.05, "kl.exact_accounting": False,
     "model.lora.r": 16, "model.lora.alpha": 32, "model.lora.targets": REAL_LORA_TARGETS,
 }
+# Bandit fine-tuning (stage `bandit`, declared in the module docstring): the learning rate is the
+# pilot's (`PILOT_LRS`), the rest is fixed.
+REAL_BANDIT_TRAIN = {
+    "env.pool_size": 512, "algo.name": "reinforce", "algo.baseline": "mean", "algo.gamma": 1.0, "algo.turn_gamma": 0.5,
+    "algo.minibatch_size": 2, "kl.beta": 0.05, "kl.exact_accounting": False, "model.trainable_layers": 4,
+    "model.lora.r": 16, "model.lora.alpha": 32, "train.shared_prefix": True, "train.num_threads": 1,
+}
+REAL_BANDIT_ENV = {"exploration_bonus": 1.0, "reward_norm": "standard"}
+PILOT_ITERATIONS = 16
+PILOT_EPISODES = 32
+"""Held-out bandits of the pilot's evaluations (the evaluation pool of the seed)."""
+PILOT_PASS_SE = 2.0
+"""The pilot passes where the primary endpoint rises by more than this many standard errors."""
+PILOT_LRS = (1e-3,)
+"""The first run's learning rate; the second's follows from the first run (`pilot_next_lr`)."""
+PILOT_MAX_RUNS = 2
+PILOT_KL_MOVED = 2.0
+"""Nats of training KL above which a failed run moved without learning (the next run's rate is lower)."""
+
+
+def pilot_next_lr(run: dict) -> float:
+    """The declared second learning rate: a third of the first's where its last training KL exceeded
+    `PILOT_KL_MOVED` nats, else three times it."""
+    return run["lr"] * (0.3 if run["training"]["train_kl"][-1] > PILOT_KL_MOVED else 3.0)
+
+
+# The claims judged on the stage's run: (key, claim, evaluation, per-episode value, claimed direction).
+# The first is the primary endpoint; Holm's correction runs over the others.
+CLAIMS = (
+    ("reward", "fine-tuning raised the shaped reward (temperature 1; primary)", "t1", "shaped_return", 1),
+    ("regret_greedy", "fine-tuning lowered regret (greedy)", "greedy", "regret", -1),
+    ("regret_t1", "fine-tuning lowered regret (temperature 1)", "t1", "regret", -1),
+    ("named_greedy", "fine-tuning raised the share of arms it named (greedy)", "greedy", "named_coverage", 1),
+    ("named_t1", "fine-tuning raised the share of arms it named (temperature 1)", "t1", "named_coverage", 1),
+    ("valid_t1", "fine-tuning raised the share of valid answers (temperature 1)", "t1", "valid_rate", 1),
+    ("valid_greedy", "fine-tuning raised the share of valid answers (greedy)", "greedy", "valid_rate", 1),
+    ("reward_greedy", "fine-tuning raised the shaped reward (greedy)", "greedy", "shaped_return", 1),
+)
+
+
+def judge(before: dict, after: dict, learned: bool) -> dict:
+    """Every claim of `CLAIMS` on per-episode values paired by instance: {key: the bootstrap's mean,
+    95% interval and p, Holm's p (the primary's own p), verdict}. `before` / `after`: {"greedy": row,
+    "t1": row} with `per_episode` in each row. Where nothing was learned no claim is supported."""
+    est = {key: paired_bootstrap([differences(before[ev]["per_episode"], after[ev]["per_episode"], value)])
+           for key, _, ev, value, _ in CLAIMS}
+    primary, *secondary = (c[0] for c in CLAIMS)
+    adjusted = {primary: est[primary].p, **dict(zip(secondary, holm([est[k].p for k in secondary])))}
+    out = {}
+    for key, claim, ev, value, direction in CLAIMS:
+        e = est[key]
+        word = directional_verdict(e, direction, adjusted[key])
+        out[key] = {"claim": claim, "evaluation": ev, "value": value, "direction": direction, "mean": e.mean,
+                    "low": e.low, "high": e.high, "p": e.p, "p_holm": adjusted[key], "n": e.prompts,
+                    "verdict": INCONCLUSIVE if word == SUPPORTED and not learned else word}
+    return out
+
+
+def model_probes(policy, args, seed: int) -> dict:
+    """The frequency-bias and knowing-doing probes of stage `probes`' 5-armed button cell (the same
+    probes for every model: same seed, same histories), with each probe's outcome kept for pairing."""
+    kw = real_env_kwargs(5, "button", False, args.horizon, args.history)
+    kd_kw = {**kw, "cot": True}
+    with policy.frozen_prefix():
+        frequency, fb = frequency_bias_probe(policy, args.probes, seed, kw, action_template="ACTION={}",
+                                             params=real_params(BANDIT, kw, args.answer_tokens))
+        knowing, kd = knowing_doing_probe(policy, args.kd_probes, seed, kd_kw, max_new_tokens=args.kd_tokens, temperature=0.0,
+                                          params=real_params(BANDIT, kd_kw, args.kd_tokens))
+    return {"frequency": {**frequency, "each": [r.label for r in fb], "chosen": [r.chosen for r in fb]},
+            "knowing_doing": {**knowing, "each_knowing": [r.knowing for r in kd], "each_doing": [r.doing for r in kd]}}
+
+
+def probe_shifts(before: dict, after: dict) -> dict:
+    """After - before per probe (the same probes): F_f (top action the most frequent), knowing, and an
+    invalid knowing-doing answer, as paired means with 95% intervals."""
+    def shift(b, a):
+        mean, half = interval([x - y for x, y in zip(a, b)])
+        return {"mean": mean, "half": half, "n": len(a)}
+    f_b, f_a = before["frequency"]["each"], after["frequency"]["each"]
+    k_b, k_a = before["knowing_doing"], after["knowing_doing"]
+    return {"F_f": shift([x == "frequent" for x in f_b], [x == "frequent" for x in f_a]),
+            "knowing": shift([float(x) for x in k_b["each_knowing"]], [float(x) for x in k_a["each_knowing"]]),
+            "invalid": shift([x == "invalid" for x in k_b["each_doing"]], [x == "invalid" for x in k_a["each_doing"]]),
+            "same_top_action": sum(x == y for x, y in zip(before["frequency"]["chosen"], after["frequency"]["chosen"]))
+            / len(f_b)}
 
 
 def main_real(args) -> None:
@@ -584,50 +745,79 @@ def strip_records(row: dict) -> dict:
 
 
 def bandit_stage(policy, args, log) -> dict:
-    """RL fine-tuning on bandits; the untrained and trained model, UCB1 and random on the same held-out
-    bandits; the training run's own initial evaluation checked against the fresh one."""
+    """The declared pilot of RL fine-tuning on bandits, and its result (module docstring): runs in the
+    declared order until one raises the primary endpoint by more than `PILOT_PASS_SE` standard errors;
+    the untrained and the fine-tuned model (greedy and at temperature 1), UCB1 and random on the same
+    held-out bandits; the probes before and after; the training run's initial evaluation checked against
+    a fresh one."""
     t0, c0 = time.perf_counter(), time.process_time()
     seed = args.seeds[0]
     kw = real_env_kwargs(args.train_arms, "button", False, args.train_horizon, args.history)
+    shaped = {**kw, **REAL_BANDIT_ENV}  # the training environment: the records carry the shaped rewards
     params = real_params(BANDIT, kw, args.answer_tokens)
-    sampled = replace(params, temperature=1.0)  # as training samples its rollouts
+    modes = {"greedy": params, "t1": replace(params, temperature=1.0)}  # t1: as training samples
+
+    def evaluate(model) -> dict:
+        with model.frozen_prefix():
+            return {mode: real_bandit_row(play_policy(model, BANDIT, shaped, args.episodes, p, seed)[0], example_label=2)
+                    for mode, p in modes.items()}
+
+    before = evaluate(policy)
+    log(f"bandit before: shaped return (T=1) {before['t1']['shaped_return']:.2f}, valid (T=1) {before['t1']['valid_rate']:.3f}; "
+        f"greedy regret {before['greedy']['regret']:.2f}, arms named {before['greedy']['own_coverage']:.2f}")
+    probes_before = model_probes(policy, args, seed)
+    log(f"probes before: F_f {probes_before['frequency']['F_f']:.2f}, knowing {probes_before['knowing_doing']['knowing']:.2f}")
+    pilot, lr, trained = [], PILOT_LRS[0], None
+    for attempt in range(args.pilot_runs):
+        settings = {**REAL_BANDIT_TRAIN, "algo.lr": lr, "train.batch_size": args.batch}
+        with tempfile.TemporaryDirectory() as tmp:
+            config = write_real_config(Path(tmp) / "bandit.yaml", BANDIT, shaped, settings, seed, args.iterations,
+                                       args.sanity_episodes, seed, args.answer_tokens)
+            run = real_fine_tune(config, str(Path(tmp) / "run"))
+            trained = Policy.from_pretrained(str(Path(tmp) / "run" / "final"))
+        after = evaluate(trained)
+        primary = paired(before["t1"]["per_episode"], after["t1"]["per_episode"], "shaped_return")
+        passes = bool(primary["mean"] > PILOT_PASS_SE * primary["se"])
+        pilot.append({"run": attempt + 1, "lr": lr, "iterations": args.iterations, "primary": primary, "passes": passes,
+                      "after": after, "after_summary": {m: {k: after[m][k] for k in ("shaped_return", "regret", "own_coverage",
+                                                                                     "valid_rate")} for m in after}, "training": {k: v for k, v in run.items() if k != "summary"},
+                      "summary": {k: {m: v for m, v in run["summary"][k].items() if m != "samples"}
+                                  for k in ("initial_eval", "final_eval")}})
+        log(f"pilot run {attempt + 1} (lr {lr:g}, {args.iterations} iterations, {run['wall_s']:.0f} s): shaped return (T=1) "
+            f"{before['t1']['shaped_return']:.2f} -> {after['t1']['shaped_return']:.2f}, paired {primary['mean']:+.2f} "
+            f"(SE {primary['se']:.2f}, {primary['mean'] / primary['se'] if primary['se'] else math.nan:+.1f} SE): "
+            f"{'passes' if passes else 'does not pass'}; valid (T=1) {after['t1']['valid_rate']:.3f}, training KL "
+            f"{run['train_kl'][-1]:.2f}, train reward {', '.join(f'{x:.1f}' for x in run['train_reward'])}")
+        if passes:
+            break
+        lr = pilot_next_lr(pilot[-1])
+    chosen = pilot[-1]
+    learned = chosen["passes"]
+    probes_after = model_probes(trained, args, seed)
+    log(f"probes after: F_f {probes_after['frequency']['F_f']:.2f}, knowing {probes_after['knowing_doing']['knowing']:.2f}")
+    claims = judge(before, chosen["after"], learned)
+    runs = {"random": real_bandit_row(play_agent("random", BANDIT, shaped, args.episodes, seed)),
+            "UCB1": real_bandit_row(play_agent("ucb1", BANDIT, shaped, args.episodes, seed)),
+            "before": before["greedy"], "after": chosen["after"]["greedy"],
+            "before_t1": before["t1"], "after_t1": chosen["after"]["t1"]}
+    # The training run's own initial evaluation (its first `sanity_episodes` instances, greedy) against a
+    # fresh one of the untrained model.
+    keys = ("regret_mean", "coverage_final", "valid_rate", "env_return_mean", "reward_mean")
     with policy.frozen_prefix():
-        before_records, _ = play_policy(policy, BANDIT, kw, args.episodes, params, seed)
-        before_sampled, _ = play_policy(policy, BANDIT, kw, args.episodes, sampled, seed)
-    runs = {"random": real_bandit_row(play_agent("random", BANDIT, kw, args.episodes, seed)),
-            "UCB1": real_bandit_row(play_agent("ucb1", BANDIT, kw, args.episodes, seed)),
-            "before": real_bandit_row(before_records, example_label=2),
-            "before_t1": real_bandit_row(before_sampled, example_label=2)}
-    log(f"bandit before: regret {runs['before']['regret']:.2f}, coverage {runs['before']['coverage']:.2f}, "
-        f"valid {runs['before']['valid_rate']:.3f}")
-    with tempfile.TemporaryDirectory() as tmp:
-        config = write_real_config(Path(tmp) / "bandit.yaml", BANDIT, {**kw, **REAL_BANDIT_ENV},
-                                   {**REAL_BANDIT_TRAIN, "train.batch_size": args.batch}, seed, args.iterations,
-                                   args.sanity_episodes, seed, args.answer_tokens)
-        run = real_fine_tune(config, str(Path(tmp) / "run"))
-        log(f"bandit fine-tuning: {args.iterations} iterations in {run['wall_s']:.0f} s, train reward "
-            f"{', '.join(f'{x:.2f}' for x in run['train_reward'])}")
-        trained = Policy.from_pretrained(str(Path(tmp) / "run" / "final"))
-        with trained.frozen_prefix():
-            after_records, _ = play_policy(trained, BANDIT, kw, args.episodes, params, seed)
-            after_sampled, _ = play_policy(trained, BANDIT, kw, args.episodes, sampled, seed)
-    runs["after"] = real_bandit_row(after_records, example_label=2)
-    runs["after_t1"] = real_bandit_row(after_sampled, example_label=2)
-    keys = ("regret_mean", "coverage_final", "valid_rate", "env_return_mean")
-    # Shaped rewards differ (the bonus and normalisation act in training only): compare the
-    # environment's own quantities.
-    with policy.frozen_prefix():
-        fresh = episode_metrics(play_policy(policy, BANDIT, kw, args.sanity_episodes, params, seed)[0])
-    sanity = {k: {"training_run": run["summary"]["initial_eval"][k], "fresh": fresh[k]} for k in keys}
-    sanity_ok = all(abs(v["training_run"] - v["fresh"]) < 1e-9 for v in sanity.values())
-    log(f"bandit after: regret {runs['after']['regret']:.2f}, coverage {runs['after']['coverage']:.2f}, valid "
-        f"{runs['after']['valid_rate']:.3f}; initial evaluation matches a fresh one: {sanity_ok}")
-    keys = ("train_arms", "train_horizon", "history", "iterations", "batch", "episodes", "sanity_episodes", "answer_tokens")
-    return {"settings": {**stage_settings(args, keys), "train": REAL_BANDIT_TRAIN, "env": REAL_BANDIT_ENV},
-            "runs": {k: strip_records(v) for k, v in runs.items()},
-            "training": {k: v for k, v in run.items() if k != "summary"},
-            "final_eval": {k: v for k, v in run["summary"]["final_eval"].items() if k != "samples"},
-            "sanity": sanity, "sanity_ok": sanity_ok, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+        fresh = episode_metrics(play_policy(policy, BANDIT, shaped, args.sanity_episodes, params, seed)[0])
+    sanity = {k: {"training_run": chosen["summary"]["initial_eval"][k], "fresh": fresh[k]} for k in keys}
+    sanity_ok = all(abs(v["training_run"] - v["fresh"]) < 1e-6 for v in sanity.values())
+    log(f"bandit stage: {'passed' if learned else 'not passed'} at run {chosen['run']}; initial evaluation matches a fresh "
+        f"one: {sanity_ok}; " + "; ".join(f"{k} {c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] {c['verdict']}" for k, c in claims.items()))
+    keys = ("train_arms", "train_horizon", "history", "horizon", "iterations", "batch", "episodes", "sanity_episodes",
+            "answer_tokens", "probes", "kd_probes", "kd_tokens", "pilot_runs")
+    return {"settings": {**stage_settings(args, keys), "train": {**REAL_BANDIT_TRAIN, "algo.lr": chosen["lr"]},
+                         "env": REAL_BANDIT_ENV, "pass_se": PILOT_PASS_SE},
+            "pilot": [{k: v for k, v in r.items() if k != "after"} for r in pilot], "passed": learned,
+            "chosen_run": chosen["run"], "runs": {k: strip_records(v) for k, v in runs.items()}, "claims": claims,
+            "probes": {"before": probes_before, "after": probes_after, "shift": probe_shifts(probes_before, probes_after)},
+            "training": chosen["training"], "final_eval": chosen["summary"]["final_eval"], "sanity": sanity,
+            "sanity_ok": sanity_ok, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
 
 
 def ttt_stage(policy, args, log) -> dict:
@@ -659,6 +849,108 @@ def ttt_stage(policy, args, log) -> dict:
     return {"settings": {**stage_settings(args, keys), "train": REAL_TTT_TRAIN}, **out,
             "training": {k: v for k, v in run.items() if k != "summary"}, "wall_s": time.perf_counter() - t0,
             "cpu_s": time.process_time() - c0}
+
+
+def p_cell(p: float) -> str:
+    """A bootstrap p-value; 0 means no resample of `paired_bootstrap`'s 10,000 crossed zero."""
+    return "< 1e-4" if p == 0 else f"{p:.3g}"
+
+
+def bandit_section(fine: dict) -> list[str]:
+    """Section 2 of the report: the declared pilot, the stage's run against UCB1 and random, the claims
+    with paired intervals and verdicts, and the probes before and after."""
+    nan = float("nan")
+    s, r, c = fine["settings"], fine["runs"], fine["claims"]
+    t = s["train"]
+    lines = ["", "## 2. RL fine-tuning on bandits", "",
+             f"{s['train_arms']}-armed Gaussian bandits (button variant, sigma 1, horizon {s['train_horizon']}, the last "
+             f"{s['history']} steps shown, no chain of thought), {s['iterations']} iterations x {s['batch']} episodes from a "
+             f"pool of {t['env.pool_size']} training bandits; REINFORCE with the Monte-Carlo baseline, algo.gamma "
+             f"{t['algo.gamma']} within a turn and algo.turn_gamma {t['algo.turn_gamma']} per step, minibatches of "
+             f"{t['algo.minibatch_size']} episodes, kl.beta {t['kl.beta']}, LoRA r {t['model.lora.r']} on the top "
+             f"{t['model.trainable_layers']} of 30 layers (model.trainable_layers), one thread; environment {s['env']} plus "
+             f"the -5 invalid-action penalty. Evaluated on {s['episodes']} held-out bandits, the untrained and the "
+             "fine-tuned model on the same instances, greedy and at temperature 1 (as training samples).", "",
+             "### Pilot (protocol declared in `benchmarks/bandits.py` before the runs)", "",
+             f"Primary endpoint: the shaped episode return at temperature 1 (what training maximises), fine-tuned minus "
+             f"untrained, paired by held-out bandit; the pilot passes where it rises by more than {s['pass_se']:g} standard "
+             "errors. Learning rates in the declared order; every run tried:", "",
+             "| run | lr | iterations | shaped return, T=1: before -> after | paired difference | / SE | passes | "
+             "valid answers, T=1 (after) | training KL (last) | s / iteration | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    before_t1 = r["before_t1"]["shaped_return"]
+    for run in fine["pilot"]:
+        pr, tr = run["primary"], run["training"]
+        after_t1 = before_t1 + pr["mean"]
+        lines.append(f"| {run['run']} | {run['lr']:g} | {run['iterations']} | {before_t1:.2f} -> {after_t1:.2f} | "
+                     f"{pr['mean']:+.2f} ± {pr['half']:.2f} | {pr['mean'] / pr['se'] if pr['se'] else nan:+.1f} | "
+                     f"{'yes' if run['passes'] else 'no'} | "
+                     f"{run['after_summary']['t1']['valid_rate']:.3f} | "
+                     f"{tr['train_kl'][-1]:.2f} | {statistics.median(tr['iteration_s']):.0f} | {tr['wall_s']:.0f} s |")
+    chosen = fine["chosen_run"]
+    lines += ["", (f"The pilot passed at run {chosen} (lr {t['algo.lr']:g}); that run is the stage's result below (it was not "
+                   "run again)." if fine["passed"] else
+                   f"No run passed: the fine-tuned model's shaped reward did not rise by more than {s['pass_se']:g} standard "
+                   f"errors in {len(fine['pilot'])} run(s) of {s['iterations']} iterations (the budget: about 20 minutes of "
+                   f"one thread each). Below is the last run tried (run {chosen}); nothing was learned, so no claim is "
+                   "credited to fine-tuning."), "",
+              f"| agent | shaped return | regret at step {s['train_horizon']} | arms it named | executed coverage | valid actions "
+              "| copies example |", "|---|---|---|---|---|---|---|"]
+    labels = {"before": "SmolLM2, before (greedy)", "after": "SmolLM2, fine-tuned (greedy)",
+              "before_t1": "SmolLM2, before (temperature 1)", "after_t1": "SmolLM2, fine-tuned (temperature 1)"}
+    for name in ("random", "UCB1", "before", "after", "before_t1", "after_t1"):
+        row = r[name]
+        lines.append(f"| {labels.get(name, name)} | {ci_cell(row['shaped_return'], row['shaped_return_ci'])} | "
+                     f"{ci_cell(row['regret'], row['regret_ci'])} | {ci_cell(row['own_coverage'], row['own_coverage_ci'])} | "
+                     f"{ci_cell(row['coverage'], row['coverage_ci'])} | {ci_cell(row['valid_rate'], row['valid_ci'], '.3f')} | "
+                     f"{row.get('example_label_rate', nan):.2f} |")
+    lines += ["", "Claims, fine-tuned minus untrained paired by held-out bandit (the paired bootstrap of `cory.metrics.stats` "
+              "over the bandits: mean, 95% interval, p; the first is the primary endpoint, Holm's correction runs over the "
+              "others; verdicts as declared):", "",
+              "| claim | before | after | after - before [95% interval] | p | p (Holm) | verdict |", "|---|---|---|---|---|---|---|"]
+    rows = {"greedy": ("before", "after"), "t1": ("before_t1", "after_t1")}
+    names = {"shaped_return": "shaped_return", "regret": "regret", "named_coverage": "own_coverage", "valid_rate": "valid_rate"}
+    for claim in c.values():
+        b, a = (r[x][names[claim["value"]]] for x in rows[claim["evaluation"]])
+        lines.append(f"| {claim['claim']} | {b:.3f} | {a:.3f} | {claim['mean']:+.3f} [{claim['low']:+.3f}, {claim['high']:+.3f}] | "
+                     f"{p_cell(claim['p'])} | {p_cell(claim['p_holm'])} | {claim['verdict']} |")
+    # Where the shaped reward comes from: a valid answer avoids the -5 penalty, so the rise of valid
+    # answers alone accounts for (gain in the valid share) x answers per episode x 5 of it.
+    valid_part = c["valid_t1"]["mean"] * s["train_horizon"] * 5
+    greedy_same = all(c[k]["low"] == c[k]["high"] == 0 for k in ("regret_greedy", "named_greedy", "valid_greedy", "reward_greedy"))
+    lines += ["", f"Where the reward came from: at temperature 1 the share of valid answers went from {r['before_t1']['valid_rate']:.2f} "
+              f"to {r['after_t1']['valid_rate']:.2f}, which alone is worth {valid_part:+.1f} of the {c['reward']['mean']:+.1f} "
+              f"(the -5 penalty avoided on {c['valid_t1']['mean'] * s['train_horizon']:.1f} more answers per episode); the share "
+              f"of arms it named fell from {r['before_t1']['own_coverage']:.2f} to {r['after_t1']['own_coverage']:.2f} and the "
+              f"share of valid answers naming the example's arm rose from {r['before_t1']['example_label_rate']:.2f} to "
+              f"{r['after_t1']['example_label_rate']:.2f}. "
+              + ("The greedy evaluation did not change on any held-out bandit (every greedy difference is exactly 0). "
+                 if greedy_same else "")
+              + ("Fine-tuning taught the answer format and narrowed sampling onto fewer arms; it did not teach exploration."
+                 if c["valid_t1"]["verdict"] == "supported" and c["named_t1"]["verdict"] == "contradicted" else "")]
+    pb, pa, sh = fine["probes"]["before"], fine["probes"]["after"], fine["probes"]["shift"]
+    fb, fa, kb, ka = pb["frequency"], pa["frequency"], pb["knowing_doing"], pa["knowing_doing"]
+    lines += ["", f"Probes before and after fine-tuning, the same probes (stage `probes`' 5-armed button cell: horizon "
+              f"{s['horizon']}, {fb['probes']} frequency-bias probes, {kb['probes']} knowing-doing probes with chain of thought "
+              f"and at most {s['kd_tokens']} tokens); differences paired per probe:", "",
+              "| probe | before | after | after - before |", "|---|---|---|---|",
+              f"| F_f / F_g / F_o | {fb['F_f']:.2f} / {fb['F_g']:.2f} / {fb['F_o']:.2f} | {fa['F_f']:.2f} / {fa['F_g']:.2f} / "
+              f"{fa['F_o']:.2f} | F_f {ci_cell(sh['F_f']['mean'], sh['F_f']['half'])} |",
+              f"| action entropy (nats) | {fb['entropy']:.2f} | {fa['entropy']:.2f} | |",
+              f"| top action unchanged | | | {sh['same_top_action']:.2f} of the probes |",
+              f"| knowing | {kb['knowing']:.2f} | {ka['knowing']:.2f} | {ci_cell(sh['knowing']['mean'], sh['knowing']['half'])} |",
+              f"| optimal / greedy / other / invalid | {kb['optimal']:.2f} / {kb['greedy']:.2f} / {kb['other']:.2f} / "
+              f"{kb['invalid']:.2f} | {ka['optimal']:.2f} / {ka['greedy']:.2f} / {ka['other']:.2f} / {ka['invalid']:.2f} | "
+              f"invalid {ci_cell(sh['invalid']['mean'], sh['invalid']['half'])} |"]
+    tr = fine["training"]
+    lines += ["", f"The stage took {fine['wall_s']:.0f} s of wall time ({fine.get('cpu_s', nan):.0f} s of CPU time at one thread), "
+              f"its pilot runs {sum(x['training']['wall_s'] for x in fine['pilot']):.0f} s of training; the chosen run's training "
+              f"reward per iteration {', '.join(f'{x:.1f}' for x in tr['train_reward'])}; KL to the initial model "
+              f"{', '.join(f'{x:.2f}' for x in tr['train_kl'])}.",
+              f"Sanity: the training run's own initial evaluation ({s['sanity_episodes']} bandits) equals a fresh "
+              f"evaluation of the untrained model on the same seed and instances: {'yes' if fine['sanity_ok'] else 'NO'} ("
+              + ", ".join(f"{k} {v['training_run']:.4f} vs {v['fresh']:.4f}" for k, v in fine["sanity"].items()) + ")."]
+    return lines
 
 
 def real_report(data: dict, stem: str) -> list[Path]:
@@ -726,9 +1018,11 @@ def real_report(data: dict, stem: str) -> list[Path]:
         "reasoning first when the prompt asks for chain of thought). Without it the model answered in the `ACTION=` "
         "format in none of 24 trial turns (8 with the chat template alone, 16 with a system prompt stating the format "
         "too). `copies example` is the share of valid answers naming the example's arm. An invalid answer executes a "
-        "random arm, which counts in `coverage`: where answers are often invalid (the continuous variant), coverage "
-        "comes from that fallback, not from the model. Evaluation is greedy (temperature 0, as in the paper); "
-        "intervals are 95% t-intervals over episodes of one evaluation seed.", "",
+        "random arm, which counts in `executed coverage`: where answers are often invalid (the continuous variant), "
+        "that coverage comes from the fallback, not from the model. Coverage is therefore judged on `arms it named`, the "
+        "share of arms named in valid answers, everywhere below; the button and continuous variants are reported "
+        "apart, never averaged. Evaluation is greedy (temperature 0, as in the paper) unless a row says otherwise; "
+        "intervals are 95% intervals over episodes of one evaluation seed.", "",
     ]
     if probes:
         s = probes["settings"]
@@ -738,18 +1032,33 @@ def real_report(data: dict, stem: str) -> list[Path]:
             "UCB1 and random on the same instances; frequency-bias probes (`probes` per row, without chain of thought: the "
             "summed log-probability of `ACTION=<label>` after the chat prompt); at most "
             f"{s['answer_tokens']} answer tokens without and {s['cot_tokens']} with chain of thought.", "",
-            f"| arms | variant | CoT | n | regret | UCB1 | random | coverage at step {s['horizon']} | UCB1 | random | valid actions "
-            "| probes | F_f / F_g / F_o | copies example | s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| arms | variant | CoT | n | regret | UCB1 | random | arms it named by step {s['horizon']} | executed coverage "
+            "| UCB1 | random | valid actions | probes | F_f / F_g / F_o | copies example | s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        unknown = []
         for c in cells:
             p = c.get("probe")
             fb = f"{p['F_f']:.2f} / {p['F_g']:.2f} / {p['F_o']:.2f}" if p else "-"
+            named = named_coverage(c)
+            if named is None:
+                unknown.append(c)
             lines.append(
                 f"| {c['n_arms']} | {c['variant']} | {'yes' if c['cot'] else 'no'} | {c['episodes']} | {ci_cell(c['regret'], c['regret_ci'])} | "
-                f"{c['UCB1']['regret']:.2f} | {c['random']['regret']:.2f} | {ci_cell(c['coverage'], c['coverage_ci'])} | "
-                f"{c['UCB1']['coverage']:.2f} | {c['random']['coverage']:.2f} | {ci_cell(c['valid_rate'], c['valid_ci'], '.3f')} | "
-                f"{c['probes'] or '-'} | {fb} | {c.get('example_label_rate', nan):.2f} | {c['wall_s']:.0f} |")
+                f"{c['UCB1']['regret']:.2f} | {c['random']['regret']:.2f} | {ci_cell(*named) if named else 'not stored'} | "
+                f"{ci_cell(c['coverage'], c['coverage_ci'])} | {c['UCB1']['coverage']:.2f} | {c['random']['coverage']:.2f} | "
+                f"{ci_cell(c['valid_rate'], c['valid_ci'], '.3f')} | {c['probes'] or '-'} | {fb} | "
+                f"{c.get('example_label_rate', nan):.2f} | {c['wall_s']:.0f} |")
+        lines += ["", "`arms it named`: where every answer was valid (valid actions 1.000) it equals the executed coverage; "
+                  "where some were invalid it is at most the executed coverage"
+                  + ((", and the cells recorded before the probe stage kept the named arms (" + ", ".join(
+                      f"{c['n_arms']} arms {c['variant']}{' CoT' if c['cot'] else ''}" for c in unknown)
+                      + ") do not have it: " + " and ".join(
+                          f"`python benchmarks/bandits.py --model real --stages probes --cot {int(cot)} --arms "
+                          f"{' '.join(str(a) for a in sorted({c['n_arms'] for c in mine}))} --variants "
+                          f"{' '.join(sorted({c['variant'] for c in mine}))} --kd-arms`"
+                          for cot in (False, True) if (mine := [c for c in unknown if c["cot"] == cot]))
+                      + " measures it again (greedy, the same seed: the other columns repeat).") if unknown else ".")]
         if knowing:
             lines += ["", f"Knowing-doing probe ({knowing[0]['probes']} probes per row, button variant, chain of thought, at most "
                       f"{s['kd_tokens']} tokens): `knowing` = its `<ucb_values>` name the true top-UCB arm; the action is "
@@ -759,61 +1068,53 @@ def real_report(data: dict, stem: str) -> list[Path]:
                 lines.append(f"| {k['n_arms']} | {k['knowing']:.2f} | {k['optimal']:.2f} | {k['greedy']:.2f} | {k['other']:.2f} | "
                              f"{k['invalid']:.2f} |")
 
-        def cov(k, cot):
-            vals = [c["coverage"] for c in cells if c["n_arms"] == k and c["cot"] == cot]
+        def cov(k, cot, variant="button"):
+            mine = [c for c in cells if c["n_arms"] == k and c["cot"] == cot and c["variant"] == variant]
+            named = named_coverage(mine[0]) if mine else None
+            if not mine:
+                return "not run"
+            return f"{named[0]:.2f}" if named else f"<= {mine[0]['coverage']:.2f} (not stored)"
+
+        def ff(variant):
+            vals = [c["probe"]["F_f"] for c in probed if c["variant"] == variant]
             return f"{statistics.mean(vals):.2f}" if vals else "not run"
 
-        ff = [c["probe"]["F_f"] for c in probed]
         lines += [
             "", "Side by side with the paper's Gemma2 figures (from the shared reference notes; the paper: 64 bandits, "
-            "horizon 50, the whole history, up to 256 tokens); SmolLM2 cells are means over the variants run:", "",
-            "| measure | SmolLM2-135M (here) | Gemma2 2B | Gemma2 9B | Gemma2 27B |", "|---|---|---|---|---|",
-            f"| coverage at step 50, 10 arms, CoT | {cov(10, True)} | 0.40 | 0.65 | 0.65 |",
-            f"| coverage at step 50, 10 arms, no CoT | {cov(10, False)} | 0.25 (the paper's no-CoT figure) | | |",
-            f"| coverage at step 50, 20 arms | CoT {cov(20, True)}, no CoT {cov(20, False)} | <= 0.45 | <= 0.45 | <= 0.45 |",
-            f"| F_f (frequency bias) | {statistics.mean(ff):.2f} | 0.96 | | 0.14 |" if ff else "| F_f | not run | 0.96 | | 0.14 |",
-            (f"| knowing (correct UCB rationale) | {statistics.mean(k['knowing'] for k in knowing):.2f} | | | 0.87 |"
-             if knowing else "| knowing | not run | | | 0.87 |"),
+            "horizon 50, the whole history, up to 256 tokens). SmolLM2's coverage is the share of arms it named in valid "
+            "answers, per variant; the paper's models answer validly, so its coverage is theirs:", "",
+            "| measure | SmolLM2-135M, button (here) | SmolLM2-135M, continuous (here) | Gemma2 2B | Gemma2 9B | Gemma2 27B |",
+            "|---|---|---|---|---|---|",
+            f"| arms named by step 50, 10 arms, CoT | {cov(10, True)} | {cov(10, True, 'continuous')} | 0.40 | 0.65 | 0.65 |",
+            f"| arms named by step 50, 10 arms, no CoT | {cov(10, False)} | {cov(10, False, 'continuous')} | 0.25 (the paper's "
+            "no-CoT figure) | | |",
+            f"| arms named by step 50, 20 arms, CoT | {cov(20, True)} | {cov(20, True, 'continuous')} | <= 0.45 | <= 0.45 | <= 0.45 |",
+            f"| arms named by step 50, 20 arms, no CoT | {cov(20, False)} | {cov(20, False, 'continuous')} | <= 0.45 | <= 0.45 | <= 0.45 |",
+            f"| F_f (frequency bias; mean over the arm counts) | {ff('button')} | {ff('continuous')} | 0.96 | | 0.14 |",
+            (f"| knowing (correct UCB rationale) | {statistics.mean(k['knowing'] for k in knowing):.2f} | not run | | | 0.87 |"
+             if knowing else "| knowing | not run | not run | | | 0.87 |"),
             "", f"Probes took {probes['wall_s']:.0f} s.",
         ]
     goals = {}
-    if fine:
-        s, r = fine["settings"], fine["runs"]
+    if fine and "claims" not in fine:
         lines += ["", "## 2. RL fine-tuning on bandits", "",
-                  f"{s['train_arms']}-armed Gaussian bandits (button variant, sigma 1, horizon {s['train_horizon']}, no chain of "
-                  f"thought), {s['iterations']} iterations x {s['batch']} episodes from a pool of 512 training bandits; "
-                  f"{', '.join(f'{k}={v}' for k, v in s['train'].items() if k != 'model.lora.targets')}, LoRA on layers "
-                  f"{REAL_LORA_LAYERS[0]}-{REAL_LORA_LAYERS[-1]} of 30 (the backward pass stops there), environment "
-                  f"{s['env']} plus the -5 invalid-action penalty. Evaluated on {s['episodes']} held-out bandits.", "",
-                  f"| agent | regret at step {s['train_horizon']} | coverage at step {s['train_horizon']} | arms it named | valid actions "
-                  "| copies example |",
-                  "|---|---|---|---|---|---|"]
-        for name in ("random", "UCB1", "before", "after", "before_t1", "after_t1"):
-            if name not in r:
-                continue
-            row = r[name]
-            label = {"before": "SmolLM2, before (greedy)", "after": "SmolLM2, fine-tuned (greedy)",
-                     "before_t1": "SmolLM2, before (temperature 1)", "after_t1": "SmolLM2, fine-tuned (temperature 1)"}.get(name, name)
-            lines.append(f"| {label} | {ci_cell(row['regret'], row['regret_ci'])} | {ci_cell(row['coverage'], row['coverage_ci'])} | "
-                         f"{ci_cell(row.get('own_coverage', nan), row.get('own_coverage_ci', nan))} | "
-                         f"{ci_cell(row['valid_rate'], row['valid_ci'], '.3f')} | {row.get('example_label_rate', nan):.2f} |")
-        # Coverage counts the random arm an invalid answer executes; the goal is about the arms the model
-        # itself chose, so it is judged on those (greedy, as evaluated).
-        gain = r["after"]["own_coverage"] - r["before"]["own_coverage"]
-        goals["regret_down"] = {"goal": "after < before (greedy)", "measured": r["after"]["regret"] - r["before"]["regret"],
-                                "met": r["after"]["regret"] < r["before"]["regret"]}
-        goals["coverage_gain"] = {"goal": ">= 12 points of the arms it named (greedy)", "measured": gain, "met": gain >= 0.12}
-        t = fine["training"]
-        lines += ["", f"Fine-tuning took {t['wall_s']:.0f} s (median iteration {statistics.median(t['iteration_s']):.0f} s; "
-                  f"the stage with its evaluations {fine['wall_s']:.0f} s); training reward per iteration "
-                  f"{', '.join(f'{x:.2f}' for x in t['train_reward'])}.",
-                  f"Sanity: the training run's own initial evaluation ({s['sanity_episodes']} bandits) equals a fresh "
-                  f"evaluation of the untrained model on the same seed and instances: {'yes' if fine['sanity_ok'] else 'NO'} ("
-                  + ", ".join(f"{k} {v['training_run']:.4f} vs {v['fresh']:.4f}" for k, v in fine["sanity"].items()) + ")."]
+                  "The results file holds a bandit stage from before the declared pilot; `--stages bandit` runs it."]
+    elif fine:
+        r = fine["runs"]  # the claims follow from the stored per-episode values, whichever code judged them first
+        fine["claims"] = judge({"greedy": r["before"], "t1": r["before_t1"]}, {"greedy": r["after"], "t1": r["after_t1"]},
+                               fine["passed"])
+        lines += bandit_section(fine)
+        c = fine["claims"]
+        goals["regret_down"] = {"goal": "after < before (greedy)", "measured": c["regret_greedy"]["mean"],
+                                "met": c["regret_greedy"]["verdict"] == "supported", "verdict": c["regret_greedy"]["verdict"]}
+        goals["coverage_gain"] = {"goal": ">= 12 points of the arms it named (greedy)", "measured": c["named_greedy"]["mean"],
+                                  "met": c["named_greedy"]["verdict"] == "supported" and c["named_greedy"]["mean"] >= 0.12,
+                                  "verdict": c["named_greedy"]["verdict"]}
     if ttt:
         s = ttt["settings"]
         lines += ["", "## 3. RL fine-tuning on tic-tac-toe", "",
-                  f"Agent first against a random opponent; PPO with a value head and GAE, LoRA as above, {s['ttt_iterations']} "
+                  f"Agent first against a random opponent; PPO with a value head and GAE, LoRA r 16 on layers "
+                  f"{REAL_LORA_LAYERS[0]}-{REAL_LORA_LAYERS[-1]} of 30 (the backward pass stops there), {s['ttt_iterations']} "
                   f"iterations x {s['ttt_batch']} games; {s['games']} evaluation games.", "",
                   "| agent | return | win | draw | loss | valid actions |", "|---|---|---|---|---|---|"]
         for name in ("random", "before", "after"):
@@ -832,21 +1133,29 @@ def real_report(data: dict, stem: str) -> list[Path]:
                   f"fine-tuning {t['wall_s']:.0f} s, median iteration {statistics.median(t['iteration_s']):.0f} s)."]
         written.append(plot_ttt_training(t, RESULTS / f"{stem}_ttt_training.png"))
     if goals:
-        lines += ["", "| paper anchor | target | measured | met |", "|---|---|---|---|"]
+        lines += ["", "| paper anchor | target | measured | met | verdict (section 2's claims) |", "|---|---|---|---|---|"]
         for key, g in goals.items():
-            lines.append(f"| {key} | {g['goal']} | {g['measured']:.3f} | {'yes' if g['met'] else 'no'} |")
+            lines.append(f"| {key} | {g['goal']} | {g['measured']:.3f} | {'yes' if g['met'] else 'no'} | {g.get('verdict', '-')} |")
     lines += ["", "## Cut relative to the papers", "",
               "- Bandits per cell 4 (paper 64), one evaluation seed, the last 5 steps of history (paper: all of them), "
               "48 tokens for chain of thought (paper 256); chain of thought only where a row says so.",
               "- Every prompt carries one example turn (the paper's models follow the format without one), so the "
               "model's choices partly copy that example (`copies example`).",
-              "- Fine-tuning: 5 arms and horizon 10 (paper 10/20 arms, horizon 50), a few iterations of 4 episodes, one "
-              "training seed, LoRA on the top 4 layers instead of full fine-tuning, REINFORCE with the Monte-Carlo "
-              "baseline instead of PPO."]
+              "- Bandit fine-tuning: 5 arms and horizon 10 (paper 10/20 arms, horizon 50), 16 iterations of 4 episodes "
+              "(64 episodes, 640 answers, 32 optimizer steps), one training seed, LoRA on the top 4 layers instead of full "
+              "fine-tuning, REINFORCE with the Monte-Carlo baseline instead of PPO, 32 held-out bandits."]
+    if fine and "claims" in fine:
+        s = fine["settings"]
+        answers = s["iterations"] * s["batch"] * s["train_horizon"]
+        lines[-1] = (f"- Bandit fine-tuning: {s['train_arms']} arms and horizon {s['train_horizon']} (paper 10/20 arms, horizon "
+                     f"50), {s['iterations']} iterations of {s['batch']} episodes per run ({s['iterations'] * s['batch']} episodes, "
+                     f"{answers} answers), one training seed, LoRA on the top {s['train']['model.trainable_layers']} layers "
+                     f"instead of full fine-tuning, REINFORCE with the Monte-Carlo baseline instead of PPO, {s['episodes']} "
+                     "held-out bandits.")
     if ttt:
         s = ttt["settings"]
-        lines.append(f"- Tic-tac-toe: {s['ttt_iterations']} iterations of {s['ttt_batch']} games, one training seed, LoRA on the "
-                     f"top 4 layers, {s['games']} greedy evaluation games; an invalid move plays a random empty cell (and "
+        lines.append(f"- Tic-tac-toe: {s['ttt_iterations']} iterations of {s['ttt_batch']} games, one training seed, LoRA on "
+                     f"layers 26-29, {s['games']} greedy evaluation games; an invalid move plays a random empty cell (and "
                      "costs -5 in training), so an agent that is always invalid plays like the random agent.")
     else:
         lines.append("- Tic-tac-toe fine-tuning (stage `ttt`) did not fit in the hour and was not run; "
@@ -855,7 +1164,7 @@ def real_report(data: dict, stem: str) -> list[Path]:
     cpu = sum(data[k].get("cpu_s", nan) for k in ("probes", "bandit", "tictactoe") if data.get(k))
     lines += ["", f"Wall time of the stages {total:.0f} s, {cpu:.0f} s of CPU time, one thread each (load average "
               f"{os.getloadavg()[0]:.1f} when this report was written)."]
-    write_real({"goals": goals}, stem, data)
+    write_real({"goals": goals, **({"bandit": fine} if fine else {})}, stem, data)
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return [*written, RESULTS / f"{stem}.md"]

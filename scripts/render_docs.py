@@ -23,6 +23,7 @@ without copies of them under docs/.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import re
@@ -33,9 +34,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from coevolution import best_combined, paired, runs_of, swap_every, value  # noqa: E402  (the CORY results' own aggregation)
+import bandits  # noqa: E402  (the bandit benchmark's named coverage and p-value cells)
 import cory_real  # noqa: E402  (the real-model experiment's own analysis and report)
 from cory_pilot import kl_control, kl_name  # noqa: E402  (the pilot's declared KL check and what its KL is)
 from trunk_learning import NOT_LEARNED, all_layers_gain  # noqa: E402  (the top-layer comparison's rule 3)
+async_layers = importlib.import_module("async").layers  # (a module named after a keyword) where its adapters sat
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
@@ -314,13 +317,16 @@ def cory_real_section(headline: list[list[str]]) -> list[str]:
     if "runs" not in result or not cory_real.seeds_of(result):
         return []
     body = cory_real.report(result)
-    lines = ["## SmolLM2-135M-Instruct", ""] + [line.replace("](cory_real_", "](img/cory_real_") for line in body[1:]]
+    lines = ["## SmolLM2-135M-Instruct", ""] + ["#" + line if line.startswith("## ") else line.replace("](cory_real_", "](img/cory_real_")
+                                               for line in body[1:]]
     a = cory_real.analyse(result)
     n = result["settings"]["iterations"]
     headline.append(["CORY vs single-agent GRPO, sentiment, SmolLM2",
-                     f"{a['primary_verdict']}: at equal samples CORY - GRPO exact KL {a['kl_equal_samples'].show(2)} nats, "
-                     f"reward {a['reward_equal_samples'].show(2)} (margin -{cory_real.MARGIN:.2f}); {len(cory_real.seeds_of(result))} "
-                     f"seeds, {n} CORY iterations"])
+                     f"\"similar reward at lower KL\" {a['primary_verdict']}: at equal samples CORY - GRPO reward "
+                     f"{a['reward_equal_samples'].show(2)} (margin -{cory_real.MARGIN:.2f}), exact KL "
+                     f"{a['kl_equal_samples'].show(1)} nats; at equal iterations KL {a['secondaries'][0]['estimate'].show(1)} "
+                     f"({a['secondaries'][0]['verdict']}); {'both arms learned' if a['both_learned'] else 'an arm did not learn'}; "
+                     f"{len(cory_real.seeds_of(result))} seeds, {n} CORY iterations"])
     return lines
 
 
@@ -407,37 +413,46 @@ def bandits_tiny() -> tuple[list[str], list[str]]:
     return lines, headline
 
 
-def paired_final(runs: dict, a: str, b: str, key: str) -> tuple[float, float]:
-    """a - b over the same evaluation episodes: the last value of each episode's curve."""
-    from cory.metrics.curves import mean_ci
+def invalid_penalty_default() -> float:
+    """The environments' penalty for an invalid answer where a results file's env settings leave it out."""
+    import inspect
 
-    import numpy as np
+    from cory.envs.base import TextDecisionEnv
 
-    x = np.array([c[-1] for c in runs[a][key]]) - np.array([c[-1] for c in runs[b][key]])
-    m, h = mean_ci(x)
-    return float(m), float(h)
+    return inspect.signature(TextDecisionEnv.__init__).parameters["invalid_penalty"].default
+
+
+def named_cell(cell: dict) -> str:
+    """The share of arms a probe cell's model named in valid answers (`bandits.named_coverage`), or,
+    where it was not stored, the executed coverage as its upper bound."""
+    named = bandits.named_coverage(cell)
+    return fmt(named, 2) if named else f"<= {num(cell['coverage'], 2)} (not stored)"
 
 
 def bandits_real() -> tuple[list[str], list[str]]:
     d = load("bandits_real")
     p, ps = d["probes"], d["probes"]["settings"]
     lines = ["## SmolLM2-135M-Instruct as a bandit and tic-tac-toe agent", "",
-             f"`python benchmarks/bandits.py --model real`: `{d['model']}` in float32, greedy, every prompt after one example "
-             "turn that answers in the `ACTION=` format. Intervals here are 95% intervals over episodes of one seed. An "
-             "invalid answer executes a random arm, and that arm counts in `coverage`: where many answers are invalid (the "
-             "continuous variant), coverage measures the fallback, not the model; `valid` says how often that happened.", "",
+             f"`python benchmarks/bandits.py --model real`: `{d['model']}` in float32, every prompt after one example "
+             "turn that answers in the `ACTION=` format; greedy unless a row says otherwise. Intervals are 95% intervals "
+             "over episodes of one evaluation seed. An invalid answer executes a random arm, which counts in `executed "
+             "coverage`: where many answers are invalid (the continuous variant) that coverage measures the fallback, "
+             "not the model. Coverage is judged on `arms it named`, the share of arms named in valid answers; the "
+             "button and continuous variants are reported apart.", "",
              f"### Before training ({minutes(p['wall_s'])})", ""]
     rows = []
     for c in p["cells"]:
         probe = c.get("probe")
         rows.append([str(c["n_arms"]), c["variant"], "yes" if c["cot"] else "no", str(c["episodes"]),
                      fmt((c["regret"], c["regret_ci"]), 2), num(c["UCB1"]["regret"], 2), num(c["random"]["regret"], 2),
-                     fmt((c["coverage"], c["coverage_ci"]), 2), fmt((c["valid_rate"], c["valid_ci"]), 2),
+                     named_cell(c), fmt((c["coverage"], c["coverage_ci"]), 2), fmt((c["valid_rate"], c["valid_ci"]), 2),
                      f"{num(probe['F_f'], 2)} / {num(probe['F_g'], 2)} / {num(probe['F_o'], 2)}" if probe else "-",
                      num(c.get("example_label_rate"), 2)])
-    lines += [f"Gaussian bandits (horizon {ps['horizon']}, the last {ps['history']} steps shown).", ""]
-    lines += table(["arms", "variant", "CoT", "episodes", "regret", "UCB1", "random", "coverage", "valid",
-                    "F_f / F_g / F_o", "copies example"], rows)
+    lines += [f"Gaussian bandits (horizon {ps['horizon']}, the last {ps['history']} steps shown). `arms it named` equals the "
+              "executed coverage where every answer was valid; where some were invalid and the named arms were not "
+              "stored, the executed coverage is its upper bound.", ""]
+    lines += table(["arms", "variant", "CoT", "episodes", "regret", "UCB1", "random", "arms it named", "executed coverage",
+                    "valid", "F_f / F_g / F_o", "copies example"], rows)
     kd = p.get("knowing_doing", [])
     if kd:
         lines += [f"Knowing-doing probe ({kd[0]['probes']} probes per row): `knowing` = its `<ucb_values>` name the top-UCB "
@@ -447,31 +462,83 @@ def bandits_real() -> tuple[list[str], list[str]]:
                          num(k["invalid"], 2)] for k in kd])
     paper = d.get("paper", {})
     if paper:
-        cot10 = [c for c in p["cells"] if c["n_arms"] == 10 and c["cot"]]
-        lines += ["The paper's Gemma2 figures, as recorded in the results file: coverage at 10 arms with chain of thought "
-                  + ", ".join(f"{k} {num(v, 2)}" for k, v in paper["coverage_10_arms_cot"].items())
-                  + (f" (here, {cot10[0]['variant']} variant: {num(cot10[0]['coverage'], 2)})" if cot10 else "")
-                  + f"; without it {num(paper['coverage_10_arms_no_cot'], 2)}; F_f "
-                  + ", ".join(f"{k} {num(v, 2)}" for k, v in paper["F_f"].items()) + ".", ""]
+        variants = list(dict.fromkeys(c["variant"] for c in p["cells"]))
+
+        def here(n_arms: int, cot: bool) -> str:
+            """The arms it named at n_arms arms, per variant, where that cell was run."""
+            mine = {c["variant"]: c for c in p["cells"] if c["n_arms"] == n_arms and c["cot"] == cot}
+            return ", ".join(f"{v} {named_cell(mine[v])}" for v in variants if v in mine) or "not run"
+
+        def f_f(variant: str) -> str:
+            vals = [c["probe"]["F_f"] for c in p["cells"] if c.get("probe") and c["variant"] == variant]
+            return num(mean(vals), 2) if vals else "not run"
+
+        lines += ["The paper's Gemma2 figures, as recorded in the results file, beside the share of arms SmolLM2 named "
+                  "(the paper's models answer validly, so their coverage is the arms they named): at 10 arms with chain "
+                  "of thought " + ", ".join(f"{k} {num(v, 2)}" for k, v in paper["coverage_10_arms_cot"].items())
+                  + f" (here: {here(10, True)}); without it {num(paper['coverage_10_arms_no_cot'], 2)} (here: "
+                  f"{here(10, False)}); at 20 arms at most {num(paper['coverage_20_arms_max'], 2)} (here, without chain of "
+                  f"thought: {here(20, False)}). F_f " + ", ".join(f"{k} {num(v, 2)}" for k, v in paper["F_f"].items())
+                  + " (here, the mean over the arm counts: " + ", ".join(f"{v} {f_f(v)}" for v in variants) + ").", ""]
     b = d["bandit"]
-    bs, runs = b["settings"], b["runs"]
-    lines += [f"### Fine-tuning on bandits ({minutes(b['training']['wall_s'])})", "",
-              f"{bs['train_arms']}-armed bandits, horizon {bs['train_horizon']}, {bs['iterations']} iterations x {bs['batch']} "
-              f"episodes, {bs['train']['algo.name']} (lr {bs['train']['algo.lr']}), LoRA r {bs['train'].get('model.lora.r')} on "
-              f"the top layers; evaluated on {bs['episodes']} held-out bandits. `arms it named` counts only the arms in valid "
-              "answers.", ""]
+    bs, runs, claims, t_s = b["settings"], b["runs"], b["claims"], b["settings"]["train"]
+    penalty = bs["env"].get("invalid_penalty", invalid_penalty_default())
+    lines += [f"### Fine-tuning on bandits ({minutes(b['wall_s'])})", "",
+              f"{bs['train_arms']}-armed bandits (button variant), horizon {bs['train_horizon']}, {bs['iterations']} iterations "
+              f"x {bs['batch']} episodes, {t_s['algo.name']} (lr {t_s['algo.lr']:g}), LoRA r {t_s.get('model.lora.r')} "
+              f"on the top {t_s['model.trainable_layers']} layers, a {num(penalty, 0)} penalty per invalid answer in the shaped reward; "
+              f"evaluated on {bs['episodes']} held-out bandits, the untrained and the fine-tuned model on the same "
+              "instances, greedy and at temperature 1 (as training samples).", ""]
+    before_t1 = runs["before_t1"]["shaped_return"]
+    pilot_rows = [[str(r["run"]), f"{r['lr']:g}", str(r["iterations"]),
+                   f"{num(before_t1, 2)} -> {num(before_t1 + r['primary']['mean'], 2)}",
+                   fmt((r["primary"]["mean"], r["primary"]["half"]), 2, sign=True),
+                   num(r["primary"]["mean"] / r["primary"]["se"], 1, sign=True) if r["primary"]["se"] else "-",
+                   "yes" if r["passes"] else "no", num(r["after_summary"]["t1"]["valid_rate"], 2),
+                   num(r["training"]["train_kl"][-1], 2)] for r in b["pilot"]]
+    lines += [f"Pilot, declared in `benchmarks/bandits.py` before the runs: it passes where the shaped return at temperature "
+              f"1 (what training maximises), fine-tuned minus untrained and paired by held-out bandit, rises by more than "
+              f"{num(bs['pass_se'], 0)} standard errors; at most {bs['pilot_runs']} runs; every run tried is below.", ""]
+    lines += table(["run", "lr", "iterations", "shaped return, T=1", "paired difference", "/ SE", "passes",
+                    "valid answers, T=1 (after)", "training KL (last)"], pilot_rows)
+    lines += [(f"The pilot passed at run {b['chosen_run']}; that run is the result below." if b["passed"] else
+               f"The pilot did not pass; below is the last run tried (run {b['chosen_run']}), and no claim is credited to "
+               "fine-tuning."), ""]
     labels = {"random": "random", "UCB1": "UCB1", "before": "before (greedy)", "after": "fine-tuned (greedy)",
               "before_t1": "before (temperature 1)", "after_t1": "fine-tuned (temperature 1)"}
-    rows = [[labels.get(k, k), fmt((r["regret"], r["regret_ci"]), 2), fmt((r["coverage"], r["coverage_ci"]), 2),
-             fmt((r["own_coverage"], r["own_coverage_ci"]), 2), fmt((r["valid_rate"], r["valid_ci"]), 2),
-             num(r.get("example_label_rate"), 2)] for k, r in runs.items()]
-    lines += table(["agent", "regret", "coverage", "arms it named", "valid", "copies example"], rows)
-    d_regret = paired_final(runs, "after", "before", "regret_curves")
-    d_named = (runs["after"]["own_coverage"] - runs["before"]["own_coverage"])
-    goals = d["goals"]
-    lines += [f"Fine-tuned minus before (greedy, the same {bs['episodes']} bandits): regret {fmt(d_regret, 2, sign=True)} "
-              f"({'lower' if sig(d_regret) < 0 else 'higher' if sig(d_regret) > 0 else 'no significant change'}); arms it "
-              f"named {num(d_named, 2, sign=True)} (goal: {goals['coverage_gain']['goal']}).", ""]
+    rows = [[labels.get(k, k), fmt((r["shaped_return"], r["shaped_return_ci"]), 2), fmt((r["regret"], r["regret_ci"]), 2),
+             fmt((r["own_coverage"], r["own_coverage_ci"]), 2), fmt((r["coverage"], r["coverage_ci"]), 2),
+             fmt((r["valid_rate"], r["valid_ci"]), 2), num(r.get("example_label_rate"), 2)] for k, r in runs.items()]
+    lines += table(["agent", "shaped return", f"regret at step {bs['train_horizon']}", "arms it named", "executed coverage",
+                    "valid", "copies example"], rows)
+    lines += ["Claims, fine-tuned minus untrained, paired by held-out bandit (paired bootstrap: mean, 95% interval, p); the "
+              "first is the primary endpoint, Holm's correction runs over the others; each verdict is supported, "
+              "contradicted or inconclusive as declared in the benchmark.", ""]
+    lines += table(["claim", "after - before [95% interval]", "p", "p (Holm)", "verdict"],
+                   [[c["claim"], f"{num(c['mean'], 3, sign=True)} [{num(c['low'], 3, sign=True)}, {num(c['high'], 3, sign=True)}]",
+                     bandits.p_cell(c["p"]), bandits.p_cell(c["p_holm"]), c["verdict"]] for c in claims.values()])
+    # A valid answer avoids the penalty, so the rise of the valid share alone is worth
+    # (its gain) x answers per episode x |penalty| of the shaped reward.
+    lines += [f"At temperature 1 the rise of valid answers alone is worth "
+              f"{num(claims['valid_t1']['mean'] * bs['train_horizon'] * -penalty, 1, sign=True)} of the "
+              f"{num(claims['reward']['mean'], 1, sign=True)} (the {num(penalty, 0)} penalty avoided on "
+              f"{num(claims['valid_t1']['mean'] * bs['train_horizon'], 1)} more answers per episode).", ""]
+    pb, pa, sh = b["probes"]["before"], b["probes"]["after"], b["probes"]["shift"]
+    fb, fa, kb, ka = pb["frequency"], pa["frequency"], pb["knowing_doing"], pa["knowing_doing"]
+
+    def doing(k: dict) -> str:
+        return " / ".join(num(k[x], 2) for x in ("optimal", "greedy", "other", "invalid"))
+
+    lines += [f"Probes before and after fine-tuning (the same {fb['probes']} frequency-bias and {kb['probes']} knowing-doing "
+              "probes, 5 arms, button variant); differences paired per probe.", ""]
+    lines += table(["probe", "before", "after", "after - before"], [
+        ["F_f / F_g / F_o", " / ".join(num(fb[x], 2) for x in ("F_f", "F_g", "F_o")),
+         " / ".join(num(fa[x], 2) for x in ("F_f", "F_g", "F_o")), f"F_f {fmt((sh['F_f']['mean'], sh['F_f']['half']), 2, sign=True)}"],
+        ["action entropy (nats)", num(fb["entropy"], 2), num(fa["entropy"], 2), ""],
+        ["top action unchanged", "", "", f"{num(sh['same_top_action'], 2)} of the probes"],
+        ["knowing", num(kb["knowing"], 2), num(ka["knowing"], 2), fmt((sh["knowing"]["mean"], sh["knowing"]["half"]), 2, sign=True)],
+        ["optimal / greedy / other / invalid", doing(kb), doing(ka),
+         f"invalid {fmt((sh['invalid']['mean'], sh['invalid']['half']), 2, sign=True)}"]])
     t = d["tictactoe"]
     ts = t["settings"]
     lines += [f"### Fine-tuning on tic-tac-toe ({minutes(t['wall_s'])})", "",
@@ -485,21 +552,28 @@ def bandits_real() -> tuple[list[str], list[str]]:
     lines += ["Training return per iteration (the invalid-move penalty included): "
               + ", ".join(num(x, 1) for x in t["training"]["train_reward"]) + "; KL to the initial model: "
               + ", ".join(num(x, 2) for x in t["training"]["train_kl"]) + ".", ""]
-    lines += table(["goal", "target", "measured", "verdict"], [
-        ["regret down (greedy)", goals["regret_down"]["goal"], fmt(d_regret, 2, sign=True),
-         "met" if sig(d_regret) < 0 else "not met" if sig(d_regret) > 0 else "inconclusive (the interval includes zero)"],
-        ["coverage of the arms it named", goals["coverage_gain"]["goal"], num(d_named, 2, sign=True),
-         "met" if d_named >= target(goals["coverage_gain"]["goal"]) else "not met"],
+    goals = d["goals"]
+
+    def claim_cell(c: dict, digits: int = 2) -> str:
+        return f"{num(c['mean'], digits, sign=True)} [{num(c['low'], digits, sign=True)}, {num(c['high'], digits, sign=True)}]"
+
+    lines += table(["paper anchor", "target", "measured", "verdict"], [
+        ["regret down", goals["regret_down"]["goal"], claim_cell(claims["regret_greedy"]), goals["regret_down"]["verdict"]],
+        ["arms it named", goals["coverage_gain"]["goal"], claim_cell(claims["named_greedy"]),
+         f"{goals['coverage_gain']['verdict']}; goal {'met' if goals['coverage_gain']['met'] else 'not met'}"],
         ["tic-tac-toe return", goals["ttt_return"]["goal"], fmt(after_ttt),
          against_target(after_ttt, target(goals["ttt_return"]["goal"]))]])
     lines += (img("bandits_real_coverage.png", "coverage before training") + img("bandits_real_ft_regret.png", "regret")
               + img("bandits_real_ft_coverage.png", "coverage") + img("bandits_real_ttt_training.png", "tic-tac-toe training"))
-    regret_note = " (inconclusive)" if sig(d_regret) == 0 else ""
+    reward, named, regret = claims["reward"], claims["named_t1"], claims["regret_greedy"]
     headline = ["bandits and tic-tac-toe, SmolLM2",
-                f"fine-tuning changes greedy regret by {fmt(d_regret, 2, sign=True)}{regret_note} and the share of arms it "
-                f"names by {num(d_named, 2, sign=True)}; tic-tac-toe return {num(t['before']['env_return_mean'], 2)} -> "
-                f"{fmt(after_ttt, 2)} (goal {goals['ttt_return']['goal']}: "
-                f"{against_target(after_ttt, target(goals['ttt_return']['goal'])).split(' (')[0]})"]
+                ("" if b["passed"] else "pilot not passed; ")
+                + f"fine-tuning changed the shaped reward at T=1 by {claim_cell(reward, 1)}"
+                f" ({reward['verdict']}; valid answers {num(runs['before_t1']['valid_rate'], 2)} -> "
+                f"{num(runs['after_t1']['valid_rate'], 2)}); arms named at T=1 {num(named['mean'], 2, sign=True)} "
+                f"({named['verdict']}); greedy regret {num(regret['mean'], 2, sign=True)} ({regret['verdict']}); "
+                f"tic-tac-toe return {num(t['before']['env_return_mean'], 2)} -> {fmt(after_ttt, 2)} (goal "
+                f"{goals['ttt_return']['goal']}: {against_target(after_ttt, target(goals['ttt_return']['goal'])).split(' (')[0]})"]
     return lines, headline
 
 
@@ -727,8 +801,9 @@ def performance_page() -> tuple[str, list[list[str]]]:
         ["policy forward and backward", num(full["update_s"], 2), num(shared["update_s"], 2),
          f"{num(full['update_s'] / shared['update_s'], 2)}x", f"{num(full['tokens'] / shared['tokens'], 2)}x"]])
 
-    if (RESULTS / "async.json").exists():
-        lines += async_section(load("async"), headline)
+    for name in ("async", "async_trunk"):  # LoRA on every layer; on the top layers over the shared trunk
+        if (RESULTS / f"{name}.json").exists():
+            lines += async_section(load(name), headline)
 
     m = load("memory")
     meta, rows_m = m["meta"], m["rows"]
@@ -847,9 +922,10 @@ def async_section(a: dict, headline: list) -> list[str]:
     the speed-ups paired by seed against each synchronous baseline (the summary the script wrote)."""
     s, summary, baseline = a["settings"], a["summary"], a["baseline"]
     bases = [m for m, x in summary.items() if x["k"] == 0]
-    lines = ["## Asynchronous rollouts", "",
+    k = s.get("trainable_layers", 0)
+    lines = [f"## Asynchronous rollouts{f', LoRA on the top {k} layers' if k else ''}", "",
              f"`python benchmarks/async.py {s['argv']}` ({a['date']}, {a['cpus']} CPUs): `cory:smollm2-135m-instruct`, "
-             f"sentiment with chat prompts, VADER reward, GRPO (group 4), LoRA r 8, {s['batch_size']} prompts x 4 samples "
+             f"sentiment with chat prompts, VADER reward, GRPO (group 4), LoRA r 8 on {async_layers(s)}, {s['batch_size']} prompts x 4 samples "
              f"and at most {s['new_tokens']} new tokens per iteration, {s['iterations']} iterations, seeds "
              f"{', '.join(map(str, s['seeds']))}. The synchronous run (k = 0) is measured with one thread and with two (the "
              f"whole machine); an asynchronous run gives the trainer and the rollout worker {s['async_threads']} thread each. "
@@ -874,7 +950,7 @@ def async_section(a: dict, headline: list) -> list[str]:
         best = max(ks, key=lambda m: summary[m]["speedup"][0])
         x = summary[best]
         equal = "equal within the interval" if sig(x["reward_diff"]) == 0 else "different"
-        headline.append([f"asynchronous rollouts ({best}), SmolLM2 on 2 CPU cores",
+        headline.append([f"asynchronous rollouts ({best}), SmolLM2{f' top {k} layers' if k else ''} on 2 CPU cores",
                          f"{fmt(x['speedup'], 2)}x the iterations per hour of `{baseline}` (goal >= 1.4x: "
                          f"{against_target(x['speedup'], 1.4)}); reward per sample {fmt(x['reward_diff'], 3, sign=True)} ({equal})"])
     return lines
