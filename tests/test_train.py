@@ -299,8 +299,9 @@ def test_shared_prefix_training_acts_and_ends_where_the_full_passes_end(tmp_path
                   "task.num_eval_prompts=4", f"train.shared_prefix={shared}")
         runs[shared] = (out, len(calls))
     assert runs[False][1] == 0
-    # reference and policy scoring, 2 epochs x 2 minibatches; per evaluation (2): the reference
-    assert runs[True][1] == 2 + 2 * 2 + 2
+    # reference and policy scoring, 2 epochs x 2 minibatches; per evaluation (2): the reference, and the
+    # policy's whole distributions for the exact episode KL (kl.exact_accounting, on by default)
+    assert runs[True][1] == 2 + 2 * 2 + 2 * 2
     plain, cached = ([json.loads(r) for r in (runs[s][0] / "metrics.jsonl").read_text().splitlines()] for s in (False, True))
     for a, b in zip(plain, cached):
         for key in ("reward_mean", "kl_mean", "loss/policy", "loss/value", "entropy", "grad_norm"):
