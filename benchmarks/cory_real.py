@@ -41,7 +41,9 @@ Declared before the main run (the protocol; nothing below was changed after seei
 - Before training, `--observer-check`: does the untrained model, as the observer (the chat
   template CORY's runs use), read the pioneer's answer? See `observer_check`.
 - Budget: each seed is a part (about 25 minutes on two threads), run in its own invocation with
-  `--out`, then merged; at most 3 hours in all.
+  `--out`, then merged; at most 3 hours in all. Each arm's run lives in `--out`/runs and checkpoints
+  every 5 iterations: a part stopped midway (at the 60 minutes of a resumable part, or by a failure)
+  continues from its last checkpoint when the same command runs again.
 - Departures from this protocol are listed in `DEVIATIONS` and in the report.
 
 The committed report came from (the observer check and the seeds' parts side by side, one thread
@@ -72,14 +74,21 @@ import numpy as np
 import torch
 
 from cory.api import train
-from cory.config import load_config
-from cory.evaluate import evaluate
-from cory.metrics.stats import (CONTRADICTED, INCONCLUSIVE, SUPPORTED, directional_verdict, holm, noninferiority_verdict,
-                                paired_bootstrap)
-from cory.policy import Policy
 from cory.build import eval_params
-from cory.tasks.registry import make_task
+from cory.config import load_config
+from cory.metrics.stats import (
+    CONTRADICTED,
+    INCONCLUSIVE,
+    SUPPORTED,
+    directional_verdict,
+    holm,
+    noninferiority_verdict,
+    paired_bootstrap,
+)
+from cory.policy import Policy
+from cory.run import latest_checkpoint
 from cory.tasks.pioneer_observer import observer_prompts, resolve_template
+from cory.tasks.registry import make_task
 
 matplotlib.use("Agg")
 
@@ -98,7 +107,7 @@ SETTINGS = ["model.trainable_layers=8", "model.lora.r=16", "model.lora.alpha=32"
             "algo.lr=1e-3", f"kl.beta={BETA}", "kl.controller=fixed", "kl.exact_accounting=true", "train.batch_size=8",
             "generation.max_new_tokens=48", "generation.temperature=1.0", "eval.temperature=1.0",
             "task.num_eval_prompts=64", "eval.samples_per_prompt=2", f"train.eval_every={EVAL_EVERY}",
-            "train.checkpoint_every=0", "train.log_with=[]", "train.progress=false"]
+            f"train.checkpoint_every={EVAL_EVERY}", "train.log_with=[]", "train.progress=false"]
 DEVIATIONS = [
     "Seeds: the protocol declared seeds 0, 1 and 2. The three parts started side by side at one thread each; with the "
     "machine's other work they ran at about 4 minutes a CORY iteration, so seed 2 was stopped after 4 of its 15 CORY "
@@ -107,7 +116,7 @@ DEVIATIONS = [
 ]
 """Where the run departed from the protocol above, stated in the report."""
 QUICK = ["train.batch_size=2", "task.num_eval_prompts=4", "generation.max_new_tokens=8", "cory.swap_every=1",
-         "train.eval_every=1"]
+         "train.eval_every=1", "train.checkpoint_every=1"]
 ARMS = {"cory": "CORY (GRPO in both agents)", "single": "single-agent GRPO"}
 
 
@@ -117,16 +126,27 @@ def config(arm: str, seed: int, iterations: int, threads: int, quick: bool = Fal
                        [f"train.iterations={iterations}", f"train.seed={seed}", f"train.num_threads={threads}"])
 
 
-def run_arm(arm: str, seed: int, iterations: int, threads: int, quick: bool = False) -> dict:
-    """One training run; its evaluations' per-answer values (per agent), its training curve and time."""
+def run_arm(arm: str, seed: int, iterations: int, threads: int, runs: Path, quick: bool = False) -> dict:
+    """One training run, in runs/<arm>_seed<seed>: its evaluations' per-answer values (per agent), its
+    training curve and time. The run checkpoints every `EVAL_EVERY` iterations: a part stopped midway
+    continues from its last checkpoint when it is run again with the same --out (resume is exact), and
+    a finished run is read, not trained again. `wall_s` adds up the invocations' times."""
     cfg = config(arm, seed, iterations, threads, quick)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run"
+    out = runs / f"{arm}_seed{seed}"
+    clock = runs / f"{arm}_seed{seed}.wall_s"
+    if not (out / "summary.json").exists():
+        last = latest_checkpoint(out) if out.exists() else None
+        if last is not None:
+            print(f"{out}: continuing from {last.name}", flush=True)
+        elif out.exists():
+            print(f"{out} holds no checkpoint of this arm: started again", flush=True)
         t0 = time.perf_counter()
-        train(cfg, str(out))
-        wall = time.perf_counter() - t0
-        evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        train(cfg, str(out), resume=last is not None, overwrite=out.exists() and last is None)
+        spent = float(clock.read_text()) if clock.exists() else 0.0
+        clock.write_text(f"{spent + time.perf_counter() - t0}\n")
+    wall = float(clock.read_text())
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     agents = ["a", "b"] if arm == "cory" else ["policy"]
 
     def answers(row: dict, agent: str) -> dict:
@@ -183,8 +203,8 @@ def analyse(result: dict) -> dict:
     secondaries, each with a three-word verdict."""
     k = result["settings"]["samples_per_prompt"]
     n = result["settings"]["iterations"]
-    key = lambda name: (lambda run, it: per_prompt(run, it, name, k))  # noqa: E731
-    comb = lambda run, it: combined(run, it, k)  # noqa: E731
+    key = lambda name: (lambda run, it: per_prompt(run, it, name, k))
+    comb = lambda run, it: combined(run, it, k)
     learned = {arm: paired_bootstrap(matrix(result, arm, last, None, key("reward")) - matrix(result, arm, 0, None, key("reward")))
                for arm, last in (("cory", n), ("single", 2 * n))}
     both_learned = all(e.low > 0 for e in learned.values())
@@ -471,11 +491,14 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     iterations = 2 if args.quick else ITERATIONS
-    out = Path(tempfile.mkdtemp()) if args.quick else args.out
+    out = args.out or (Path(tempfile.mkdtemp(prefix="cory_real_")) if args.quick else None)
+    runs = (out or Path(tempfile.mkdtemp(prefix="cory_real_"))) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    print(f"runs in {runs}", flush=True)
     result = fresh(args.threads, iterations)
     for seed in ([0] if args.quick else args.seeds):
         for arm, its in (("cory", iterations), ("single", 2 * iterations)):
-            result["runs"].append(run_arm(arm, seed, its, args.threads, args.quick))
+            result["runs"].append(run_arm(arm, seed, its, args.threads, runs, args.quick))
             write(result, out or RESULTS)
     if args.quick:
         print("\n".join(report(result)))
