@@ -46,11 +46,11 @@ Declared before the main run (the protocol; nothing below was changed after seei
   continues from its last checkpoint when the same command runs again.
 - Departures from this protocol are listed in `DEVIATIONS` and in the report.
 
-The committed report came from (the observer check and the seeds' parts side by side, one thread
-each, beside other work on the two cores; see `DEVIATIONS` for seed 2):
-    python benchmarks/cory_real.py --observer-check --threads 1
+The committed report came from (the seeds' parts side by side, one thread each, beside other work
+on the two cores; see `DEVIATIONS` for seed 2; the observer check last, alone):
     for s in 0 1; do python benchmarks/cory_real.py --seeds $s --threads 1 --out /tmp/cr/s$s & done; wait
     python benchmarks/cory_real.py --merge /tmp/cr/s0/cory_real.json /tmp/cr/s1/cory_real.json
+    python benchmarks/cory_real.py --observer-check
 Generally:
     python benchmarks/cory_real.py --observer-check
     python benchmarks/cory_real.py --seeds 0 --out /tmp/cr0     (then 1 and 2; one part each)
@@ -72,6 +72,9 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from coevolution import (
+    words,  # the tiny experiment's word split, for the observer's copies
+)
 
 from cory.api import train
 from cory.build import eval_params
@@ -154,10 +157,11 @@ def run_arm(arm: str, seed: int, iterations: int, threads: int, runs: Path, quic
         return {"reward": [round(x, 5) for x in a["reward"]], "kl": [round(x, 5) for x in a["kl_exact"]],
                 "finished": [int(x) for x in a["finished"]], "length": a["length"]}
 
-    updates = cfg.algo.epochs * max(1, (cfg.train.batch_size * cfg.algo.group_size) // (cfg.algo.minibatch_size or 10 ** 9))
+    answers_per_iteration = cfg.train.batch_size * cfg.algo.group_size
+    updates = cfg.algo.epochs * (answers_per_iteration // cfg.algo.minibatch_size if cfg.algo.minibatch_size else 1)
     row = {"arm": arm, "seed": seed, "iterations": iterations, "wall_s": wall,
            "seconds_per_iteration": float(np.median([m["time/iteration"] for m in metrics])),
-           "answers_per_iteration_per_agent": cfg.train.batch_size * cfg.algo.group_size, "updates_per_iteration": updates,
+           "answers_per_iteration_per_agent": answers_per_iteration, "updates_per_iteration": updates,
            "evals": [{"iteration": e["iteration"], "agents": {n: answers(e, n) for n in agents},
                       "samples": e.get("samples", [])[:2]} for e in evals],
            "train_reward": [m.get("reward_mean", m.get("pioneer/task_reward")) for m in metrics]}
@@ -249,10 +253,6 @@ def curve(result: dict, arm: str, samples: int) -> list[dict]:
 
 
 # -- the observer check ---------------------------------------------------------------------------
-def words(text: str) -> list[str]:
-    return [w.strip(".,;:!?\"'()").lower() for w in text.split() if w.strip(".,;:!?\"'()")]
-
-
 def observer_check(threads: int, samples: int = 2) -> dict:
     """Before any training: does the untrained model, as CORY's observer, read the pioneer's answer?
 

@@ -225,3 +225,22 @@ def test_budget_controller_holds_the_episode_kl_not_the_turn_kl(tmp_path, micro_
     per_turn = float(scored.scored.kl.sum(-1).mean())
     assert metrics["kl_mean"] == pytest.approx(3 * per_turn, rel=1e-5)  # every episode has 3 turns
     assert learner.controller.beta == pytest.approx(0.1 * metrics["kl_mean"], rel=1e-5)
+
+
+@pytest.mark.parametrize("cory", [False, True])
+@pytest.mark.parametrize("exact", [False, True])
+def test_evaluations_account_the_exact_kl_where_kl_exact_accounting_asks(tmp_path, micro_lm, micro_rm, exact, cory):
+    """kl.exact_accounting reaches the evaluations on the fixed prompts (each CORY agent's too): with it
+    they report the exact episode KL and keep it per answer, 0 for the initial model and above 0 once
+    the policy moved; without it they report neither."""
+    out = tmp_path / "run"
+    extra = {"kl.exact_accounting": str(exact).lower(), "train.iterations": 1, "algo.lr": 1e-2,
+             **({"cory.enabled": "true"} if cory else {})}
+    assert main(["train", "--output-dir", str(out)] + micro_overrides(tmp_path, **extra)) == 0
+    rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    prefixes = ["a/", "b/"] if cory else [""]
+    for p in prefixes:
+        assert all((f"{p}kl_exact_mean" in r) == exact and ("kl_exact" in r[f"{p}answers"]) == exact for r in rows)
+        assert all(len(r[f"{p}answers"]["reward"]) == r[f"{p}n"] for r in rows)
+        if exact:
+            assert rows[0][f"{p}kl_exact_mean"] == pytest.approx(0.0, abs=1e-6) and rows[-1][f"{p}kl_exact_mean"] > 0
