@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate import Accelerator
@@ -49,6 +49,18 @@ anyway) when the reference's whole distributions of the rollout fit in this many
 
 MAX_SKIPPED_ITERATIONS = 3
 """Training stops when every optimizer step of this many iterations in a row had non-finite gradients."""
+
+
+@dataclass
+class FirstPass:
+    """What the update's first pass computed for scoring (None where it was not asked to)."""
+
+    kl_exact: torch.Tensor | None = None
+    """[B, Lr] the exact per-token KL (`Learner.exact_kl_waits`)."""
+    old_logprobs: torch.Tensor | None = None
+    """[B, Lr] the trainer's own log-probs of the tokens (`Learner.old_logprobs_wait`)."""
+    weights: ImportanceWeights | None = None
+    """Their importance weights against the engine's log-probs."""
 
 
 class NonFiniteLossError(RunError):
@@ -108,7 +120,8 @@ class Learner:
 
     # -- score -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def score(self, rollout: Rollout, defer_exact_kl: bool = False) -> tuple[Rollout, ImportanceWeights | None]:
+    def score(self, rollout: Rollout, defer_exact_kl: bool = False,
+              defer_old: bool = False) -> tuple[Rollout, ImportanceWeights | None]:
         """The rollout with its `TokenScores`: reference log-probs, values (if the algorithm needs
         them), per-token KL and, with `kl.exact_accounting`, the exact per-token KL of the
         distribution each token was sampled from; and the importance weights when another engine
@@ -119,7 +132,10 @@ class Learner:
         generation. Entropy is measured in the update's first forward. Whole distributions are
         handled in row chunks, so memory stays bounded. `defer_exact_kl` (see `exact_kl_waits`): the
         reference's whole distributions are kept (`TokenScores.ref_full_logprobs`) for the update's
-        first pass to compute the exact KL, instead of a pass of the policy here.
+        first pass to compute the exact KL, instead of a pass of the policy here. `defer_old` (see
+        `old_logprobs_wait`): the trainer's own log-probs are left to the update's first pass too;
+        until then the rollout's log-probs are the engine's, and its KL and weights are those of
+        the engine's log-probs (nothing reads them before the update; `step` replaces them).
         """
         rollout = rollout.to(self.accelerator.device)
         depth = unwrap(self.module).trunk_depth
@@ -133,20 +149,20 @@ class Learner:
         whole = estimator == "full" or self.teacher_exact or (self.cfg.kl.exact_accounting and not defer_exact_kl)
         pieces: dict[str, list[torch.Tensor]] = {}
         for rows in self._chunks(rollout, whole or defer_exact_kl):
-            for name, value in self._score_rows(rollout, rows, whole, engine_logprobs is not None, defer_exact_kl).items():
+            recompute = engine_logprobs is not None and not defer_old
+            for name, value in self._score_rows(rollout, rows, whole, recompute, defer_exact_kl).items():
                 pieces.setdefault(name, []).append(value)
         joined = {name: torch.cat(values) for name, values in pieces.items()}
         mask = rollout.response_mask
         logprobs, weights = rollout.logprobs, None
-        if engine_logprobs is not None:
+        if engine_logprobs is not None and not defer_old:
             # Another engine, precision or weights version sampled: the trainer's own log-probs are the
             # old policy's, and tokens are weighted by algo.is_correction of pi_train_old / pi_behaviour.
             current = joined["current"]
             if rollout.control is not None:  # the token came from the mixture with the fallback
                 current = mixture_logprobs(current, rollout.control.fallback_logprobs, rollout.control.mix_weight)
             logprobs = current * mask
-            a = self.cfg.algo
-            weights = importance_weights(logprobs, engine_logprobs.to(logprobs.dtype), mask, a.is_correction, a.is_cap, a.is_floor)
+            weights = self.importance(logprobs, engine_logprobs, mask)
         kl = joined["kl_exact"] if estimator == "full" else per_token_kl(estimator, logprobs, joined["ref"])
         teacher_kl = None
         if self.teacher is not None:  # exact, or k1 of the (possibly recomputed) log-probs the update starts from
@@ -194,6 +210,26 @@ class Learner:
                 and rollout.engine_logprobs is None and not self.recompute_old and a.minibatch_size in (0, episodes)
                 and not self.cfg.model.lora.dropout and getattr(self.reference, "pessimistic_full", None) is None
                 and len(rollout) * rollout.response_ids.shape[1] * vocab <= DEFERRED_KL_ELEMENTS)
+
+    def importance(self, old: torch.Tensor, engine: torch.Tensor, mask: torch.Tensor) -> ImportanceWeights:
+        """`algo.is_correction`'s weights of pi_train_old / pi_engine for [B, L] log-probs over `mask`."""
+        a = self.cfg.algo
+        return importance_weights(old, engine.to(old.dtype), mask, a.is_correction, a.is_cap, a.is_floor)
+
+    def old_logprobs_wait(self, rollout: Rollout) -> bool:
+        """Whether the trainer's own log-probs of another engine's (or precision's, or weights
+        version's) tokens, PPO's old policy and the numerator of the importance ratio, can be taken
+        from the update's first pass instead of a pass of the policy in `score`: that pass sees
+        every row before the first optimizer step (one minibatch per epoch) with the weights and
+        the precision scoring would use (no adapter dropout), and nothing before the update reads
+        them: no KL in the rewards, no values, no whole distributions, no teacher, no sampling
+        control. The first step's ratio is then exactly 1, where a separate pass gives 1 to float
+        rounding."""
+        a, kl = self.cfg.algo, self.cfg.kl
+        episodes = len(torch.unique(rollout.episode_ids))
+        return ((rollout.engine_logprobs is not None or self.recompute_old) and kl.estimator != "full" and not kl.exact_accounting
+                and not self.kl_in_reward and not self.algorithm.needs_values and self.teacher is None and rollout.control is None
+                and a.minibatch_size in (0, episodes) and not self.cfg.model.lora.dropout)
 
     def _chunks(self, rollout: Rollout, whole: bool) -> list[torch.Tensor]:
         n = len(rollout)
@@ -307,11 +343,14 @@ class Learner:
             group["lr"] = lr
         return lr
 
-    def update(self, rollout: Rollout, generator: torch.Generator | None = None,
-               reference_full: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor | None]:
+    def update(self, rollout: Rollout, generator: torch.Generator | None = None, reference_full: torch.Tensor | None = None,
+               old_from_first_pass: bool = False) -> tuple[dict[str, float], FirstPass]:
         """Optimizer steps over the rollout with its targets; returns the mean of the objective's
-        diagnostics, and with `reference_full` (the reference's whole distributions [B, Lr, V], when
-        the exact KL waits for this pass) the exact per-token KL [B, Lr] (else None)."""
+        diagnostics, and what the first pass computed for scoring: with `reference_full` (the
+        reference's whole distributions [B, Lr, V], when the exact KL waits for this pass) the exact
+        per-token KL, with `old_from_first_pass` (when the old log-probs wait for it, the rollout's
+        log-probs being the engine's) the trainer's own log-probs, which are then the old policy of
+        every step and the numerator of the importance weights."""
         self.module.train()
         a = self.cfg.algo
         sharded = is_sharded(self.module)
@@ -326,6 +365,8 @@ class Learner:
         processes = self.accelerator.num_processes
         full_mask = rollout.targets.loss_mask
         exact = torch.zeros_like(rollout.scored.kl) if reference_full is not None else None
+        own = torch.zeros_like(rollout.logprobs) if old_from_first_pass else None
+        own_weights = None
         for minibatch, micro_batches in self._minibatches(rollout, generator):
             # The normaliser of the whole minibatch on every process: each micro-batch's loss is its
             # share of the minibatch's objective, whatever the micro-batch size or process count.
@@ -348,17 +389,24 @@ class Learner:
                             logprobs = mixture_logprobs(logprobs, mb.control.fallback_logprobs, mb.control.mix_weight) * mb.response_mask
                         mask = mb.targets.loss_mask
                         weights = aggregate_weights(mask, a.loss_aggregation, counts, constant)
-                        loss, info = objective(self.terms, logprobs, out.entropy, out.values, old_logprobs=mb.logprobs,
+                        old, is_weight = mb.logprobs, mb.scored.is_weight
+                        if own is not None and first_step:  # this pass is the old policy's
+                            old = logprobs.detach() * mb.response_mask
+                            own[idx.to(own.device)] = old.to(own.dtype)
+                            is_weight = self.importance(old, mb.engine_logprobs, mb.response_mask).weight
+                        elif own is not None:
+                            old, is_weight = own[idx.to(own.device)], own_weights.weight[idx.to(own.device)]
+                        loss, info = objective(self.terms, logprobs, out.entropy, out.values, old_logprobs=old,
                                                ref_logprobs=mb.scored.ref_logprobs, old_values=mb.scored.values,
                                                advantages=mb.targets.advantages, returns=mb.targets.returns,
-                                               is_weight=mb.scored.is_weight, mask=mask, weights=weights, beta=beta,
+                                               is_weight=is_weight, mask=mask, weights=weights, beta=beta,
                                                teacher_kl=self._teacher_kl(out, mb))
                     if first_step:
                         # Before the first optimizer step the policy is the behaviour policy: its
                         # recomputed log-probs must match generation's (logprob_gap ~ 0), and the
                         # exact KL of each token's distribution can be taken here.
                         info["entropy"] = masked_mean(out.entropy.detach().float(), mb.response_mask)
-                        info["logprob_gap"] = masked_mean((logprobs.detach().float() - mb.logprobs).abs(), mb.response_mask)
+                        info["logprob_gap"] = masked_mean((logprobs.detach().float() - old.float()).abs(), mb.response_mask)
                         if exact is not None:
                             kl = kl_exact(out.full_logprobs.detach().float(), reference_full[idx.to(reference_full.device)])
                             exact[idx.to(exact.device)] = torch.where(mb.response_mask.bool(), kl, 0.0)
@@ -387,6 +435,8 @@ class Learner:
             else:
                 skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
+            if own is not None and first_step:  # every row was in the first minibatch
+                own_weights = self.importance(own, rollout.engine_logprobs, rollout.response_mask)
             first_step = False
         if sharded:
             gather_full(self.module)
@@ -399,7 +449,7 @@ class Learner:
         if self.skipped_in_a_row >= MAX_SKIPPED_ITERATIONS:
             raise NonFiniteLossError(f"gradients were non-finite in every optimizer step of {self.skipped_in_a_row} iterations "
                                      "in a row (learning rate or rewards too large?)")
-        return metrics, exact
+        return metrics, FirstPass(kl_exact=exact, old_logprobs=own, weights=own_weights)
 
     # -- the loop ----------------------------------------------------------------------------------
     def step(self, rollout: Rollout, iteration: int = 0, generator: torch.Generator | None = None) -> tuple[Rollout, dict[str, float]]:
@@ -407,13 +457,18 @@ class Learner:
         t0 = time.perf_counter()
         lr = self.set_lr(iteration)
         beta = self.controller.beta
-        rollout, weights = self.score(rollout, defer_exact_kl=self.exact_kl_waits(rollout))
+        defer_old = self.old_logprobs_wait(rollout)
+        rollout, weights = self.score(rollout, defer_exact_kl=self.exact_kl_waits(rollout), defer_old=defer_old)
         reference_full = rollout.scored.ref_full_logprobs
         rollout = replace(rollout, scored=replace(rollout.scored, ref_full_logprobs=None), targets=self.targets(rollout))
-        metrics, exact = self.update(rollout, generator, reference_full)
+        metrics, first = self.update(rollout, generator, reference_full, old_from_first_pass=defer_old)
         rollout = replace(rollout, scored=replace(rollout.scored, teacher_full_logprobs=None))
-        if exact is not None:  # computed by the update's first pass
-            rollout = replace(rollout, scored=replace(rollout.scored, kl_exact=exact))
+        if first.kl_exact is not None:  # computed by the update's first pass
+            rollout = replace(rollout, scored=replace(rollout.scored, kl_exact=first.kl_exact))
+        if first.old_logprobs is not None:  # so were the trainer's own log-probs: the KL and weights follow them
+            weights = first.weights
+            kl = per_token_kl(self.cfg.kl.estimator, first.old_logprobs, rollout.scored.ref_logprobs).float() * rollout.response_mask
+            rollout = replace(rollout, logprobs=first.old_logprobs, scored=replace(rollout.scored, kl=kl, is_weight=weights.weight))
         if weights is not None:
             metrics.update({"is/log_ratio_abs_mean": float(weights.log_ratio_abs_mean),
                             "is/log_ratio_abs_max": float(weights.log_ratio_abs_max),

@@ -25,8 +25,9 @@ after each load (`WorkerSide.loaded`) and reloads the weights, or syncs the LoRA
 before its next batch, as the synchronous loop's engine does after every step. The log-prob check
 above then covers the engine: an engine still serving the old weights fails it.
 
-Behaviour log-probs. The worker's log-probs become `Rollout.engine_logprobs`: the Learner recomputes
-the trainer's own (the old policy of PPO's ratio) and weights each token by `algo.is_correction` of
+Behaviour log-probs. The worker's log-probs become `Rollout.engine_logprobs`: the Learner computes
+the trainer's own (the old policy of PPO's ratio; in the update's first forward where nothing reads
+them earlier, `Learner.old_logprobs_wait`) and weights each token by `algo.is_correction` of
 their ratio, logging the mismatch (`is/log_ratio_abs_mean`) every iteration.
 
 Failures. The trainer waits for each batch at most `train.worker_timeout`, and looks at the worker

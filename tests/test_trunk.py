@@ -303,6 +303,53 @@ def test_the_exact_kl_waits_for_the_updates_first_pass(deep, tmp_path):
                        built.parameters["policy"]).exact_kl_waits(rollout)  # later minibatches would see a stepped policy
 
 
+@pytest.mark.parametrize("correction", ["token-tis", "seq-mis", "icepop"])
+def test_the_old_logprobs_of_another_engines_tokens_wait_for_the_updates_first_pass(deep, tmp_path, monkeypatch, correction):
+    """Tokens from another engine (its log-probs off the trainer's by up to 0.5 nats, as a stale
+    worker's or vLLM's), GRPO, one minibatch and 2 epochs: the trainer's own log-probs, PPO's old
+    policy and the importance ratio's numerator, come from the update's first pass, with no scoring
+    pass of the policy; the weights after the step, the log-probs, the KL, the importance weights
+    and the metrics equal those of scoring the policy in a pass of its own."""
+    extra = ("algo.name=grpo", "algo.epochs=2", "kl.beta=0.1", "kl.exact_accounting=false", f"algo.is_correction={correction}",
+             "algo.is_cap=1.2", "train.max_staleness=1") + (("algo.is_floor=0.9",) if correction == "icepop" else ())
+    cfg, built = agents(deep, tmp_path, *extra, value_head=False)
+    policy = built.policies["policy"]
+    gen = policy.generate(PROMPTS, SamplingParams(max_new_tokens=6), torch.Generator().manual_seed(0))
+    rollout = rollout_from_generation(gen, PROMPTS, [1.0, 0.0, 2.0, 0.5])
+    offset = 0.4 * torch.sin(torch.arange(rollout.logprobs.numel(), dtype=torch.float32)).view_as(rollout.logprobs) - 0.1
+    rollout = replace(rollout, engine_logprobs=(rollout.logprobs + offset) * rollout.response_mask,
+                      group_ids=torch.tensor([0, 0, 1, 1]))
+    start = copy.deepcopy(policy.module.state_dict())
+    runs = {}
+    for waits in (True, False):
+        policy.module.load_state_dict(start)
+        learner = Learner(policy, built.reference, make_algorithm(cfg), cfg, make_accelerator(cfg, tmp_path), built.parameters["policy"])
+        if not waits:
+            monkeypatch.setattr(learner, "old_logprobs_wait", lambda r: False)
+        assert learner.old_logprobs_wait(rollout) == waits
+        calls, handles = count_layer_calls(policy.model)
+        stepped, metrics = learner.step(rollout)
+        for h in handles:
+            h.remove()
+        trained = {k: v.clone() for k, v in policy.module.state_dict().items()}
+        runs[waits] = (stepped, metrics, trained, calls[2:])
+    (waited, m_waited, w_waited, c_waited), (separate, m_separate, w_separate, c_separate) = runs[True], runs[False]
+    assert c_separate == [3, 3] and c_waited == [2, 2]  # scoring's pass of the policy is gone; the 2 epochs' passes stay
+    assert m_waited[f"is/{'truncated' if correction == 'token-tis' else 'masked'}_{'sequences' if correction.startswith('seq') else 'tokens'}"] > 0
+    for name in ("logprobs", "engine_logprobs"):
+        assert_close(getattr(waited, name), getattr(separate, name), name)
+    for name in ("kl", "is_weight", "ref_logprobs"):
+        assert_close(getattr(waited.scored, name), getattr(separate.scored, name), name)
+    assert_close(waited.targets.advantages, separate.targets.advantages, "advantages")
+    for name, value in w_separate.items():
+        assert_close(w_waited[name], value, name)
+    assert any(not torch.equal(w_separate[name], start[name]) for name in start)  # the step moved the weights
+    assert m_waited["logprob_gap"] == 0.0
+    for name, value in m_separate.items():
+        if not name.startswith(("time/", "tokens_per_s/")) and name != "logprob_gap":
+            assert m_waited[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
 @pytest.mark.parametrize("shared_prefix", [False, True])
 def test_a_groups_prompt_runs_once_and_each_answer_samples_as_if_it_ran_its_own(deep, tmp_path, monkeypatch, shared_prefix):
     """Rows that repeat one prompt (a group's answers) prefill it once, at the batch of distinct
