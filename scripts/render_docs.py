@@ -949,7 +949,8 @@ def async_section(a: dict, headline: list) -> list[str]:
               "the worker's sampling of a batch and the trainer's update, which overlap).", ""]
     limited = [(m, b) for m, x in summary.items() for b in x.get("pipeline_limit_vs", {}) if b in x.get("speedup_vs", {})]
     if limited:
-        lines += ["What the two cores allow, measured in the same benchmark from each seed's one-thread synchronous run: "
+        lines += ["What the two cores allow, measured in the same benchmark from each seed's one-thread synchronous run on "
+                  "the asynchronous mode's backend (a separate run, so an estimate with its own noise, not a hard bound): "
                   "a pipeline of one core per stage runs at best at its slower stage's pace, max(generation, update); no "
                   "schedule of the same work on two cores beats (generation + update) / 2. Each limit as a speed-up over the "
                   "baseline, beside the one measured:", ""]

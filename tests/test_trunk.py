@@ -303,22 +303,24 @@ def test_the_exact_kl_waits_for_the_updates_first_pass(deep, tmp_path):
                        built.parameters["policy"]).exact_kl_waits(rollout)  # later minibatches would see a stepped policy
 
 
-@pytest.mark.parametrize("correction", ["token-tis", "seq-mis", "icepop"])
-def test_the_old_logprobs_of_another_engines_tokens_wait_for_the_updates_first_pass(deep, tmp_path, monkeypatch, correction):
-    """Tokens from another engine (its log-probs off the trainer's by up to 0.5 nats, as a stale
-    worker's or vLLM's), GRPO, one minibatch and 2 epochs: the trainer's own log-probs, PPO's old
+@pytest.mark.parametrize("correction,micro", [("token-tis", 0), ("seq-mis", 0), ("icepop", 0), ("token-tis", 1)])
+def test_the_old_logprobs_of_another_engines_tokens_wait_for_the_updates_first_pass(deep, tmp_path, monkeypatch, correction, micro):
+    """Tokens from another engine (its log-probs off the trainer's by up to 0.5 nats, and the
+    rollout's log-probs the engine's, as a stale worker or vLLM hands them over), GRPO, one
+    minibatch (in micro-batches of `micro` rows) and 2 epochs: the trainer's own log-probs, PPO's old
     policy and the importance ratio's numerator, come from the update's first pass, with no scoring
     pass of the policy; the weights after the step, the log-probs, the KL, the importance weights
     and the metrics equal those of scoring the policy in a pass of its own."""
     extra = ("algo.name=grpo", "algo.epochs=2", "kl.beta=0.1", "kl.exact_accounting=false", f"algo.is_correction={correction}",
-             "algo.is_cap=1.2", "train.max_staleness=1") + (("algo.is_floor=0.9",) if correction == "icepop" else ())
+             "algo.is_cap=1.2", "train.max_staleness=1", f"algo.micro_batch_size={micro}") + \
+        (("algo.is_floor=0.9",) if correction == "icepop" else ())
     cfg, built = agents(deep, tmp_path, *extra, value_head=False)
     policy = built.policies["policy"]
     gen = policy.generate(PROMPTS, SamplingParams(max_new_tokens=6), torch.Generator().manual_seed(0))
     rollout = rollout_from_generation(gen, PROMPTS, [1.0, 0.0, 2.0, 0.5])
     offset = 0.4 * torch.sin(torch.arange(rollout.logprobs.numel(), dtype=torch.float32)).view_as(rollout.logprobs) - 0.1
-    rollout = replace(rollout, engine_logprobs=(rollout.logprobs + offset) * rollout.response_mask,
-                      group_ids=torch.tensor([0, 0, 1, 1]))
+    engine = (rollout.logprobs + offset) * rollout.response_mask
+    rollout = replace(rollout, logprobs=engine, engine_logprobs=engine, group_ids=torch.tensor([0, 0, 1, 1]))
     start = copy.deepcopy(policy.module.state_dict())
     runs = {}
     for waits in (True, False):
@@ -334,7 +336,8 @@ def test_the_old_logprobs_of_another_engines_tokens_wait_for_the_updates_first_p
         trained = {k: v.clone() for k, v in policy.module.state_dict().items()}
         runs[waits] = (stepped, metrics, trained, calls[2:])
     (waited, m_waited, w_waited, c_waited), (separate, m_separate, w_separate, c_separate) = runs[True], runs[False]
-    assert c_separate == [3, 3] and c_waited == [2, 2]  # scoring's pass of the policy is gone; the 2 epochs' passes stay
+    epoch = 1 if not micro else len(PROMPTS)  # forwards of each trained layer per epoch (scoring's pass is one)
+    assert c_separate == [1 + 2 * epoch] * 2 and c_waited == [2 * epoch] * 2  # scoring's pass is gone; the 2 epochs' stay
     assert m_waited[f"is/{'truncated' if correction == 'token-tis' else 'masked'}_{'sequences' if correction.startswith('seq') else 'tokens'}"] > 0
     for name in ("logprobs", "engine_logprobs"):
         assert_close(getattr(waited, name), getattr(separate, name), name)
@@ -345,6 +348,12 @@ def test_the_old_logprobs_of_another_engines_tokens_wait_for_the_updates_first_p
         assert_close(w_waited[name], value, name)
     assert any(not torch.equal(w_separate[name], start[name]) for name in start)  # the step moved the weights
     assert m_waited["logprob_gap"] == 0.0
+    assert not torch.allclose(waited.logprobs, engine)  # the engine's log-probs were replaced, and their KL with them
+    for refused in (("algo.minibatch_size=2",), ("kl.penalty=reward",), ("kl.exact_accounting=true",), ("model.lora.dropout=0.1",)):
+        other = load_config(None, micro_overrides(tmp_path, **{"model.name": str(deep), "model.trainable_layers": 2,
+                                                               **dict(e.split("=", 1) for e in extra + refused)}))
+        assert not Learner(policy, built.reference, make_algorithm(other), other, make_accelerator(other, tmp_path),
+                           built.parameters["policy"]).old_logprobs_wait(rollout), refused
     for name, value in m_separate.items():
         if not name.startswith(("time/", "tokens_per_s/")) and name != "logprob_gap":
             assert m_waited[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
