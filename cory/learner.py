@@ -202,14 +202,21 @@ class Learner:
         log-probs), the first pass sees every row before the first optimizer step (one minibatch
         per epoch) with the sampling policy (no adapter dropout), and the reference's whole
         distributions fit `DEFERRED_KL_ELEMENTS`."""
-        a, kl = self.cfg.algo, self.cfg.kl
-        episodes = len(torch.unique(rollout.episode_ids))
+        kl = self.cfg.kl
         vocab = getattr(getattr(self.policy.model, "config", None), "vocab_size", None) or 1
-        return (kl.exact_accounting and kl.estimator != "full" and not self.teacher_exact and rollout.control is None
-                and not self.algorithm.needs_values
-                and rollout.engine_logprobs is None and not self.recompute_old and a.minibatch_size in (0, episodes)
-                and not self.cfg.model.lora.dropout and getattr(self.reference, "pessimistic_full", None) is None
+        return (kl.exact_accounting and kl.estimator != "full" and not self.teacher_exact and self._first_pass_scores(rollout)
+                and rollout.engine_logprobs is None and not self.recompute_old
+                and getattr(self.reference, "pessimistic_full", None) is None
                 and len(rollout) * rollout.response_ids.shape[1] * vocab <= DEFERRED_KL_ELEMENTS)
+
+    def _first_pass_scores(self, rollout: Rollout) -> bool:
+        """What `exact_kl_waits` and `old_logprobs_wait` both need: the update's first pass sees every
+        row before the first optimizer step (one minibatch per epoch) with the weights scoring would
+        use (no adapter dropout), on tokens from the policy alone (no sampling control), and scoring
+        has no pass of the policy to run anyway (no values)."""
+        episodes = len(torch.unique(rollout.episode_ids))
+        return (self.cfg.algo.minibatch_size in (0, episodes) and not self.cfg.model.lora.dropout and rollout.control is None
+                and not self.algorithm.needs_values)
 
     def importance(self, old: torch.Tensor, engine: torch.Tensor, mask: torch.Tensor) -> ImportanceWeights:
         """`algo.is_correction`'s weights of pi_train_old / pi_engine for [B, L] log-probs over `mask`."""
@@ -225,11 +232,9 @@ class Learner:
         them: no KL in the rewards, no values, no whole distributions, no teacher, no sampling
         control. The first step's ratio is then exactly 1, where a separate pass gives 1 to float
         rounding."""
-        a, kl = self.cfg.algo, self.cfg.kl
-        episodes = len(torch.unique(rollout.episode_ids))
+        kl = self.cfg.kl
         return ((rollout.engine_logprobs is not None or self.recompute_old) and kl.estimator != "full" and not kl.exact_accounting
-                and not self.kl_in_reward and not self.algorithm.needs_values and self.teacher is None and rollout.control is None
-                and a.minibatch_size in (0, episodes) and not self.cfg.model.lora.dropout)
+                and not self.kl_in_reward and self.teacher is None and self._first_pass_scores(rollout))
 
     def _chunks(self, rollout: Rollout, whole: bool) -> list[torch.Tensor]:
         n = len(rollout)

@@ -39,6 +39,7 @@ import cory_real  # noqa: E402  (the real-model experiment's own analysis and re
 from cory_pilot import kl_control, kl_name  # noqa: E402  (the pilot's declared KL check and what its KL is)
 from trunk_learning import NOT_LEARNED, all_layers_gain  # noqa: E402  (the top-layer comparison's rule 3)
 async_layers = importlib.import_module("async").layers  # (a module named after a keyword) where its adapters sat
+async_mode = importlib.import_module("async").mode  # a run's mode name
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
@@ -962,8 +963,7 @@ def async_section(a: dict, headline: list) -> list[str]:
         first = ks[0]  # the smallest k measured (k = 1): the headline's, declared, not the best of several
         x = summary[first]
         equal = "equal within the interval" if sig(x["reward_diff"]) == 0 else "different"
-        suffix = first.split(", ", 1)[1] if ", " in first else ""
-        one = "k=0, 1 thread" + (f", {suffix}" if suffix else "")  # one core, as each asynchronous process has
+        one = async_mode(0, 1, s.get("backend", "native"))  # one core, as each asynchronous process has
         on_one = (f"{fmt(x['speedup_vs'][one], 2)}x `{one}` (goal >= 1.4x: {against_target(x['speedup_vs'][one], 1.4)}); "
                   if one in x["speedup_vs"] and one != baseline else "")
         headline.append([f"asynchronous rollouts ({first}), SmolLM2{f' top {k} layers' if k else ''}{', vLLM in the worker' if vllm else ''} on 2 CPU cores",
