@@ -205,3 +205,30 @@ def test_t_interval_by_hand():
     mean, half = t_interval([1.0, 2.0, 6.0])  # sd = sqrt(7), t(2 df) = 4.30
     assert mean == 3.0 and abs(half - 4.30 * 7 ** 0.5 / 3 ** 0.5) < 1e-9
     assert t_interval([5.0])[0] == 5.0 and t_interval([5.0])[1] != t_interval([5.0])[1]  # NaN for one run
+
+
+def test_t_interval_at_975_by_hand():
+    from cory.metrics import t_interval
+
+    values = [1.0, 2.0, 6.0, 3.0, 3.0]  # mean 3, sd = sqrt(14 / 4), t(4 df, two-sided 97.5%) = 3.495
+    mean, half = t_interval(values, level=0.975)
+    assert mean == 3.0 and abs(half - 3.495 * (14 / 4) ** 0.5 / 5 ** 0.5) < 1e-9
+    assert half > t_interval(values)[1]
+    with pytest.raises(ValueError, match="levels"):
+        t_interval(values, level=0.9)
+
+
+@pytest.mark.parametrize("level", [0.95, 0.975])
+def test_t_tables_are_the_quantiles_of_the_t_density(level):
+    """Each tabled quantile q of n values (n - 1 degrees of freedom) holds `level` of the Student-t
+    density between -q and q (trapezoid integration of the density, written from its formula)."""
+    from cory.metrics.curves import T_TABLES
+
+    table, normal = T_TABLES[level]
+    for n, q in table.items():
+        v = n - 1
+        x = np.linspace(0.0, q, 400_001)
+        density = math.gamma((v + 1) / 2) / (math.sqrt(v * math.pi) * math.gamma(v / 2)) * (1 + x * x / v) ** (-(v + 1) / 2)
+        mass = 2 * float(np.sum((density[1:] + density[:-1]) / 2 * np.diff(x)))
+        assert abs(mass - level) < 6e-4, (n, q, mass)  # the 95% table has two decimals
+    assert abs(math.erf(normal / math.sqrt(2)) - level) < 2e-4  # the normal's quantile beyond the table

@@ -57,15 +57,25 @@ def coverage_curves(records: Sequence[EpisodeRecord]) -> np.ndarray:
 T_95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
 """Two-sided 95% Student-t quantiles by sample size (more samples: the normal's 1.96)."""
 
+T_975 = {2: 25.45, 3: 6.205, 4: 4.177, 5: 3.495, 6: 3.163, 7: 2.969, 8: 2.841, 9: 2.752, 10: 2.685}
+"""Two-sided 97.5% Student-t quantiles by sample size (more samples: the normal's 2.241): a 95%
+interval with Bonferroni's correction over two comparisons."""
 
-def t_interval(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and half-width of a 95% t-interval over a few runs (seeds); NaN half-width for one value."""
+T_TABLES = {0.95: (T_95, 1.96), 0.975: (T_975, 2.241)}
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of a two-sided t-interval at `level` (0.95, or 0.975: Bonferroni over two
+    comparisons) over a few runs (seeds); NaN half-width for one value."""
+    if level not in T_TABLES:
+        raise ValueError(f"t_interval knows the levels {sorted(T_TABLES)}, not {level}")
     values = [float(v) for v in values]
     n = len(values)
     mean = float(np.mean(values))
     if n < 2:
         return mean, float("nan")
-    return mean, T_95.get(n, 1.96) * float(np.std(values, ddof=1)) / math.sqrt(n)
+    table, normal = T_TABLES[level]
+    return mean, table.get(n, normal) * float(np.std(values, ddof=1)) / math.sqrt(n)
 
 
 def mean_ci(values: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
