@@ -151,12 +151,12 @@ def algorithms_page() -> tuple[str, list[list[str]]]:
     seeds = sorted({r["seed"] for r in records})
     iterations = sorted({len(r["curve"]) for r in records})
     lines = [HEADER.format(sources="algorithms.json"), "", "# Algorithms on the embedded tasks", "",
-             f"`python benchmarks/algorithms.py`: every algorithm on the sentiment task (`cory:tiny-reviews`, reward "
+             (f"`python benchmarks/algorithms.py`: every algorithm on the sentiment task (`cory:tiny-reviews`, reward "
              f"`cory:tiny-sentiment`) and on arithmetic (`cory:tiny-arith`, greedy accuracy), "
              f"{'/'.join(map(str, iterations))} iterations, seeds {seeds}, evaluated on each task's fixed prompt set. "
              "Cells: mean ± 95% interval over seeds; gain = final reward minus the initial model's, per seed. Wall times "
              "depend on how busy the shared machine was when each row ran (benchmarks/results/algorithms.md says which "
-             "rows ran when).", ""]
+             "rows ran when)."), ""]
     headline = []
     for task, algos in tasks.items():
         rows, rose, flat = [], [], []
@@ -173,8 +173,8 @@ def algorithms_page() -> tuple[str, list[list[str]]]:
         lines += img(f"algorithms_{task}.png", f"{task} curves")
         finals = [mean(r["final_reward"] for r in rs) for rs in algos.values()]
         initial = mean(r["initial_reward"] for rs in algos.values() for r in rs)
-        headline.append([f"every algorithm, {task} (embedded models)", f"{len(rose)} of {len(algos)} raise the reward significantly "
-                               f"(initial {num(initial, 2)}, final means {num(min(finals), 2)} to {num(max(finals), 2)})"])
+        headline.append([f"every algorithm, {task} (embedded models)", (f"{len(rose)} of {len(algos)} raise the reward significantly "
+                               f"(initial {num(initial, 2)}, final means {num(min(finals), 2)} to {num(max(finals), 2)})")])
     return "\n".join(lines), headline
 
 
@@ -194,10 +194,10 @@ def cory_task(task: str, result: dict, png: str) -> tuple[list[str], dict]:
     time = (f"{minutes(result['wall_s'])} of wall time, the {len(parts)} seeds' processes at once"
             if parts else f"{minutes(result['wall_s'])} of wall time")
     lines = [f"### {task}", "",
-             f"{s['iterations']} iterations of {s['batch_size']} prompts (PPO also resumed to {2 * s['iterations']}: equal "
+             (f"{s['iterations']} iterations of {s['batch_size']} prompts (PPO also resumed to {2 * s['iterations']}: equal "
              f"generated samples), KL coefficients {s['betas']} (main comparison at {beta}), roles exchanged "
              f"{every(swap_every(s))}, seeds {seeds}; {time}. The initial model is one evaluation of "
-             f"{init['n']} answers.", ""]
+             f"{init['n']} answers."), ""]
     rows = [["initial model", "0", num(init["reward"]), num(init["kl"], 2), num(init["repeat_share"]),
              num(init["missing_eos"])]]
     for method in METHODS:
@@ -211,9 +211,9 @@ def cory_task(task: str, result: dict, png: str) -> tuple[list[str], dict]:
                 return fmt(ci(r["agents"][agent][key] if agent else value(r, key) for r in rs.values()), digits)
             label = METHODS[method] + (f": agent {agent}" if agent else ": mean of its agents" if method.startswith("cory") else "")
             rows.append([label, str(samples), over("reward"), over("kl", 2), over("repeat_share"), over("missing_eos")])
-    lines += [f"Final evaluation at beta = {beta}, each model answering the fixed prompts alone (CORY: each agent "
+    lines += [(f"Final evaluation at beta = {beta}, each model answering the fixed prompts alone (CORY: each agent "
               "without its partner); mean ± 95% interval over seeds. Repeats: share of answers with a word twice in a "
-              "row; no EOS: share cut at the length limit.", ""]
+              "row; no EOS: share cut at the length limit."), ""]
     lines += table(["model", "samples generated", "reward", "episode KL (sampled k1)", "repeats", "no EOS"], rows)
 
     gains = {m: ci([value(r, "reward") - init["reward"] for r in runs_of(result, m, beta).values()])
@@ -272,11 +272,11 @@ def cory_task(task: str, result: dict, png: str) -> tuple[list[str], dict]:
     if fixed:
         gap = ci([r["agents"]["a"]["kl"] - r["agents"]["b"]["kl"] for r in fixed.values()])
         v = verdict(sig(gap) > 0, sig(gap) < 0)
-        lines += ["**(d) Without role exchange the observer's KL stays below the pioneer's.** The fixed pioneer's KL minus "
-                  f"the fixed observer's, each answering alone: {fmt(gap, 2, sign=True)}: **{v}**.", ""]
+        lines += [("**(d) Without role exchange the observer's KL stays below the pioneer's.** The fixed pioneer's KL minus "
+                  f"the fixed observer's, each answering alone: {fmt(gap, 2, sign=True)}: **{v}**."), ""]
         if s["iterations"] <= swap_every(s):
-            lines += [f"No exchange happened in these runs ({s['iterations']} iterations, exchange {every(swap_every(s))}): "
-                      "CORY without exchange is the same run as CORY.", ""]
+            lines += [(f"No exchange happened in these runs ({s['iterations']} iterations, exchange {every(swap_every(s))}): "
+                      "CORY without exchange is the same run as CORY."), ""]
     claims["learned"] = learned
     claims["gains"] = gains
     lines += img(f"{png}_{task}_curves.png", f"{task} curves") + img(f"{png}_{task}_frontier.png", f"{task} frontier")
@@ -286,11 +286,11 @@ def cory_task(task: str, result: dict, png: str) -> tuple[list[str], dict]:
 def cory_page() -> tuple[str, list[list[str]]]:
     tiny = load("cory")
     lines = [HEADER.format(sources="cory.json, cory_real.json and cory_pilot.json"), "", "# CORY against single-agent RL", "",
-             "Embedded models: `python benchmarks/coevolution.py` (CORY-PPO against PPO; CORY's figures are the mean of its two "
+             ("Embedded models: `python benchmarks/coevolution.py` (CORY-PPO against PPO; CORY's figures are the mean of its two "
              "agents, each answering alone from the prompt, unless a row names an agent; 95% t-intervals over seeds, "
              "differences paired by seed). SmolLM2-135M-Instruct: `python benchmarks/cory_real.py` (CORY against "
              "single-agent GRPO, its protocol declared in the script before the run; paired by seed and prompt). The "
-             "benchmarks' own reports are benchmarks/results/cory.md and cory_real.md.", ""]
+             "benchmarks' own reports are benchmarks/results/cory.md and cory_real.md."), ""]
     headline = []
     lines += ["## Embedded models (about 1.2M parameters)", ""]
     for task, res in tiny.items():
@@ -323,11 +323,11 @@ def cory_real_section(headline: list[list[str]]) -> list[str]:
     a = cory_real.analyse(result)
     n = result["settings"]["iterations"]
     headline.append(["CORY vs single-agent GRPO, sentiment, SmolLM2",
-                     f"\"similar reward at lower KL\" {a['primary_verdict']}: at equal samples CORY - GRPO reward "
+                     (f"\"similar reward at lower KL\" {a['primary_verdict']}: at equal samples CORY - GRPO reward "
                      f"{a['reward_equal_samples'].show(2)} (margin -{cory_real.MARGIN:.2f}), exact KL "
                      f"{a['kl_equal_samples'].show(1)} nats; at equal iterations KL {a['secondaries'][0]['estimate'].show(1)} "
                      f"({a['secondaries'][0]['verdict']}); {'both arms learned' if a['both_learned'] else 'an arm did not learn'}; "
-                     f"{len(cory_real.seeds_of(result))} seeds, {n} CORY iterations"])
+                     f"{len(cory_real.seeds_of(result))} seeds, {n} CORY iterations")])
     return lines
 
 
@@ -338,11 +338,11 @@ def cory_pilot_section() -> list[str]:
     d = load("cory_pilot")
     s = d["settings"]
     lines = ["## The pilot of the SmolLM2 experiment", "",
-             "Before the comparison ran, "
+             ("Before the comparison ran, "
              f"`python benchmarks/cory_pilot.py` asked whether single-agent GRPO learns on SmolLM2 at all: the sentiment task "
              f"with chat prompts and VADER of the response alone, LoRA r 16 on the top 8 layers, 8 prompts x 4 answers, "
              f"{s['iterations']} iterations, at most {s['new_tokens']} new tokens, seed 0; learning rates tried in order until "
-             f"the final evaluation reward (64 prompts x 2) exceeds the initial by more than {num(s['pass_se'], 0)} standard errors.", ""]
+             f"the final evaluation reward (64 prompts x 2) exceeds the initial by more than {num(s['pass_se'], 0)} standard errors."), ""]
     lines += table(["lr", "initial reward", "final reward", "gain / SE", "passes", f"final {kl_name(d['runs'][0])}", "end of turn",
                     "s / iteration"],
                    [[f"{r['lr']:.0e}", num(r["initial_reward"], 3), num(r["final_reward"], 3), num(r["gain_in_se"], 1, sign=True),
@@ -352,9 +352,9 @@ def cory_pilot_section() -> list[str]:
     if d.get("kl_check"):
         runs = sorted(d["kl_check"], key=lambda r: r["beta"])
         c = kl_control(runs)
-        lines += [f"Does the KL coefficient control the KL? The passing settings at kl.beta {num(c['low'], 2)} and "
+        lines += [(f"Does the KL coefficient control the KL? The passing settings at kl.beta {num(c['low'], 2)} and "
                   f"{num(c['high'], 2)} (`--kl-check`; the control acts where the final {kl_name(runs[0])} at the larger "
-                  "coefficient is lower by more than two standard errors):", ""]
+                  "coefficient is lower by more than two standard errors):"), ""]
         lines += table(["kl.beta", "final reward", "reward gain / SE", f"final {kl_name(runs[0])} (± SD)", "end of turn"],
                        [[num(r["beta"], 2), num(r["final_reward"], 3), num(r["gain_in_se"], 1, sign=True),
                          f"{num(r['final_kl'], 2)} ± {num(r['final_kl_std'], 2)}", num(r["final_eos_rate"], 2)] for r in runs])
@@ -368,12 +368,12 @@ def bandits_tiny() -> tuple[list[str], list[str]]:
     d = load("bandits")
     a, runs, env = d["args"], d["runs"], d["settings"]["bandit_env"]
     lines = ["## `cory:tiny-agent` on bandits and tic-tac-toe", "",
-             f"`python benchmarks/bandits.py`: {a['episodes']} Gaussian bandits per seed ({env['n_arms']} arms, sigma "
+             (f"`python benchmarks/bandits.py`: {a['episodes']} Gaussian bandits per seed ({env['n_arms']} arms, sigma "
              f"{env['sigma']}, {env['variant']} variant, horizon {env['horizon']}, the last {env['history']} steps shown), "
              f"{a['probes']} frequency-bias probes and {a['games']} tic-tac-toe games against a random player per model "
              f"and seed; fine-tuning {a['iterations']} iterations on bandits (REINFORCE with an exploration bonus) and "
              f"{a['ttt_iterations']} on tic-tac-toe; seeds {a['seeds']}; {minutes(d['wall_s'])} of wall time. Cells: mean ± "
-             "95% interval over seeds.", ""]
+             "95% interval over seeds."), ""]
 
     def over(name, get, digits=3):
         rs = runs[name]
@@ -396,9 +396,9 @@ def bandits_tiny() -> tuple[list[str], list[str]]:
     ttt = ci([after[s]["ttt"]["env_return_mean"] - before[s]["ttt"]["env_return_mean"] for s in seeds])
     ttt_after = ci([after[s]["ttt"]["env_return_mean"] for s in seeds])
     goals = d["goals"]
-    lines += ["Changes from the pretrained model, paired by seed: regret cut (1 - after / before) "
+    lines += [("Changes from the pretrained model, paired by seed: regret cut (1 - after / before) "
               f"{fmt(cut, sign=True)}, coverage {fmt(cov, sign=True)}, F_f {fmt(ff, 2, sign=True)}, tic-tac-toe return "
-              f"{fmt(ttt, sign=True)}.", ""]
+              f"{fmt(ttt, sign=True)}."), ""]
     lines += table(["goal", "target", "measured", "verdict"], [
         ["regret cut", goals["regret_cut"]["goal"], fmt(cut), against_target(cut, target(goals["regret_cut"]["goal"]))],
         ["coverage gain", goals["coverage_gain"]["goal"], fmt(cov), against_target(cov, target(goals["coverage_gain"]["goal"]))],
@@ -406,11 +406,11 @@ def bandits_tiny() -> tuple[list[str], list[str]]:
          against_target(ttt_after, target(goals["ttt_return"]["goal"]))]])
     lines += img("bandits_regret.png", "regret") + img("bandits_coverage.png", "coverage") + img("bandits_frequency.png", "F_f")
     headline = ["bandits, `cory:tiny-agent`",
-                f"coverage {fmt(cov, 2, sign=True)} (goal {goals['coverage_gain']['goal']}: "
+                (f"coverage {fmt(cov, 2, sign=True)} (goal {goals['coverage_gain']['goal']}: "
                 f"{against_target(cov, target(goals['coverage_gain']['goal'])).split(' (')[0]}), "
                 f"regret cut {fmt(cut, 2, sign=True)} (goal {goals['regret_cut']['goal']}: "
                 f"{against_target(cut, target(goals['regret_cut']['goal'])).split(' (')[0]}), "
-                f"tic-tac-toe return change {fmt(ttt, 2, sign=True)}"]
+                f"tic-tac-toe return change {fmt(ttt, 2, sign=True)}")]
     return lines, headline
 
 
@@ -434,12 +434,12 @@ def bandits_real() -> tuple[list[str], list[str]]:
     d = load("bandits_real")
     p, ps = d["probes"], d["probes"]["settings"]
     lines = ["## SmolLM2-135M-Instruct as a bandit and tic-tac-toe agent", "",
-             f"`python benchmarks/bandits.py --model real`: `{d['model']}` in float32, every prompt after one example "
+             (f"`python benchmarks/bandits.py --model real`: `{d['model']}` in float32, every prompt after one example "
              "turn that answers in the `ACTION=` format; greedy unless a row says otherwise. Intervals are 95% intervals "
              "over episodes of one evaluation seed. An invalid answer executes a random arm, which counts in `executed "
              "coverage`: where many answers are invalid (the continuous variant) that coverage measures the fallback, "
              "not the model. Coverage is judged on `arms it named`, the share of arms named in valid answers; the "
-             "button and continuous variants are reported apart.", "",
+             "button and continuous variants are reported apart."), "",
              f"### Before training ({minutes(p['wall_s'])})", ""]
     rows = []
     for c in p["cells"]:
@@ -449,15 +449,15 @@ def bandits_real() -> tuple[list[str], list[str]]:
                      named_cell(c), fmt((c["coverage"], c["coverage_ci"]), 2), fmt((c["valid_rate"], c["valid_ci"]), 2),
                      f"{num(probe['F_f'], 2)} / {num(probe['F_g'], 2)} / {num(probe['F_o'], 2)}" if probe else "-",
                      num(c.get("example_label_rate"), 2)])
-    lines += [f"Gaussian bandits (horizon {ps['horizon']}, the last {ps['history']} steps shown). `arms it named` equals the "
+    lines += [(f"Gaussian bandits (horizon {ps['horizon']}, the last {ps['history']} steps shown). `arms it named` equals the "
               "executed coverage where every answer was valid; where some were invalid and the named arms were not "
-              "stored, the executed coverage is its upper bound.", ""]
+              "stored, the executed coverage is its upper bound."), ""]
     lines += table(["arms", "variant", "CoT", "episodes", "regret", "UCB1", "random", "arms it named", "executed coverage",
                     "valid", "F_f / F_g / F_o", "copies example"], rows)
     kd = p.get("knowing_doing", [])
     if kd:
-        lines += [f"Knowing-doing probe ({kd[0]['probes']} probes per row): `knowing` = its `<ucb_values>` name the top-UCB "
-                  "arm; then the share of actions that are optimal, greedy, other or invalid.", ""]
+        lines += [(f"Knowing-doing probe ({kd[0]['probes']} probes per row): `knowing` = its `<ucb_values>` name the top-UCB "
+                  "arm; then the share of actions that are optimal, greedy, other or invalid."), ""]
         lines += table(["arms", "knowing", "optimal", "greedy", "other", "invalid"],
                        [[str(k["n_arms"]), num(k["knowing"], 2), num(k["optimal"], 2), num(k["greedy"], 2), num(k["other"], 2),
                          num(k["invalid"], 2)] for k in kd])
@@ -485,11 +485,11 @@ def bandits_real() -> tuple[list[str], list[str]]:
     bs, runs, claims, t_s = b["settings"], b["runs"], b["claims"], b["settings"]["train"]
     penalty = bs["env"].get("invalid_penalty", invalid_penalty_default())
     lines += [f"### Fine-tuning on bandits ({minutes(b['wall_s'])})", "",
-              f"{bs['train_arms']}-armed bandits (button variant), horizon {bs['train_horizon']}, {bs['iterations']} iterations "
+              (f"{bs['train_arms']}-armed bandits (button variant), horizon {bs['train_horizon']}, {bs['iterations']} iterations "
               f"x {bs['batch']} episodes, {t_s['algo.name']} (lr {t_s['algo.lr']:g}), LoRA r {t_s.get('model.lora.r')} "
               f"on the top {t_s['model.trainable_layers']} layers, a {num(penalty, 0)} penalty per invalid answer in the shaped reward; "
               f"evaluated on {bs['episodes']} held-out bandits, the untrained and the fine-tuned model on the same "
-              "instances, greedy and at temperature 1 (as training samples).", ""]
+              "instances, greedy and at temperature 1 (as training samples)."), ""]
     before_t1 = runs["before_t1"]["shaped_return"]
     pilot_rows = [[str(r["run"]), f"{r['lr']:g}", str(r["iterations"]),
                    f"{num(before_t1, 2)} -> {num(before_t1 + r['primary']['mean'], 2)}",
@@ -497,9 +497,9 @@ def bandits_real() -> tuple[list[str], list[str]]:
                    num(r["primary"]["mean"] / r["primary"]["se"], 1, sign=True) if r["primary"]["se"] else "-",
                    "yes" if r["passes"] else "no", num(r["after_summary"]["t1"]["valid_rate"], 2),
                    num(r["training"]["train_kl"][-1], 2)] for r in b["pilot"]]
-    lines += [f"Pilot, declared in `benchmarks/bandits.py` before the runs: it passes where the shaped return at temperature "
+    lines += [(f"Pilot, declared in `benchmarks/bandits.py` before the runs: it passes where the shaped return at temperature "
               f"1 (what training maximises), fine-tuned minus untrained and paired by held-out bandit, rises by more than "
-              f"{num(bs['pass_se'], 0)} standard errors; at most {bs['pilot_runs']} runs; every run tried is below.", ""]
+              f"{num(bs['pass_se'], 0)} standard errors; at most {bs['pilot_runs']} runs; every run tried is below."), ""]
     lines += table(["run", "lr", "iterations", "shaped return, T=1", "paired difference", "/ SE", "passes",
                     "valid answers, T=1 (after)", "training KL (last)"], pilot_rows)
     lines += [(f"The pilot passed at run {b['chosen_run']}; that run is the result below." if b["passed"] else
@@ -512,26 +512,26 @@ def bandits_real() -> tuple[list[str], list[str]]:
              fmt((r["valid_rate"], r["valid_ci"]), 2), num(r.get("example_label_rate"), 2)] for k, r in runs.items()]
     lines += table(["agent", "shaped return", f"regret at step {bs['train_horizon']}", "arms it named", "executed coverage",
                     "valid", "copies example"], rows)
-    lines += ["Claims, fine-tuned minus untrained, paired by held-out bandit (paired bootstrap: mean, 95% interval, p); the "
+    lines += [("Claims, fine-tuned minus untrained, paired by held-out bandit (paired bootstrap: mean, 95% interval, p); the "
               "first is the primary endpoint, Holm's correction runs over the others; each verdict is supported, "
-              "contradicted or inconclusive as declared in the benchmark.", ""]
+              "contradicted or inconclusive as declared in the benchmark."), ""]
     lines += table(["claim", "after - before [95% interval]", "p", "p (Holm)", "verdict"],
                    [[c["claim"], f"{num(c['mean'], 3, sign=True)} [{num(c['low'], 3, sign=True)}, {num(c['high'], 3, sign=True)}]",
                      bandits.p_cell(c["p"]), bandits.p_cell(c["p_holm"]), c["verdict"]] for c in claims.values()])
     # A valid answer avoids the penalty, so the rise of the valid share alone is worth
     # (its gain) x answers per episode x |penalty| of the shaped reward.
-    lines += [f"At temperature 1 the rise of valid answers alone is worth "
+    lines += [(f"At temperature 1 the rise of valid answers alone is worth "
               f"{num(claims['valid_t1']['mean'] * bs['train_horizon'] * -penalty, 1, sign=True)} of the "
               f"{num(claims['reward']['mean'], 1, sign=True)} (the {num(penalty, 0)} penalty avoided on "
-              f"{num(claims['valid_t1']['mean'] * bs['train_horizon'], 1)} more answers per episode).", ""]
+              f"{num(claims['valid_t1']['mean'] * bs['train_horizon'], 1)} more answers per episode)."), ""]
     pb, pa, sh = b["probes"]["before"], b["probes"]["after"], b["probes"]["shift"]
     fb, fa, kb, ka = pb["frequency"], pa["frequency"], pb["knowing_doing"], pa["knowing_doing"]
 
     def doing(k: dict) -> str:
         return " / ".join(num(k[x], 2) for x in ("optimal", "greedy", "other", "invalid"))
 
-    lines += [f"Probes before and after fine-tuning (the same {fb['probes']} frequency-bias and {kb['probes']} knowing-doing "
-              "probes, 5 arms, button variant); differences paired per probe.", ""]
+    lines += [(f"Probes before and after fine-tuning (the same {fb['probes']} frequency-bias and {kb['probes']} knowing-doing "
+              "probes, 5 arms, button variant); differences paired per probe."), ""]
     lines += table(["probe", "before", "after", "after - before"], [
         ["F_f / F_g / F_o", " / ".join(num(fb[x], 2) for x in ("F_f", "F_g", "F_o")),
          " / ".join(num(fa[x], 2) for x in ("F_f", "F_g", "F_o")), f"F_f {fmt((sh['F_f']['mean'], sh['F_f']['half']), 2, sign=True)}"],
@@ -543,8 +543,8 @@ def bandits_real() -> tuple[list[str], list[str]]:
     t = d["tictactoe"]
     ts = t["settings"]
     lines += [f"### Fine-tuning on tic-tac-toe ({minutes(t['wall_s'])})", "",
-              f"Against a random player, {ts['train']['algo.name']} with a value head, {ts['ttt_iterations']} iterations x "
-              f"{ts['ttt_batch']} games, {ts['games']} greedy evaluation games. An invalid move plays a random empty cell.", ""]
+              (f"Against a random player, {ts['train']['algo.name']} with a value head, {ts['ttt_iterations']} iterations x "
+              f"{ts['ttt_batch']} games, {ts['games']} greedy evaluation games. An invalid move plays a random empty cell."), ""]
     lines += table(["agent", "return", "win", "draw", "loss", "valid moves"],
                    [[name, fmt((t[k]["env_return_mean"], t[k]["return_ci"])), num(t[k]["win_rate"], 2),
                      num(t[k]["draw_rate"], 2), num(t[k]["loss_rate"], 2), num(t[k]["valid_rate"], 2)]
@@ -582,9 +582,9 @@ def decisions_page() -> tuple[str, list[list[str]]]:
     tiny, h1 = bandits_tiny()
     real, h2 = bandits_real()
     lines = [HEADER.format(sources="bandits.json and bandits_real.json"), "", "# Decision-making agents", "",
-             "Can RL fine-tuning teach a language model to explore a bandit and to play tic-tac-toe? Coverage is the share "
+             ("Can RL fine-tuning teach a language model to explore a bandit and to play tic-tac-toe? Coverage is the share "
              "of arms tried by the last step; F_f is the frequency-bias probe's share of choices that follow the most "
-             "frequent arm in the history. The benchmark's own reports: benchmarks/results/bandits.md and bandits_real.md.",
+             "frequent arm in the history. The benchmark's own reports: benchmarks/results/bandits.md and bandits_real.md."),
              ""] + tiny + real
     return "\n".join(lines), [h1, h2]
 
@@ -599,13 +599,13 @@ def drift_page() -> tuple[str, list[list[str]]]:
     order = {"initial": 0, "penalty": 1, "lagrangian": 2, "hard": 3, "ensemble": 4}
     keys = sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2], 9)))
     lines = [HEADER.format(sources="kl_budget.json"), "", "# Drift control", "",
-             f"`python benchmarks/kl_budget.py`: a policy writes the teacher's turns of a conversation with a frozen "
+             (f"`python benchmarks/kl_budget.py`: a policy writes the teacher's turns of a conversation with a frozen "
              f"student (`cory/TeacherStudent-v0`); the reward is the student's reply's positive-sentiment probability. "
              f"REINFORCE, {s['iterations']} iterations x {s['episodes']} episodes, seeds {s['seeds']}, each run evaluated on "
              f"{s['eval_episodes']} fresh episodes under its own control; {minutes(d['wall_s'])} of wall time. Controls at "
              "budget B: a per-token KL penalty (beta = 0.5 / B), the Lagrangian budget controller, the hard episode budget "
              "(`kl.hard_budget`), and the hard budget with a pessimistic ensemble reference. Cells: mean ± 95% interval over "
-             "seeds; `largest` is the largest exact KL of any evaluation episode of any seed.", ""]
+             "seeds; `largest` is the largest exact KL of any evaluation episode of any seed."), ""]
     rows = []
     for k in keys:
         rs = groups[k]
@@ -681,8 +681,8 @@ def drift_page() -> tuple[str, list[list[str]]]:
     lines += img("kl_budget.png", "drift control")
     shown = [k for k in keys if k[0] == min(x[0] for x in keys) and k[1] == min(b for b in s["budgets"])]
     if shown:
-        lines += ["## Sample transcripts", "", f"Seed {s['seeds'][0]}, an evaluation episode, B = "
-                  f"{min(s['budgets']):g}; more in benchmarks/results/kl_budget.md.", ""]
+        lines += ["## Sample transcripts", "", (f"Seed {s['seeds'][0]}, an evaluation episode, B = "
+                  f"{min(s['budgets']):g}; more in benchmarks/results/kl_budget.md."), ""]
         for k in shown:
             r = by_seed(k).get(s["seeds"][0])
             if r and r.get("transcript"):
@@ -702,13 +702,13 @@ def performance_page() -> tuple[str, list[list[str]]]:
              "", "# Speed and memory", ""]
     headline = []
     z = load("zoo_build")
-    lines += [f"Measured on this project's machine: {z['machine']['cpus']} CPU cores ({z['machine']['machine']}), no GPU. "
-              "Each section names the script that wrote its results file, and quotes the file's own note where it has one.",
+    lines += [(f"Measured on this project's machine: {z['machine']['cpus']} CPU cores ({z['machine']['machine']}), no GPU. "
+              "Each section names the script that wrote its results file, and quotes the file's own note where it has one."),
               ""]
 
     lines += ["## Building the embedded models", "",
-              f"`python benchmarks/zoo_build.py`: median wall time of `zoo.build(name, force=True)` into an empty cache "
-              f"({z['machine']['cpus']} CPUs, torch {z['machine']['torch']}).", ""]
+              (f"`python benchmarks/zoo_build.py`: median wall time of `zoo.build(name, force=True)` into an empty cache "
+              f"({z['machine']['cpus']} CPUs, torch {z['machine']['torch']})."), ""]
     rows = []
     for m in z["models"]:
         ev = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.get("eval", {}).items()
@@ -718,8 +718,8 @@ def performance_page() -> tuple[str, list[list[str]]]:
 
     t = load("throughput")
     lines += ["## The training loop", "",
-              f"`python benchmarks/throughput.py`: `{t['model']}`, batch {t['batch_size']}, {t['max_new_tokens']} new tokens, "
-              f"{t['threads']} thread, median of {t['iterations_timed']} iterations.", ""]
+              (f"`python benchmarks/throughput.py`: `{t['model']}`, batch {t['batch_size']}, {t['max_new_tokens']} new tokens, "
+              f"{t['threads']} thread, median of {t['iterations_timed']} iterations."), ""]
     lines += table(["measure", "value"], [
         ["iteration (generate, reward, reference, exact KL accounting, update)", f"{num(t['iteration_s_median'], 3)} s"],
         ["generated tokens/s through the sampler, reward included", num(t["generate_tokens_per_s"], 0)],
@@ -746,10 +746,10 @@ def performance_page() -> tuple[str, list[list[str]]]:
     lines += decode_section() + trunk_section(headline)
 
     lines += ["## Against TRL", "",
-              "`python benchmarks/vs_trl.py`: GRPO in cory and TRL's `GRPOTrainer` on the same model, prompts, group size, "
+              ("`python benchmarks/vs_trl.py`: GRPO in cory and TRL's `GRPOTrainer` on the same model, prompts, group size, "
               "length, learning rate and steps, alternating single steps in one process. Paired ratio: the median of cory's "
               "step time over TRL's adjacent step. Reward difference: final evaluation, cory minus TRL, with its standard "
-              "error over the repeats.", ""]
+              "error over the repeats."), ""]
     rows = []
     for name in ("vs_trl", "vs_trl_smollm2-135m-instruct", "vs_trl_smollm2-135m-instruct_bf16",
                  "vs_trl_smollm2-135m-instruct_lora16_top4"):
@@ -761,17 +761,17 @@ def performance_page() -> tuple[str, list[list[str]]]:
                 if st.get("lora_r") else "")
         if lora:
             headline.append([f"GRPO step time against TRL, SmolLM2{lora}",
-                             f"{num(ratio['step_time_paired_median'], 2)}x TRL's (paired median), final reward difference "
-                             f"{num(ratio['eval_reward_diff'], 3, sign=True)} (SE {num(ratio['eval_reward_diff_se'], 3)})"])
+                             (f"{num(ratio['step_time_paired_median'], 2)}x TRL's (paired median), final reward difference "
+                             f"{num(ratio['eval_reward_diff'], 3, sign=True)} (SE {num(ratio['eval_reward_diff_se'], 3)})")])
         rows.append([f"`{st['model']}`{' (bf16)' if st.get('bf16') else ''}{lora}", f"{st['prompts_per_step']} x {st['group_size']}",
                      str(st["steps"]), str(st["repeats"]), num(sm["cory"]["step_s_median"], 2), num(sm["trl"]["step_s_median"], 2),
                      f"{num(ratio['step_time_paired_median'], 2)}x",
                      f"{num(ratio['eval_reward_diff'], 3, sign=True)} (SE {num(ratio.get('eval_reward_diff_se', float('nan')), 3)})"
                      if v["settings"]["repeats"] > 1 else f"{num(ratio['eval_reward_diff'], 3, sign=True)} (one repeat)"])
         if name == "vs_trl":
-            headline.append(["GRPO step time against TRL (tiny model)", f"{num(ratio['step_time_paired_median'], 2)}x TRL's "
+            headline.append(["GRPO step time against TRL (tiny model)", (f"{num(ratio['step_time_paired_median'], 2)}x TRL's "
                              f"(paired median), final reward difference {num(ratio['eval_reward_diff'], 3, sign=True)} "
-                             f"(SE {num(ratio['eval_reward_diff_se'], 3)})"])
+                             f"(SE {num(ratio['eval_reward_diff_se'], 3)})")])
     lines += table(["model", "prompts x group", "steps", "repeats", "cory step s", "TRL step s", "paired ratio",
                     "reward difference"], rows)
 
@@ -786,15 +786,15 @@ def performance_page() -> tuple[str, list[list[str]]]:
                      num(x["hf_generate_tok_s"], 0), f"{num(x['vllm_over_native'], 2)}x", num(x["compute_bound_tok_s"], 0)]
                     for x in r["rows"]])
     it = r["iteration"]
-    lines += [f"A whole iteration ({it['batch']} prompts, {it['dtype']}): native {num(it['native_s'], 1)} s (update "
-              f"{num(it['native_update_s'], 1)} s), vLLM {num(it['vllm_s'], 1)} s (update {num(it['vllm_update_s'], 1)} s).", ""]
+    lines += [(f"A whole iteration ({it['batch']} prompts, {it['dtype']}): native {num(it['native_s'], 1)} s (update "
+              f"{num(it['native_update_s'], 1)} s), vLLM {num(it['vllm_s'], 1)} s (update {num(it['vllm_update_s'], 1)} s)."), ""]
 
     sp = load("shared_prefix")
     full, shared = sp["modes"]["full"], sp["modes"]["shared"]
     lines += ["## Shared prompt prefixes", "",
-              f"`python benchmarks/shared_prefix.py`: `{sp['model']}`, batch {sp['batch_size']}, prompts of "
+              (f"`python benchmarks/shared_prefix.py`: `{sp['model']}`, batch {sp['batch_size']}, prompts of "
               f"{sp['prompt_columns']} columns of which {sp['shared_prefix_tokens']} shared, {sp['new_tokens']} new tokens, "
-              f"{sp['threads']} threads, median of {sp['repeats']}; largest log-prob difference {sp['largest_logprob_gap']:.1e}.",
+              f"{sp['threads']} threads, median of {sp['repeats']}; largest log-prob difference {sp['largest_logprob_gap']:.1e}."),
               ""]
     lines += table(["pass", "full s", "shared prefix s", "speed-up", "ideal (tokens run)"], [
         ["reference scoring", num(full["reference_s"], 2), num(shared["reference_s"], 2),
@@ -810,22 +810,22 @@ def performance_page() -> tuple[str, list[list[str]]]:
     meta, rows_m = m["meta"], m["rows"]
     base = next(x for x in rows_m if x["mode"] == "full-fp32")
     lines += ["## Memory of one learner iteration", "",
-              f"`python benchmarks/memory.py`: {meta['model']}, {meta['algorithm']}, batch {meta['batch']} of "
+              (f"`python benchmarks/memory.py`: {meta['model']}, {meta['algorithm']}, batch {meta['batch']} of "
               f"{meta['prompt_len']} + {meta['response_len']} tokens, {meta['device']}; the peak resident memory during the "
-              f"step above a process holding only the libraries ({num(meta['baseline_rss_mb'], 0)} MB).", ""]
+              f"step above a process holding only the libraries ({num(meta['baseline_rss_mb'], 0)} MB)."), ""]
     lines += table(["mode", "trainable parameters", "step peak above baseline (MB)", "vs full fp32", "step s"],
                    [[x["mode"], f"{x['trainable_params']:,}", f"{x['step_peak_above_baseline_mb']:,.0f}",
                      f"{num(x['step_peak_above_baseline_mb'] / base['step_peak_above_baseline_mb'], 2)}x", num(x["step_s"], 0)]
                     for x in rows_m])
     lean = min(rows_m, key=lambda x: x["step_peak_above_baseline_mb"])
-    headline.append(["memory of a learner step, SmolLM2's shape", f"{lean['mode']}: "
-                     f"{num(lean['step_peak_above_baseline_mb'] / base['step_peak_above_baseline_mb'], 2)}x full fp32's peak"])
+    headline.append(["memory of a learner step, SmolLM2's shape", (f"{lean['mode']}: "
+                     f"{num(lean['step_peak_above_baseline_mb'] / base['step_peak_above_baseline_mb'], 2)}x full fp32's peak")])
 
     cm = load("cory_memory")
     names = {"ppo": "single-agent PPO", "cory-full": "CORY, two full copies", "cory-shared": "CORY, two LoRA adapters on one base"}
     lines += ["## CORY's memory", "",
-              f"`python benchmarks/cory_memory.py`: a {cm['params'] / 1e6:.1f}M-parameter model, {cm['iterations']} iterations, "
-              f"peak resident memory; the baseline process (libraries, task, reward model) holds {num(cm['baseline_mib'], 0)} MiB.",
+              (f"`python benchmarks/cory_memory.py`: a {cm['params'] / 1e6:.1f}M-parameter model, {cm['iterations']} iterations, "
+              f"peak resident memory; the baseline process (libraries, task, reward model) holds {num(cm['baseline_mib'], 0)} MiB."),
               ""]
     lines += table(["run", "peak MiB", "above baseline MiB", "vs PPO"],
                    [[names.get(x["mode"], x["mode"]), f"{x['peak_mib']:,.0f}", f"{x['above_baseline_mib']:,.0f}",
@@ -839,11 +839,11 @@ def decode_section() -> list[str]:
         return []
     d = load("throughput_decode")
     lines = ["## Decoding against its floor", "",
-             f"`python benchmarks/throughput.py --decode`: one greedy decode step of the native loop on `{d['model']}` "
+             (f"`python benchmarks/throughput.py --decode`: one greedy decode step of the native loop on `{d['model']}` "
              f"(float32, {d['threads']} threads, chat prompts, {d['steps']} steps, the median of interleaved repeats), each "
              "lever added in turn, against the step's GEMM floor: its matrix products alone at their real shapes (every "
              "layer's projections and the LM head), timed in the same run. Tokens and log-probs against the loop "
-             "without the levers.", ""]
+             "without the levers."), ""]
     rows = []
     for batch, b in d["batches"].items():
         for name, r in b["settings"].items():
@@ -859,11 +859,11 @@ def trunk_section(headline: list) -> list[str]:
     if (RESULTS / "throughput_trunk.json").exists():
         t = load("throughput_trunk")
         lines += ["## An iteration with only the top layers training", "",
-                  f"`python benchmarks/throughput.py --trunk`: `{t['model']}`, 16 sequences x 16 new tokens, LoRA r 16 on every "
+                  (f"`python benchmarks/throughput.py --trunk`: `{t['model']}`, 16 sequences x 16 new tokens, LoRA r 16 on every "
                   f"layer or on the top K (`model.trainable_layers`), float32, {t['threads']} threads, the median of "
                   f"{t['iterations_timed']} iterations. The floor: the FLOPs each configuration must do (a group of answers to one prompt prefills it once) at the matmul peak "
                   f"measured in the same run ({num(t['matmul_tflops_fp32'], 3)} TFLOP/s), plus the decode steps at their "
-                  f"GEMM floor ({num(t['decode_gemm_floor_ms']['16'], 0)} ms a step at batch 16).", ""]
+                  f"GEMM floor ({num(t['decode_gemm_floor_ms']['16'], 0)} ms a step at batch 16)."), ""]
         for algo, by_k in t["results"].items():
             rows = [[f"all {t['layers']}" if k == "0" else f"top {k}", num(r["iteration_s"], 2), num(r["generate_s"], 2),
                      num(r["scoring_s"], 2), num(r["update_s"], 2), num(r["optimizer_s"], 3), num(r["other_s"], 2),
@@ -873,9 +873,9 @@ def trunk_section(headline: list) -> list[str]:
             whole, top4 = by_k.get("0"), by_k.get("4")
             if whole and top4 and algo == "grpo":
                 headline.append(["a GRPO iteration on SmolLM2, top 4 layers on a shared trunk",
-                                 f"{num(top4['iteration_s'], 2)} s against {num(whole['iteration_s'], 2)} s with LoRA on every "
+                                 (f"{num(top4['iteration_s'], 2)} s against {num(whole['iteration_s'], 2)} s with LoRA on every "
                                  f"layer ({num(whole['iteration_s'] / top4['iteration_s'], 1)}x); {num(top4['vs_floor'], 2)}x "
-                                 "its floor"])
+                                 "its floor")])
         if t.get("exact_kl_cost"):
             lines += ["The exact episode KL's accounting (`kl.exact_accounting`, on by default) costs, as GRPO's iteration with it "
                       "over the same iteration without it (two runs alternating iterations, the median of the paired ratios): " + ", ".join(
@@ -888,10 +888,10 @@ def trunk_section(headline: list) -> list[str]:
     if (RESULTS / "trunk_learning.json").exists():
         r = load("trunk_learning")
         lines += ["## Do the top layers learn?", "",
-                  "`python benchmarks/trunk_learning.py`: examples/smollm2_sentiment.yaml's task, 12 GRPO iterations of 4 prompts "
+                  ("`python benchmarks/trunk_learning.py`: examples/smollm2_sentiment.yaml's task, 12 GRPO iterations of 4 prompts "
                   "x 4 answers, LoRA r 16, evaluated every 3 iterations on 64 fixed prompts. A pilot (seed 0) picks each arm's "
                   f"learning rate: the highest final reward with the final evaluation KL at most {r['kl_max']:g} nats. The "
-                  "main runs use fresh seeds at those rates.", ""]
+                  "main runs use fresh seeds at those rates."), ""]
         lines += table(["arm", "learning rate", "final reward", "final KL", "wall time"],
                        [[p["arm"] + (" (kept)" if r["kept_lr"][p["arm"]] == p["lr"] else ""), f"{p['lr']:.0e}",
                          num(p["final_reward"], 3), num(p["final_kl"], 2), f"{num(p['wall_s'], 0)} s"] for p in r["pilot"]])
@@ -905,15 +905,15 @@ def trunk_section(headline: list) -> list[str]:
                              fmt(ci(x["wall_s"] for x in mine), 0)])
             lines += [f"Main runs, seeds {', '.join(str(x) for x in sorted({x['seed'] for x in r['main']}))} (mean ± 95% interval):",
                       ""] + table(["arm", "learning rate", "initial reward", "final reward", "final KL", "wall time s"], rows)
-            rows = [[arm, num(c["mean"], 3, sign=True), f"[{num(c['mean'] - c['half_corrected'], 3, sign=True)}, "
-                     f"{num(c['mean'] + c['half_corrected'], 3, sign=True)}]",
+            rows = [[arm, num(c["mean"], 3, sign=True), (f"[{num(c['mean'] - c['half_corrected'], 3, sign=True)}, "
+                     f"{num(c['mean'] + c['half_corrected'], 3, sign=True)}]"),
                      c["verdict"] if r["learned"] else NOT_LEARNED]
                     for arm, c in r["comparisons"].items()]
             gain = all_layers_gain(r["main"])
-            lines += [f"All 30 layers, final minus initial reward: {fmt(gain, sign=True)}"
-                      f" ({'learning shown' if r['learned'] else 'no learning shown: the interval reaches zero'}).", ""]
-            lines += ["Final reward against all layers, paired by seed (97.5% intervals: Bonferroni over the two "
-                      "comparisons; margin ±0.1):", ""] + table(["arm", "difference", "interval", "verdict"], rows)
+            lines += [(f"All 30 layers, final minus initial reward: {fmt(gain, sign=True)}"
+                      f" ({'learning shown' if r['learned'] else 'no learning shown: the interval reaches zero'})."), ""]
+            lines += [("Final reward against all layers, paired by seed (97.5% intervals: Bonferroni over the two "
+                      "comparisons; margin ±0.1):"), ""] + table(["arm", "difference", "interval", "verdict"], rows)
             lines += img("trunk_learning.png", "reward and reward-KL curves of each arm")
     return lines
 
@@ -934,7 +934,8 @@ def async_section(a: dict, headline: list) -> list[str]:
                 "k > 0; the synchronous baselines sample with vLLM (modes marked `vllm`) and with the native loop. " if vllm else "")
              + "Iterations per hour are 3600 / the median seconds per iteration, leaving out the first (the worker's start); "
              "reward per sample is the mean training reward over all iterations. Speed-ups and reward differences are "
-             f"paired by seed, against each baseline; the headline is against `{baseline}`. The 1-minute load averages "
+             "paired by seed, against each baseline; the goal is judged against the one-thread loop (the endpoint below), "
+             f"the reward difference column is against `{baseline}` (the whole machine). The 1-minute load averages "
              "before and after each run are listed.", ""]
     rows = []
     for m, x in summary.items():
@@ -946,31 +947,31 @@ def async_section(a: dict, headline: list) -> list[str]:
                      ", ".join(f"{v:.1f}" for v in x["load"])])
     lines += table(["mode", "iterations / hour", *[f"speed-up vs {b}" for b in bases], "reward per sample",
                     f"reward - {baseline}'s", "generation s", "update s", "load averages"], rows)
-    lines += ["Generation and update: the median over seeds of each run's median seconds per iteration (for k > 0, "
-              "the worker's sampling of a batch and the trainer's update, which overlap).", ""]
+    lines += [("Generation and update: the median over seeds of each run's median seconds per iteration (for k > 0, "
+              "the worker's sampling of a batch and the trainer's update, which overlap)."), ""]
     limited = [(m, b) for m, x in summary.items() for b in x.get("pipeline_limit_vs", {}) if b in x.get("speedup_vs", {})]
     if limited:
-        lines += ["What the two cores allow, measured in the same benchmark from each seed's one-thread synchronous run on "
+        lines += [("What the two cores allow, measured in the same benchmark from each seed's one-thread synchronous run on "
                   "the asynchronous mode's backend (a separate run, so an estimate with its own noise, not a hard bound): "
                   "a pipeline of one core per stage runs at best at its slower stage's pace, max(generation, update); no "
                   "schedule of the same work on two cores beats (generation + update) / 2. Each limit as a speed-up over the "
-                  "baseline, beside the one measured:", ""]
+                  "baseline, beside the one measured:"), ""]
         ceiling = lambda m, b: f"{fmt(summary[m]['ceiling_vs'][b], 2)}x" if b in summary[m].get("ceiling_vs", {}) else "-"
         lines += table(["mode", "baseline", "measured", "pipeline limit", "two-core limit", "ceiling at any balance"],
                        [[m, b, f"{fmt(summary[m]['speedup_vs'][b], 2)}x", f"{fmt(summary[m]['pipeline_limit_vs'][b], 2)}x",
                          f"{fmt(summary[m]['two_core_limit_vs'][b], 2)}x", ceiling(m, b)] for m, b in limited])
-        lines += ["Ceiling at any balance, over a baseline on two threads: one core per stage reaches at best "
+        lines += [("Ceiling at any balance, over a baseline on two threads: one core per stage reaches at best "
                   "(g / s_g + u / s_u) / max(g, u) <= 1 / s_g + 1 / s_u, where s_g and s_u are the speed-ups that generation "
                   "and the update get from the baseline's second thread; equality holds only where generation and update "
-                  "take equally long on one core.", ""]
+                  "take equally long on one core."), ""]
     goals = [(m, x["goal"]) for m, x in summary.items() if "speedup" in x.get("goal", {})]
     if goals:
         when = ("computed after the runs (`--from-json`), not declared before them" if "summarised" in a
                 else "declared before the run")
-        lines += [f"The endpoint ({when}): each asynchronous mode against the synchronous loop with the trainer on one "
+        lines += [(f"The endpoint ({when}): each asynchronous mode against the synchronous loop with the trainer on one "
                   "core and the same backend (the issue's one core per process), paired by seed; goal >= 1.4x, judged "
                   "on the interval corrected for the asynchronous modes (Bonferroni); reward per sample equal where the "
-                  "paired difference's 95% interval holds zero:", ""]
+                  "paired difference's 95% interval holds zero:"), ""]
         lines += table(["mode", "baseline", "speed-up", "interval", "verdict", "reward equal"],
                        [[m, g["baseline"], f"{fmt(g['speedup'], 2)}x", f"{g['level']:.1%}", g["verdict"],
                          "yes" if g["reward_equal"] else "no"] for m, g in goals])
@@ -1012,19 +1013,19 @@ def phase_table() -> str:
     rows = [[f"all {t['layers']}" if k == "0" else f"top {k}", num(r["iteration_s"], 2), num(r["generate_s"], 2),
              num(r["scoring_s"], 2), num(r["update_s"] + r["optimizer_s"], 2), num(r["other_s"], 2), num(r["floor_s"], 2),
              f"{num(r['vs_floor'], 2)}x"] for k, r in grpo.items() if k in ("0", "4")]
-    lines = ["", "A GRPO iteration on SmolLM2-135M-Instruct (16 answers x 16 tokens, LoRA r 16, float32, "
+    lines = ["", ("A GRPO iteration on SmolLM2-135M-Instruct (16 answers x 16 tokens, LoRA r 16, float32, "
              f"{t['threads']} CPU threads), in seconds, with LoRA on every layer and on the top 4 only "
-             "(`model.trainable_layers=4`):", ""]
+             "(`model.trainable_layers=4`):"), ""]
     lines += table(["trained layers", "iteration", "generation", "scoring", "update", "other", "floor", "iteration / floor"], rows)
     lines += ["`python benchmarks/throughput.py --trunk --model cory:smollm2-135m-instruct --threads 2 --iterations 5`"]
     trl = RESULTS / "vs_trl_smollm2-135m-instruct_lora16_top4.json"
     if trl.exists():
         v = json.loads(trl.read_text(encoding="utf-8"))
         ratio = v["summary"]["ratio_cory_over_trl"]
-        lines += ["", f"Against TRL's `GRPOTrainer` with the same adapters on the top 4 layers: cory's step is "
+        lines += ["", (f"Against TRL's `GRPOTrainer` with the same adapters on the top 4 layers: cory's step is "
                   f"{num(ratio['step_time_paired_median'], 2)}x TRL's (paired median; "
                   f"{num(v['summary']['cory']['step_s_median'], 2)} s against {num(v['summary']['trl']['step_s_median'], 2)} s), "
-                  f"`{v['command']}`."]
+                  f"`{v['command']}`.")]
     return "\n".join(lines) + "\n"
 
 
@@ -1043,10 +1044,10 @@ def render() -> dict[Path, str]:
         pages[DOCS / "results" / page] = text.rstrip("\n") + "\n"
         headline += [[what, measured, page, title] for what, measured in rows]
     index = [HEADER.format(sources="*.json"), "", "# Results", "",
-             "Every figure on these pages is read from a results file that a committed benchmark script wrote "
+             ("Every figure on these pages is read from a results file that a committed benchmark script wrote "
              "(benchmarks/*.py -> benchmarks/results/*.json), by `scripts/render_docs.py`; the test suite checks that the "
              "pages equal a fresh rendering. Intervals are 95%; a verdict is \"inconclusive\" wherever its interval allows "
-             f"either answer. The machine: {load('zoo_build')['machine']['cpus']} CPU cores, no GPU.", "",
+             f"either answer. The machine: {load('zoo_build')['machine']['cpus']} CPU cores, no GPU."), "",
              headline_table(headline, ""),
              "Pages: " + ", ".join(f"[{title}]({page})" for page, (title, _) in RESULT_PAGES.items()) + ".", ""]
     pages[DOCS / "results" / "index.md"] = "\n".join(index)
