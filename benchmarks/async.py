@@ -27,17 +27,20 @@ its slower stage, max(generate, update) seconds per iteration; no schedule of th
 cores beats (generate + update) / 2. Each is reported as the speed-up it would give over each
 baseline. Over a baseline on two threads, the ceiling of one core per stage at any balance of the
 two stages (`ceiling_vs`): 1/s_g + 1/s_u, s the speed-up each stage gets there from its threads
-(the bound of (g/s_g + u/s_u) / max(g, u), reached where g = u). The machine is shared: the
-1-minute load average is recorded before and after each run.
+(the bound of (g/s_g + u/s_u) / max(g, u), reached where g = u; it counts the two stages' times
+only, the rest of an iteration left out). The machine is shared: the 1-minute load average is
+recorded before and after each run.
 
-Declared endpoint (the issue's setup: trainer and worker one core each, k = 0 against k = 1 and 2;
-fixed before the run of 2026-12-07 that wrote async_trunk.json with seeds 0-4): each asynchronous
+Declared endpoint (the issue's setup: trainer and worker one core each, k = 0 against k = 1 and 2).
+Its baseline was chosen after a 3-seed run of these settings (2026-12-07 17:05 UTC: 1.61 ± 0.14x
+the one-thread loop, 1.21 ± 0.31x the two-thread loop); the endpoint was then fixed here before the
+5-seed rerun that wrote async_trunk.json (`endpoint_declared` in a run's results): each asynchronous
 mode's iterations per hour over the synchronous loop's with the trainer on one core and the same
 backend, paired by seed. Goal >= 1.4x (GOAL): "met" where the t-interval, Bonferroni-corrected
 over the asynchronous modes (97.5% for k = 1 and 2), lies at or above it, "not met" where it lies
 below, "inconclusive" where it crosses it; and the reward per sample equal within its interval
-(the paired difference's 95% interval holds zero). Against the two-thread loop the speed-up is
-reported beside its limits and ceiling, not judged against the goal.
+(the paired difference's 95% interval holds zero). Against the two-thread loop (`baseline`) the
+same rule is reported as a secondary verdict (`goal_whole_machine`), beside the limits and ceiling.
 
 Defaults (12 iterations, 16 new tokens, 3 seeds x 4 modes) are meant to finish in about 20 minutes
 on 2 quiet cores (an estimate from the per-iteration costs of benchmarks/throughput.py, not a
@@ -149,7 +152,7 @@ def goal(ratios: list[float], reward_diffs: list[float], family: int) -> dict:
     mean, half = t_interval(ratios, level)
     verdict = "met" if mean - half >= GOAL else "not met" if mean + half < GOAL else "inconclusive"
     d_mean, d_half = t_interval(reward_diffs)
-    return {"level": level, "speedup": [mean, half], "verdict": verdict,
+    return {"level": level, "speedup": [mean, half], "verdict": verdict, "reward_diff": [d_mean, d_half],
             "reward_equal": bool(d_mean - d_half <= 0 <= d_mean + d_half)}
 
 
@@ -194,6 +197,11 @@ def summarise(runs: list[dict], baseline: str) -> dict:
                                                          [r["reward_per_sample"] - o["reward_per_sample"] for r, o in paired], family)}
             if baseline in s["speedup_vs"]:
                 s["speedup"], s["reward_diff"] = s["speedup_vs"][baseline], s["reward_diff_vs"][baseline]
+                if baseline != primary:
+                    paired = [(r, bases[baseline][r["seed"]]) for r in rs if r["seed"] in bases[baseline]]
+                    s["goal_whole_machine"] = {"baseline": baseline, **goal(
+                        [r["iterations_per_hour"] / o["iterations_per_hour"] for r, o in paired],
+                        [r["reward_per_sample"] - o["reward_per_sample"] for r, o in paired], family)}
         summary[m] = s
     return summary
 
@@ -226,20 +234,23 @@ def markdown(results: dict) -> str:
                      f" | {diff} | {ci(s['reward_per_sample'], 3)} | {', '.join(map(str, s['load']))} |")
     goals = [(m, s["goal"]) for m, s in summary.items() if "goal" in s]
     if goals:
-        when = ("Computed after the run (`--from-json`; the endpoint was declared after these runs)" if "summarised" in results
-                else "Declared before the run (the primary endpoint)")
+        when = ("Declared before the run (the primary endpoint; benchmarks/async.py says how its baseline was chosen)"
+                if results.get("endpoint_declared")
+                else "Judged after the run (`--from-json`; the endpoint was declared after these runs)")
         lines += ["", (f"{when}: each asynchronous mode's iterations per hour over the "
                   f"synchronous loop's with the trainer on one core, as each asynchronous process has (same backend), paired by "
                   f"seed; goal >= {GOAL}x: met where the interval (Bonferroni over the asynchronous modes) lies at or above it, "
                   "not met where it lies below, inconclusive where it crosses it; the reward per sample is equal where the paired "
-                  "difference's 95% interval holds zero."), "",
-                  "| mode | baseline | speed-up | interval level | verdict | reward equal within its interval |", "|---|---|---|---|---|---|"]
-        for m, g in goals:
+                  "difference's 95% interval holds zero. The rows against the whole machine (the synchronous loop on all its "
+                  "threads) are the secondary comparison, by the same rule."), "",
+                  "| mode | baseline | speed-up | interval level | verdict | reward difference | zero within its interval |",
+                  "|---|---|---|---|---|---|---|"]
+        for m, g in goals + [(m, s["goal_whole_machine"]) for m, s in summary.items() if "goal_whole_machine" in s]:
             if "speedup" in g:
                 lines.append(f"| {m} | {g['baseline']} | {ci(g['speedup'], 2)} | {g['level']:.1%} | {g['verdict']} | "
-                             f"{'yes' if g['reward_equal'] else 'no'} |")
+                             f"{ci(g['reward_diff'], 3)} | {'yes' if g['reward_equal'] else 'no'} |")
             else:
-                lines.append(f"| {m} | {g['baseline']} | - | - | {g['verdict']} | - |")
+                lines.append(f"| {m} | {g['baseline']} | - | - | {g['verdict']} | - | - |")
     if limited:
         lines += ["", ("The limits, from each seed's one-thread synchronous run on the mode's own backend in this benchmark "
                   "(a separate run: a noisy estimate, not a hard bound), as speed-ups over each baseline (a pipeline of one "
@@ -258,7 +269,8 @@ def markdown(results: dict) -> str:
         lines += ["", ("Ceiling at any balance (baselines on several threads): a pipeline of one-core stages over a baseline "
                   "whose generation runs s_g times and update s_u times faster on its threads than on one reaches at best "
                   "(g / s_g + u / s_u) / max(g, u) <= 1 / s_g + 1 / s_u, with equality where generation and update take "
-                  "equally long on one core; no setting of the same stages on one core each does better.")]
+                  "equally long on one core. It counts the two stages' times only (the rest of an iteration, a few "
+                  "hundredths of a second here, is left out), so it can fall a little below the pipeline limit.")]
     lines += ["", ("Per run, medians over iterations 2..N (seconds per iteration: the trainer's wall time; generate: the sampler's time for a batch; "
               "update: the learner's step; wait: time the trainer waited for the worker's batch; publish: sending the "
               "weights; gap: the largest behaviour log-prob gap at the batch's own version):"), "",
@@ -322,29 +334,38 @@ def main() -> None:
             + (f" --sync-backends {' '.join(args.sync_backends)}" if args.sync_backends != [args.backend] else ""))
     baseline = mode(0, max(args.sync_threads), "native" if "native" in args.sync_backends else args.sync_backends[0])
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
-               "settings": {**vars(args), "async_threads": ASYNC_THREADS, "argv": argv}, "baseline": baseline, "runs": runs,
+               "settings": {**vars(args), "async_threads": ASYNC_THREADS, "argv": argv}, "baseline": baseline, "endpoint_declared": True, "runs": runs,
                "summary": summarise(runs, baseline)}
     write(results, Path(args.out))
 
 
 def write(results: dict, out: Path) -> None:
+    report = markdown(results)  # both built before either is written
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    out.with_suffix(".md").write_text(report)
+    print(report)
 
 
 def resummarise(path: Path) -> dict:
-    """A results JSON with its summary recomputed from its runs by this script's analysis."""
+    """A results JSON with its summary recomputed from its runs by this script's analysis (unchanged,
+    with its date, where that analysis gives the summary it holds). `endpoint_declared` stays true for
+    a run whose own summary held the declared verdicts (`goal`). Not a results JSON of this benchmark:
+    one line, exit code 2, nothing written."""
     try:
         results = json.loads(path.read_text())
-        runs, baseline = results["runs"], results["baseline"]
-    except (OSError, ValueError, KeyError) as e:
+        summary = json.loads(json.dumps(summarise(results["runs"], results["baseline"])))
+        if summary == results.get("summary"):
+            markdown(results)
+            return results  # the analysis is unchanged: the file keeps its summary and its date
+        declared = bool(results.get("endpoint_declared") or (
+            "summarised" not in results and any("goal" in s for s in results.get("summary", {}).values())))
+        again = {**results, "summary": summary, "endpoint_declared": declared,
+                 "summarised": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        markdown(again)
+        return again
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError) as e:
         print(f"--from-json {path}: not a results JSON of this benchmark ({type(e).__name__}: {e})", file=sys.stderr)
         raise SystemExit(2) from None
-    summary = json.loads(json.dumps(summarise(runs, baseline)))
-    if summary == results.get("summary"):
-        return results  # the analysis is unchanged: the file keeps its summary and its date
-    return {**results, "summary": summary, "summarised": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 if __name__ == "__main__":

@@ -219,16 +219,17 @@ def test_t_interval_at_975_by_hand():
 
 
 @pytest.mark.parametrize("level", [0.95, 0.975])
-def test_t_tables_are_the_quantiles_of_the_t_density(level):
-    """Each tabled quantile q of n values (n - 1 degrees of freedom) holds `level` of the Student-t
-    density between -q and q (trapezoid integration of the density, written from its formula)."""
-    from cory.metrics.curves import T_TABLES
+def test_t_quantiles_hold_their_level_of_the_t_density(level):
+    """Each quantile q for n values (n - 1 degrees of freedom), from the table (n <= 10) or the
+    expansion beyond it, holds `level` of the Student-t density between -q and q (trapezoid
+    integration of the density, written from its formula)."""
+    from cory.metrics.curves import T_TABLES, t_quantile
 
-    table, normal = T_TABLES[level]
-    for n, q in table.items():
-        v = n - 1
+    for n in [*T_TABLES[level], 11, 12, 15, 20, 31, 60]:
+        q, v = t_quantile(level, n), n - 1
         x = np.linspace(0.0, q, 400_001)
-        density = math.gamma((v + 1) / 2) / (math.sqrt(v * math.pi) * math.gamma(v / 2)) * (1 + x * x / v) ** (-(v + 1) / 2)
+        log_c = math.lgamma((v + 1) / 2) - math.lgamma(v / 2) - 0.5 * math.log(v * math.pi)
+        density = np.exp(log_c - (v + 1) / 2 * np.log1p(x * x / v))
         mass = 2 * float(np.sum((density[1:] + density[:-1]) / 2 * np.diff(x)))
         assert abs(mass - level) < 6e-4, (n, q, mass)  # the 95% table has two decimals
-    assert abs(math.erf(normal / math.sqrt(2)) - level) < 2e-4  # the normal's quantile beyond the table
+    assert t_quantile(level, 11) > t_quantile(level, 1000) > t_quantile(level, 10**6) - 1e-9

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import numpy as np
 
@@ -55,27 +56,39 @@ def coverage_curves(records: Sequence[EpisodeRecord]) -> np.ndarray:
 
 
 T_95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
-"""Two-sided 95% Student-t quantiles by sample size (more samples: the normal's 1.96)."""
+"""Two-sided 95% Student-t quantiles by sample size (more samples: `t_quantile`'s expansion)."""
 
 T_975 = {2: 25.45, 3: 6.205, 4: 4.177, 5: 3.495, 6: 3.163, 7: 2.969, 8: 2.841, 9: 2.752, 10: 2.685}
-"""Two-sided 97.5% Student-t quantiles by sample size (more samples: the normal's 2.241): a 95%
-interval with Bonferroni's correction over two comparisons."""
+"""Two-sided 97.5% Student-t quantiles by sample size: a 95% interval with Bonferroni's correction
+over two comparisons."""
 
-T_TABLES = {0.95: (T_95, 1.96), 0.975: (T_975, 2.241)}
+T_TABLES = {0.95: T_95, 0.975: T_975}
+
+
+def t_quantile(level: float, n: int) -> float:
+    """The two-sided `level` quantile of Student's t with n - 1 degrees of freedom: the table up to
+    n = 10, beyond it the Cornish-Fisher expansion around the normal's quantile in powers of 1/df
+    (four terms: within 1e-3 of the exact quantile from 10 degrees of freedom on)."""
+    if level not in T_TABLES:
+        raise ValueError(f"t_interval knows the levels {sorted(T_TABLES)}, not {level}")
+    if n in T_TABLES[level]:
+        return T_TABLES[level][n]
+    z, v = NormalDist().inv_cdf((1 + level) / 2), n - 1
+    terms = [(z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96, (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
+             (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160]
+    return z + sum(t / v ** (i + 1) for i, t in enumerate(terms))
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
     """Mean and half-width of a two-sided t-interval at `level` (0.95, or 0.975: Bonferroni over two
     comparisons) over a few runs (seeds); NaN half-width for one value."""
-    if level not in T_TABLES:
-        raise ValueError(f"t_interval knows the levels {sorted(T_TABLES)}, not {level}")
     values = [float(v) for v in values]
     n = len(values)
+    quantile = t_quantile(level, max(n, 2))
     mean = float(np.mean(values))
     if n < 2:
         return mean, float("nan")
-    table, normal = T_TABLES[level]
-    return mean, table.get(n, normal) * float(np.std(values, ddof=1)) / math.sqrt(n)
+    return mean, quantile * float(np.std(values, ddof=1)) / math.sqrt(n)
 
 
 def mean_ci(values: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
