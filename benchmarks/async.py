@@ -177,11 +177,13 @@ def summarise(runs: list[dict], baseline: str) -> dict:
             backend = rs[0].get("backend", "native")
             primary = mode(0, ASYNC_THREADS, backend)
             one = bases.get(primary, {})
+            ratios, diffs = {}, {}  # per baseline, paired by seed
             for b, base in bases.items():
                 paired = [(r, base[r["seed"]]) for r in rs if r["seed"] in base]
                 if paired:
-                    s["speedup_vs"][b] = t_interval([r["iterations_per_hour"] / o["iterations_per_hour"] for r, o in paired])
-                    s["reward_diff_vs"][b] = t_interval([r["reward_per_sample"] - o["reward_per_sample"] for r, o in paired])
+                    ratios[b] = [r["iterations_per_hour"] / o["iterations_per_hour"] for r, o in paired]
+                    diffs[b] = [r["reward_per_sample"] - o["reward_per_sample"] for r, o in paired]
+                    s["speedup_vs"][b], s["reward_diff_vs"][b] = t_interval(ratios[b]), t_interval(diffs[b])
                 limits = [(base[seed], one[seed]) for seed in base if seed in one]
                 if limits:
                     s["pipeline_limit_vs"][b] = t_interval([t["seconds_per_iteration"] / max(o["generate_s"], o["update_s"]) for t, o in limits])
@@ -191,17 +193,12 @@ def summarise(runs: list[dict], baseline: str) -> dict:
                         # one core per stage at any balance of generation and update: at best 1/s_g + 1/s_u over
                         # this baseline, s the stage's speed-up from its threads (its time on one over its time here)
                         s["ceiling_vs"][b] = t_interval([t["generate_s"] / o["generate_s"] + t["update_s"] / o["update_s"] for t, o in limits])
-            if primary in bases:
-                paired = [(r, bases[primary][r["seed"]]) for r in rs if r["seed"] in bases[primary]]
-                s["goal"] = {"baseline": primary, **goal([r["iterations_per_hour"] / o["iterations_per_hour"] for r, o in paired],
-                                                         [r["reward_per_sample"] - o["reward_per_sample"] for r, o in paired], family)}
-            if baseline in s["speedup_vs"]:
+            if primary in ratios:
+                s["goal"] = {"baseline": primary, **goal(ratios[primary], diffs[primary], family)}
+            if baseline in ratios:
                 s["speedup"], s["reward_diff"] = s["speedup_vs"][baseline], s["reward_diff_vs"][baseline]
                 if baseline != primary:
-                    paired = [(r, bases[baseline][r["seed"]]) for r in rs if r["seed"] in bases[baseline]]
-                    s["goal_whole_machine"] = {"baseline": baseline, **goal(
-                        [r["iterations_per_hour"] / o["iterations_per_hour"] for r, o in paired],
-                        [r["reward_per_sample"] - o["reward_per_sample"] for r, o in paired], family)}
+                    s["goal_whole_machine"] = {"baseline": baseline, **goal(ratios[baseline], diffs[baseline], family)}
         summary[m] = s
     return summary
 

@@ -6,6 +6,7 @@ the zoo's build lock and reuse it."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ if TEST_DEVICE == "cpu":
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # The real model (cory:smollm2-135m-instruct, ~10 s to convert, 93 MB to fetch) is built once per
 # machine into the ordinary cache, read before the session cache replaces it.
-from cory.zoo import registry as _registry  # noqa: E402  (after the environment above: it imports torch)
+from cory.zoo import registry as _registry
 
 if "CORY_TEST_SESSION_CACHE" in os.environ:  # an xdist worker: the controller made the caches' choice
     _CACHE, _MACHINE_CACHE, _OWN_CACHE = os.environ["CORY_TEST_SESSION_CACHE"], os.environ["CORY_TEST_MACHINE_CACHE"], False
@@ -129,3 +130,17 @@ def micro_overrides(tmp_path: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """`load_script("benchmarks/async.py")`: a script of the repository (not part of the package) as a
+    module, for tests of its functions."""
+    def load(relative: str):
+        path = REPO / relative
+        spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

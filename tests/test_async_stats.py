@@ -1,26 +1,19 @@
 """The statistics of the asynchronous-rollout benchmark (`benchmarks/async.py`) against hand
 computations: speed-ups pair by seed whatever the order of the runs, the declared goal is judged on
 the Bonferroni-corrected interval against the one-thread loop of the mode's own backend, and the
-ceiling of one core per stage is 1/s_g + 1/s_u, which bounds the pipeline at every balance."""
+ceiling of one core per stage is 1/s_g + 1/s_u, from the baselines of the mode's own backend."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("async_benchmark", REPO / "benchmarks" / "async.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_script):
+    return load_script("benchmarks/async.py")
 
 
 def run(k: int, threads: int, seed: int, seconds: float, generate: float = 1.0, update: float = 1.0, reward: float = 0.0,

@@ -5,23 +5,16 @@ verdicts (nothing is supported where nothing was learned)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
 from cory.envs.records import EpisodeRecord
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def bandits():
-    spec = importlib.util.spec_from_file_location("bandits_benchmark", REPO / "benchmarks" / "bandits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bandits(load_script):
+    return load_script("benchmarks/bandits.py")
 
 
 def record(named: list[int | None], executed: list[int]) -> EpisodeRecord:
